@@ -1,0 +1,129 @@
+"""One flat batch of tokens from many sequences, and the helpers that attend over paged cache rows.
+
+The runner describes a step as a list of `SequenceChunk`s: each sequence contributes the tokens it
+computes this step (a prefill chunk that may start after a cached prefix, or one decode token).
+`PagedBatch.build` turns that into index tensors shared by every layer:
+
+- `slot_mapping` [T]: the flat cache slot each new token's row is written to;
+- `context_slots` [B, K]: the flat slots of each sequence's whole context, new tokens included;
+- `query_index` [B, Q] / `query_valid` [B, Q]: where each sequence's new tokens sit in the flat batch;
+- `attn_mask` [B, Q, K]: causal (and sliding-window) visibility, True = may attend.
+
+A cache layer is one tensor of rows, `[num_slots, row_width]` with `slot = block * block_size + offset`.
+Each layer writes its new rows first, then gathers the context, so one code path serves prefill
+chunks, prefix-cache hits and decode alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """The tokens one sequence computes in this step.
+
+    `block_table` lists the cache blocks of positions 0.. (start_pos + len(token_ids) - 1); entries of
+    blocks released by a sliding window may be -1 (never read: the mask hides them).
+    """
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    needs_logits: bool = True
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass
+class PagedBatch:
+    token_ids: torch.Tensor      # [T] int64
+    positions: torch.Tensor      # [T] int64, absolute
+    slot_mapping: torch.Tensor   # [T] int64
+    query_index: torch.Tensor    # [B, Q] int64 into the flat batch (pads point at 0)
+    query_valid: torch.Tensor    # [B, Q] bool
+    context_slots: torch.Tensor  # [B, K] int64 (pads point at slot 0)
+    attn_mask: torch.Tensor      # [B, Q, K] bool, True = may attend
+    logits_index: torch.Tensor   # [N] int64: flat tokens whose logits are returned
+    is_decode_only: bool         # every sequence contributes exactly one token
+
+    @staticmethod
+    def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu",
+              window: int | None = None) -> "PagedBatch":
+        """`window` W: a query at position p sees keys p-W .. p (None: the whole causal past)."""
+        assert chunks, "a step needs at least one sequence"
+        lengths = [len(c.token_ids) for c in chunks]
+        assert all(n > 0 for n in lengths), "every chunk computes at least one token"
+        num_seqs, max_q = len(chunks), max(lengths)
+        max_ctx = max(c.context_len for c in chunks)
+        max_blocks = max(len(c.block_table) for c in chunks)
+        for c in chunks:
+            assert len(c.block_table) * block_size >= c.context_len, "block table too short"
+
+        token_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+        positions = torch.cat([torch.arange(c.start_pos, c.context_len) for c in chunks])
+        tables = torch.full((num_seqs, max_blocks), -1, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
+        starts = torch.tensor([c.start_pos for c in chunks])                        # [B]
+        lens = torch.tensor(lengths)                                                # [B]
+        flat_starts = torch.cumsum(lens, 0) - lens                                  # [B]
+
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens)        # [T]
+        slot_mapping = (tables[seq_of_token, positions // block_size] * block_size
+                        + positions % block_size)                                   # [T]
+        assert bool((slot_mapping >= 0).all()), "a new token has no cache block"
+
+        q_offsets = torch.arange(max_q)                                             # [Q]
+        query_valid = q_offsets[None, :] < lens[:, None]                            # [B, Q]
+        query_index = torch.where(query_valid, flat_starts[:, None] + q_offsets, 0)
+        query_pos = torch.where(query_valid, starts[:, None] + q_offsets, 0)        # [B, Q]
+
+        key_pos = torch.arange(max_ctx)                                             # [K]
+        key_blocks = tables[:, key_pos // block_size]                               # [B, K]
+        context_slots = (key_blocks * block_size + key_pos % block_size).clamp_min(0)
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]                      # [B, Q, K]
+        if window is not None:
+            mask &= key_pos[None, None, :] >= query_pos[:, :, None] - window
+        mask &= (key_blocks >= 0)[:, None, :]
+        mask[:, :, 0] |= ~query_valid                                               # pads see key 0
+
+        needs = torch.tensor([c.needs_logits for c in chunks])
+        logits_index = (flat_starts + lens - 1)[needs]
+        put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PagedBatch(put(token_ids), put(positions), put(slot_mapping), put(query_index),
+                          put(query_valid), put(context_slots), put(mask), put(logits_index),
+                          is_decode_only=max_q == 1)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.query_index.shape[0]
+
+
+def write_rows(cache_layer: torch.Tensor, batch: PagedBatch, rows: torch.Tensor) -> None:
+    """Store this step's rows: cache_layer [S, W] at batch.slot_mapping ← rows [T, W]."""
+    cache_layer.index_copy_(0, batch.slot_mapping, rows.to(cache_layer.dtype))
+
+
+def gather_context(cache_layer: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """Each sequence's context rows: [B, K, W]."""
+    return cache_layer[batch.context_slots]
+
+
+def pad_queries(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """Flat [T, ...] → per sequence [B, Q, ...] (pad rows are copies of token 0, masked later)."""
+    return x[batch.query_index]
+
+
+def unpad_queries(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """Per sequence [B, Q, ...] → flat [T, ...] in the batch's token order."""
+    return x[batch.query_valid]
+
+
+def masked_softmax(scores: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """scores [B, H, Q, K] → attention weights, in float32, over the keys each query may see."""
+    scores = scores.float().masked_fill(~batch.attn_mask[:, None, :, :], float("-inf"))
+    return torch.softmax(scores, dim=-1)
