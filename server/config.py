@@ -1,0 +1,54 @@
+"""Server configuration: one frozen dataclass per concern, filled in one place (`cli_serve`).
+
+Derived values (cache blocks from a memory budget, the resolved device and dtype) are computed
+where they are used, never written back here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelLoadConfig:
+    model: str | None = None          # checkpoint file/dir or .gguf; None = the built-in SmolLM2
+    preset: str | None = None         # model preset name (architecture numbers)
+    tokenizer: str | None = None      # tokenizer.json, .gguf or directory
+    chat_template: str | None = None  # jinja file overriding the model's template
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"               # auto | float32 | bfloat16 | float16
+    served_model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory_gib: float | None = None   # None: default budget for the device
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 256
+    max_sessions: int = 1024
+    session_idle_ttl_s: float = 1800.0
+    max_session_pinned_fraction: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics_require_auth: bool = False
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 8
+    max_stop_strings: int = 8
+    max_tokens_limit: int = 8192
+    default_max_tokens: int | None = None      # None: up to the context length
+    shutdown_grace_s: float = 30.0
+    log_requests: bool = True
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: ModelLoadConfig = ModelLoadConfig()
+    engine: EngineConfig = EngineConfig()
+    api: ApiConfig = ApiConfig()
