@@ -1,0 +1,58 @@
+"""Shared test helpers: random models with non-trivial norms and biases, paged greedy runs."""
+from __future__ import annotations
+
+import torch
+
+from model.init_weights import random_model
+from model.kv_cache import KVCache
+from model.paged import PagedBatch, SequenceChunk
+
+
+@torch.no_grad()
+def perturbed_model(config, seed: int = 0, std: float = 0.08, dtype=torch.float32):
+    """A random model whose 1-D parameters (norm scales, biases) are also random, so tests notice
+    a norm or a bias that is skipped or applied in the wrong place."""
+    model = random_model(config, seed=seed, std=std, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            base = 1.0 if torch.all(param == 1) else 0.0
+            param.copy_(base + 0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def make_cache(config, num_blocks: int = 64, block_size: int = 4, dtype=torch.float32) -> KVCache:
+    return KVCache(config, num_blocks, block_size, dtype)
+
+
+def paged_logits_chunked(model, cache: KVCache, sequences: list[list[int]], chunk_size: int,
+                         first_block: int = 0, prefix_len: int = 0) -> list[torch.Tensor]:
+    """Run `sequences` through forward_paged, all interleaved in the same steps, each advancing by up
+    to `chunk_size` tokens per step; returns logits [len(seq), V] per sequence. Positions below
+    `prefix_len` are assumed to be in the cache already (a prefix hit) and are not recomputed.
+    Blocks are laid out consecutively per sequence starting at `first_block`."""
+    bs = cache.block_size
+    tables, next_block = [], first_block
+    for seq in sequences:
+        n = -(-len(seq) // bs)
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    done = [prefix_len] * len(sequences)
+    out = [[] for _ in sequences]
+    while any(d < len(s) for d, s in zip(done, sequences)):
+        chunks, owners = [], []
+        for i, seq in enumerate(sequences):
+            if done[i] < len(seq):
+                end = min(len(seq), done[i] + chunk_size)
+                chunks.append(SequenceChunk(seq[done[i]:end], done[i], tables[i][: -(-end // bs)]))
+                owners.append((i, end))
+        batch = PagedBatch.build(chunks, bs)
+        batch.logits_index = torch.arange(batch.token_ids.shape[0])  # every position's logits
+        logits = model.forward_paged(batch, cache.layers)
+        start = 0
+        for (i, end), chunk in zip(owners, chunks):
+            n = len(chunk.token_ids)
+            out[i].append(logits[start:start + n])
+            start += n
+            done[i] = end
+    return [torch.cat(o) for o in out]
