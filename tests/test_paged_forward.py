@@ -1,0 +1,56 @@
+"""The paged, chunked, batched forward equals the oracle at every position (ARCHITECTURES.md §1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import preset
+from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
+from tests.oracles.custom_llm_oracle import oracle_logits
+
+CFG = preset("custom-llm-tiny")
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed_model(CFG, seed=11, std=0.15)
+
+
+def sequences(count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 30, (count,), generator=g).tolist()
+    return [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_matches_oracle(model, seqs, got):
+    sd = model.state_dict()
+    for seq, logits in zip(seqs, got):
+        expected = oracle_logits(sd, CFG, seq)
+        err = float((logits.double() - expected).abs().max() / expected.abs().max())
+        assert err <= 1e-5, f"sequence of {len(seq)} tokens: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000], ids=["chunk1", "chunk7", "whole"])
+@pytest.mark.parametrize("count", [1, 8])
+@torch.no_grad()
+def test_paged_equals_oracle(model, chunk, count):
+    seqs = sequences(count, seed=chunk + count) if count > 1 else [sequences(1, 99)[0] + [3] * 10]
+    assert max(len(s) for s in seqs) > 3 * BLOCK  # crosses several block boundaries
+    got = paged_logits_chunked(model, make_cache(CFG, num_blocks=128, block_size=BLOCK), seqs, chunk)
+    assert_matches_oracle(model, seqs, got)
+
+
+@pytest.mark.parametrize("prefix_len", [BLOCK * 2, BLOCK * 3 + 1])
+@torch.no_grad()
+def test_paged_with_cached_prefix(model, prefix_len):
+    seqs = [s for s in sequences(4, seed=5) if len(s) > prefix_len + 2] or [list(range(1, 25))]
+    cache = make_cache(CFG, num_blocks=128, block_size=BLOCK)
+    # first pass fills the cache; the second recomputes only the suffix on top of the cached prefix
+    paged_logits_chunked(model, cache, seqs, chunk_size=100)
+    got = paged_logits_chunked(model, cache, seqs, chunk_size=3, prefix_len=prefix_len)
+    sd = model.state_dict()
+    for seq, logits in zip(seqs, got):
+        expected = oracle_logits(sd, CFG, seq)[prefix_len:]
+        err = float((logits.double() - expected).abs().max() / expected.abs().max())
+        assert err <= 1e-5
