@@ -56,3 +56,45 @@ def paged_logits_chunked(model, cache: KVCache, sequences: list[list[int]], chun
             start += n
             done[i] = end
     return [torch.cat(o) for o in out]
+
+
+class ByteTokenizer:
+    """A tokenizer for tiny test models: token i < 256 is the byte i (so multi-byte characters
+    span several tokens), ids 256.. decode to nothing; id 0 is eos."""
+
+    eos_token_id = 0
+    bos_token_id = None
+
+    def __init__(self, vocab_size: int = 512):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        data = bytes(i for i in ids if 0 < i < 256 or (i == 0 and not skip_special_tokens))
+        return data.decode("utf-8", errors="replace")
+
+
+def tiny_engine(config=None, num_blocks: int = 256, block_size: int = 4, seed: int = 11, std: float = 0.15,
+                observer=None, **engine_overrides):
+    """A started engine over a random custom-llm-tiny model and a byte tokenizer."""
+    from model.config import preset
+    from server.config import EngineConfig
+    from server.engine import Engine
+
+    config = config or preset("custom-llm-tiny")
+    model = perturbed_model(config, seed=seed, std=std)
+    cache = make_cache(config, num_blocks=num_blocks, block_size=block_size)
+    engine = Engine(model, cache, ByteTokenizer(config.vocab_size),
+                    EngineConfig(block_size=block_size, **engine_overrides), model_name="tiny", observer=observer)
+    engine.start()
+    return engine
+
+
+async def collect(engine, request):
+    """All deltas of one request, and their concatenated text and token ids."""
+    outputs = [out async for out in engine.generate(request)]
+    text = "".join(o.text for o in outputs)
+    tokens = [t for o in outputs for t in o.token_ids]
+    return outputs, text, tokens

@@ -1,0 +1,39 @@
+"""Model runner: turns a scheduled step into tensors, runs the model over the paged cache.
+
+It never decides policy: the scheduler says which tokens of which sequences run; the runner builds
+the `PagedBatch` (positions, slot mapping, block tables, masks) and returns the logits of the rows
+that sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.kv_cache import KVCache
+from model.paged import PagedBatch, SequenceChunk
+from server.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cache: KVCache, device: torch.device):
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.window = getattr(model.config, "sliding_window", None)
+
+    def build_batch(self, chunks: list[ScheduledChunk]) -> PagedBatch:
+        bs = self.cache.block_size
+        seq_chunks = []
+        for c in chunks:
+            end = c.start + c.num_tokens
+            seq_chunks.append(SequenceChunk(
+                token_ids=c.seq.token_slice(c.start, end), start_pos=c.start,
+                block_table=c.seq.block_ids[: -(-end // bs)], needs_logits=c.completes_prompt))
+        return PagedBatch.build(seq_chunks, bs, self.device, window=self.window)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
+        in chunk order."""
+        batch = self.build_batch(chunks)
+        return self.model.forward_paged(batch, self.cache.layers).float()
