@@ -1,0 +1,211 @@
+"""`customllm bench serve`: a streaming OpenAI-protocol client measuring a running server.
+
+For each concurrency level it keeps that many requests in flight (or, with `--request-rate`, sends
+Poisson arrivals) until `--num-prompts` have finished, and reports request throughput, output
+tokens/s, time to first token, time per output token and inter-token latency (mean, p50, p90, p99)
+and errors. With `--session-turns N` it also measures multi-turn sessions: time to first token of
+turn n with the session cached against the same prompt sent cold (a fresh session id).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+         "in distant mountain towns under pale winter light").split()
+
+
+def synthetic_prompt(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return {"mean": statistics.fmean(ordered), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float | None = None
+    latency: float = 0.0
+    output_tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
+    """One streaming chat or completion request; token times from SSE chunk arrivals."""
+    started = time.perf_counter()
+    stamps: list[float] = []
+    usage = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return RequestResult(False, error=f"HTTP {response.status_code}: {text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return RequestResult(False, error=str(chunk["error"])[:200])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if piece:
+                        stamps.append(time.perf_counter())
+    except httpx.HTTPError as exc:
+        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
+    end = time.perf_counter()
+    output_tokens = usage["completion_tokens"] if usage else len(stamps)
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return RequestResult(True, ttft=(stamps[0] - started) if stamps else None, latency=end - started,
+                         output_tokens=output_tokens, itls=[b - a for a, b in zip(stamps, stamps[1:])],
+                         cached_tokens=cached)
+
+
+def completion_body(model: str, prompt: str, output_len: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+
+async def run_level(url: str, model: str, concurrency: int, num_prompts: int, input_words: int, output_len: int,
+                    request_rate: float | None, headers: dict, seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [synthetic_prompt(rng, input_words) for _ in range(num_prompts)]
+    results: list[RequestResult] = []
+    semaphore = asyncio.Semaphore(concurrency)
+    done = 0
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def one(prompt: str) -> None:
+            nonlocal done
+            async with semaphore:
+                results.append(await stream_completion(client, f"{url}/v1/completions",
+                                                       completion_body(model, prompt, output_len), headers))
+            done += 1
+            print(f"\r  concurrency {concurrency}: {done}/{num_prompts}", end="", file=sys.stderr, flush=True)
+
+        started = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one(prompt)))
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    print(file=sys.stderr)
+    ok = [r for r in results if r.ok]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
+    return {
+        "concurrency": concurrency, "num_prompts": num_prompts, "errors": len(results) - len(ok),
+        "error_samples": [r.error for r in results if not r.ok][:3], "duration_s": elapsed,
+        "request_throughput": len(ok) / elapsed, "output_tokens_per_s": sum(r.output_tokens for r in ok) / elapsed,
+        "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]), "tpot_s": percentiles(tpots),
+        "itl_s": percentiles([x for r in ok for x in r.itls]), "e2e_s": percentiles([r.latency for r in ok]),
+    }
+
+
+async def run_sessions(url: str, model: str, turns: int, output_len: int, headers: dict, seed: int,
+                       num_sessions: int = 3) -> dict:
+    """TTFT of each turn of a chat session vs the identical prompt sent without a session."""
+    rng = random.Random(seed)
+    warm_ttfts: dict[int, list[float]] = {}
+    cold_ttfts: dict[int, list[float]] = {}
+    cached: dict[int, list[int]] = {}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        for s in range(num_sessions):
+            session_id = f"bench-session-{seed}-{s}"
+            messages = [{"role": "system", "content": synthetic_prompt(rng, 120)}]
+            for turn in range(1, turns + 1):
+                messages.append({"role": "user", "content": synthetic_prompt(rng, 40)})
+                body = {"model": model, "messages": messages, "max_tokens": output_len, "temperature": 0.0,
+                        "stream": True, "stream_options": {"include_usage": True}}
+                warm = await stream_completion(client, f"{url}/v1/chat/completions",
+                                               {**body, "session_id": session_id}, headers)
+                # cold: same prompt, a tenant-salted prefix cache cannot help a fresh random prefix
+                cold_body = {**body, "messages": [{"role": "system", "content": f"[{rng.random():.12f}]"}]
+                             + messages}
+                cold = await stream_completion(client, f"{url}/v1/chat/completions", cold_body, headers)
+                if not (warm.ok and cold.ok):
+                    raise RuntimeError(f"session benchmark request failed: {warm.error or cold.error}")
+                warm_ttfts.setdefault(turn, []).append(warm.ttft)
+                cold_ttfts.setdefault(turn, []).append(cold.ttft)
+                cached.setdefault(turn, []).append(warm.cached_tokens)
+                messages.append({"role": "assistant", "content": "ok"})
+                await client.delete(f"{url}/v1/sessions/{session_id}", headers=headers) if turn == turns else None
+    return {str(t): {"ttft_session_s": statistics.median(warm_ttfts[t]), "ttft_cold_s": statistics.median(cold_ttfts[t]),
+                     "ratio": statistics.median(warm_ttfts[t]) / statistics.median(cold_ttfts[t]),
+                     "cached_tokens": statistics.median(cached[t])} for t in warm_ttfts}
+
+
+def plot(results: list[dict], path: str, title: str) -> str | None:
+    """PNG of throughput and latency against concurrency; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    conc = [r["concurrency"] for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(conc, [r["output_tokens_per_s"] for r in results], marker="o")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrent streams")
+    ax1.set_ylabel("output tokens/s")
+    ax1.set_title("throughput")
+    for key, label in (("ttft_s", "TTFT p50"), ("itl_s", "ITL p50")):
+        ax2.plot(conc, [r[key]["p50"] * 1e3 for r in results], marker="o", label=label)
+    ax2.plot(conc, [r["itl_s"]["p99"] * 1e3 for r in results], marker="x", label="ITL p99")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("concurrent streams")
+    ax2.set_ylabel("ms")
+    ax2.set_title("latency")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+async def discover_model(url: str, headers: dict) -> str:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.get(f"{url}/v1/models", headers=headers)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+
+
+def bench_serve(url: str, concurrencies: list[int], num_prompts: int, input_words: int, output_len: int,
+                request_rate: float | None, session_turns: int, api_key: str | None, seed: int = 0) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = url.rstrip("/")
+    model = asyncio.run(discover_model(url, headers))
+    levels = []
+    for concurrency in concurrencies:
+        count = max(num_prompts, concurrency)
+        levels.append(asyncio.run(run_level(url, model, concurrency, count, input_words, output_len,
+                                            request_rate, headers, seed + concurrency)))
+    result = {"url": url, "model": model, "input_words": input_words, "output_len": output_len, "levels": levels}
+    if session_turns:
+        result["sessions"] = asyncio.run(run_sessions(url, model, session_turns, output_len, headers, seed))
+    return result
