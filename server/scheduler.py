@@ -96,6 +96,8 @@ class Scheduler:
     def _reuse_cached_prefix(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Take the longest cached run of full blocks of this request's tokens (same tenant only),
         leaving at least one token to compute so there are logits to sample from."""
+        if seq.request.session_id is not None:
+            self.sessions.touch(seq.request.tenant, seq.request.session_id)
         tokens = seq.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
         hits = self.pool.lookup_prefix(tokens, seq.request.tenant, max_blocks=max_blocks)

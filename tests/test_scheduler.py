@@ -129,8 +129,8 @@ def test_session_pin_survives_pressure_until_needed():
     sched.finish(turn1)
     assert sched.sessions.num_sessions == 1
     sched.check_integrity()
-    big = make_seq("big", 24, first_token=200)      # needs 7 of 8 blocks: the pin must go
+    big = make_seq("big", 28, first_token=200)      # needs 7 of 8 blocks: the pin must go
     sched.add(big)
     out = run_step(sched)
-    assert plan(out) == [("big", 0, 24)]
+    assert plan(out) == [("big", 0, 28)]
     assert sched.sessions.num_sessions == 0
