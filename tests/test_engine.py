@@ -71,14 +71,16 @@ def test_logits_and_seeded_samples_are_batch_invariant(engine):
 
 
 def test_streamed_text_never_breaks_a_multibyte_character(engine):
-    """Tokens are single bytes here, so most characters span tokens: no delta but the last may carry
-    an incomplete character, and the deltas add up to the decoded output."""
+    """Tokens are single bytes here, so every multi-byte character spans tokens. Random bytes also
+    form invalid sequences (decoded as U+FFFD wherever they stand); what must never happen is a delta
+    that ends inside a character that a later token completes: the deltas must add up to the
+    decoded output."""
     outputs, text, tokens = asyncio.run(collect(engine, request("mb", [1, 2, 3], max_tokens=60, temperature=1.5,
                                                                 seed=5, ignore_eos=True)))
     assert any(t >= 0x80 for t in tokens if t < 256)
-    for out in outputs[:-1]:
-        assert "\ufffd" not in out.text
     assert text == engine.tokenizer.decode(tokens)
+    completed = [o for o in outputs[:-1] if o.text]
+    assert completed and all(not o.text.endswith("\ufffd") for o in completed)
 
 
 def test_stop_string_is_not_returned(engine):
