@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -96,25 +96,26 @@ class SamplingFields(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos)
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
-
-
 class CompletionRequest(SamplingFields):
-    prompt: PromptType
+    prompt: Any
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompts as a list of strings or token-id lists (one choice set per prompt)."""
+        """The prompts as a list of strings or token-id lists (one choice set per prompt): the prompt
+        is a string, a list of token ids, or a list of either."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        if all(isinstance(p, int) for p in prompt):
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either")
+        if all(_is_token_id(p) for p in prompt):
             return [list(prompt)]
+        for p in prompt:
+            if not (isinstance(p, str) or (isinstance(p, list) and p and all(_is_token_id(t) for t in p))):
+                raise ValueError("each prompt in the list must be a string or a non-empty list of token ids")
         return list(prompt)
 
 
@@ -174,6 +175,10 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     tokens: list[int]
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def new_id(prefix: str) -> str:
