@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -133,6 +134,11 @@ def run(args) -> int:
                 log.info("signal %s: draining (grace %.0f s)", sig, grace)
                 threading.Thread(target=engine.drain, args=(grace,), name="drain", daemon=True).start()
             super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals once it has shut down, which would end the process
+            # by SIGTERM; a drained shutdown on SIGTERM is a clean exit (status 0).
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
 
     server = DrainingServer(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning",
                                            timeout_graceful_shutdown=int(grace) + 5, access_log=False))
