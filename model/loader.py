@@ -134,7 +134,7 @@ def load_model(path: str | Path, preset: str | None = None, dtype: torch.dtype =
     prepare = getattr(model, "prepare_state_dict", None)
     if prepare is not None:
         state = prepare(state)
-    assign_state_dict(model, state, dtype, device, source=path.name)
+    assign_state_dict(model, state, dtype, device, source=", ".join(p.name for p in checkpoint.source_files))
     log.info("model %s ready: %s parameters, %s on %s, %.1f s", config.family,
              f"{sum(p.numel() for p in model.parameters()):,}", str(dtype).removeprefix("torch."), device,
              time.monotonic() - started)
