@@ -306,6 +306,7 @@ class Engine:
                 for chunk in out.chunks:
                     self._finish(chunk.seq, "error", error=f"internal error during generation: {exc}")
             return False
+        self.observer.on_step(out.num_tokens)
         with self._lock:
             for chunk in out.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -313,7 +314,6 @@ class Engine:
             if sampled is not None:
                 for chunk, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
                     self._append_token(chunk.seq, token, logprob)
-        self.observer.on_step(out.num_tokens)
         return True
 
     def _fail_unschedulable(self) -> None:
