@@ -119,34 +119,48 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
     metrics = Metrics()
-    engine = build_engine(config, observer=metrics)
+    engine = build_engine(config, observer=metrics, start=False)
     metrics.bind_engine(engine)
     app = create_app(engine, config.api, metrics)
     grace = config.api.shutdown_grace_s
-
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: stop accepting, let running requests finish within the grace period,
-        then abort the rest (finish_reason "abort") so their responses end, then exit."""
-
-        def handle_exit(self, sig, frame):
-            if not getattr(self, "_draining", False):
-                self._draining = True
-                log.info("signal %s: draining (grace %.0f s)", sig, grace)
-                threading.Thread(target=engine.drain, args=(grace,), name="drain", daemon=True).start()
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises captured signals once it has shut down, which would end the process
-            # by SIGTERM; a drained shutdown on SIGTERM is a clean exit (status 0).
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured and captured[-1] == sig:
-                captured.pop()
-
-    server = DrainingServer(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning",
+    # uvicorn serves from a secondary thread; the engine loop owns the main thread (see
+    # Engine.run_forever), so signals are handled here rather than by uvicorn.
+    server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning",
                                            timeout_graceful_shutdown=int(grace) + 5, access_log=False))
+    server_thread = threading.Thread(target=server.run, name="http", daemon=True)
+
+    def shut_down() -> None:
+        """Stop accepting; running requests get `grace` seconds, the rest are aborted (finish_reason
+        "abort") so their responses end; then the engine loop stops and the process exits 0."""
+        server.should_exit = True
+        engine.drain(grace)
+        server_thread.join(timeout=grace + 10)
+        engine.stop()
+
+    def on_signal(sig, frame) -> None:
+        if getattr(on_signal, "called", False):
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        on_signal.called = True
+        log.info("signal %s: draining (grace %.0f s)", signal.Signals(sig).name, grace)
+        threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server_thread.start()
     log.info("serving %s on http://%s:%d (auth %s)", engine.model_name, config.api.host, config.api.port,
              "on" if config.api.api_keys else "off")
-    try:
-        server.run()
-    finally:
-        engine.stop()
+
+    def watch_http() -> None:
+        server_thread.join()
+        if not on_signal.__dict__.get("called"):
+            log.error("the HTTP server stopped (port %d in use?)", config.api.port)
+            engine.stop()
+    threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
+    engine.run_forever()
+    if not engine.stopping:       # the loop died: keep answering /health with 503 until told to stop
+        server_thread.join()
+    if not server.started:
+        return 1
     log.info("stopped")
     return 0

@@ -82,6 +82,10 @@ class Engine:
         return self._alive and self._thread is not None and self._thread.is_alive()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -107,9 +111,19 @@ class Engine:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the loop in a new thread."""
         assert self._thread is None, "engine already started"
+        self._num_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+
+    def run_forever(self) -> None:
+        """Run the loop in the calling thread until `stop()`. The server does this in the main thread:
+        on the CPU, oneDNN's float16/bfloat16 kernels use only one core when called from a
+        secondary thread (float32 MKL kernels are unaffected)."""
+        assert self._thread is None, "engine already started"
+        self._thread = threading.current_thread()
+        self._run()
 
     def stop(self) -> None:
         self._stopping = True
@@ -223,6 +237,8 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
+        # intra-op thread settings are per thread: a new thread would otherwise use the default
+        torch.set_num_threads(getattr(self, "_num_threads", torch.get_num_threads()))
         failures = 0
         try:
             while not self._stopping:

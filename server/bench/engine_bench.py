@@ -71,39 +71,61 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                                  kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
                                                              device=device, dtype=dtype),
-                                       engine=engine_config), observer=timer)
-    try:
-        torch_device = engine.device
-        bandwidth = measure_copy_bandwidth(torch_device)
-        log.info("measured copy bandwidth: %.1f GB/s", bandwidth / 1e9)
-        cache_dtype_bytes = engine.cache.layers[0].element_size()
-        rows = []
-        for batch_size in batch_sizes:
-            log.info("batch %d: %d prompt tokens, %d new tokens each", batch_size, context_len, output_len)
-            timer.take()
-            started = time.perf_counter()
-            asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size))
-            wall = time.perf_counter() - started
-            durations = decode_step_seconds(timer.take(), batch_size)
-            if not durations:
-                raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
-                                 "or --kv-cache-memory")
-            step = statistics.median(durations)
-            mean_context = context_len + output_len // 2
-            bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
-                              + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
-            floor_step = bytes_per_step / bandwidth
-            rows.append({
-                "batch_size": batch_size, "decode_tokens_per_s": batch_size / step,
-                "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
-                "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
-                "fraction_of_bandwidth_floor": floor_step / step,
-            })
-            log.info("batch %d: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
-                     batch_size / step, step * 1e3, floor_step * 1e3, 100 * floor_step / step)
-        return {"model": engine.model_name, "device": str(torch_device),
-                "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
-                "output_len": output_len, "threads": torch.get_num_threads(),
-                "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
-    finally:
-        engine.stop()
+                                       engine=engine_config), observer=timer, start=False)
+    result: dict = {}
+    errors: list[BaseException] = []
+    # measured here, in the thread that runs the model: an OpenMP team started from another thread
+    # keeps spinning on the cores for a while and would slow the engine down
+    bandwidth = measure_copy_bandwidth(engine.device)
+    log.info("measured copy bandwidth: %.1f GB/s", bandwidth / 1e9)
+
+    def drive() -> None:
+        try:
+            result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+        finally:
+            engine.stop()
+
+    # the engine loop runs in the main thread (see Engine.run_forever); the client drives it
+    driver = threading.Thread(target=drive, name="bench-driver", daemon=True)
+    driver.start()
+    engine.run_forever()
+    driver.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int, output_len: int,
+             bandwidth: float) -> dict:
+    torch_device = engine.device
+    cache_dtype_bytes = engine.cache.layers[0].element_size()
+    rows = []
+    for batch_size in batch_sizes:
+        log.info("batch %d: %d prompt tokens, %d new tokens each", batch_size, context_len, output_len)
+        timer.take()
+        started = time.perf_counter()
+        asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size))
+        wall = time.perf_counter() - started
+        durations = decode_step_seconds(timer.take(), batch_size)
+        if not durations:
+            raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
+                             "or --kv-cache-memory")
+        step = statistics.median(durations)
+        mean_context = context_len + output_len // 2
+        bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
+                          + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
+        floor_step = bytes_per_step / bandwidth
+        rows.append({
+            "batch_size": batch_size, "decode_tokens_per_s": batch_size / step,
+            "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
+            "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
+            "fraction_of_bandwidth_floor": floor_step / step,
+        })
+        log.info("batch %d: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
+                 batch_size / step, step * 1e3, floor_step * 1e3, 100 * floor_step / step)
+    return {"model": engine.model_name, "device": str(torch_device),
+            "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
+            "output_len": output_len, "threads": torch.get_num_threads(),
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
