@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
     _add(m, "--chat-template", "jinja chat template file overriding the model's")
     _add(m, "--served-model-name", "model id reported by the API")
     _add(m, "--device", "auto, cpu, cuda or cuda:N", default="auto")
-    _add(m, "--dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16", default="auto")
+    _add(m, "--dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, or mixed (CPU: float16 for 1-2 token steps, bfloat16 for larger)", default="auto")
     e = p.add_argument_group("engine")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)

@@ -40,7 +40,8 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 class Engine:
     def __init__(self, model: nn.Module, cache: KVCache, tokenizer, config: EngineConfig,
                  model_name: str, chat_template=None, device: torch.device | str = "cpu",
-                 observer: EngineObserver | None = None, stop_token_ids: tuple[int, ...] = ()):
+                 observer: EngineObserver | None = None, stop_token_ids: tuple[int, ...] = (),
+                 small_step_model: nn.Module | None = None):
         self.model = model
         self.cache = cache
         self.tokenizer = tokenizer
@@ -61,7 +62,7 @@ class Engine:
             max_pinned_fraction=config.max_session_pinned_fraction, bytes_per_token=cache.bytes_per_token,
             on_evict=lambda: self.observer.on_session_evicted())
         self.scheduler = Scheduler(self.pool, self.sessions, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, cache, torch.device(device))
+        self.runner = ModelRunner(model, cache, torch.device(device), small_step_model=small_step_model)
         self.sampler = Sampler()
         self.device = torch.device(device)
 

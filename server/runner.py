@@ -15,10 +15,18 @@ from server.scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: KVCache, device: torch.device):
+    """`small_step_model` (optional) is a copy of the model in another dtype used for steps of at most
+    `small_step_tokens` tokens: on CPUs without native float16 GEMMs for large batches, float16 is
+    the fastest for one or two tokens and bfloat16 for everything bigger (`--dtype mixed`). Both
+    read and write the same cache."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, device: torch.device,
+                 small_step_model: nn.Module | None = None, small_step_tokens: int = 2):
         self.model = model
         self.cache = cache
         self.device = device
+        self.small_step_model = small_step_model
+        self.small_step_tokens = small_step_tokens
         self.window = getattr(model.config, "sliding_window", None)
 
     def build_batch(self, chunks: list[ScheduledChunk]) -> PagedBatch:
@@ -36,4 +44,7 @@ class ModelRunner:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
         in chunk order."""
         batch = self.build_batch(chunks)
-        return self.model.forward_paged(batch, self.cache.layers).float()
+        model = self.model
+        if self.small_step_model is not None and batch.token_ids.shape[0] <= self.small_step_tokens:
+            model = self.small_step_model
+        return model.forward_paged(batch, self.cache.layers).float()

@@ -2,6 +2,7 @@
 KV cache. The only place that turns configuration into loaded objects."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -31,11 +32,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+MIXED = "mixed"   # CPU: float16 weights for 1-2 token steps, bfloat16 weights and cache otherwise
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the weights (and, but for `mixed`, of the cache)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == MIXED:
+        if device.type != "cpu":
+            raise ValueError("--dtype mixed is a CPU mode; use bfloat16 on CUDA")
+        return torch.bfloat16
     if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: choose one of auto, {', '.join(sorted(DTYPES))}")
+        raise ValueError(f"--dtype {name!r}: choose one of auto, {MIXED}, {', '.join(sorted(DTYPES))}")
     return DTYPES[name]
 
 
@@ -96,13 +105,18 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
+    small_step_model = None
+    if config.model.dtype == MIXED:
+        small_step_model = copy.deepcopy(model).to(torch.float16)
+        log.info("mixed precision: float16 weights for steps of 1-2 tokens, bfloat16 for larger steps")
     budget = kv_cache_budget_bytes(config.engine.kv_cache_memory_gib, device)
     cache = KVCache.from_budget(model.config, budget, config.engine.block_size, dtype, device)
     log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,
              cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB, cache.bytes_per_token)
     engine = Engine(model, cache, tokenizer, config.engine, model_name=name, chat_template=chat_template,
                     device=device, observer=observer,
-                    stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()))
+                    stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),
+                    small_step_model=small_step_model)
     if start:
         engine.start()
     return engine

@@ -186,3 +186,28 @@ def test_200_random_requests_with_aborts_all_finish():
         assert engine.pool.num_used_blocks == 0 and engine.num_requests == 0
     finally:
         engine.stop()
+
+
+def test_mixed_precision_uses_the_small_step_model_for_decode_steps():
+    """`--dtype mixed`: steps of one or two tokens run the float16 copy, bigger ones the bfloat16 model,
+    over one bfloat16 cache; greedy output stays close to float32's."""
+    import copy
+
+    from server.runner import ModelRunner
+    from tests.helpers import make_cache, perturbed_model
+    model = perturbed_model(CFG, seed=11, std=0.15).to(torch.bfloat16)
+    small = copy.deepcopy(model).to(torch.float16)
+    calls = []
+    for name, m in (("bf16", model), ("fp16", small)):
+        original = m.forward_paged
+        m.forward_paged = lambda batch, cache, _o=original, _n=name: (calls.append((_n, batch.token_ids.shape[0])),
+                                                                      _o(batch, cache))[1]
+    runner = ModelRunner(model, make_cache(CFG, dtype=torch.bfloat16), torch.device("cpu"), small_step_model=small)
+    from server.scheduler import ScheduledChunk
+    from server.sequence import Sequence
+    seq = Sequence(request("m", list(range(1, 9))), emit=lambda out: None)
+    seq.block_ids = [0, 1, 2]
+    runner.execute([ScheduledChunk(seq, 0, 8)])
+    seq.output_token_ids.append(5)
+    runner.execute([ScheduledChunk(seq, 8, 1)])
+    assert calls == [("bf16", 8), ("fp16", 1)]
