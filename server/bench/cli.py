@@ -147,7 +147,10 @@ def _start_llama_cpp(gguf: str, port: int) -> subprocess.Popen:
     import httpx
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
                                 "--port", str(port), "--n_threads", str(torch.get_num_threads()),
-                                "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--n_threads_batch", str(torch.get_num_threads()), "--n_ctx", "4096",
+                                # by default a new request cancels the running one; queue them instead
+                                "--interrupt_requests", "False"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -163,19 +166,18 @@ def _start_llama_cpp(gguf: str, port: int) -> subprocess.Popen:
 
 def run_serve(args) -> int:
     from server.bench.serve_bench import bench_serve, plot
-    peers = list(args.peer_url)
-    llama = None
+    result = {"machine": machine_description(), "command": "customllm " + " ".join(sys.argv[1:])}
+    result["ours"] = bench_serve(args.url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
+                                 args.request_rate, args.session_turns, args.api_key)
+    result["peers"] = [bench_serve(url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
+                                   args.request_rate, 0, None) for url in args.peer_url]
     if args.start_llama_cpp:
+        # started only after our server was measured: an idle llama.cpp still holds its threads
         llama = _start_llama_cpp(args.start_llama_cpp, port=18080)
-        peers.append("http://127.0.0.1:18080")
-    try:
-        result = {"machine": machine_description(), "command": "customllm " + " ".join(sys.argv[1:])}
-        result["ours"] = bench_serve(args.url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
-                                     args.request_rate, args.session_turns, args.api_key)
-        result["peers"] = [bench_serve(url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
-                                       args.request_rate, 0, None) for url in peers]
-    finally:
-        if llama is not None:
+        try:
+            result["peers"].append(bench_serve("http://127.0.0.1:18080", args.concurrency, args.num_prompts,
+                                               args.input_len, args.output_len, args.request_rate, 0, None))
+        finally:
             llama.terminate()
             llama.wait(timeout=30)
     if args.plot:
