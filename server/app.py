@@ -37,6 +37,7 @@ log = logging.getLogger("customllm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_PING_S = 15
 LONG_TEXT_CHARS = 16_384          # longer prompts are tokenized off the event loop
+QUIET_PATHS = ("/health", "/metrics")   # polled by probes and scrapers: logged at DEBUG
 CLIENT_CLOSED_REQUEST = 499       # nginx's status for "the client went away"; nobody receives it
 REJECT_REASONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                   413: "body_too_large", 429: "queue_full", 503: "unavailable"}
@@ -77,8 +78,9 @@ class HttpMiddleware:
         finally:
             if self.api.log_requests:
                 client = scope.get("client") or ("-", 0)
-                log.info("%s:%s %s %s %s %.0f ms", client[0], client[1], scope["method"], scope["path"],
-                         status or "-", 1000 * (time.monotonic() - started))
+                level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+                log.log(level, "%s:%s %s %s %s %.0f ms", client[0], client[1], scope["method"], scope["path"],
+                        status or "-", 1000 * (time.monotonic() - started))
 
     async def _limited(self, scope, receive, send):
         limit = self.api.max_body_bytes
@@ -204,7 +206,8 @@ async def close_all(gens) -> None:
         await gen.aclose()
 
 
-def to_api_error(exc: BaseException, engine) -> BaseException:
+def to_api_error(exc: BaseException) -> BaseException:
+    """The HTTP error for a request the engine refused (other exceptions stay as they are: 500)."""
     if isinstance(exc, QueueFullError):
         return ApiError(429, f"the server is busy ({exc}); retry later", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
@@ -217,18 +220,28 @@ def to_api_error(exc: BaseException, engine) -> BaseException:
 
 async def submit_all(engine, requests: list[GenerationRequest]):
     """Submit every request at once and wait for each one's first output, so that a refusal becomes
-    an HTTP error before any response starts. Returns the output generators and first outputs."""
+    an HTTP error before any response starts. Returns the output generators and first outputs; on a
+    refusal, or when cancelled, every request already submitted is aborted."""
     gens = [engine.generate(r) for r in requests]
-    firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
-    failure = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if failure is None:
-        failure = next((ApiError(503 if not engine.alive else 500, f.error or "generation failed",
-                                 code="generation_failed")
-                        for f in firsts if f.finish_reason == "error" and not f.token_ids), None)
-    if failure is not None:
-        await close_all(gens)
-        raise to_api_error(failure, engine)
-    return gens, firsts
+    tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
+    accepted = False
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failure = next((t.exception() for t in tasks if t.done() and t.exception() is not None), None)
+        if failure is None:
+            failure = next((ApiError(503 if not engine.alive else 500, t.result().error or "generation failed",
+                                     code="generation_failed")
+                            for t in tasks if t.result().finish_reason == "error" and not t.result().token_ids), None)
+        if failure is not None:
+            raise to_api_error(failure)
+        accepted = True
+        return gens, [t.result() for t in tasks]
+    finally:
+        if not accepted:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close_all(gens)
 
 
 async def merged(gens, firsts) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -265,15 +278,22 @@ async def collect(gens, firsts) -> list[list[RequestOutput]]:
     return per_choice
 
 
+def event_data(chunk: dict) -> str:
+    """Compact JSON on one line. Characters some line splitters (Python's str.splitlines) take for
+    line ends are escaped, so every client reads one `data:` line per event."""
+    text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+
+
 def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
     """`data: {chunk}` events, then `data: [DONE]`; a failure midway becomes an error event first."""
     async def frames():
         try:
             async for chunk in chunks:
-                yield json.dumps(chunk, ensure_ascii=False)
+                yield event_data(chunk)
         except Exception as exc:  # noqa: BLE001 - the response has started: report in the stream
             log.error("stream failed: %s", exc, exc_info=exc)
-            yield json.dumps(error_body("internal error while streaming", "internal_error", None, "stream_failed"))
+            yield event_data(error_body("internal error while streaming", "internal_error", None, "stream_failed"))
         yield "[DONE]"
     return EventSourceResponse(frames(), headers=SSE_HEADERS, sep="\n", ping=SSE_PING_S)
 
@@ -434,6 +454,8 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         check_model(eng, body.model)
         body.check(api, eng.vocab_size)
         prompts = body.prompts()
+        if any(not 0 <= t < eng.vocab_size for p in prompts if isinstance(p, list) for t in p):
+            raise ApiError(400, f"prompt token ids must be in [0, {eng.vocab_size})", param="prompt")
         prompt_ids = [list(p) if isinstance(p, list) else await encode(eng, p) for p in prompts]
         session = session_of(request, body.session_id)
         if session is not None and len(prompt_ids) > 1:

@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
     a = p.add_argument_group("http")
     _add(a, "--host", "bind address", default=defaults_api.host)
     _add(a, "--port", "port", int, defaults_api.port)
-    p.add_argument("--api-key", action="append", default=None,
+    a.add_argument("--api-key", action="append", default=None,
                    help=f"accepted API key (repeatable; each key is a tenant) [env {ENV_PREFIX}API_KEY, comma-separated]")
     _add(a, "--api-key-file", "file with one API key per line")
     _add(a, "--metrics-auth", "require an API key for /metrics", bool, False)
@@ -72,8 +72,11 @@ def add_parser(subparsers) -> None:
     _add(a, "--max-n", "largest n", int, defaults_api.max_n)
     _add(a, "--max-stop-strings", "most stop strings per request", int, defaults_api.max_stop_strings)
     _add(a, "--max-tokens-limit", "largest max_tokens", int, defaults_api.max_tokens_limit)
+    _add(a, "--default-max-tokens", "max_tokens when a request gives none (default: 16 for completions, "
+                                    "what the context leaves for chat)", int, defaults_api.default_max_tokens)
     _add(a, "--shutdown-grace", "seconds running requests get to finish on SIGTERM", float,
          defaults_api.shutdown_grace_s)
+    _add(a, "--log-requests", "log one line per HTTP request", bool, defaults_api.log_requests)
     _add(a, "--log-level", "logging level", default="info")
     p.set_defaults(func=run)
 
@@ -92,7 +95,23 @@ def api_keys_from(args) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def _check(args) -> None:
+    """ValueError for flag values no server can run with (the engine checks its own in depth)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in [1, 65535]")
+    for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_stop_strings", 0), ("max_tokens_limit", 1),
+                          ("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+                          ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0)):
+        if getattr(args, flag) < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}")
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise ValueError("--default-max-tokens must be at least 1")
+    if args.session_ttl <= 0:
+        raise ValueError("--session-ttl must be positive")
+
+
 def config_from_args(args) -> ServerConfig:
+    _check(args)
     return ServerConfig(
         model=ModelLoadConfig(model=args.model, preset=args.preset, tokenizer=args.tokenizer,
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
@@ -105,62 +124,95 @@ def config_from_args(args) -> ServerConfig:
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_stop_strings=args.max_stop_strings, max_tokens_limit=args.max_tokens_limit,
-                      shutdown_grace_s=args.shutdown_grace))
+                      default_max_tokens=args.default_max_tokens, shutdown_grace_s=args.shutdown_grace,
+                      log_requests=args.log_requests))
+
+
+class _StopLoading(BaseException):
+    """A signal while the model loads: nothing runs yet, so stop at once (BaseException, so that no
+    `except Exception` in the loading code swallows it)."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run(args) -> int:
+    """HTTP first (so /health answers 503 while the model loads), then the model, then the engine
+    loop in the main thread until a signal drains it."""
     import uvicorn
 
     from server.app import create_app
     from server.metrics import Metrics
     from server.serving import build_engine
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     config = config_from_args(args)
+    api = config.api
     metrics = Metrics()
-    engine = build_engine(config, observer=metrics, start=False)
-    metrics.bind_engine(engine)
-    app = create_app(engine, config.api, metrics)
-    grace = config.api.shutdown_grace_s
-    # uvicorn serves from a secondary thread; the engine loop owns the main thread (see
-    # Engine.run_forever), so signals are handled here rather than by uvicorn.
-    server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(grace) + 5, access_log=False))
-    server_thread = threading.Thread(target=server.run, name="http", daemon=True)
+    app = create_app(None, api, metrics)
+    grace = api.shutdown_grace_s
+    # uvicorn serves from a secondary thread (so it installs no signal handlers); the engine loop owns
+    # the main thread (see Engine.run_forever), and signals are handled here.
+    server = uvicorn.Server(uvicorn.Config(app, host=api.host, port=api.port, log_level="warning", log_config=None,
+                                           access_log=False, timeout_graceful_shutdown=int(grace) + 5))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    state = {"engine": None, "signalled": False, "http_failed": False}
 
     def shut_down() -> None:
         """Stop accepting; running requests get `grace` seconds, the rest are aborted (finish_reason
         "abort") so their responses end; then the engine loop stops and the process exits 0."""
+        engine = state["engine"]
         server.should_exit = True
         engine.drain(grace)
-        server_thread.join(timeout=grace + 10)
+        http.join(timeout=grace + 10)
         engine.stop()
 
     def on_signal(sig, frame) -> None:
-        if getattr(on_signal, "called", False):
+        if state["signalled"]:
             log.warning("second signal: exiting now")
             os._exit(1)
-        on_signal.called = True
+        state["signalled"] = True
+        if state["engine"] is None:
+            log.info("signal %s while loading: stopping", signal.Signals(sig).name)
+            raise _StopLoading
         log.info("signal %s: draining (grace %.0f s)", signal.Signals(sig).name, grace)
         threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
 
+    # handlers first: a signal may come as soon as /health answers
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server_thread.start()
-    log.info("serving %s on http://%s:%d (auth %s)", engine.model_name, config.api.host, config.api.port,
-             "on" if config.api.api_keys else "off")
+    try:
+        http.start()
+        while not server.started and http.is_alive():
+            http.join(timeout=0.05)
+        if not server.started:
+            log.error("cannot serve on %s:%d (is the port in use?)", api.host, api.port)
+            return 1
+        log.info("listening on http://%s:%d (auth %s); /health answers 503 until the model is loaded", api.host,
+                 api.port, "on" if api.api_keys else "off")
+        engine = build_engine(config, observer=metrics, start=False)
+        metrics.bind_engine(engine)
+        state["engine"] = engine
+    except _StopLoading:
+        server.should_exit = True
+        http.join(timeout=10)
+        log.info("stopped")
+        return 0
+    app.state.engine = engine
 
     def watch_http() -> None:
-        server_thread.join()
-        if not on_signal.__dict__.get("called"):
-            log.error("the HTTP server stopped (port %d in use?)", config.api.port)
+        http.join()
+        if not state["signalled"]:
+            log.error("the HTTP server stopped unexpectedly")
+            state["http_failed"] = True
             engine.stop()
     threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
+    log.info("serving %s on http://%s:%d", engine.model_name, api.host, api.port)
     engine.run_forever()
     if not engine.stopping:       # the loop died: keep answering /health with 503 until told to stop
-        server_thread.join()
-    if not server.started:
-        return 1
+        log.error("the engine loop stopped; /health answers 503 until the server is stopped")
+        http.join()
     log.info("stopped")
-    return 0
+    return 1 if state["http_failed"] else 0

@@ -1,6 +1,10 @@
 """Real uvicorn servers for API tests: in-process (a thread with its own event loop, so tests can
 look at the engine) or as a `customllm serve` subprocess (for signals). Readiness is awaited by
-polling /health, never by fixed sleeps."""
+polling /health, never by fixed sleeps.
+
+The engine every API test runs is the real one over `custom-llm-tiny` (random weights, the SmolLM2
+vocabulary and tokenizer): `tiny_server_config` is the one place that chooses it.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +26,7 @@ from server.metrics import Metrics
 from server.serving import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_KV_CACHE_GIB = 0.02
 
 
 def free_port() -> int:
@@ -30,52 +35,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """custom-llm-tiny with the SmolLM2 vocabulary, random weights, as `weights init` writes it."""
+def make_tiny_checkpoint(directory: Path, seed: int = 0, *settings: str) -> Path:
+    """custom-llm-tiny with the SmolLM2 vocabulary, random weights, as `weights init` writes it;
+    `settings` are extra `--set key=value` overrides."""
     if not (directory / "model.safetensors").is_file():
-        subprocess.run([sys.executable, "-m", "server.cli", "weights", "init", "--preset", "custom-llm-tiny",
-                        "--set", "vocab_size=49152", "--std", "0.1", "--seed", str(seed), "--out", str(directory)],
+        sets = [arg for setting in ("vocab_size=49152", *settings) for arg in ("--set", setting)]
+        subprocess.run([sys.executable, "-m", "server.cli", "weights", "init", "--preset", "custom-llm-tiny", *sets,
+                        "--std", "0.1", "--seed", str(seed), "--out", str(directory)],
                        check=True, cwd=ROOT, capture_output=True)
     return directory
 
 
-def wait_healthy(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
+def tiny_server_config(model_dir: Path, api: ApiConfig | None = None,
+                       engine: EngineConfig | None = None) -> ServerConfig:
+    return ServerConfig(model=ModelLoadConfig(model=str(model_dir), tokenizer=str(builtin_model_path())),
+                        engine=engine or EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16),
+                        api=api or ApiConfig())
+
+
+def wait_healthy(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None,
+                 statuses: tuple[int, ...] = (200,)) -> int:
+    """Poll /health until it answers with one of `statuses`; returns that status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
+            status = httpx.get(f"{url}/health", timeout=2).status_code
+            if status in statuses:
+                return status
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+    raise TimeoutError(f"{url}/health did not answer {statuses} in {timeout} s")
 
 
-class InProcessServer:
-    def __init__(self, model_dir: Path, api: ApiConfig | None = None, engine_config: EngineConfig | None = None):
-        self.metrics = Metrics()
-        config = ServerConfig(
-            model=ModelLoadConfig(model=str(model_dir), tokenizer=str(builtin_model_path())),
-            engine=engine_config or EngineConfig(kv_cache_memory_gib=0.02, block_size=16),
-            api=api or ApiConfig())
-        self.engine = build_engine(config, observer=self.metrics)
-        self.metrics.bind_engine(self.engine)
+class UvicornThread:
+    """An ASGI app served by uvicorn on a free 127.0.0.1 port from a background thread."""
+
+    def __init__(self, app, ready_statuses: tuple[int, ...] = (200,)):
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(self.engine, config.api, self.metrics)
+        self.ready_statuses = ready_statuses
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self):
         self.thread.start()
-        wait_healthy(self.url)
+        wait_healthy(self.url, statuses=self.ready_statuses)
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class InProcessServer(UvicornThread):
+    """The real engine over the tiny model behind the real app."""
+
+    def __init__(self, model_dir: Path, api: ApiConfig | None = None, engine_config: EngineConfig | None = None):
+        self.metrics = Metrics()
+        self.config = tiny_server_config(model_dir, api, engine_config)
+        self.engine = build_engine(self.config, observer=self.metrics)
+        self.metrics.bind_engine(self.engine)
+        super().__init__(create_app(self.engine, self.config.api, self.metrics))
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
         self.engine.stop()
 
     def settle(self) -> None:
@@ -88,16 +115,49 @@ class InProcessServer:
         self.engine.check_integrity()
 
 
+class StepGate:
+    """Wraps the engine's model execution to count steps and hold them from step `hold_from` on
+    until `release()`; records when the HTTP layer aborts a request."""
+
+    def __init__(self, engine, monkeypatch, hold_from: int = 1):
+        self.calls = 0
+        self.hold_from = hold_from
+        self.holding = threading.Event()
+        self.released = threading.Event()
+        self.aborted: list[str] = []
+        self.abort_seen = threading.Event()
+        execute, abort = engine.runner.execute, engine.abort
+
+        def gated_execute(chunks):
+            self.calls += 1
+            if self.calls >= self.hold_from and not self.released.is_set():
+                self.holding.set()
+                self.released.wait(timeout=60)
+            return execute(chunks)
+
+        def recorded_abort(request_id: str) -> None:
+            abort(request_id)
+            self.aborted.append(request_id)
+            self.abort_seen.set()
+
+        monkeypatch.setattr(engine.runner, "execute", gated_execute)
+        monkeypatch.setattr(engine, "abort", recorded_abort)
+
+    def release(self) -> None:
+        self.released.set()
+
+
 @contextlib.contextmanager
-def subprocess_server(model_dir: Path, *extra: str, env: dict | None = None):
+def subprocess_server(model_dir: Path, *extra: str, env: dict | None = None, statuses: tuple[int, ...] = (200,)):
+    """`customllm serve` over `model_dir`; yields once /health answers one of `statuses`."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--tokenizer",
-           str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", "0.02", *extra]
+           str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", str(TEST_KV_CACHE_GIB), *extra]
     process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process=process)
+        wait_healthy(url, process=process, statuses=statuses)
         yield process, url
     finally:
         if process.poll() is None:

@@ -105,19 +105,55 @@ def test_sse_passes_through_unbuffered(stack):
     assert first is not None and last is not None and first < 0.5 * last, (first, last)
 
 
+def test_prometheus_scrapes_both_replicas(stack, tmp_path):
+    """Debian's Prometheus, with the project's scrape job pointed at the loopback replicas."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    import yaml
+    config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [
+        url.removeprefix("http://") for _, url in stack["replicas"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        health = []
+        while time.monotonic() < deadline:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2).json()["data"]
+                health = [t["health"] for t in targets["activeTargets"]]
+                if health == ["up", "up"]:
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            assert process.poll() is None, "prometheus exited"
+            time.sleep(0.2)
+        assert health == ["up", "up"], health
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_killed_replica_requests_move_on_and_sessions_continue_cold(stack):
     router = stack["router"]
-    messages = [{"role": "user", "content": "Remember the number forty-two, please. " * 3}]
+    def conversation(name: str) -> list[dict]:   # unique per session, so no other replica has it cached
+        return [{"role": "user", "content": f"{name}: remember the number forty-two, please. " * 3}]
     # find a session that lives on replica 0
     victim_process, victim_url = stack["replicas"][0]
     session = None
     for i in range(40):
         candidate = f"doomed-{i}"
-        assert chat(router, candidate, messages).status_code == 200
+        assert chat(router, candidate, conversation(candidate)).status_code == 200
         if any(s["id"] == candidate for s in httpx.get(f"{victim_url}/v1/sessions").json()["data"]):
             session = candidate
             break
     assert session is not None
+    messages = conversation(session)
     warm = chat(router, session, messages).json()
     assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     victim_process.kill()
