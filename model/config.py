@@ -98,7 +98,19 @@ def register_family(config_cls: type[BaseModelConfig], presets: dict[str, BaseMo
     PRESETS.update(presets)
 
 
+# modules that register more families (and their presets) when imported
+FAMILY_MODULES = ("model.llama", "model.shomsher", "model.smart_llm")
+
+
+def load_families() -> None:
+    import importlib
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+
+
 def preset(name: str) -> BaseModelConfig:
+    if name not in PRESETS:
+        load_families()
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
@@ -120,6 +132,8 @@ def config_from_json(path: str | Path, base: BaseModelConfig | None = None) -> B
             raise ValueError(f"{path}: family {family!r} does not match preset family {base.family!r}")
         return base.from_dict({**dataclasses.asdict(base), **data})
     family = data.get("family", "custom_llm")
+    if family not in CONFIG_CLASSES:
+        load_families()
     if family not in CONFIG_CLASSES:
         raise ValueError(f"{path}: unknown model family {family!r}; known: {', '.join(CONFIG_CLASSES)}")
     return CONFIG_CLASSES[family].from_dict(data)

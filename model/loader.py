@@ -110,7 +110,10 @@ def resolve_config(state: dict[str, torch.Tensor], directory: Path | None, prese
         from_seed = getattr(model_class(family), "config_from_embedded", None)
         if from_seed is None:
             raise CheckpointError(f"the checkpoint carries a config, but the {family} family does not read one")
-        return from_seed(embedded)
+        return from_seed(embedded, state)
+    if family == "shomsher":
+        from model.shomsher import ShomsherLLMForCausalLM
+        return ShomsherLLMForCausalLM.infer_config(state)
     if family not in CONFIG_INFERENCE:
         raise CheckpointError(f"a {family} checkpoint does not show its full configuration; "
                               "pass --preset NAME or put a config.json beside it")

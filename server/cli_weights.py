@@ -58,7 +58,13 @@ def run_init(args) -> int:
     model = random_model(config, seed=args.seed, std=args.std, dtype=DTYPE_NAMES[args.dtype])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state, storages = {}, set()
+    for key, tensor in model.state_dict().items():
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            continue    # a tied weight (SmartLLM's lm_head is its token_embedding): saved once
+        storages.add(storage)
+        state[key] = tensor.contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps({"preset": args.preset, **overrides}, indent=2) + "\n")
     params = sum(p.numel() for p in model.parameters())
