@@ -127,19 +127,33 @@ class TextTokenizer:
                    chat_template=template)
 
 
-def load_tokenizer(path: str | Path) -> TextTokenizer:
-    """A .gguf file, a tokenizer.json, or a directory holding tokenizer.json."""
+SEED_TOKENIZER_FILES = ("tokenizer.json", "smart-bpe-tokenizer.json", "fallback-tokenizer.json",
+                        "tokenizer/bpe_tokenizer.json", "bpe_tokenizer.json")
+
+
+def load_tokenizer(path: str | Path):
+    """A .gguf file, a tokenizer.json, SmartLLM's BPE or character-level file (told apart by their
+    content, not their names), or a directory holding one of those."""
+    from model.seed_tokenizers import detect_tokenizer_kind, load_seed_tokenizer
+
     path = Path(path)
     if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
+        found = next((path / name for name in SEED_TOKENIZER_FILES if (path / name).is_file()), None)
+        if found is None:
             raise ValueError(f"{path}: no tokenizer.json in this directory")
-        path = path / "tokenizer.json"
-    if not path.is_file():
+        path = found
+    if not path.exists():
         raise ValueError(f"tokenizer {path} does not exist")
-    if path.suffix == ".gguf":
+    kind = detect_tokenizer_kind(path)
+    if kind == "gguf":
         from gguf import GGUFReader
         return TextTokenizer.from_gguf_reader(GGUFReader(str(path)))
+    if kind in ("smart_llm_bpe", "smart_llm_char"):
+        return load_seed_tokenizer(path)
     try:
-        return TextTokenizer.from_file(path)
+        tokenizer = TextTokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises its own exception types
         raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read: {exc}") from None
+    if tokenizer.eos_token_id is None:          # ShomsherLLM's file names its only special `<eos>`
+        tokenizer.eos_token_id = tokenizer.token_to_id("<eos>")
+    return tokenizer

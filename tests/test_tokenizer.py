@@ -102,5 +102,15 @@ def test_bad_tokenizer_paths_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="tokenizers library"):
+    with pytest.raises(ValueError, match="neither a GGUF file nor a JSON tokenizer"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_seed_tokenizer_formats_are_told_apart_by_content(tmp_path):
+    from model.seed_tokenizers import CharFallbackTokenizer
+    specials = {name: i for i, name in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>",
+                                                  "<system>"])}
+    fallback = {"char_to_token": {chr(c): 7 + c for c in range(256)}, "special_tokens": specials}
+    (tmp_path / "renamed.dat").write_text(json.dumps(fallback))
+    tokenizer = load_tokenizer(tmp_path / "renamed.dat")
+    assert isinstance(tokenizer, CharFallbackTokenizer) and tokenizer.encode("A") == [7 + 65]
