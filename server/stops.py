@@ -1,41 +1,46 @@
 """Stop strings matched on decoded text, across token boundaries.
 
 Text that could still turn out to be the start of a stop string is held back, so a stream never
-emits what a later token reveals to be part of a stop string; the stop string itself is never
-returned. When several stop strings match, the one that ends first wins (then the earliest start).
+emits what a later delta reveals to be part of a stop string; the stop string itself is never
+returned, nor anything after it.
+
+When several stop strings match, the one that completes first in the stream wins, and of those
+completing at the same character the longest (the earliest start). This is the only rule that
+does not depend on how the text was cut into deltas: with stops "abc" and "b", "xabc" stops at
+"xa" whether it arrives whole or a character at a time. So with "ab" and "abc", "ab" wins.
 """
 from __future__ import annotations
 
 
 class StopStringMatcher:
+    """`feed(delta) → (text safe to emit now, stopped)`; `flush() → held-back text` at the end."""
+
     def __init__(self, stops: tuple[str, ...] | list[str]):
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
+        self.stops = tuple(dict.fromkeys(s for s in stops if s))
         self.stopped = False
+        self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit now, whether a stop string completed)."""
+        """Return the text that is now safe to emit, and whether a stop string completed (then the
+        text is everything before it and every later call returns ("", True))."""
         if self.stopped:
             return "", True
         if not self.stops:
             return text, False
-        buffer = self.held + text
-        best = None
+        buffer = self._held + text
+        match = None                                   # (end, start) of the first stop to complete
         for stop in self.stops:
-            index = buffer.find(stop)
-            if index >= 0:
-                end = index + len(stop)
-                if best is None or (end, index) < best:
-                    best = (end, index)
-        if best is not None:
-            self.stopped = True
-            self.held = ""
-            return buffer[:best[1]], True
-        keep = self._longest_partial_suffix(buffer)
-        self.held = buffer[len(buffer) - keep:] if keep else ""
+            start = buffer.find(stop)
+            if start >= 0 and (match is None or (start + len(stop), start) < match):
+                match = (start + len(stop), start)
+        if match is not None:
+            self.stopped, self._held = True, ""
+            return buffer[:match[1]], True
+        keep = self._partial_stop_length(buffer)
+        self._held = buffer[len(buffer) - keep:]
         return buffer[:len(buffer) - keep], False
 
-    def _longest_partial_suffix(self, buffer: str) -> int:
+    def _partial_stop_length(self, buffer: str) -> int:
         """Length of the longest tail of `buffer` that is a proper prefix of some stop string."""
         longest = 0
         for stop in self.stops:
@@ -46,5 +51,6 @@ class StopStringMatcher:
         return longest
 
     def flush(self) -> str:
-        held, self.held = self.held, ""
+        """The held-back text, when the stream ends without a stop string ("" after a stop)."""
+        held, self._held = self._held, ""
         return "" if self.stopped else held
