@@ -12,11 +12,27 @@ Running out of blocks is not an error: `allocate` returns None and the scheduler
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
+_HASH_PERSON = b"customllm-kv-v1"
+
 
 class BlockPool:
+    """Fixed-size KV blocks `0..num_blocks-1` with reference counts, chained prefix hashes and an
+    LRU free queue.
+
+    Invariants (checked by `check_integrity`): every block is either in the free queue with no
+    reference, or out of it with at least one; a hash maps to the blocks that carry it.
+
+    One hash may be carried by several blocks: two requests that computed the same prefix at the
+    same time, or a request whose last prompt block was recomputed on purpose (a prefix hit must
+    leave one token to compute) while the first copy was still held. Every copy stays findable
+    until it is evicted, so whichever copy a session pins keeps the chain alive. Lookups prefer a
+    copy that is already referenced, so shared prefixes converge on one block.
+    """
+
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the block pool needs at least one block of at least one token")
@@ -24,31 +40,38 @@ class BlockPool:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
-        self.cached: dict[bytes, int] = {}                      # hash → block id
+        self.cached: dict[bytes, dict[int, None]] = {}          # hash → the blocks carrying it
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_evictions = 0
+        self._num_cached_free = 0
 
     # ---- hashing --------------------------------------------------------------------------------
     @staticmethod
     def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: str) -> bytes:
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(parent or b"root")
-        digest.update(salt.encode("utf-8"))
-        digest.update(b"\x00")
-        digest.update(b"".join(int(t).to_bytes(4, "little", signed=False) for t in token_ids))
+        """16-byte blake2b of (parent hash, salt, token ids), each field length-prefixed or
+        fixed-width so that no two different inputs share an encoding."""
+        salt_bytes = salt.encode("utf-8")
+        digest = hashlib.blake2b(digest_size=16, person=_HASH_PERSON)
+        if parent is None:
+            digest.update(b"\x00")
+        else:
+            digest.update(b"\x01" + struct.pack("<I", len(parent)) + parent)
+        digest.update(struct.pack("<I", len(salt_bytes)) + salt_bytes)
+        digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
         return digest.digest()
 
     def hash_prefix_blocks(self, token_ids: Sequence[int], salt: str) -> list[bytes]:
-        """Chained hashes of every full block of `token_ids`."""
+        """Chained hashes of every full block of `token_ids` (a partial last block has none)."""
         hashes: list[bytes] = []
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            hashes.append(self.hash_block(hashes[-1] if hashes else None,
-                                          token_ids[start:start + self.block_size], salt))
+        bs = self.block_size
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            hashes.append(self.hash_block(hashes[-1] if hashes else None, token_ids[start:start + bs], salt))
         return hashes
 
     # ---- gauges ---------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
+        """Blocks `allocate` can hand out now, cached-but-unreferenced ones included."""
         return len(self.free_queue)
 
     @property
@@ -57,7 +80,7 @@ class BlockPool:
 
     @property
     def num_cached_free_blocks(self) -> int:
-        return sum(1 for b in self.free_queue if self.block_hashes[b] is not None)
+        return self._num_cached_free
 
     @property
     def usage(self) -> float:
@@ -65,84 +88,124 @@ class BlockPool:
 
     # ---- operations -----------------------------------------------------------------------------
     def lookup_prefix(self, token_ids: Sequence[int], salt: str, max_blocks: int | None = None) -> list[int]:
-        """Blocks of the longest cached chain of full blocks of `token_ids` for this salt.
-        Reference counts are not changed (call `acquire`)."""
+        """Blocks of the longest cached chain of full blocks of `token_ids` for this salt, at most
+        `max_blocks` of them. Reference counts are not changed (call `acquire`)."""
         limit = len(token_ids) // self.block_size
         if max_blocks is not None:
-            limit = min(limit, max_blocks)
+            limit = min(limit, max(0, max_blocks))
+        bs = self.block_size
         hits: list[int] = []
         parent = None
         for i in range(limit):
-            parent = self.hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size], salt)
-            block = self.cached.get(parent)
-            if block is None:
+            parent = self.hash_block(parent, token_ids[i * bs:(i + 1) * bs], salt)
+            copies = self.cached.get(parent)
+            if not copies:
                 break
-            hits.append(block)
+            hits.append(next((b for b in copies if self.ref_counts[b] > 0), next(iter(copies))))
         return hits
 
     def acquire(self, block_ids: Iterable[int]) -> None:
+        """One more reference on each block; a block that had none leaves the free queue."""
         for block in block_ids:
+            self._check_id(block)
             if self.ref_counts[block] == 0:
                 del self.free_queue[block]
+                if self.block_hashes[block] is not None:
+                    self._num_cached_free -= 1
             self.ref_counts[block] += 1
 
     def allocate(self, count: int) -> list[int] | None:
-        """`count` fresh blocks with one reference each, or None (nothing changed) if too few are free."""
+        """`count` fresh blocks with one reference each, or None (nothing changed) if too few are
+        free. A popped block that still carried a cached prefix loses it (an eviction)."""
+        assert count >= 0, f"cannot allocate {count} blocks"
         if count > len(self.free_queue):
             return None
         blocks = []
         for _ in range(count):
             block, _ = self.free_queue.popitem(last=False)
-            self._evict(block)
+            if self.block_hashes[block] is not None:
+                self._num_cached_free -= 1
+                self._unhash(block)
+                self.num_evictions += 1
             self.ref_counts[block] = 1
             blocks.append(block)
         return blocks
 
     def release(self, block_ids: Sequence[int]) -> None:
-        """Drop one reference from each block; blocks reaching zero join the free queue's tail in
-        reverse order, so a sequence's last blocks are evicted before its prefix."""
+        """Drop one reference from each block. Blocks reaching zero join the free queue in reverse
+        order: hashed ones at the tail, so a sequence's last blocks are evicted before its prefix
+        (a later prompt can only hit a prefix); unhashed ones, which nothing can hit, at the head,
+        so they are reused before any cached block is evicted."""
         for block in reversed(block_ids):
+            self._check_id(block)
             assert self.ref_counts[block] > 0, f"block {block} released more often than acquired"
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
+                if self.block_hashes[block] is None:
+                    self.free_queue.move_to_end(block, last=False)
+                else:
+                    self._num_cached_free += 1
 
     def cache_block(self, block_id: int, block_hash: bytes) -> None:
-        """Make a full block findable by its hash (the first block with a given hash keeps it)."""
-        if self.block_hashes[block_id] is not None or block_hash in self.cached:
+        """Make a full block findable by its chained hash. Idempotent; a block's hash never changes
+        until the block is evicted."""
+        self._check_id(block_id)
+        current = self.block_hashes[block_id]
+        if current is not None:
+            assert current == block_hash, f"block {block_id} is already cached with another hash"
             return
         self.block_hashes[block_id] = block_hash
-        self.cached[block_hash] = block_id
+        self.cached.setdefault(block_hash, {})[block_id] = None
+        if self.ref_counts[block_id] == 0:
+            self._num_cached_free += 1
 
     def block_hash_of(self, block_id: int) -> bytes | None:
         return self.block_hashes[block_id]
 
-    def _evict(self, block: int) -> None:
-        block_hash = self.block_hashes[block]
-        if block_hash is not None:
-            del self.cached[block_hash]
-            self.block_hashes[block] = None
-            self.num_evictions += 1
-
     def reset_prefix_cache(self) -> None:
-        for block in list(self.free_queue):
-            self._evict(block)
+        """Forget every cached prefix (free and referenced blocks alike), e.g. after new weights.
+        References and the free queue are left as they are; nothing counts as an eviction."""
+        self.cached.clear()
+        self.block_hashes = [None] * self.num_blocks
+        self._num_cached_free = 0
+
+    def _unhash(self, block: int) -> None:
+        block_hash = self.block_hashes[block]
+        copies = self.cached[block_hash]
+        del copies[block]
+        if not copies:
+            del self.cached[block_hash]
+        self.block_hashes[block] = None
+
+    def _check_id(self, block: int) -> None:
+        assert 0 <= block < self.num_blocks, f"block id {block} is outside 0..{self.num_blocks - 1}"
 
     # ---- invariants -----------------------------------------------------------------------------
     def check_integrity(self, holders: Iterable[Sequence[int]]) -> None:
-        """free + referenced == total, free blocks unreferenced, hash map consistent, and every
-        reference count equal to the number of holders (requests, session pins) listing the block."""
+        """Raise AssertionError unless: free + referenced == total; free blocks are unreferenced;
+        the hash map and the per-block hashes agree; the cached-free gauge is right; and every
+        reference count equals the number of times the block appears across `holders` (one list
+        per request and per session pin)."""
         expected = [0] * self.num_blocks
         for held in holders:
             for block in held:
+                assert 0 <= block < self.num_blocks, f"a holder lists block id {block}, outside the pool"
                 expected[block] += 1
         used = sum(1 for c in self.ref_counts if c > 0)
         assert len(self.free_queue) + used == self.num_blocks, (
             f"free {len(self.free_queue)} + used {used} != total {self.num_blocks}")
         for block in self.free_queue:
             assert self.ref_counts[block] == 0, f"block {block} is free but has {self.ref_counts[block]} references"
-        for block_hash, block in self.cached.items():
-            assert self.block_hashes[block] == block_hash, f"hash map entry of block {block} is stale"
-        assert sum(h is not None for h in self.block_hashes) == len(self.cached), "unindexed block hash"
+        num_indexed = 0
+        for block_hash, copies in self.cached.items():
+            assert copies, "a hash map entry with no block"
+            for block in copies:
+                assert self.block_hashes[block] == block_hash, f"hash map entry of block {block} is stale"
+            num_indexed += len(copies)
+        assert num_indexed == sum(h is not None for h in self.block_hashes), "a block hash missing from the map"
+        cached_free = sum(1 for b in self.free_queue if self.block_hashes[b] is not None)
+        assert cached_free == self._num_cached_free, (
+            f"cached free blocks gauge {self._num_cached_free} != actual {cached_free}")
         for block, (count, want) in enumerate(zip(self.ref_counts, expected)):
             assert count == want, f"block {block} has {count} references but {want} holders"
