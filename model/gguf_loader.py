@@ -1,135 +1,233 @@
-"""GGUF loading for the Llama family: metadata → `LlamaConfig`, tensors dequantised to the serving
-dtype, the q/k row permutation undone, the tokenizer and chat template from the metadata."""
+"""GGUF files of the Llama family: metadata → `LlamaConfig`, tensors dequantised to the serving dtype
+under our (Hugging Face) parameter names, the q/k row permutation undone, and the tokenizer and chat
+template from the metadata.
+
+`load_gguf(path)` gives the pieces (`GGUFModel`: config, state dict, tokenizer, template, metadata);
+`load_gguf_model(path)` also builds the module and moves the weights into it.
+"""
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from model.llama import LlamaConfig, LlamaForCausalLM
-from model.registry import build_model
+from model.llama import LlamaConfig, LlamaForCausalLM, join_fused_weights
+from model.tokenizer import TextTokenizer
 
 log = logging.getLogger("customllm.gguf")
 
-SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+# what gguf.quants.dequantize handles and we have checked; everything else is refused by name
+SUPPORTED_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                             "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
+GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
 LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+LARGE_ARRAY = 16   # metadata arrays longer than this are summarised by their length
 
 
 @dataclass
 class GGUFModel:
-    model: LlamaForCausalLM
+    """A GGUF file in our terms. `state_dict` uses `LlamaForCausalLM`'s parameter names, in `dtype`;
+    `build_model()` moves those tensors into a module (emptying `state_dict`). The tokenizer is built
+    from `tokenizer_fields` when first asked for, so a file whose tokenizer we cannot build still
+    loads when another tokenizer is given."""
+
+    path: Path
     config: LlamaConfig
-    tokenizer: object
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_fields: dict[str, Any]
     chat_template: str | None
+    metadata: dict[str, Any]
     name: str
+    model: LlamaForCausalLM | None = field(default=None, repr=False)
+
+    @cached_property
+    def tokenizer(self) -> TextTokenizer:
+        started = time.monotonic()
+        tokenizer = TextTokenizer.from_gguf_metadata(self.tokenizer_fields)
+        log.info("gguf %s: tokenizer of %d tokens built in %.1f s", self.path.name, tokenizer.vocab_size,
+                 time.monotonic() - started)
+        return tokenizer
+
+    @property
+    def tokenizer_json(self) -> str:
+        """The tokenizer as a tokenizer.json document."""
+        return self.tokenizer.tokenizer.to_str()
+
+    def build_model(self, device: torch.device | str = "cpu") -> LlamaForCausalLM:
+        """Build the module on the meta device and assign the weights (no copy on the CPU; q/k/v and
+        gate/up joined one layer at a time)."""
+        from model.loader_common import check_keys
+        from model.registry import build_model
+
+        started = time.monotonic()
+        model = build_model(self.config, device="meta")
+        check_keys(model, self.state_dict, source=self.path.name)
+        state, self.state_dict = self.state_dict, {}
+        join_fused_weights(model, state)
+        for key in state:
+            state[key] = state[key].to(device)
+        model.load_state_dict(state, strict=True, assign=True)
+        self.model = model.eval()
+        log.info("gguf %s: model on %s in %.1f s", self.path.name, device, time.monotonic() - started)
+        return self.model
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def config_from_gguf(reader) -> LlamaConfig:
-    arch = _field(reader, "general.architecture")
+def read_fields(reader, prefix: str = "") -> dict[str, Any]:
+    """Metadata fields under `prefix` as plain Python values (arrays as lists)."""
+    return {key: _plain(f.contents()) for key, f in reader.fields.items()
+            if key.startswith(prefix) and not key.startswith("GGUF.")}
+
+
+def metadata_summary(reader, path: Path) -> dict[str, Any]:
+    """Scalar metadata as it is, long arrays by their length, plus tensor counts per type."""
+    from gguf import GGUFValueType
+
+    summary: dict[str, Any] = {"file": str(path)}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "tokenizer.chat_template":
+            continue
+        if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.data) > LARGE_ARRAY:
+            summary[key] = f"<array of {len(f.data)}>"
+        else:
+            summary[key] = _plain(f.contents())
+    summary["tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
+    summary["tensor_count"] = len(reader.tensors)
+    return summary
+
+
+def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> LlamaConfig:
+    """`LlamaConfig` from the metadata; anything this family does not compute is refused by name."""
+    arch = fields.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    p = "llama."
-    heads = int(_field(reader, p + "attention.head_count"))
-    hidden = int(_field(reader, p + "embedding_length"))
-    head_dim = int(_field(reader, p + "rope.dimension_count", hidden // heads))
-    if head_dim != hidden // heads:
-        raise ValueError("GGUF: partial rotary dimensions are not supported")
-    names = {t.name for t in reader.tensors}
-    vocab = int(_field(reader, p + "vocab_size", 0)) or len(_field(reader, "tokenizer.ggml.tokens"))
+
+    def get(key: str, default=None):
+        value = fields.get("llama." + key, default)
+        if value is None:
+            raise ValueError(f"GGUF metadata has no llama.{key}")
+        return value
+
+    heads, hidden = int(get("attention.head_count")), int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ValueError("GGUF: key and value head sizes differ; not a Llama this server can run")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"GGUF: RoPE over {get('rope.dimension_count')} of {head_dim} head dims is not supported")
+    scaling = fields.get("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensor_names:
+        raise ValueError(f"GGUF: RoPE scaling ({scaling if scaling != 'none' else 'rope_freqs'}) is not supported")
+    if int(fields.get("llama.expert_count", 0) or 0) > 0:
+        raise ValueError("GGUF: mixture-of-experts Llama files are not supported")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    vocab = int(fields.get("llama.vocab_size", 0) or 0) or (len(tokens) if tokens else 0)
+    if not vocab:
+        raise ValueError("GGUF metadata gives no vocabulary size")
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_layers=int(_field(reader, p + "block_count")),
-        num_heads=heads, num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)), head_dim=head_dim,
-        intermediate_size=int(_field(reader, p + "feed_forward_length")),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        max_context=int(_field(reader, p + "context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"))
+        vocab_size=vocab, hidden_size=hidden, num_layers=int(get("block_count")), num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+        intermediate_size=int(get("feed_forward_length")), rope_theta=_decimal(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_context=int(get("context_length", 2048)), tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_id=fields.get("tokenizer.ggml.eos_token_id"))
 
 
-def _unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order (interleaved RoPE pairs) so rotate_half RoPE applies:
-    rows of each head go from [x0, y0, x1, y1, …] back to [x0, x1, …, y0, y1, …]."""
+def _decimal(value) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999974e-06 → 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order so rotate_half RoPE applies: within each head the rows go from
+    interleaved pairs [x0, y0, x1, y1, …] back to halves [x0, x1, …, y0, y1, …]."""
     rows, cols = weight.shape
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _dequantise(tensor) -> np.ndarray:
+def dequantise(tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor of `dtype`, shaped [rows, cols] (GGUF lists dims innermost first)."""
     from gguf import GGMLQuantizationType, quants
+
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED_TYPES:
-        raise ValueError(f"GGUF tensor {tensor.name}: quantisation {kind} is not supported "
+        raise ValueError(f"GGUF tensor {tensor.name}: quantisation type {kind} is not supported "
                          f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+    shape = tuple(int(d) for d in reversed(tensor.shape))
     if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        data = np.array(tensor.data)  # copy: the reader maps the file read-only
+        array = np.array(tensor.data)    # a copy: the reader maps the file read-only
     else:
-        data = quants.dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(int(d) for d in reversed(tensor.shape))   # GGUF lists dims innermost first
-    return np.asarray(data, dtype=np.float32).reshape(shape)
+        array = quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(array.reshape(shape)).to(dtype)
 
 
 def gguf_state_dict(reader, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor under our parameter name, dequantised one at a time straight to `dtype`."""
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = tensor.name
-        array = _dequantise(tensor)
-        if name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif name == "output.weight":
-            key = "lm_head.weight"
-        elif name.startswith("blk."):
-            _, index, kind, suffix = name.split(".", 3)
-            if kind not in LAYER_TENSORS:
-                raise ValueError(f"GGUF tensor {name} has no place in a Llama model")
-            if kind == "attn_q":
-                array = _unpermute_rows(array, config.num_heads)
-            elif kind == "attn_k":
-                array = _unpermute_rows(array, config.num_kv_heads)
-            key = f"model.layers.{index}.{LAYER_TENSORS[kind]}.{suffix}"
-        elif name == "rope_freqs.weight":
-            continue
+        if name in GLOBAL_TENSORS:
+            key, kind = GLOBAL_TENSORS[name], None
+        elif name.startswith("blk.") and name.count(".") == 3 and name.endswith(".weight") \
+                and name.split(".")[2] in LAYER_TENSORS:
+            _, index, kind, _ = name.split(".")
+            key = f"model.layers.{index}.{LAYER_TENSORS[kind]}.weight"
         else:
             raise ValueError(f"GGUF tensor {name} has no place in a Llama model")
-        state[key] = torch.from_numpy(array).to(dtype)
+        weight = dequantise(tensor, dtype)
+        if kind == "attn_q":
+            weight = unpermute_rows(weight, config.num_heads)
+        elif kind == "attn_k":
+            weight = unpermute_rows(weight, config.num_kv_heads)
+        state[key] = weight
     return state
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
+    """Read a Llama-family GGUF: config, dequantised state dict in `dtype`, tokenizer metadata,
+    chat template and a metadata summary. Raises ValueError for what this server cannot run."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {path} does not exist")
+    started = time.monotonic()
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises bare ValueError/struct errors for damaged files
+        raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
+    fields = read_fields(reader)
+    config = config_from_gguf(fields, {t.name for t in reader.tensors})
+    metadata = metadata_summary(reader, path)
+    log.info("gguf %s: llama, %d layers, d %d, %d heads / %d kv heads, vocab %d, %s", path.name,
+             config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size,
+             ", ".join(f"{n} {k}" for k, n in metadata["tensor_types"].items()))
+    state = gguf_state_dict(reader, config, dtype)
+    log.info("gguf %s: %d tensors dequantised to %s in %.1f s", path.name, len(state),
+             str(dtype).removeprefix("torch."), time.monotonic() - started)
+    tokenizer_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+    name = str(fields.get("general.name") or path.stem)
+    return GGUFModel(path, config, state, tokenizer_fields, fields.get("tokenizer.chat_template"), metadata, name)
 
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> GGUFModel:
-    from gguf import GGUFReader
-
-    from model.loader_common import assign_state_dict
-    from model.tokenizer import TextTokenizer
-
-    path = Path(path)
-    started = time.monotonic()
-    reader = GGUFReader(str(path))
-    config = config_from_gguf(reader)
-    log.info("gguf %s: llama, %d layers, d %d, %d heads / %d kv heads, vocab %d", path.name, config.num_layers,
-             config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size)
-    state = gguf_state_dict(reader, config, dtype)
-    log.info("gguf: %d tensors dequantised in %.1f s", len(state), time.monotonic() - started)
-    model = build_model(config, device="meta")
-    assign_state_dict(model, state, dtype, device, source=path.name)
-    tokenizer = TextTokenizer.from_gguf_reader(reader)
-    template = _field(reader, "tokenizer.chat_template")
-    return GGUFModel(model.eval(), config, tokenizer, template, str(_field(reader, "general.name", path.stem)))
+    """`load_gguf` and `build_model` in one: the returned object's `.model` is ready (eval mode)."""
+    loaded = load_gguf(path, dtype)
+    loaded.build_model(device)
+    return loaded
