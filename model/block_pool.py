@@ -8,6 +8,12 @@ Blocks with no reference wait in a free queue in LRU order, whether they still h
 prefix or not. Allocation takes the least recently freed block first and evicts its hash; a prefix
 hit on a waiting block takes it out of the queue in O(1) (an OrderedDict keyed by block id).
 Running out of blocks is not an error: `allocate` returns None and the scheduler preempts.
+
+With a sliding window (a query at p sees keys p-W .. p), a sequence no longer needs the blocks wholly
+behind its window: the scheduler releases them during decoding and marks their place in the
+sequence's block table with `RELEASED` (-1), which attention masks and which hashing, session pins
+and integrity checks skip. `lookup_prefix(window=W)` likewise needs only the cached blocks a hit's
+window reaches, and returns `RELEASED` for the ones before.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from collections import OrderedDict
 from typing import Iterable, Sequence
 
 _HASH_PERSON = b"customllm-kv-v1"
+RELEASED = -1   # a block-table entry whose block was released behind a sliding window
 
 
 class BlockPool:
@@ -87,22 +94,44 @@ class BlockPool:
         return self.num_used_blocks / self.num_blocks
 
     # ---- operations -----------------------------------------------------------------------------
-    def lookup_prefix(self, token_ids: Sequence[int], salt: str, max_blocks: int | None = None) -> list[int]:
-        """Blocks of the longest cached chain of full blocks of `token_ids` for this salt, at most
-        `max_blocks` of them. Reference counts are not changed (call `acquire`)."""
+    def lookup_prefix(self, token_ids: Sequence[int], salt: str, max_blocks: int | None = None,
+                      window: int | None = None) -> list[int]:
+        """The longest prefix of full blocks of `token_ids` (this salt, at most `max_blocks`) whose
+        cached blocks let the next token be computed. Without a window that is the unbroken chain
+        from block 0. With window W, a hit of n blocks computes position n*B next, which sees keys
+        from n*B - W on: only the blocks from there to n-1 must be cached, and the ones before come
+        back as `RELEASED`. Reference counts are not changed (call `acquire` on the real ids)."""
         limit = len(token_ids) // self.block_size
         if max_blocks is not None:
             limit = min(limit, max(0, max_blocks))
         bs = self.block_size
-        hits: list[int] = []
+        found: list[int | None] = []      # per block: a cached copy, or None
         parent = None
         for i in range(limit):
             parent = self.hash_block(parent, token_ids[i * bs:(i + 1) * bs], salt)
             copies = self.cached.get(parent)
             if not copies:
-                break
-            hits.append(next((b for b in copies if self.ref_counts[b] > 0), next(iter(copies))))
-        return hits
+                if window is None:
+                    break
+                found.append(None)
+                continue
+            found.append(next((b for b in copies if self.ref_counts[b] > 0), next(iter(copies))))
+        if window is None:
+            return [b for b in found if b is not None]
+        best, run_start = 0, 0            # run_start: first block of the cached run ending at block n-1
+        for n in range(1, len(found) + 1):
+            if found[n - 1] is None:
+                run_start = n
+            elif run_start <= self.first_needed_block(n * bs, bs, window):
+                best = n
+        first_needed = self.first_needed_block(best * bs, bs, window)
+        return [RELEASED] * first_needed + [b for b in found[first_needed:best]]
+
+    @staticmethod
+    def first_needed_block(next_position: int, block_size: int, window: int | None) -> int:
+        """Blocks before this one are wholly behind the window of every query at `next_position`
+        or later (0 without a window)."""
+        return 0 if window is None else max(0, next_position - window) // block_size
 
     def acquire(self, block_ids: Iterable[int]) -> None:
         """One more reference on each block; a block that had none leaves the free queue."""

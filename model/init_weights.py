@@ -1,6 +1,9 @@
 """Random initialisation for test and benchmark checkpoints (`customllm weights init`)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -32,3 +35,21 @@ def random_model(config: BaseModelConfig, seed: int = 0, std: float = 0.02,
     model.to_empty(device=device)
     model.to(dtype)
     return init_random_(model, seed, std).eval()
+
+
+def save_checkpoint(model: nn.Module, out: Path, config_fields: dict) -> Path:
+    """`out/model.safetensors` (a tied weight, such as SmartLLM's head, saved once under its first
+    name) and `out/config.json` with `config_fields` (a preset name and overrides)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state, storages = {}, set()
+    for key, tensor in model.state_dict().items():
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            continue
+        storages.add(storage)
+        state[key] = tensor.contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_fields, indent=2) + "\n")
+    return out / "model.safetensors"

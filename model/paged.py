@@ -5,7 +5,8 @@ computes this step (a prefill chunk that may start after a cached prefix, or one
 `PagedBatch.build` turns that into index tensors shared by every layer:
 
 - `slot_mapping` [T]: the flat cache slot each new token's row is written to;
-- `context_slots` [B, K]: the flat slots of each sequence's whole context, new tokens included;
+- `context_slots` [B, K]: the flat slots of each sequence's context, new tokens included (its whole
+  context, or with a sliding window only the part the window reaches: key k at key_start[b] + k);
 - `query_index` [B, Q] / `query_valid` [B, Q]: where each sequence's new tokens sit in the flat batch;
 - `attn_mask` [B, Q, K]: causal (and sliding-window) visibility, True = may attend.
 
@@ -49,6 +50,10 @@ class PagedBatch:
     attn_mask: torch.Tensor      # [B, Q, K] bool, True = may attend
     logits_index: torch.Tensor   # [N] int64: flat tokens whose logits are returned
     is_decode_only: bool         # every sequence contributes exactly one token
+    block_tables: torch.Tensor   # [B, MB] int64 block ids (-1: none or released), for kernels
+    context_lens: torch.Tensor   # [B] int64: positions 0 .. len-1 known after this step
+    block_size: int
+    window: int | None           # a query at p sees keys p-W .. p (None: the whole past)
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu",
@@ -58,7 +63,6 @@ class PagedBatch:
         lengths = [len(c.token_ids) for c in chunks]
         assert all(n > 0 for n in lengths), "every chunk computes at least one token"
         num_seqs, max_q = len(chunks), max(lengths)
-        max_ctx = max(c.context_len for c in chunks)
         max_blocks = max(len(c.block_table) for c in chunks)
         for c in chunks:
             assert len(c.block_table) * block_size >= c.context_len, "block table too short"
@@ -82,12 +86,21 @@ class PagedBatch:
         query_index = torch.where(query_valid, flat_starts[:, None] + q_offsets, 0)
         query_pos = torch.where(query_valid, starts[:, None] + q_offsets, 0)        # [B, Q]
 
-        key_pos = torch.arange(max_ctx)                                             # [K]
-        key_blocks = tables[:, key_pos // block_size]                               # [B, K]
+        # Keys: sequence b's key k sits at position key_start[b] + k. Without a window key_start is 0
+        # (K = the longest context); with window W it is the first query's p - W, so K spans about
+        # W + the longest chunk however long the contexts grow.
+        if window is None:
+            key_start = torch.zeros(num_seqs, dtype=torch.long)                     # [B]
+        else:
+            key_start = (starts - window).clamp_min(0)                              # [B]
+        ends = starts + lens                                                        # [B]
+        num_keys = int((ends - key_start).max())
+        key_pos = key_start[:, None] + torch.arange(num_keys)                       # [B, K]
+        key_blocks = tables.gather(1, (key_pos // block_size).clamp_max(max_blocks - 1))  # [B, K]
         context_slots = (key_blocks * block_size + key_pos % block_size).clamp_min(0)
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]                      # [B, Q, K]
+        mask = key_pos[:, None, :] <= query_pos[:, :, None]                         # [B, Q, K]
         if window is not None:
-            mask &= key_pos[None, None, :] >= query_pos[:, :, None] - window
+            mask &= key_pos[:, None, :] >= query_pos[:, :, None] - window
         mask &= (key_blocks >= 0)[:, None, :]
         mask[:, :, 0] |= ~query_valid                                               # pads see key 0
 
@@ -96,7 +109,8 @@ class PagedBatch:
         put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PagedBatch(put(token_ids), put(positions), put(slot_mapping), put(query_index),
                           put(query_valid), put(context_slots), put(mask), put(logits_index),
-                          is_decode_only=max_q == 1)
+                          is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
+                          block_size=block_size, window=window)
 
     @property
     def num_seqs(self) -> int:

@@ -310,6 +310,7 @@ class ShomsherLLMForCausalLM(nn.Module):
         """One step over the paged `c_kv` cache → logits [N, V] for batch.logits_index."""
         h = self.tok_emb(batch.token_ids)                                          # [T, d]
         cos, sin = self._rope(batch.positions, h.dtype)                            # [T, r]
+        # no sliding window here, so PagedBatch lays every sequence's keys out from position 0
         key_positions = torch.arange(batch.context_slots.shape[1], device=h.device)
         ctx_cos, ctx_sin = self._rope(key_positions, h.dtype)                      # [K, r]
         for block, cache_layer in zip(self.t_blocks, cache):

@@ -44,10 +44,8 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_init(args) -> int:
-    from safetensors.torch import save_file
-
     from model.config import preset
-    from model.init_weights import random_model
+    from model.init_weights import random_model, save_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = preset(args.preset)
@@ -57,16 +55,7 @@ def run_init(args) -> int:
     started = time.monotonic()
     model = random_model(config, seed=args.seed, std=args.std, dtype=DTYPE_NAMES[args.dtype])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state, storages = {}, set()
-    for key, tensor in model.state_dict().items():
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages:
-            continue    # a tied weight (SmartLLM's lm_head is its token_embedding): saved once
-        storages.add(storage)
-        state[key] = tensor.contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({"preset": args.preset, **overrides}, indent=2) + "\n")
+    save_checkpoint(model, out, {"preset": args.preset, **overrides})
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}/model.safetensors: {config.family}, {params:,} parameters, {args.dtype}, "
           f"seed {args.seed}, {time.monotonic() - started:.1f} s")

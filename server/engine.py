@@ -61,7 +61,9 @@ class Engine:
             self.pool, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
             max_pinned_fraction=config.max_session_pinned_fraction, bytes_per_token=cache.bytes_per_token,
             on_evict=lambda: self.observer.on_session_evicted())
-        self.scheduler = Scheduler(self.pool, self.sessions, config.max_num_seqs, config.max_num_batched_tokens)
+        self.window = getattr(model.config, "sliding_window", None)
+        self.scheduler = Scheduler(self.pool, self.sessions, config.max_num_seqs, config.max_num_batched_tokens,
+                                   window=self.window)
         self.runner = ModelRunner(model, cache, torch.device(device), small_step_model=small_step_model)
         self.sampler = Sampler()
         self.device = torch.device(device)
@@ -168,9 +170,17 @@ class Engine:
                 f"{total} tokens ({len(prompt)} in the prompt, {request.params.max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.")
         capacity = self.pool.num_blocks * self.pool.block_size
-        if total > capacity:
-            raise ValueError(f"the request needs {total} tokens of KV cache but the cache holds only "
+        if (needed := self.kv_tokens_held_at_most(total)) > capacity:
+            raise ValueError(f"the request needs {needed} tokens of KV cache but the cache holds only "
                              f"{capacity}; reduce max_tokens or raise --kv-cache-memory")
+
+    def kv_tokens_held_at_most(self, total_tokens: int) -> int:
+        """Cache a request of `total_tokens` holds at its peak: all of them, or with a sliding window
+        the window, one chunk and the two blocks its edges may fall inside."""
+        if self.window is None:
+            return total_tokens
+        bs = self.pool.block_size
+        return min(total_tokens, self.window + self.config.max_num_batched_tokens + 2 * bs)
 
     def submit(self, request: GenerationRequest, emit) -> None:
         """Queue a request whose outputs go to `emit(RequestOutput)` (called on the engine thread)."""

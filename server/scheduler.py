@@ -6,13 +6,18 @@ left of the budget (chunked prefill). Running requests go first, oldest first; t
 first come first served. When blocks run out, session pins are evicted first (least recently used),
 then the newest running request is preempted: its blocks are released (they stay in the prefix cache
 until evicted), it goes back to the front of the queue and later resumes with prefix reuse.
+
+With a sliding window W, each running request gives back, before its next chunk, the blocks wholly
+behind the window of that chunk's first query (their table entries become `RELEASED`), so a long
+generation holds about W + one chunk of cache. Released blocks keep their hashes in the pool until
+evicted; a later request or session turn needs only the blocks its own window reaches.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from model.block_pool import BlockPool
+from model.block_pool import RELEASED, BlockPool
 from model.sessions import SessionTable
 from server.sequence import Sequence, SequenceStatus
 
@@ -42,7 +47,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, sessions: SessionTable, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, window: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.pool = pool
@@ -52,6 +57,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.window = window
+        self.num_window_released_blocks = 0
 
     @property
     def block_size(self) -> int:
@@ -72,6 +79,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            self._release_behind_window(seq)
             if not self._make_room(seq, num, out):
                 break  # `seq` itself was preempted; everything after it already was
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
@@ -100,8 +108,8 @@ class Scheduler:
             self.sessions.touch(seq.request.tenant, seq.request.session_id)
         tokens = seq.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
-        hits = self.pool.lookup_prefix(tokens, seq.request.tenant, max_blocks=max_blocks)
-        self.pool.acquire(hits)
+        hits = self.pool.lookup_prefix(tokens, seq.request.tenant, max_blocks=max_blocks, window=self.window)
+        self.pool.acquire(held(hits))
         seq.block_ids = list(hits)
         seq.num_registered_blocks = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -145,8 +153,18 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
+    def _release_behind_window(self, seq: Sequence) -> None:
+        """Give back the blocks no query from `num_computed_tokens` on can see."""
+        end = min(BlockPool.first_needed_block(seq.num_computed_tokens, self.block_size, self.window),
+                  seq.num_registered_blocks, len(seq.block_ids))
+        behind = [b for b in seq.block_ids[:end] if b != RELEASED]
+        if behind:
+            self.pool.release(behind)
+            seq.block_ids[:end] = [RELEASED] * end
+            self.num_window_released_blocks += len(behind)
+
     def _release_blocks(self, seq: Sequence) -> None:
-        self.pool.release(seq.block_ids)
+        self.pool.release(held(seq.block_ids))
         seq.block_ids = []
         seq.num_registered_blocks = 0
         seq.num_computed_tokens = 0
@@ -164,7 +182,8 @@ class Scheduler:
                                                          seq.request.tenant))
         while seq.num_registered_blocks < min(full, len(seq.block_ids)):
             i = seq.num_registered_blocks
-            self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
+            if seq.block_ids[i] != RELEASED:
+                self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
             seq.num_registered_blocks += 1
 
     def finish(self, seq: Sequence) -> None:
@@ -176,14 +195,19 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.request.session_id is not None and seq.num_registered_blocks:
             num_pinned_tokens = seq.num_registered_blocks * self.block_size
-            self.sessions.pin(seq.request.tenant, seq.request.session_id,
-                              seq.all_token_ids[:num_pinned_tokens], seq.block_ids[:seq.num_registered_blocks])
+            self.sessions.pin(seq.request.tenant, seq.request.session_id, seq.all_token_ids[:num_pinned_tokens],
+                              held(seq.block_ids[:seq.num_registered_blocks]))
         self._release_blocks(seq)
         seq.status = SequenceStatus.FINISHED
 
     def holders(self) -> list[list[int]]:
-        return [s.block_ids for s in self.running] + [s.block_ids for s in self.waiting if s.block_ids] \
+        return [held(s.block_ids) for s in self.running] + [held(s.block_ids) for s in self.waiting if s.block_ids] \
             + self.sessions.holders()
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.holders())
+
+
+def held(block_table: list[int]) -> list[int]:
+    """The blocks a table actually holds (entries released behind a window left out)."""
+    return [b for b in block_table if b != RELEASED]

@@ -47,8 +47,10 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0, *settings: str) -> Path
 
 
 def tiny_server_config(model_dir: Path, api: ApiConfig | None = None,
-                       engine: EngineConfig | None = None) -> ServerConfig:
-    return ServerConfig(model=ModelLoadConfig(model=str(model_dir), tokenizer=str(builtin_model_path())),
+                       engine: EngineConfig | None = None, tokenizer: Path | None = None) -> ServerConfig:
+    """The tiny model's server settings; `tokenizer` defaults to the built-in model's (SmolLM2's)."""
+    tokenizer = tokenizer or builtin_model_path()
+    return ServerConfig(model=ModelLoadConfig(model=str(model_dir), tokenizer=str(tokenizer)),
                         engine=engine or EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16),
                         api=api or ApiConfig())
 
@@ -94,9 +96,10 @@ class UvicornThread:
 class InProcessServer(UvicornThread):
     """The real engine over the tiny model behind the real app."""
 
-    def __init__(self, model_dir: Path, api: ApiConfig | None = None, engine_config: EngineConfig | None = None):
+    def __init__(self, model_dir: Path, api: ApiConfig | None = None, engine_config: EngineConfig | None = None,
+                 tokenizer: Path | None = None):
         self.metrics = Metrics()
-        self.config = tiny_server_config(model_dir, api, engine_config)
+        self.config = tiny_server_config(model_dir, api, engine_config, tokenizer)
         self.engine = build_engine(self.config, observer=self.metrics)
         self.metrics.bind_engine(self.engine)
         super().__init__(create_app(self.engine, self.config.api, self.metrics))

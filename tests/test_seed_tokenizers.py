@@ -6,37 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from model.chat_template import ChatTemplate
 from model.seed_tokenizers import (
     SPECIALS, CharFallbackTokenizer, SmartBPETokenizer, detect_tokenizer_kind, load_seed_tokenizer,
     smart_llm_chat_template,
 )
-
-ENGLISH = [
-    "<user>What is the capital of France?<assistant>The capital of France is Paris.",
-    "<user>Count from 0 to 9, please.<assistant>0 1 2 3 4 5 6 7 8 9. Done!",
-    "<user>Tell me a joke about a quick brown fox.<assistant>The quick brown fox jumps over the lazy dog.",
-    "<user>Where is the Café?<assistant>Next to the bakery, on Main Street (2nd floor).",
-]
-BENGALI = ["আমি বাংলায় গান গাই।<eos>", "বাংলা ভাষা খুব সুন্দর।<eos>", "আজকে সকালে বৃষ্টি হয়েছে!<eos>",
-           "তুমি কেমন আছো? আমি ভালো আছি।<eos>"]
-
+from tests.seed_files import write_bengali_bpe, write_smart_bpe
 
 @pytest.fixture(scope="module")
 def smart_bpe_path(tmp_path_factory):
-    """A tiny BPE trained as the seed's SmartBPETokenizer.train_from_texts does (no decoder, no post-processor)."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(),
-                                                       pre_tokenizers.Digits(individual_digits=True)])
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIALS), min_frequency=2)
-    tokenizer.train_from_iterator(ENGLISH * 5, trainer)
-    path = tmp_path_factory.mktemp("smart") / "smart-bpe-tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return write_smart_bpe(tmp_path_factory.mktemp("smart") / "smart-bpe-tokenizer.json")
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +35,7 @@ def fallback_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bengali_path(tmp_path_factory):
-    """A ShomsherLLM-style tokenizer (utils.py's pipeline): NFKC, ByteLevel with a prefix space, `<eos>` = 0,
-    ByteLevel decoder, no post-processor."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.train_from_iterator(BENGALI * 5, trainers.BpeTrainer(vocab_size=150, special_tokens=["<eos>"]))
-    tokenizer.decoder = decoders.ByteLevel()
-    path = tmp_path_factory.mktemp("bengali") / "bpe_tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return write_bengali_bpe(tmp_path_factory.mktemp("bengali") / "bpe_tokenizer.json")
 
 
 # ---- SmartLLM BPE -------------------------------------------------------------------------------

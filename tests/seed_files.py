@@ -1,0 +1,44 @@
+"""Tokenizer files of the seed systems, built here with the seeds' own pipelines (the `tokenizers`
+library as their training code calls it), since the seeds publish no files we could ship."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from model.seed_tokenizers import SPECIALS
+
+ENGLISH = [
+    "<user>What is the capital of France?<assistant>The capital of France is Paris.",
+    "<user>Count from 0 to 9, please.<assistant>0 1 2 3 4 5 6 7 8 9. Done!",
+    "<user>Tell me a joke about a quick brown fox.<assistant>The quick brown fox jumps over the lazy dog.",
+    "<user>Where is the Café?<assistant>Next to the bakery, on Main Street (2nd floor).",
+]
+BENGALI = ["আমি বাংলায় গান গাই।<eos>", "বাংলা ভাষা খুব সুন্দর।<eos>", "আজকে সকালে বৃষ্টি হয়েছে!<eos>",
+           "তুমি কেমন আছো? আমি ভালো আছি।<eos>"]
+
+
+def write_smart_bpe(path: Path) -> Path:
+    """A tiny BPE trained as SmartLLM's SmartBPETokenizer.train_from_texts does: NFD, lowercase,
+    strip accents; ByteLevel then single digits; no decoder, no post-processor; its 7 specials first."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(),
+                                                       pre_tokenizers.Digits(individual_digits=True)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIALS), min_frequency=2)
+    tokenizer.train_from_iterator(ENGLISH * 5, trainer)
+    tokenizer.save(str(path))
+    return path
+
+
+def write_bengali_bpe(path: Path) -> Path:
+    """A ShomsherLLM-style tokenizer (its utils.py pipeline): NFKC, ByteLevel with a prefix space,
+    `<eos>` = 0, ByteLevel decoder, no post-processor."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.train_from_iterator(BENGALI * 5, trainers.BpeTrainer(vocab_size=150, special_tokens=["<eos>"]))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+    return path
