@@ -36,6 +36,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope_k = nn.Linear(d, heads * cfg.rope_dim, bias=False)
         self.o_proj = nn.Linear(heads * cfg.head_dim, d, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # decode-only steps may use a fused kernel with paged_mla_decode's signature (model.kernels)
+        self.decode_attention = None
 
     def _rope_parts(self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Post-RoPE q_rope, k_rope [T, H, rope_dim]."""
@@ -75,6 +77,12 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk = self.k_proj_u.weight.view(heads, nope, latent)                    # [H, nope, latent]
         q_nope = self.q_proj_u(c_q).view(-1, heads, nope)                        # [T, H, nope]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)                    # [T, H, latent]
+        if batch.is_decode_only and self.decode_attention is not None:
+            # one token per sequence, in sequence order: T = B
+            out_latent = self.decode_attention(q_latent, q_rope, cache_layer, batch.block_tables,
+                                               batch.context_lens, batch.block_size, self.scale,
+                                               batch.window).to(x.dtype)          # [B, H, latent]
+            return self._output(out_latent)
 
         context = gather_context(cache_layer, batch).to(x.dtype)                 # [B, K, latent + H*r]
         ctx_latent = context[..., :latent]                                       # [B, K, latent]
@@ -86,7 +94,12 @@ class MultiHeadLatentAttention(nn.Module):
         attn = masked_softmax(scores, batch).to(x.dtype)                         # [B, H, Q, K]
         out_latent = attn @ ctx_latent[:, None]                                  # [B, H, Q, latent]
         out_latent = unpad_queries(out_latent.transpose(1, 2), batch)            # [T, H, latent]
-        w_uv = self.v_proj_u.weight.view(heads, cfg.head_dim, latent)            # [H, hd, latent]
+        return self._output(out_latent)
+
+    def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space [T, H, latent] → [T, d] (W_uv, then o_proj)."""
+        cfg = self.cfg
+        w_uv = self.v_proj_u.weight.view(cfg.num_heads, cfg.head_dim, cfg.latent_dim)  # [H, hd, latent]
         out = torch.einsum("thl,hvl->thv", out_latent, w_uv)                     # [T, H, hd]
         return self.o_proj(out.flatten(1))
 

@@ -15,8 +15,9 @@ class ModelLoadConfig:
     tokenizer: str | None = None      # tokenizer.json, .gguf or directory
     chat_template: str | None = None  # jinja file overriding the model's template
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"               # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"               # auto | float32 | bfloat16 | float16 | mixed
     served_model_name: str | None = None
+    decode_attention: str = "auto"    # auto | torch | triton (MLA decode steps)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -96,6 +97,27 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
     return model.eval(), tokenizer, chat_template, name
 
 
+def resolve_decode_attention(choice: str, device: torch.device) -> str:
+    """"torch" or "triton": auto takes the kernel on CUDA when triton imports; on the CPU the kernel
+    runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"--decode-attention must be auto, torch or triton, not {choice!r}")
+    if choice == "torch":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+        available = True
+    except ImportError:
+        available = False
+    if choice == "auto":
+        return "triton" if available and device.type == "cuda" else "torch"
+    if not available:
+        raise ValueError("--decode-attention triton needs the triton package (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--decode-attention triton runs on CUDA (or on the CPU with TRITON_INTERPRET=1)")
+    return "triton"
+
+
 def build_engine(config: ServerConfig, observer: EngineObserver | None = None, start: bool = True) -> Engine:
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
@@ -105,6 +127,10 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
+    if resolve_decode_attention(config.model.decode_attention, device) == "triton":
+        from model.kernels import use_triton_decode_attention
+        layers = use_triton_decode_attention(model)
+        log.info("decode attention: Triton paged MLA kernel in %d layers", layers)
     small_step_model = None
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)
