@@ -117,8 +117,22 @@ class DeepSeekMoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
         self.routing_bias = nn.Parameter(torch.zeros(cfg.num_routed_experts))
 
+        self.sync_free = False          # see use_sync_free_routing
+
+    def use_sync_free_routing(self) -> None:
+        """Route without host syncs or data-dependent shapes (so a step can be captured in a CUDA
+        graph): the routed experts' weights become views of stacked [E, ...] tensors (no copy kept),
+        and `forward` gathers the routed experts' weights for tiny batches or runs every expert
+        weighted by its routing weight (zero when not routed) for larger ones."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            stacked = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
+            for index, expert in enumerate(self.routed_experts):
+                getattr(expert, name).weight.data = stacked[index]
+            setattr(self, f"_stacked_{name}", stacked)
+        self.sync_free = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d]. Only experts that received tokens run."""
+        """x [T, d] → [T, d]. Only experts that received tokens run (see also `sync_free`)."""
         out = self.shared_experts[0](x)
         for expert in self.shared_experts[1:]:
             out = out + expert(x)
@@ -127,6 +141,8 @@ class DeepSeekMoE(nn.Module):
         scores = torch.sigmoid(self.router(x).float() + self.routing_bias.float())   # [T, E]
         top_w, top_e = scores.topk(self.top_k, dim=-1)                               # [T, k]
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
+        if self.sync_free:
+            return out + self._routed_sync_free(x, top_w, top_e)
         counts = torch.bincount(top_e.flatten(), minlength=len(self.routed_experts)).tolist()
         for e, count in enumerate(counts):
             if count == 0:
@@ -135,6 +151,25 @@ class DeepSeekMoE(nn.Module):
             y = self.routed_experts[e](x[token_idx]) * top_w[token_idx, slot, None]  # [n, d]
             out = out.index_add(0, token_idx, y)
         return out
+
+
+    def _routed_sync_free(self, x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
+        """x [T, d], top_w/top_e [T, k] → the routed experts' weighted sum [T, d], static shapes."""
+        gate, up, down = self._stacked_gate_proj, self._stacked_up_proj, self._stacked_down_proj
+        num_tokens, k = top_e.shape
+        if num_tokens * k <= len(self.routed_experts):
+            # tiny batch: read only the routed experts' weights
+            routes = top_e.flatten()                                                   # [T*k]
+            xr = x.repeat_interleave(k, dim=0)[:, :, None]                              # [T*k, d, 1]
+            hidden = nn.functional.silu(torch.bmm(gate[routes], xr)) * torch.bmm(up[routes], xr)  # [T*k, h, 1]
+            y = torch.bmm(down[routes], hidden)[:, :, 0] * top_w.flatten()[:, None]    # [T*k, d]
+            return y.view(num_tokens, k, -1).sum(dim=1)
+        # larger batches: every expert over every token, weighted by its routing weight (0 if not routed)
+        weights = torch.zeros(num_tokens, len(self.routed_experts), dtype=x.dtype, device=x.device)
+        weights.scatter_(1, top_e, top_w)                                              # [T, E]
+        hidden = nn.functional.silu(torch.einsum("td,ehd->eth", x, gate)) * torch.einsum("td,ehd->eth", x, up)
+        y = torch.einsum("eth,edh->etd", hidden, down)                                 # [E, T, d]
+        return torch.einsum("etd,te->td", y, weights)
 
 
 class MoEBlock(nn.Module):
@@ -170,10 +205,12 @@ class CustomLLMForCausalLM(nn.Module):
     def is_ignored_checkpoint_key(key: str) -> bool:
         return bool(_ROTARY_BUFFER.search(key))
 
-    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if int(positions.max()) >= self.config.max_context:
-            raise ValueError(f"position {int(positions.max())} is past the context limit "
+    def _check_positions(self, max_position: int) -> None:
+        if max_position >= self.config.max_context:
+            raise ValueError(f"position {max_position} is past the context limit "
                              f"{self.config.max_context} of the position table")
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.token_embeddings(input_ids) + self.position_embeddings(positions)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -182,6 +219,7 @@ class CustomLLMForCausalLM(nn.Module):
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] → logits [B, T, V] with naive attention, no cache."""
         seq = input_ids.shape[1]
+        self._check_positions(seq - 1)
         positions = torch.arange(seq, device=input_ids.device)
         h = self._embed(input_ids, positions[None, :].expand_as(input_ids))   # [B, T, d]
         cos, sin = self._rope(positions, h.dtype)                             # [T, r]
@@ -192,7 +230,9 @@ class CustomLLMForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def forward_paged(self, batch: PagedBatch, cache: list[torch.Tensor]) -> torch.Tensor:
-        """One step over the paged latent cache → logits [N, V] for batch.logits_index."""
+        """One step over the paged latent cache → logits [N, V] for batch.logits_index.
+        No host syncs when the decode attention is a kernel and the MoE routes sync-free."""
+        self._check_positions(batch.max_position)
         h = self._embed(batch.token_ids, batch.positions)                     # [T, d]
         cos, sin = self._rope(batch.positions, h.dtype)                       # [T, r]
         for layer, cache_layer in zip(self.decoder_layers, cache):

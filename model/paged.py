@@ -54,6 +54,7 @@ class PagedBatch:
     context_lens: torch.Tensor   # [B] int64: positions 0 .. len-1 known after this step
     block_size: int
     window: int | None           # a query at p sees keys p-W .. p (None: the whole past)
+    max_position: int            # the largest position in the batch, known on the host
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu",
@@ -110,7 +111,7 @@ class PagedBatch:
         return PagedBatch(put(token_ids), put(positions), put(slot_mapping), put(query_index),
                           put(query_valid), put(context_slots), put(mask), put(logits_index),
                           is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
-                          block_size=block_size, window=window)
+                          block_size=block_size, window=window, max_position=int(ends.max()) - 1)
 
     @property
     def num_seqs(self) -> int:

@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     _add(m, "--dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, or mixed (CPU: float16 for 1-2 token steps, bfloat16 for larger)", default="auto")
     _add(m, "--decode-attention", "MLA attention of decode steps: auto (the Triton kernel on CUDA when triton is "
          "installed), torch, or triton", default="auto")
+    _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (MLA models with the Triton "
+         "decode attention)", bool, True)
     e = p.add_argument_group("engine")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
@@ -117,7 +119,8 @@ def config_from_args(args) -> ServerConfig:
     return ServerConfig(
         model=ModelLoadConfig(model=args.model, preset=args.preset, tokenizer=args.tokenizer,
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
-                              served_model_name=args.served_model_name, decode_attention=args.decode_attention),
+                              served_model_name=args.served_model_name, decode_attention=args.decode_attention,
+                              cuda_graphs=args.cuda_graphs),
         engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests, max_sessions=args.max_sessions,

@@ -18,6 +18,7 @@ class ModelLoadConfig:
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16 | mixed
     served_model_name: str | None = None
     decode_attention: str = "auto"    # auto | torch | triton (MLA decode steps)
+    cuda_graphs: bool = True          # decode steps replayed from CUDA graphs where the model allows
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Engine:
     def __init__(self, model: nn.Module, cache: KVCache, tokenizer, config: EngineConfig,
                  model_name: str, chat_template=None, device: torch.device | str = "cpu",
                  observer: EngineObserver | None = None, stop_token_ids: tuple[int, ...] = (),
-                 small_step_model: nn.Module | None = None):
+                 small_step_model: nn.Module | None = None, decode_graphs=None):
         self.model = model
         self.cache = cache
         self.tokenizer = tokenizer
@@ -56,7 +56,11 @@ class Engine:
         eos = model.config.eos_token_id if eos is None else eos
         self.eos_token_ids = tuple(sorted({t for t in (eos, *stop_token_ids) if t is not None}))
 
-        self.pool = BlockPool(cache.num_blocks, cache.block_size)
+        num_blocks = cache.num_blocks
+        if decode_graphs is not None:   # its scratch block, the cache's last, is never handed out
+            assert decode_graphs.scratch_slot == (num_blocks - 1) * cache.block_size and num_blocks > 1
+            num_blocks -= 1
+        self.pool = BlockPool(num_blocks, cache.block_size)
         self.sessions = SessionTable(
             self.pool, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
             max_pinned_fraction=config.max_session_pinned_fraction, bytes_per_token=cache.bytes_per_token,
@@ -64,7 +68,8 @@ class Engine:
         self.window = getattr(model.config, "sliding_window", None)
         self.scheduler = Scheduler(self.pool, self.sessions, config.max_num_seqs, config.max_num_batched_tokens,
                                    window=self.window)
-        self.runner = ModelRunner(model, cache, torch.device(device), small_step_model=small_step_model)
+        self.runner = ModelRunner(model, cache, torch.device(device), small_step_model=small_step_model,
+                                  decode_graphs=decode_graphs)
         self.sampler = Sampler()
         self.device = torch.device(device)
 

@@ -21,8 +21,10 @@ class ModelRunner:
     read and write the same cache."""
 
     def __init__(self, model: nn.Module, cache: KVCache, device: torch.device,
-                 small_step_model: nn.Module | None = None, small_step_tokens: int = 2):
+                 small_step_model: nn.Module | None = None, small_step_tokens: int = 2,
+                 decode_graphs=None):
         self.model = model
+        self.decode_graphs = decode_graphs          # server.decode_graphs.DecodeGraphs, for decode steps
         self.cache = cache
         self.device = device
         self.small_step_model = small_step_model
@@ -44,6 +46,10 @@ class ModelRunner:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
         in chunk order."""
         batch = self.build_batch(chunks)
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(batch)
+            if logits is not None:
+                return logits.float()
         model = self.model
         if self.small_step_model is not None and batch.token_ids.shape[0] <= self.small_step_tokens:
             model = self.small_step_model

@@ -127,10 +127,11 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
+    kernel_layers = 0
     if resolve_decode_attention(config.model.decode_attention, device) == "triton":
         from model.kernels import use_triton_decode_attention
-        layers = use_triton_decode_attention(model)
-        log.info("decode attention: Triton paged MLA kernel in %d layers", layers)
+        kernel_layers = use_triton_decode_attention(model)
+        log.info("decode attention: Triton paged MLA kernel in %d layers", kernel_layers)
     small_step_model = None
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)
@@ -139,10 +140,17 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     cache = KVCache.from_budget(model.config, budget, config.engine.block_size, dtype, device)
     log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,
              cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB, cache.bytes_per_token)
+    decode_graphs = None
+    if device.type == "cuda" and config.model.cuda_graphs and kernel_layers and cache.num_blocks > 1:
+        from server.decode_graphs import DecodeGraphs, graph_capturable, use_sync_free_moe
+        use_sync_free_moe(model)
+        if graph_capturable(model):
+            decode_graphs = DecodeGraphs(model, cache, scratch_block=cache.num_blocks - 1)
+            decode_graphs.capture(window=getattr(model.config, "sliding_window", None))
     engine = Engine(model, cache, tokenizer, config.engine, model_name=name, chat_template=chat_template,
                     device=device, observer=observer,
                     stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),
-                    small_step_model=small_step_model)
+                    small_step_model=small_step_model, decode_graphs=decode_graphs)
     if start:
         engine.start()
     return engine

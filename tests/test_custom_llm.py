@@ -93,3 +93,19 @@ def test_moe_equals_per_token_loop_over_experts():
             expected[t] = moe.shared_experts[0](x[t]) + sum(
                 w * moe.routed_experts[int(e)](x[t]) for w, e in zip(top_s, top_e))
     assert rel_err(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 40])     # gathered routed experts (T*k <= E), then all experts
+def test_sync_free_moe_routing_equals_the_grouped_loop(num_tokens):
+    model = perturbed_model(TINY, seed=5)
+    moe = model.decoder_layers[0].mlp.moe
+    x = torch.randn(num_tokens, TINY.hidden_size, generator=torch.Generator().manual_seed(num_tokens))
+    with torch.no_grad():
+        expected = moe(x)
+        before = {k: v.clone() for k, v in moe.state_dict().items()}
+        moe.use_sync_free_routing()
+        got = moe(x)
+        # the checkpoint view is unchanged, and the experts' weights are views of the stacked tensors
+        assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+        assert moe.routed_experts[3].up_proj.weight.data_ptr() == moe._stacked_up_proj[3].data_ptr()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()

@@ -125,7 +125,10 @@ def run_engine_peers(args, peers: list[str]) -> list[dict]:
     threads = args.threads or torch.get_num_threads()
     for name in peers:
         if name == "transformers":
-            peer = TransformersPeer(gguf)
+            from server.serving import resolve_device
+            device = resolve_device(args.device)
+            peer = TransformersPeer(gguf, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                    device=device)
             for batch in args.batch_sizes:
                 rate = peer.decode_tokens_per_s(batch, args.context_len, args.output_len)
                 rows.append({"name": "transformers generate", "batch_size": batch, "decode_tokens_per_s": rate})

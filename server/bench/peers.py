@@ -20,22 +20,26 @@ def _random_prompts(batch_size: int, context_len: int, vocab: int, seed: int) ->
 
 
 class TransformersPeer:
-    """The same GGUF loaded by transformers (dequantised to float32 on the CPU)."""
+    """The same GGUF loaded by transformers (dequantised; float32 on the CPU, bfloat16 on CUDA)."""
 
     name = "transformers"
 
-    def __init__(self, gguf_path: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, gguf_path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM
+        self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                          dtype=dtype).eval()
+                                                          dtype=dtype).eval().to(self.device)
         self.vocab = self.model.config.vocab_size
 
     @torch.inference_mode()
     def _generate(self, ids: torch.Tensor, new_tokens: int) -> float:
+        ids = ids.to(self.device)
         started = time.perf_counter()
         self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
     def decode_tokens_per_s(self, batch_size: int, context_len: int, output_len: int) -> float:

@@ -1,0 +1,141 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode-only step of n sequences runs in the smallest bucket B >= n. Everything the step reads
+lives in static buffers sized for the largest bucket: token ids, positions, slot mapping, block
+tables `[B, max_blocks_per_seq]` and context lengths; a bucket's graph reads the first B rows. Rows
+n .. B-1 are padding: they compute one token over a scratch block that the block pool never hands out
+(the engine reserves it), and their logits are dropped. Prefill, mixed steps and batches past the
+largest bucket run eagerly.
+
+Capturable models are those whose decode step has static shapes and no host syncs: the MLA family
+with its Triton decode attention (`model.kernels.use_triton_decode_attention`) and sync-free MoE
+routing (`DeepSeekMoE.use_sync_free_routing`). On the CPU (tests) the same buffers, padding and
+forward run eagerly, with the kernel in Triton's interpreter; only `capture()` / `replay()` need CUDA.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from model.kv_cache import KVCache
+from model.paged import PagedBatch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def graph_capturable(model: nn.Module) -> bool:
+    """Every attention layer decodes through a kernel and every MoE routes without host syncs."""
+    attention = [m for m in model.modules() if hasattr(m, "decode_attention")]
+    moe = [m for m in model.modules() if hasattr(m, "sync_free")]
+    return bool(attention) and all(m.decode_attention is not None for m in attention) \
+        and all(m.sync_free for m in moe)
+
+
+def use_sync_free_moe(model: nn.Module) -> int:
+    """Switch every MoE of `model` that can to sync-free routing; returns how many."""
+    layers = [m for m in model.modules() if hasattr(m, "use_sync_free_routing")]
+    for moe in layers:
+        moe.use_sync_free_routing()
+    return len(layers)
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, cache: KVCache, scratch_block: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, use_cuda_graphs: bool = True):
+        assert graph_capturable(model), "the model's decode step has host syncs or dynamic shapes"
+        assert 0 <= scratch_block < cache.num_blocks
+        self.model = model
+        self.cache = cache
+        self.buckets = tuple(sorted(buckets))
+        self.block_size = cache.block_size
+        self.scratch_slot = scratch_block * cache.block_size
+        self.max_blocks_per_seq = -(-model.config.max_context // cache.block_size)
+        self.use_cuda_graphs = use_cuda_graphs
+        device = cache.layers[0].device
+        largest = self.buckets[-1]
+        long = dict(dtype=torch.long, device=device)
+        # the static inputs, largest bucket; padding rows are kept pointing at the scratch block
+        self.token_ids = torch.zeros(largest, **long)                                  # [B]
+        self.positions = torch.zeros(largest, **long)                                  # [B]
+        self.slot_mapping = torch.full((largest,), self.scratch_slot, **long)          # [B]
+        self.block_tables = torch.full((largest, self.max_blocks_per_seq), -1, **long)  # [B, MB]
+        self.block_tables[:, 0] = scratch_block
+        self.context_lens = torch.ones(largest, **long)                                # [B]
+        self.logits_index = torch.arange(largest, **long)                              # [B]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}                                     # bucket → [B, V]
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def static_batch(self, bucket: int, window: int | None) -> PagedBatch:
+        """A decode PagedBatch over the first `bucket` rows of the static buffers. The gather-path
+        fields (query_index, context_slots, attn_mask) are unused by the kernel and left minimal."""
+        one = self.token_ids[:bucket]
+        return PagedBatch(
+            token_ids=one, positions=self.positions[:bucket], slot_mapping=self.slot_mapping[:bucket],
+            query_index=self.logits_index[:bucket, None], query_valid=torch.ones_like(one, dtype=torch.bool)[:, None],
+            context_slots=self.slot_mapping[:bucket, None], attn_mask=torch.ones_like(one, dtype=torch.bool)[:, None, None],
+            logits_index=self.logits_index[:bucket], is_decode_only=True, block_tables=self.block_tables[:bucket],
+            context_lens=self.context_lens[:bucket], block_size=self.block_size, window=window,
+            max_position=self.model.config.max_context - 1)
+
+    def _load(self, batch: PagedBatch, bucket: int) -> None:
+        """Copy a real decode batch into the static buffers; rows past it become padding again."""
+        n, width = batch.block_tables.shape
+        self.token_ids[:n].copy_(batch.token_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.slot_mapping[:n].copy_(batch.slot_mapping)
+        self.block_tables[:n, :width].copy_(batch.block_tables)
+        self.block_tables[:n, width:].fill_(-1)
+        self.context_lens[:n].copy_(batch.context_lens)
+        if n < bucket:
+            self.token_ids[n:bucket].zero_()
+            self.positions[n:bucket].zero_()
+            self.slot_mapping[n:bucket].fill_(self.scratch_slot)
+            self.block_tables[n:bucket, 1:].fill_(-1)
+            self.block_tables[n:bucket, 0] = self.scratch_slot // self.block_size
+            self.context_lens[n:bucket].fill_(1)
+
+    @torch.inference_mode()
+    def capture(self, window: int | None = None) -> None:
+        """Record one CUDA graph per bucket (largest first, so smaller ones reuse its memory pool)."""
+        assert self.use_cuda_graphs and torch.cuda.is_available()
+        pool = None
+        for bucket in reversed(self.buckets):
+            batch = self.static_batch(bucket, window)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):                       # warm-up: kernels compiled, allocator settled
+                    self.model.forward_paged(batch, self.cache.layers)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bucket] = self.model.forward_paged(batch, self.cache.layers)
+            pool = graph.pool()
+            self.graphs[bucket] = graph
+        log.info("captured decode CUDA graphs for batch sizes %s", ", ".join(map(str, self.buckets)))
+
+    @torch.inference_mode()
+    def run(self, batch: PagedBatch) -> torch.Tensor | None:
+        """Logits [n, V] of a decode-only batch, or None when it is not one this can run."""
+        if not batch.is_decode_only or batch.block_tables.shape[1] > self.max_blocks_per_seq:
+            return None
+        n = batch.block_tables.shape[0]
+        bucket = self.bucket_for(n)
+        if bucket is None:
+            return None
+        self._load(batch, bucket)
+        if self.use_cuda_graphs:
+            if bucket not in self.graphs:
+                return None
+            self.graphs[bucket].replay()
+            return self.outputs[bucket][:n]
+        static = replace(self.static_batch(bucket, batch.window), max_position=batch.max_position)
+        return self.model.forward_paged(static, self.cache.layers)[:n]

@@ -1,0 +1,102 @@
+"""Decode steps through DecodeGraphs' static, padded buffers: on the CPU the same buffers and forward
+run eagerly (the kernel in Triton's interpreter), so padding, bucket choice and the reserved scratch
+block are checked here; the `gpu` test captures real CUDA graphs and compares them with eager steps."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="pip install triton (interprets on the CPU)")
+
+from model.config import preset  # noqa: E402
+from model.kernels import use_triton_decode_attention  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
+from server.decode_graphs import DecodeGraphs, graph_capturable, use_sync_free_moe  # noqa: E402
+from server.engine import Engine  # noqa: E402
+from server.types import GenerationRequest, SamplingParams  # noqa: E402
+from tests.helpers import ByteTokenizer, collect, make_cache, perturbed_model  # noqa: E402
+
+TINY = preset("custom-llm-tiny")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fast_path_model():
+    model = perturbed_model(TINY, seed=4, std=0.15).to(DEVICE)
+    assert not graph_capturable(model)
+    use_triton_decode_attention(model)
+    assert not graph_capturable(model)              # the MoE still syncs to count tokens per expert
+    assert use_sync_free_moe(model) == TINY.num_layers
+    assert graph_capturable(model)
+    return model
+
+
+def run_engine(model, graphs: bool, prompts, max_tokens=10):
+    cache = make_cache(TINY, num_blocks=40, block_size=4)
+    cache.layers = [layer.to(DEVICE) for layer in cache.layers]
+    decode_graphs = DecodeGraphs(model, cache, scratch_block=39, buckets=(1, 2, 4, 8),
+                                 use_cuda_graphs=DEVICE == "cuda") if graphs else None
+    if decode_graphs is not None and DEVICE == "cuda":
+        decode_graphs.capture()
+    engine = Engine(model, cache, ByteTokenizer(TINY.vocab_size), EngineConfig(block_size=4), model_name="tiny",
+                    device=DEVICE, decode_graphs=decode_graphs)
+    engine.start()
+    try:
+        if graphs:
+            assert engine.pool.num_blocks == 39                  # the scratch block is never handed out
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=3, ignore_eos=True)
+
+        async def all_of():
+            return await asyncio.gather(*(collect(engine, GenerationRequest(f"r{i}", p, params))
+                                          for i, p in enumerate(prompts)))
+        results = asyncio.run(all_of())
+        engine.flush_inbox()
+        engine.check_integrity()
+        return results, decode_graphs
+    finally:
+        engine.stop()
+
+
+def test_padded_static_decode_steps_equal_plain_ones(monkeypatch):
+    model = fast_path_model()
+    prompts = [[(5 * i + j) % 512 for i in range(3 + 7 * j)] for j in range(3)]     # 3 sequences → bucket 4
+    plain, _ = run_engine(model, graphs=False, prompts=prompts)
+    runs = []
+    original = DecodeGraphs.run
+
+    def counted(self, batch):
+        out = original(self, batch)
+        runs.append((batch.block_tables.shape[0], batch.is_decode_only, out is not None))
+        return out
+    monkeypatch.setattr(DecodeGraphs, "run", counted)
+    padded, graphs = run_engine(model, graphs=True, prompts=prompts)
+    assert any(n == 3 and used for n, _, used in runs), "no padded decode step ran through the static buffers"
+    assert all(used for _, decode, used in runs if decode)         # every decode step did
+    for (p_out, _, p_tokens), (g_out, _, g_tokens) in zip(plain, padded):
+        assert p_tokens == g_tokens
+        for a, b in zip([lp for o in p_out for lp in o.logprobs], [lp for o in g_out for lp in o.logprobs]):
+            assert abs(a.logprob - b.logprob) <= 1e-4
+    assert graphs.bucket_for(3) == 4 and graphs.bucket_for(9) is None
+
+
+def test_batches_it_cannot_run_fall_back():
+    model = fast_path_model()
+    cache = make_cache(TINY, num_blocks=8, block_size=4)
+    graphs = DecodeGraphs(model, cache, scratch_block=7, buckets=(1, 2), use_cuda_graphs=False)
+    from model.paged import PagedBatch, SequenceChunk
+    prefill = PagedBatch.build([SequenceChunk([1, 2, 3], 0, [0])], 4)
+    assert graphs.run(prefill) is None
+    three = PagedBatch.build([SequenceChunk([1], 0, [b]) for b in range(3)], 4)
+    assert graphs.run(three) is None                               # past the largest bucket
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_decode():
+    model = fast_path_model()
+    prompts = [[(5 * i + j) % 512 for i in range(3 + 7 * j)] for j in range(5)]
+    plain, _ = run_engine(model, graphs=False, prompts=prompts, max_tokens=20)
+    captured, graphs = run_engine(model, graphs=True, prompts=prompts, max_tokens=20)
+    assert set(graphs.graphs) == {1, 2, 4, 8}
+    for (_, _, a), (_, _, b) in zip(plain, captured):
+        assert a == b
