@@ -19,6 +19,7 @@ from model.config import CustomLLMConfig
 from model.layers import RMSNorm, SwiGLUExpert, apply_rope, rope_cos_sin
 from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
 
+SYNC_FREE_MAX_TOKENS = 256   # the largest decode batch captured in a CUDA graph
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
@@ -123,7 +124,9 @@ class DeepSeekMoE(nn.Module):
         """Route without host syncs or data-dependent shapes (so a step can be captured in a CUDA
         graph): the routed experts' weights become views of stacked [E, ...] tensors (no copy kept),
         and `forward` gathers the routed experts' weights for tiny batches or runs every expert
-        weighted by its routing weight (zero when not routed) for larger ones."""
+        weighted by its routing weight (zero when not routed) for larger ones, up to
+        SYNC_FREE_MAX_TOKENS (decode steps); bigger steps (prefill) keep the grouped loop, which
+        computes only the routed pairs."""
         for name in ("gate_proj", "up_proj", "down_proj"):
             stacked = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
             for index, expert in enumerate(self.routed_experts):
@@ -141,7 +144,7 @@ class DeepSeekMoE(nn.Module):
         scores = torch.sigmoid(self.router(x).float() + self.routing_bias.float())   # [T, E]
         top_w, top_e = scores.topk(self.top_k, dim=-1)                               # [T, k]
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
-        if self.sync_free:
+        if self.sync_free and x.shape[0] <= SYNC_FREE_MAX_TOKENS:
             return out + self._routed_sync_free(x, top_w, top_e)
         counts = torch.bincount(top_e.flatten(), minlength=len(self.routed_experts)).tolist()
         for e, count in enumerate(counts):

@@ -95,7 +95,7 @@ def test_moe_equals_per_token_loop_over_experts():
     assert rel_err(got, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("num_tokens", [1, 3, 4, 40])     # gathered routed experts (T*k <= E), then all experts
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 40, 300])  # gathered (T*k <= E), all experts, grouped loop
 def test_sync_free_moe_routing_equals_the_grouped_loop(num_tokens):
     model = perturbed_model(TINY, seed=5)
     moe = model.decoder_layers[0].mlp.moe
