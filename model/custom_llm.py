@@ -119,19 +119,22 @@ class DeepSeekMoE(nn.Module):
         self.routing_bias = nn.Parameter(torch.zeros(cfg.num_routed_experts))
 
         self.sync_free = False          # see use_sync_free_routing
+        self.grouped_gemm = None
 
-    def use_sync_free_routing(self) -> None:
+    def use_sync_free_routing(self, grouped_gemm=None) -> None:
         """Route without host syncs or data-dependent shapes (so a step can be captured in a CUDA
         graph): the routed experts' weights become views of stacked [E, ...] tensors (no copy kept),
         and `forward` gathers the routed experts' weights for tiny batches or runs every expert
         weighted by its routing weight (zero when not routed) for larger ones, up to
         SYNC_FREE_MAX_TOKENS (decode steps); bigger steps (prefill) keep the grouped loop, which
-        computes only the routed pairs."""
+        computes only the routed pairs. `grouped_gemm` (model.kernels.grouped_moe.grouped_moe on
+        CUDA) replaces the all-expert form with GEMMs over the routed pairs only."""
         for name in ("gate_proj", "up_proj", "down_proj"):
             stacked = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
             for index, expert in enumerate(self.routed_experts):
                 getattr(expert, name).weight.data = stacked[index]
             setattr(self, f"_stacked_{name}", stacked)
+        self.grouped_gemm = grouped_gemm
         self.sync_free = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +170,8 @@ class DeepSeekMoE(nn.Module):
             hidden = nn.functional.silu(torch.bmm(gate[routes], xr)) * torch.bmm(up[routes], xr)  # [T*k, h, 1]
             y = torch.bmm(down[routes], hidden)[:, :, 0] * top_w.flatten()[:, None]    # [T*k, d]
             return y.view(num_tokens, k, -1).sum(dim=1)
+        if self.grouped_gemm is not None:
+            return self.grouped_gemm(x, top_w, top_e, gate, up, down)
         # larger batches: every expert over every token, weighted by its routing weight (0 if not routed)
         weights = torch.zeros(num_tokens, len(self.routed_experts), dtype=x.dtype, device=x.device)
         weights.scatter_(1, top_e, top_w)                                              # [T, E]

@@ -9,7 +9,8 @@ largest bucket run eagerly.
 
 Capturable models are those whose decode step has static shapes and no host syncs: the MLA family
 with its Triton decode attention (`model.kernels.use_triton_decode_attention`) and sync-free MoE
-routing (`DeepSeekMoE.use_sync_free_routing`). On the CPU (tests) the same buffers, padding and
+routing (`DeepSeekMoE.use_sync_free_routing`, with the grouped-GEMM kernel of
+`model.kernels.grouped_moe`). On the CPU (tests) the same buffers, padding and
 forward run eagerly, with the kernel in Triton's interpreter; only `capture()` / `replay()` need CUDA.
 """
 from __future__ import annotations
@@ -36,11 +37,12 @@ def graph_capturable(model: nn.Module) -> bool:
         and all(m.sync_free for m in moe)
 
 
-def use_sync_free_moe(model: nn.Module) -> int:
-    """Switch every MoE of `model` that can to sync-free routing; returns how many."""
+def use_sync_free_moe(model: nn.Module, grouped_gemm=None) -> int:
+    """Switch every MoE of `model` that can to sync-free routing (with the Triton grouped GEMM
+    `model.kernels.grouped_moe.grouped_moe` for batches past the gathered form); returns how many."""
     layers = [m for m in model.modules() if hasattr(m, "use_sync_free_routing")]
     for moe in layers:
-        moe.use_sync_free_routing()
+        moe.use_sync_free_routing(grouped_gemm=grouped_gemm)
     return len(layers)
 
 

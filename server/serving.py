@@ -142,8 +142,9 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
              cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB, cache.bytes_per_token)
     decode_graphs = None
     if device.type == "cuda" and config.model.cuda_graphs and kernel_layers and cache.num_blocks > 1:
+        from model.kernels.grouped_moe import grouped_moe
         from server.decode_graphs import DecodeGraphs, graph_capturable, use_sync_free_moe
-        use_sync_free_moe(model)
+        use_sync_free_moe(model, grouped_gemm=grouped_moe)
         if graph_capturable(model):
             decode_graphs = DecodeGraphs(model, cache, scratch_block=cache.num_blocks - 1)
             decode_graphs.capture(window=getattr(model.config, "sliding_window", None))

@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="pip install triton (interprets on the CPU)
 
 from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
+from model.kernels.grouped_moe import grouped_moe  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.decode_graphs import DecodeGraphs, graph_capturable, use_sync_free_moe  # noqa: E402
 from server.engine import Engine  # noqa: E402
@@ -27,7 +28,7 @@ def fast_path_model():
     assert not graph_capturable(model)
     use_triton_decode_attention(model)
     assert not graph_capturable(model)              # the MoE still syncs to count tokens per expert
-    assert use_sync_free_moe(model) == TINY.num_layers
+    assert use_sync_free_moe(model, grouped_gemm=grouped_moe) == TINY.num_layers
     assert graph_capturable(model)
     return model
 
