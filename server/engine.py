@@ -27,7 +27,7 @@ from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.runner import ModelRunner
 from server.sampler import Sampler, SamplingRow, make_generator
-from server.scheduler import ScheduledChunk, Scheduler
+from server.scheduler import Scheduler
 from server.sequence import Sequence, SequenceStatus
 from server.stops import StopStringMatcher
 from server.types import (EngineDeadError, EngineObserver, FinishedRequestStats, GenerationRequest,
