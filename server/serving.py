@@ -62,6 +62,17 @@ def kv_cache_budget_bytes(gib: float | None, device: torch.device) -> int:
     return int(DEFAULT_CPU_KV_CACHE_GIB * GIB)
 
 
+def special_token_texts(tokenizer) -> dict[str, str]:
+    """`bos_token` / `eos_token` as text, which chat templates written for Hugging Face read."""
+    texts = {}
+    for name in ("bos", "eos"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        text = tokenizer.id_to_token(token_id) if token_id is not None and hasattr(tokenizer, "id_to_token") else None
+        if text:
+            texts[f"{name}_token"] = text
+    return texts
+
+
 def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, chat template source or None, model name)."""
     from model.chat_template import ChatTemplate
@@ -90,7 +101,7 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
         template_source = getattr(tokenizer, "chat_template", None) or getattr(loaded, "chat_template", None)
     if mcfg.chat_template:
         template_source = Path(mcfg.chat_template).read_text()
-    chat_template = ChatTemplate(template_source) if template_source else None
+    chat_template = ChatTemplate(template_source, **special_token_texts(tokenizer)) if template_source else None
     name = mcfg.served_model_name or (BUILTIN_NAME if mcfg.model is None else path.stem if path.is_file() else path.name)
     log.info("model %s ready in %.1f s: %s parameters", name, time.monotonic() - started,
              f"{sum(p.numel() for p in model.parameters()):,}")

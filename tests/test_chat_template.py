@@ -116,3 +116,13 @@ def test_from_file_defaults_and_extra_variables(tmp_path):
     template = ChatTemplate.from_file(path, bos_token="<s>")
     assert template.render([{"role": "user", "content": "x"}]) == "<s>14"
     assert template.render([], tools=[{"name": "f"}], bos_token="") == '0[{"name": "f"}]4'
+
+
+def test_templates_read_the_tokenizers_bos_and_eos_as_text():
+    """A --chat-template written for Hugging Face reads bos_token/eos_token, which serving passes."""
+    from server.serving import special_token_texts
+    texts = special_token_texts(load_tokenizer(default_gguf_path()))
+    assert texts == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    template = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}",
+                            **texts)
+    assert template.render([{"role": "user", "content": "hi"}]) == "<|im_start|>hi<|im_end|>"
