@@ -170,9 +170,10 @@ SEED_TOKENIZER_FILES = ("tokenizer.json", "smart-bpe-tokenizer.json", "fallback-
                         "tokenizer/bpe_tokenizer.json", "bpe_tokenizer.json")
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, byte_level_decoder: bool = False):
     """A .gguf file, a tokenizer.json, SmartLLM's BPE or character-level file (told apart by their
-    content, not their names), or a directory holding one of those."""
+    content, not their names), or a directory holding one of those. `byte_level_decoder` adds a
+    ByteLevel decoder to SmartLLM's BPE file, which has none (readable text instead of the seed's)."""
     from model.seed_tokenizers import detect_tokenizer_kind, load_seed_tokenizer
 
     path = Path(path)
@@ -188,7 +189,7 @@ def load_tokenizer(path: str | Path):
         from gguf import GGUFReader
         return TextTokenizer.from_gguf_metadata(GGUFReader(str(path)))
     if kind in ("smart_llm_bpe", "smart_llm_char"):
-        return load_seed_tokenizer(path)
+        return load_seed_tokenizer(path, byte_level_decoder=byte_level_decoder)
     try:
         tokenizer = TextTokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises its own exception types

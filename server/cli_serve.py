@@ -47,6 +47,8 @@ def add_parser(subparsers) -> None:
     _add(m, "--model", "checkpoint file or directory, or .gguf (default: built-in SmolLM2-135M-Instruct)")
     _add(m, "--preset", "architecture preset, e.g. custom-llm-973m")
     _add(m, "--tokenizer", "tokenizer.json, directory holding one, or .gguf")
+    _add(m, "--byte-level-decoder", "SmartLLM's BPE tokenizer file has no decoder, so answers keep byte "
+         "symbols such as Ġ as the seed's do; this adds a ByteLevel decoder for readable text", bool, False)
     _add(m, "--chat-template", "jinja chat template file overriding the model's")
     _add(m, "--served-model-name", "model id reported by the API")
     _add(m, "--device", "auto, cpu, cuda or cuda:N", default="auto")
@@ -118,6 +120,7 @@ def config_from_args(args) -> ServerConfig:
     _check(args)
     return ServerConfig(
         model=ModelLoadConfig(model=args.model, preset=args.preset, tokenizer=args.tokenizer,
+                              byte_level_decoder=args.byte_level_decoder,
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
                               served_model_name=args.served_model_name, decode_attention=args.decode_attention,
                               cuda_graphs=args.cuda_graphs),

@@ -13,6 +13,7 @@ class ModelLoadConfig:
     model: str | None = None          # checkpoint file/dir or .gguf; None = the built-in SmolLM2
     preset: str | None = None         # model preset name (architecture numbers)
     tokenizer: str | None = None      # tokenizer.json, .gguf or directory
+    byte_level_decoder: bool = False  # SmartLLM's BPE file: decode to readable text, not the seed's
     chat_template: str | None = None  # jinja file overriding the model's template
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16 | mixed

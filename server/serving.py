@@ -87,7 +87,7 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
         from model.gguf_loader import load_gguf_model
         loaded = load_gguf_model(path, dtype=dtype, device=device)
         model, template_source = loaded.model, loaded.chat_template
-        tokenizer = load_tokenizer(mcfg.tokenizer) if mcfg.tokenizer else loaded.tokenizer
+        tokenizer = load_tokenizer(mcfg.tokenizer, mcfg.byte_level_decoder) if mcfg.tokenizer else loaded.tokenizer
     else:
         from model.loader import load_model
         loaded = load_model(path, preset=mcfg.preset, dtype=dtype, device=device)
@@ -97,7 +97,7 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
         tokenizer_source = mcfg.tokenizer or loaded.tokenizer_dir
         if tokenizer_source is None:
             raise ValueError(f"{path}: no tokenizer beside the checkpoint; pass --tokenizer PATH")
-        tokenizer = load_tokenizer(tokenizer_source)
+        tokenizer = load_tokenizer(tokenizer_source, mcfg.byte_level_decoder)
         template_source = getattr(tokenizer, "chat_template", None) or getattr(loaded, "chat_template", None)
     if mcfg.chat_template:
         template_source = Path(mcfg.chat_template).read_text()

@@ -59,6 +59,15 @@ def test_bpe_byte_level_decoder_is_opt_in(smart_bpe_path):
     assert readable.decode(ids) == " the capital of france is paris, 42!"  # the normaliser lowercased it
     assert SmartBPETokenizer.from_file(smart_bpe_path).decode(ids) != readable.decode(ids)
     assert load_seed_tokenizer(smart_bpe_path, byte_level_decoder=True).decode(ids) == readable.decode(ids)
+    # and from the server's side: `--byte-level-decoder` reaches the file through load_tokenizer
+    from model.tokenizer import load_tokenizer
+    from server.cli import build_parser
+    from server.cli_serve import config_from_args
+    args = build_parser().parse_args(["serve", "--tokenizer", str(smart_bpe_path), "--byte-level-decoder"])
+    mcfg = config_from_args(args).model
+    assert mcfg.byte_level_decoder
+    assert load_tokenizer(mcfg.tokenizer, mcfg.byte_level_decoder).decode(ids) == readable.decode(ids)
+    assert "Ġ" in load_tokenizer(mcfg.tokenizer).decode(ids)
 
 
 def test_bpe_specials_and_ids(smart_bpe_path):
