@@ -133,43 +133,42 @@ def test_a_long_generation_holds_about_the_window(window):
         engine.stop()
 
 
-def test_a_prefix_hit_under_the_window_equals_the_oracle():
-    window = 6
-    engine = tiny_engine(config=windowed_config(window), num_blocks=64, block_size=BLOCK, std=0.2)
-    try:
-        prompt = [(11 * i + 3) % 512 for i in range(30)]
-        first, _, first_tokens = asyncio.run(collect(engine, GenerationRequest("a", prompt, greedy(5))))
-        assert first[-1].usage.cached_tokens == 0
-        follow_up = prompt + first_tokens + [9, 8, 7]
-        out, _, tokens = asyncio.run(collect(engine, GenerationRequest("b", follow_up, greedy(12))))
-        # the first request computed 34 positions (its last token never is): 8 full blocks cached
-        assert out[-1].usage.cached_tokens == 32
-        assert tokens == oracle_greedy(engine.model, follow_up, 12)
+@pytest.fixture
+def engine():
+    """A started engine over smart-llm-tiny with a 6-token window, 64 blocks of 4."""
+    engine = tiny_engine(config=windowed_config(6), num_blocks=64, block_size=BLOCK, std=0.2)
+    yield engine
+    engine.stop()
+
+
+def test_a_prefix_hit_under_the_window_equals_the_oracle(engine):
+    prompt = [(11 * i + 3) % 512 for i in range(30)]
+    first, _, first_tokens = asyncio.run(collect(engine, GenerationRequest("a", prompt, greedy(5))))
+    assert first[-1].usage.cached_tokens == 0
+    follow_up = prompt + first_tokens + [9, 8, 7]
+    out, _, tokens = asyncio.run(collect(engine, GenerationRequest("b", follow_up, greedy(12))))
+    # the first request computed 34 positions (its last token never is): 8 full blocks cached
+    assert out[-1].usage.cached_tokens == 32
+    assert tokens == oracle_greedy(engine.model, follow_up, 12)
+    engine.flush_inbox()
+    engine.check_integrity()
+
+
+def test_session_turns_under_the_window_pin_only_what_the_window_needs(engine):
+    window = engine.window
+    history = [(13 * i + 1) % 512 for i in range(21)]
+    for turn in range(3):
+        request = GenerationRequest(f"turn-{turn}", list(history), greedy(10), tenant="alice",
+                                    session_id="s1")
+        out, _, tokens = asyncio.run(collect(engine, request))
+        assert tokens == oracle_greedy(engine.model, history, 10)
+        if turn:
+            assert out[-1].usage.cached_tokens >= window
+        history += tokens + [100 + turn, 200 + turn]
         engine.flush_inbox()
         engine.check_integrity()
-    finally:
-        engine.stop()
-
-
-def test_session_turns_under_the_window_pin_only_what_the_window_needs():
-    window = 6
-    engine = tiny_engine(config=windowed_config(window), num_blocks=64, block_size=BLOCK, std=0.2)
-    try:
-        history = [(13 * i + 1) % 512 for i in range(21)]
-        for turn in range(3):
-            request = GenerationRequest(f"turn-{turn}", list(history), greedy(10), tenant="alice",
-                                        session_id="s1")
-            out, _, tokens = asyncio.run(collect(engine, request))
-            assert tokens == oracle_greedy(engine.model, history, 10)
-            if turn:
-                assert out[-1].usage.cached_tokens >= window
-            history += tokens + [100 + turn, 200 + turn]
-            engine.flush_inbox()
-            engine.check_integrity()
-            # the pin holds the blocks the next turn's window reaches, not the whole history
-            assert engine.sessions.num_pinned_blocks <= -(-window // BLOCK) + 2
-    finally:
-        engine.stop()
+        # the pin holds the blocks the next turn's window reaches, not the whole history
+        assert engine.sessions.num_pinned_blocks <= -(-window // BLOCK) + 2
 
 
 def test_a_request_longer_than_the_cache_is_admitted_only_with_a_window():
