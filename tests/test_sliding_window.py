@@ -4,6 +4,7 @@ need only the cached blocks their own window reaches, and still equal the full-s
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 import torch
@@ -184,3 +185,64 @@ def test_a_request_longer_than_the_cache_is_admitted_only_with_a_window():
     finally:
         windowed.stop()
         unwindowed.stop()
+
+
+def test_preemption_under_the_window_keeps_outputs_exact():
+    """A pool too small for every request at once: preempted requests resume through windowed prefix
+    hits (their early blocks may be gone) and still produce the roomy cache's greedy tokens."""
+    prompts = [[(7 * i + j) % 400 + 1 for j in range(10 + 5 * i)] for i in range(6)]
+
+    async def run_all(engine):
+        return await asyncio.gather(*(collect(engine, GenerationRequest(f"p{i}", p, greedy(30)))
+                                      for i, p in enumerate(prompts)))
+
+    roomy = tiny_engine(config=windowed_config(6), num_blocks=256, block_size=BLOCK, std=0.2)
+    tight = tiny_engine(config=windowed_config(6), num_blocks=14, block_size=BLOCK, std=0.2,
+                        max_num_batched_tokens=16)
+    try:
+        expected = [r[2] for r in asyncio.run(run_all(roomy))]
+        got = [r[2] for r in asyncio.run(run_all(tight))]
+        assert tight.scheduler.num_preemptions > 0 and tight.scheduler.num_window_released_blocks > 0
+        assert got == expected
+        tight.flush_inbox()
+        tight.check_integrity()
+        assert tight.pool.num_used_blocks == 0
+    finally:
+        roomy.stop()
+        tight.stop()
+
+
+def test_random_traffic_with_sessions_and_aborts_leaks_nothing():
+    engine = tiny_engine(config=windowed_config(6), num_blocks=40, block_size=BLOCK, std=0.2,
+                         max_num_batched_tokens=32, max_num_seqs=8, max_sessions=4)
+    rng = random.Random(7)
+    shared = [rng.randrange(1, 500) for _ in range(24)]
+
+    async def one(i):
+        prompt = (shared if rng.random() < 0.5 else []) + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 40))]
+        session = f"s{rng.randrange(6)}" if rng.random() < 0.4 else None
+        params = SamplingParams(max_tokens=rng.randrange(1, 40), temperature=rng.choice([0, 1.0]), ignore_eos=True)
+        gen = engine.generate(GenerationRequest(f"r{i}", prompt, params, tenant=rng.choice(["a", "b"]),
+                                                session_id=session))
+        abort_after = rng.choice([None, None, 0, 2])
+        count = 0
+        async for out in gen:
+            count += 1
+            if abort_after is not None and count > abort_after:
+                await gen.aclose()
+                return "aborted"
+        return out.finish_reason
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(120)))
+
+    try:
+        reasons = asyncio.run(main())
+        assert set(reasons) <= {"length", "aborted", "abort"} and len(reasons) == 120
+        engine.flush_inbox()
+        engine.check_integrity()
+        pinned = {block for held in engine.sessions.holders() for block in held}
+        assert engine.pool.num_used_blocks == len(pinned) and engine.num_requests == 0
+        assert engine.scheduler.num_window_released_blocks > 0
+    finally:
+        engine.stop()
