@@ -51,6 +51,12 @@ def test_shapes_off_the_tiles_with_one_expert_taking_most_pairs():
     assert torch.allclose(got.double(), reference(*args), rtol=1e-4, atol=1e-4)
 
 
+def test_grouped_moe_in_float16():
+    args = case(10, seed=3, dtype=torch.float16)
+    got = grouped_moe(*(a.to(DEVICE) for a in args)).cpu()
+    assert torch.allclose(got.double(), reference(*args), rtol=5e-3, atol=5e-3)
+
+
 def test_sorting_pairs_by_expert_pads_each_run():
     top_e = torch.tensor([[2, 0], [2, 5], [0, 2]])                                 # 6 pairs
     pairs, block_expert = sort_pairs_by_expert(top_e, num_experts=7, block_m=4)

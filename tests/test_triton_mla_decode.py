@@ -86,6 +86,13 @@ def test_kernel_with_a_sliding_window_and_released_blocks(window):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), (got.double() - want).abs().max()
 
 
+def test_kernel_in_float16():
+    """16-bit rows and queries, float32 accumulation (bfloat16 is checked on the GPU)."""
+    case = random_case(12, 192, 32, [5, 40, 77], block_size=16, dtype=torch.float16, seed=4)
+    got = run(case, 16, 0.125, num_splits=2)
+    assert torch.allclose(got.double(), reference(*case, 16, 0.125), rtol=2e-3, atol=2e-3)
+
+
 def test_more_heads_than_one_group():
     lens = [9, 40]
     case = random_case(20, 32, 8, lens, block_size=4, dtype=torch.float32, seed=2)   # 2 groups of 16

@@ -81,7 +81,7 @@ def _launch(a, weights, out, sorted_pairs, block_expert, row_divisor, num_pairs,
         a, weights, out, sorted_pairs, block_expert, row_scale if row_scale is not None else out,
         num_pairs, n_out, k_in, a.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         ROW_DIVISOR=row_divisor, HAS_SCALE=row_scale is not None, NUM_EXPERTS=num_experts,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, PRECISION="ieee" if a.dtype == torch.float32 else None)
 
 
 def grouped_moe(x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor, gate: torch.Tensor,

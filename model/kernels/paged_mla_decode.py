@@ -151,6 +151,6 @@ def paged_mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_layer: 
         NUM_HEADS=heads, LATENT=latent, ROPE_WIDTH=heads * rope, BLOCK_SIZE=block_size,
         GROUP_HEADS=GROUP, LATENT_PAD=latent_pad, KEYS=BLOCK_K, CHUNK=chunk,
         ROPE_CHUNKS=triton.cdiv(heads * rope, chunk), HAS_WINDOW=window is not None,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if dtype == torch.float32 else None,   # 16-bit inputs: the default
     )
     return merge_splits(acc[..., :latent], maxes, sums)
