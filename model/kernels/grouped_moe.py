@@ -59,7 +59,8 @@ def sort_pairs_by_expert(top_e: torch.Tensor, num_experts: int, block_m: int = B
     flat = top_e.flatten()                                                        # [T*k]
     num_pairs = flat.numel()
     capacity = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m
-    counts = F.one_hot(flat, num_experts).sum(0)                                  # [E]
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))                           # [E] (one_hot would sync)
     padded = (counts + block_m - 1) // block_m * block_m                          # [E]
     padded_end = padded.cumsum(0)                                                 # [E]
     order = torch.argsort(flat, stable=True)                                      # pairs by expert
