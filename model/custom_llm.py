@@ -24,6 +24,8 @@ _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
 class MultiHeadLatentAttention(nn.Module):
+    DECODE_KERNEL = "paged_mla_decode"
+
     def __init__(self, cfg: CustomLLMConfig):
         super().__init__()
         self.cfg = cfg

@@ -142,6 +142,8 @@ def join_fused_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 class LlamaAttention(FusedProjections):
+    DECODE_KERNEL = "paged_gqa_decode"
+
     FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(self, cfg: LlamaConfig):
@@ -149,6 +151,8 @@ class LlamaAttention(FusedProjections):
         self.cfg = cfg
         self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
+        self.decode_attention = None
 
     def part_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg
@@ -185,6 +189,10 @@ class LlamaAttention(FusedProjections):
         kv, group, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
         q, k, v = self._qkv(x, rope)
         write_rows(cache_layer, batch, torch.cat([k.flatten(1), v], dim=-1))              # [T, 2*KV*hd]
+        if batch.is_decode_only and self.decode_attention is not None:   # q is pre-scaled: scale 1
+            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
+                                        batch.block_size, kv, 1.0, batch.window)            # [B, H, hd]
+            return self.o_proj(out.flatten(1).to(x.dtype))
         context = gather_context(cache_layer, batch)                                        # [B, K, 2*KV*hd]
         dtype = attention_dtype(x)
         if context.dtype != dtype:

@@ -154,9 +154,13 @@ register_family(SmartLLMConfig, PRESETS)
 
 
 class GroupedQueryAttention(nn.Module):
+    DECODE_KERNEL = "paged_gqa_decode"
+
     def __init__(self, cfg: SmartLLMConfig):
         super().__init__()
         self.cfg = cfg
+        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
+        self.decode_attention = None
         d, hd = cfg.hidden_size, cfg.head_dim
         self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
         self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
@@ -196,6 +200,10 @@ class GroupedQueryAttention(nn.Module):
         group = cfg.n_heads // kv
         q, k, v = self._qkv(x, cos, sin)
         write_rows(cache_layer, batch, torch.cat([k.flatten(1), v.flatten(1)], -1))   # [T, 2*KV*hd]
+        if batch.is_decode_only and self.decode_attention is not None:
+            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
+                                        batch.block_size, kv, self.scale, batch.window)  # [B, H, hd]
+            return self.wo(out.flatten(1).to(x.dtype))
         context = gather_context(cache_layer, batch).to(x.dtype)                     # [B, K, 2*KV*hd]
         keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)       # [B, KV, K, hd]
         values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)      # [B, KV, K, hd]

@@ -7,9 +7,9 @@ n .. B-1 are padding: they compute one token over a scratch block that the block
 (the engine reserves it), and their logits are dropped. Prefill, mixed steps and batches past the
 largest bucket run eagerly.
 
-Capturable models are those whose decode step has static shapes and no host syncs: the MLA family
-with its Triton decode attention (`model.kernels.use_triton_decode_attention`) and sync-free MoE
-routing (`DeepSeekMoE.use_sync_free_routing`, with the grouped-GEMM kernel of
+Capturable models are those whose decode step has static shapes and no host syncs: attention
+through a Triton decode kernel (`model.kernels.use_triton_decode_attention`: MLA, or grouped-query
+for the Llama family and dense SmartLLM) and, for the MLA family's MoE, sync-free routing (`DeepSeekMoE.use_sync_free_routing`, with the grouped-GEMM kernel of
 `model.kernels.grouped_moe`). On the CPU (tests) the same buffers, padding and
 forward run eagerly, with the kernel in Triton's interpreter; only `capture()` / `replay()` need CUDA.
 """
@@ -30,11 +30,12 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def graph_capturable(model: nn.Module) -> bool:
-    """Every attention layer decodes through a kernel and every MoE routes without host syncs."""
+    """Every attention layer decodes through a kernel and every MoE (any module with routed experts)
+    routes without host syncs."""
     attention = [m for m in model.modules() if hasattr(m, "decode_attention")]
-    moe = [m for m in model.modules() if hasattr(m, "sync_free")]
+    moe = [m for m in model.modules() if hasattr(m, "routed_experts")]
     return bool(attention) and all(m.decode_attention is not None for m in attention) \
-        and all(m.sync_free for m in moe)
+        and all(getattr(m, "sync_free", False) for m in moe)
 
 
 def use_sync_free_moe(model: nn.Module, grouped_gemm=None) -> int:

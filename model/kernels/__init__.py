@@ -3,13 +3,16 @@ and is tested against it on the CPU under TRITON_INTERPRET=1 (tests/test_triton_
 
 
 def use_triton_decode_attention(model) -> int:
-    """Route the decode-only steps of every MLA layer of `model` through the Triton kernel; returns
-    how many layers now use it (0 for families without MLA)."""
+    """Route the decode-only steps of every attention layer of `model` that names a kernel
+    (`DECODE_KERNEL`: MLA or grouped-query) through it; returns how many layers now use one."""
+    from model.kernels.paged_gqa_decode import paged_gqa_decode
     from model.kernels.paged_mla_decode import paged_mla_decode
 
+    kernels = {"paged_mla_decode": paged_mla_decode, "paged_gqa_decode": paged_gqa_decode}
     layers = 0
     for module in model.modules():
-        if hasattr(module, "decode_attention"):
-            module.decode_attention = paged_mla_decode
+        name = getattr(module, "DECODE_KERNEL", None)
+        if name is not None:
+            module.decode_attention = kernels[name]
             layers += 1
     return layers
