@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def buckets_up_to(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets a server with at most `max_num_seqs` running sequences can use: those below it and
+    the first that holds it (none past the largest)."""
+    below = tuple(b for b in buckets if b < max_num_seqs)
+    covering = next((b for b in buckets if b >= max_num_seqs), None)
+    return below + ((covering,) if covering is not None else ())
+
+
 def graph_capturable(model: nn.Module) -> bool:
     """Every attention layer decodes through a kernel and every MoE (any module with routed experts)
     routes without host syncs."""

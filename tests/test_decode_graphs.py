@@ -14,7 +14,7 @@ from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.grouped_moe import grouped_moe  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
-from server.decode_graphs import DecodeGraphs, graph_capturable, use_sync_free_moe  # noqa: E402
+from server.decode_graphs import DecodeGraphs, buckets_up_to, graph_capturable, use_sync_free_moe  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.types import GenerationRequest, SamplingParams  # noqa: E402
 from tests.helpers import ByteTokenizer, collect, make_cache, perturbed_model  # noqa: E402
@@ -81,6 +81,13 @@ def test_padded_static_decode_steps_equal_plain_ones(monkeypatch, name):
         for a, b in zip([lp for o in p_out for lp in o.logprobs], [lp for o in g_out for lp in o.logprobs]):
             assert abs(a.logprob - b.logprob) <= 1e-4
     assert graphs.bucket_for(3) == 4 and graphs.bucket_for(9) is None
+
+
+def test_buckets_follow_the_servers_batch_limit():
+    assert buckets_up_to(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert buckets_up_to(48) == (1, 2, 4, 8, 16, 32, 64)
+    assert buckets_up_to(1) == (1,)
+    assert buckets_up_to(1000) == (1, 2, 4, 8, 16, 32, 64, 128, 256)     # larger batches run eagerly
 
 
 def test_batches_it_cannot_run_fall_back():
