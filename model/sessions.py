@@ -170,6 +170,7 @@ class SessionTable:
                 self.on_evict()
 
     def _info(self, session_id: str, session: _Session) -> SessionInfo:
-        return SessionInfo(session_id, session.num_tokens, len(session.block_ids),
-                           session.num_tokens * self.bytes_per_token, session.last_used_wall,
+        # bytes the pin holds: its blocks (with a sliding window, fewer than its tokens need)
+        held_bytes = len(session.block_ids) * self.pool.block_size * self.bytes_per_token
+        return SessionInfo(session_id, session.num_tokens, len(session.block_ids), held_bytes, session.last_used_wall,
                            session.last_used_monotonic)

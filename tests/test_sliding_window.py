@@ -168,8 +168,11 @@ def test_session_turns_under_the_window_pin_only_what_the_window_needs(engine):
         history += tokens + [100 + turn, 200 + turn]
         engine.flush_inbox()
         engine.check_integrity()
-        # the pin holds the blocks the next turn's window reaches, not the whole history
+        # the pin holds the blocks the next turn's window reaches, not the whole history, and says so
         assert engine.sessions.num_pinned_blocks <= -(-window // BLOCK) + 2
+        info = engine.sessions.get("alice", "s1")
+        assert info.bytes == info.num_pinned_blocks * BLOCK * engine.cache.bytes_per_token
+        assert info.num_tokens > info.num_pinned_blocks * BLOCK
 
 
 def test_a_request_longer_than_the_cache_is_admitted_only_with_a_window():
