@@ -150,3 +150,23 @@ class DecodeGraphs:
             return self.outputs[bucket][:n]
         static = replace(self.static_batch(bucket, batch.window), max_position=batch.max_position)
         return self.model.forward_paged(static, self.cache.layers)[:n]
+
+
+def make_decode_graphs(model: nn.Module, cache: KVCache, max_num_seqs: int, capture: bool) -> "DecodeGraphs | None":
+    """Prepare `model` (sync-free MoE routing with the grouped-GEMM kernel) and, when its decode step
+    can then be captured, DecodeGraphs over the cache's last block as scratch, for the buckets
+    `max_num_seqs` allows; captured when `capture` (CUDA), else run eagerly (tests on the CPU). The
+    engine built with it leaves the scratch block out of its pool. None when the model cannot be."""
+    from model.kernels.grouped_moe import grouped_moe
+
+    if cache.num_blocks < 2:
+        return None
+    use_sync_free_moe(model, grouped_gemm=grouped_moe)
+    if not graph_capturable(model):
+        log.info("decode steps run eagerly: the model has attention without a kernel or a MoE that syncs")
+        return None
+    graphs = DecodeGraphs(model, cache, scratch_block=cache.num_blocks - 1, buckets=buckets_up_to(max_num_seqs),
+                          use_cuda_graphs=capture)
+    if capture:
+        graphs.capture(window=getattr(model.config, "sliding_window", None))
+    return graphs

@@ -152,14 +152,9 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,
              cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB, cache.bytes_per_token)
     decode_graphs = None
-    if device.type == "cuda" and config.model.cuda_graphs and kernel_layers and cache.num_blocks > 1:
-        from model.kernels.grouped_moe import grouped_moe
-        from server.decode_graphs import DecodeGraphs, buckets_up_to, graph_capturable, use_sync_free_moe
-        use_sync_free_moe(model, grouped_gemm=grouped_moe)
-        if graph_capturable(model):
-            decode_graphs = DecodeGraphs(model, cache, scratch_block=cache.num_blocks - 1,
-                                         buckets=buckets_up_to(config.engine.max_num_seqs))
-            decode_graphs.capture(window=getattr(model.config, "sliding_window", None))
+    if device.type == "cuda" and config.model.cuda_graphs and kernel_layers:
+        from server.decode_graphs import make_decode_graphs
+        decode_graphs = make_decode_graphs(model, cache, config.engine.max_num_seqs, capture=True)
     engine = Engine(model, cache, tokenizer, config.engine, model_name=name, chat_template=chat_template,
                     device=device, observer=observer,
                     stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),

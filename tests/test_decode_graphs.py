@@ -14,7 +14,8 @@ from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.grouped_moe import grouped_moe  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
-from server.decode_graphs import DecodeGraphs, buckets_up_to, graph_capturable, use_sync_free_moe  # noqa: E402
+from server.decode_graphs import (DecodeGraphs, buckets_up_to, graph_capturable, make_decode_graphs,  # noqa: E402
+                                  use_sync_free_moe)
 from server.engine import Engine  # noqa: E402
 from server.types import GenerationRequest, SamplingParams  # noqa: E402
 from tests.helpers import ByteTokenizer, collect, make_cache, perturbed_model  # noqa: E402
@@ -110,3 +111,36 @@ def test_cuda_graph_replay_equals_eager_decode():
     assert set(graphs.graphs) == {1, 2, 4, 8}
     for (_, _, a), (_, _, b) in zip(plain, captured):
         assert a == b
+
+
+@pytest.mark.parametrize("name,capturable", [("custom-llm-tiny", True), ("llama-tiny", True),
+                                              ("smart-llm-tiny", False), ("shomsher-tiny", False)])
+def test_what_the_server_builds_for_each_family(name, capturable):
+    """make_decode_graphs as build_engine calls it on CUDA, run eagerly: MLA's MoE switched to
+    sync-free routing, buckets from --max-num-seqs, the last block as scratch; SmartLLM (its MoE
+    syncs) and ShomsherLLM (no kernel) stay eager."""
+    config = preset(name)
+    model = perturbed_model(config, seed=1)
+    use_triton_decode_attention(model)
+    cache = make_cache(config, num_blocks=20, block_size=4)
+    graphs = make_decode_graphs(model, cache, max_num_seqs=6, capture=False)
+    assert (graphs is not None) == capturable
+    if graphs is None:
+        return
+    assert graphs.buckets == (1, 2, 4, 8) and graphs.scratch_slot == 19 * 4
+    engine = Engine(model, cache, ByteTokenizer(config.vocab_size), EngineConfig(block_size=4, max_num_seqs=6),
+                    model_name="tiny", decode_graphs=graphs)
+    engine.start()
+    try:
+        assert engine.pool.num_blocks == 19
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        _, _, tokens = asyncio.run(collect(engine, GenerationRequest("r", [3, 1, 4, 1, 5], params)))
+        with torch.no_grad():
+            seq = [3, 1, 4, 1, 5]
+            for token in tokens:
+                assert token == int(model.forward_full(torch.tensor([seq]))[0, -1].argmax())
+                seq.append(token)
+        engine.flush_inbox()
+        engine.check_integrity()
+    finally:
+        engine.stop()
