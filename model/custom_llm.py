@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from model.config import CustomLLMConfig
-from model.layers import RMSNorm, SwiGLUExpert, apply_rope, rope_cos_sin
+from model.layers import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
 from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
 
-SYNC_FREE_MAX_TOKENS = 256   # the largest decode batch captured in a CUDA graph
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
@@ -107,7 +106,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.flatten(1))
 
 
-class DeepSeekMoE(nn.Module):
+class DeepSeekMoE(RoutedExperts, nn.Module):
     """Shared experts always; routed experts by sigmoid(router + routing_bias), top-k renormalised."""
 
     def __init__(self, cfg: CustomLLMConfig):
@@ -119,28 +118,10 @@ class DeepSeekMoE(nn.Module):
             SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_routed_experts))
         self.router = nn.Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
         self.routing_bias = nn.Parameter(torch.zeros(cfg.num_routed_experts))
-
-        self.sync_free = False          # see use_sync_free_routing
-        self.grouped_gemm = None
-
-    def use_sync_free_routing(self, grouped_gemm=None) -> None:
-        """Route without host syncs or data-dependent shapes (so a step can be captured in a CUDA
-        graph): the routed experts' weights become views of stacked [E, ...] tensors (no copy kept),
-        and `forward` gathers the routed experts' weights for tiny batches or runs every expert
-        weighted by its routing weight (zero when not routed) for larger ones, up to
-        SYNC_FREE_MAX_TOKENS (decode steps); bigger steps (prefill) keep the grouped loop, which
-        computes only the routed pairs. `grouped_gemm` (model.kernels.grouped_moe.grouped_moe on
-        CUDA) replaces the all-expert form with GEMMs over the routed pairs only."""
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            stacked = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
-            for index, expert in enumerate(self.routed_experts):
-                getattr(expert, name).weight.data = stacked[index]
-            setattr(self, f"_stacked_{name}", stacked)
-        self.grouped_gemm = grouped_gemm
-        self.sync_free = True
+        self.init_routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d]. Only experts that received tokens run (see also `sync_free`)."""
+        """x [T, d] → [T, d] (routing: see RoutedExperts)."""
         out = self.shared_experts[0](x)
         for expert in self.shared_experts[1:]:
             out = out + expert(x)
@@ -149,37 +130,7 @@ class DeepSeekMoE(nn.Module):
         scores = torch.sigmoid(self.router(x).float() + self.routing_bias.float())   # [T, E]
         top_w, top_e = scores.topk(self.top_k, dim=-1)                               # [T, k]
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
-        if self.sync_free and x.shape[0] <= SYNC_FREE_MAX_TOKENS:
-            return out + self._routed_sync_free(x, top_w, top_e)
-        counts = torch.bincount(top_e.flatten(), minlength=len(self.routed_experts)).tolist()
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            token_idx, slot = (top_e == e).nonzero(as_tuple=True)                    # [n], [n]
-            y = self.routed_experts[e](x[token_idx]) * top_w[token_idx, slot, None]  # [n, d]
-            out = out.index_add(0, token_idx, y)
-        return out
-
-
-    def _routed_sync_free(self, x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
-        """x [T, d], top_w/top_e [T, k] → the routed experts' weighted sum [T, d], static shapes."""
-        gate, up, down = self._stacked_gate_proj, self._stacked_up_proj, self._stacked_down_proj
-        num_tokens, k = top_e.shape
-        if num_tokens * k <= len(self.routed_experts):
-            # tiny batch: read only the routed experts' weights
-            routes = top_e.flatten()                                                   # [T*k]
-            xr = x.repeat_interleave(k, dim=0)[:, :, None]                              # [T*k, d, 1]
-            hidden = nn.functional.silu(torch.bmm(gate[routes], xr)) * torch.bmm(up[routes], xr)  # [T*k, h, 1]
-            y = torch.bmm(down[routes], hidden)[:, :, 0] * top_w.flatten()[:, None]    # [T*k, d]
-            return y.view(num_tokens, k, -1).sum(dim=1)
-        if self.grouped_gemm is not None:
-            return self.grouped_gemm(x, top_w, top_e, gate, up, down)
-        # larger batches: every expert over every token, weighted by its routing weight (0 if not routed)
-        weights = torch.zeros(num_tokens, len(self.routed_experts), dtype=x.dtype, device=x.device)
-        weights.scatter_(1, top_e, top_w)                                              # [T, E]
-        hidden = nn.functional.silu(torch.einsum("td,ehd->eth", x, gate)) * torch.einsum("td,ehd->eth", x, up)
-        y = torch.einsum("eth,edh->etd", hidden, down)                                 # [E, T, d]
-        return torch.einsum("etd,te->td", y, weights)
+        return out + self.routed(x, top_w, top_e)
 
 
 class MoEBlock(nn.Module):

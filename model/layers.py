@@ -1,4 +1,5 @@
-"""Building blocks shared by the families: RMSNorm, rotate_half RoPE, the SwiGLU expert."""
+"""Building blocks shared by the families: RMSNorm, rotate_half RoPE, the SwiGLU expert, and routing
+tokens over SwiGLU experts (RoutedExperts)."""
 from __future__ import annotations
 
 import torch
@@ -51,3 +52,75 @@ class SwiGLUExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+SYNC_FREE_MAX_TOKENS = 256   # the largest decode batch captured in a CUDA graph
+
+
+def route_to_experts(x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor, experts) -> torch.Tensor:
+    """Σ_j top_w[t, j] · experts[top_e[t, j]](x_t): x [T, d], top_w/top_e [T, k] → [T, d]. Each expert
+    that received tokens runs once over them (counting them is a host sync)."""
+    out = torch.zeros_like(x)
+    counts = torch.bincount(top_e.flatten(), minlength=len(experts)).tolist()
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        token_idx, slot = (top_e == e).nonzero(as_tuple=True)                        # [n], [n]
+        out.index_add_(0, token_idx, experts[e](x[token_idx]) * top_w[token_idx, slot, None])  # [n, d]
+    return out
+
+
+class RoutedExperts:
+    """Mixin for a MoE module holding `routed_experts` (SwiGLU modules whose gate, up and down
+    projections are named by EXPERT_WEIGHTS): `routed(x, top_w, top_e)` is Σ_j top_w[t, j] ·
+    expert_{top_e[t, j]}(x_t). Call `init_routing()` in `__init__`.
+
+    By default only experts that received tokens run, each over its own tokens (counting them needs
+    a host sync). `use_sync_free_routing` switches steps of up to SYNC_FREE_MAX_TOKENS tokens (decode
+    steps) to static shapes and no host syncs, so they can be captured in a CUDA graph: the experts'
+    weights become views of stacked [E, ...] tensors (no copy kept); tiny batches gather the routed
+    experts' weights; larger ones use `grouped_gemm` (model.kernels.grouped_moe.grouped_moe, GEMMs over
+    the routed pairs only) or, without it, every expert weighted by its routing weight (zero when not
+    routed). Bigger steps (prefill) keep the per-expert loop."""
+
+    EXPERT_WEIGHTS: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def init_routing(self) -> None:
+        self.sync_free = False
+        self.grouped_gemm = None
+
+    def use_sync_free_routing(self, grouped_gemm=None) -> None:
+        """Call once the model is on its device (the stacked tensors are plain attributes)."""
+        stacked = []
+        for name in self.EXPERT_WEIGHTS:
+            weights = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
+            for index, expert in enumerate(self.routed_experts):
+                getattr(expert, name).weight.data = weights[index]
+            stacked.append(weights)
+        self._stacked_gate, self._stacked_up, self._stacked_down = stacked
+        self.grouped_gemm = grouped_gemm
+        self.sync_free = True
+
+    def routed(self, x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
+        """x [T, d], top_w/top_e [T, k] (weights in x's dtype) → [T, d]."""
+        if self.sync_free and x.shape[0] <= SYNC_FREE_MAX_TOKENS:
+            return self._routed_sync_free(x, top_w, top_e)
+        return route_to_experts(x, top_w, top_e, self.routed_experts)
+
+    def _routed_sync_free(self, x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self._stacked_gate, self._stacked_up, self._stacked_down
+        num_tokens, k = top_e.shape
+        if num_tokens * k <= len(self.routed_experts):
+            # tiny batch: read only the routed experts' weights
+            routes = top_e.flatten()                                                   # [T*k]
+            xr = x.repeat_interleave(k, dim=0)[:, :, None]                              # [T*k, d, 1]
+            hidden = F.silu(torch.bmm(gate[routes], xr)) * torch.bmm(up[routes], xr)   # [T*k, h, 1]
+            y = torch.bmm(down[routes], hidden)[:, :, 0] * top_w.flatten()[:, None]    # [T*k, d]
+            return y.view(num_tokens, k, -1).sum(dim=1)
+        if self.grouped_gemm is not None:
+            return self.grouped_gemm(x, top_w, top_e, gate, up, down)
+        weights = torch.zeros(num_tokens, len(self.routed_experts), dtype=x.dtype, device=x.device)
+        weights.scatter_(1, top_e, top_w)                                              # [T, E]
+        hidden = F.silu(torch.einsum("td,ehd->eth", x, gate)) * torch.einsum("td,ehd->eth", x, up)
+        y = torch.einsum("eth,edh->etd", hidden, down)                                 # [E, T, d]
+        return torch.einsum("etd,te->td", y, weights)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import BaseModelConfig, register_family
-from model.layers import apply_rope, rope_cos_sin
+from model.layers import apply_rope, rope_cos_sin, route_to_experts
 from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
 
 
@@ -220,15 +220,7 @@ class ShomsherMoE(nn.Module):
         probs = torch.softmax(self.gate(x).to(_norm_dtype(x)), dim=-1)           # [T, E]
         top_w, top_e = probs.topk(self.top_k, dim=-1)                             # [T, k]
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        counts = torch.bincount(top_e.flatten(), minlength=len(self.experts)).tolist()
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            token_idx, slot = (top_e == e).nonzero(as_tuple=True)                 # [n], [n]
-            y = self.experts[e](x[token_idx]) * top_w[token_idx, slot, None]      # [n, d]
-            out = out.index_add(0, token_idx, y)
-        return out
+        return route_to_experts(x, top_w, top_e, self.experts)
 
 
 class FeedForwardMoE(nn.Module):

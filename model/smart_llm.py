@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import BaseModelConfig, register_family
-from model.layers import RMSNorm, apply_rope, rope_cos_sin
+from model.layers import RMSNorm, RoutedExperts, apply_rope, rope_cos_sin
 from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
 
 # the seed's ModelConfig names → ours (the others are the same)
@@ -231,8 +231,10 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-class MixtureOfExperts(nn.Module):
+class MixtureOfExperts(RoutedExperts, nn.Module):
     """`shared_expert(x) + Σ_topk softmax(top-k raw gate logits, float32)_e · routed_experts[e](x)`."""
+
+    EXPERT_WEIGHTS = ("w1", "w2", "w3")     # SwiGLU's gate, up, down
 
     def __init__(self, cfg: SmartLLMConfig):
         super().__init__()
@@ -240,21 +242,14 @@ class MixtureOfExperts(nn.Module):
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.d_ff)
         self.routed_experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.d_ff) for _ in range(cfg.num_experts))
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.init_routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] → [..., d]. Only experts that received tokens run."""
+        """x [..., d] → [..., d] (routing: see RoutedExperts)."""
         flat = x.reshape(-1, x.shape[-1])                                             # [T, d]
-        out = self.shared_expert(flat)
         top_logits, top_e = self.gate(flat).topk(self.top_k, dim=-1)                 # [T, k]
         top_w = torch.softmax(top_logits.to(torch.promote_types(x.dtype, torch.float32)), -1).to(x.dtype)
-        counts = torch.bincount(top_e.flatten(), minlength=len(self.routed_experts)).tolist()
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            token_idx, slot = (top_e == e).nonzero(as_tuple=True)                    # [n], [n]
-            y = self.routed_experts[e](flat[token_idx]) * top_w[token_idx, slot, None]  # [n, d]
-            out = out.index_add(0, token_idx, y)
-        return out.view_as(x)
+        return (self.shared_expert(flat) + self.routed(flat, top_w, top_e)).view_as(x)
 
 
 class TransformerBlock(nn.Module):

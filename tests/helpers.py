@@ -98,3 +98,37 @@ async def collect(engine, request):
     text = "".join(o.text for o in outputs)
     tokens = [t for o in outputs for t in o.token_ids]
     return outputs, text, tokens
+
+
+def greedy_outputs_with_and_without(config, prepare, prompts: list[list[int]], max_tokens: int = 12,
+                                    std: float = 0.15):
+    """The same prompts, run together through two tiny engines over `config` (greedy, logprobs 5):
+    a plain one and one whose model `prepare(model)` changed (a kernel, another routing...). Returns
+    the two lists of `collect` results, for `assert_same_outputs`."""
+    import asyncio
+
+    from server.types import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5, ignore_eos=True)
+    results = []
+    for changed in (False, True):
+        engine = tiny_engine(config=config, num_blocks=64, block_size=4, std=std)
+        if changed:
+            prepare(engine.model)
+        try:
+            async def all_of():
+                return await asyncio.gather(*(collect(engine, GenerationRequest(f"r{j}", p, params))
+                                              for j, p in enumerate(prompts)))
+            results.append(asyncio.run(all_of()))
+        finally:
+            engine.stop()
+    return results
+
+
+def assert_same_outputs(plain, changed, logprob_tol: float = 1e-4) -> None:
+    """Greedy tokens equal, and the chosen tokens' logprobs within `logprob_tol`."""
+    for (plain_out, _, plain_tokens), (changed_out, _, changed_tokens) in zip(plain, changed):
+        assert plain_tokens == changed_tokens
+        plain_lps = [lp for o in plain_out for lp in o.logprobs]
+        changed_lps = [lp for o in changed_out for lp in o.logprobs]
+        assert all(abs(a.logprob - b.logprob) <= logprob_tol for a, b in zip(plain_lps, changed_lps))

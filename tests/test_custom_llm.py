@@ -107,5 +107,5 @@ def test_sync_free_moe_routing_equals_the_grouped_loop(num_tokens):
         got = moe(x)
         # the checkpoint view is unchanged, and the experts' weights are views of the stacked tensors
         assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
-        assert moe.routed_experts[3].up_proj.weight.data_ptr() == moe._stacked_up_proj[3].data_ptr()
+        assert moe.routed_experts[3].up_proj.weight.data_ptr() == moe._stacked_up[3].data_ptr()
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()

@@ -114,11 +114,11 @@ def test_cuda_graph_replay_equals_eager_decode():
 
 
 @pytest.mark.parametrize("name,capturable", [("custom-llm-tiny", True), ("llama-tiny", True),
-                                              ("smart-llm-tiny", False), ("shomsher-tiny", False)])
+                                              ("smart-llm-tiny", True), ("shomsher-tiny", False)])
 def test_what_the_server_builds_for_each_family(name, capturable):
-    """make_decode_graphs as build_engine calls it on CUDA, run eagerly: MLA's MoE switched to
-    sync-free routing, buckets from --max-num-seqs, the last block as scratch; SmartLLM (its MoE
-    syncs) and ShomsherLLM (no kernel) stay eager."""
+    """make_decode_graphs as build_engine calls it on CUDA, run eagerly: MoEs switched to sync-free
+    routing, buckets from --max-num-seqs, the last block as scratch; ShomsherLLM (no attention
+    kernel) stays eager."""
     config = preset(name)
     model = perturbed_model(config, seed=1)
     use_triton_decode_attention(model)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="pip install triton (interprets on the CPU)")
 
 from model.config import preset  # noqa: E402
-from model.kernels.grouped_moe import BLOCK_M, grouped_moe, sort_pairs_by_expert  # noqa: E402
+from model.kernels.grouped_moe import grouped_moe, sort_pairs_by_expert  # noqa: E402
 from tests.helpers import perturbed_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,10 +67,12 @@ def test_sorting_pairs_by_expert_pads_each_run():
     assert (block_expert[len(runs):] == 7).all()                                   # idle blocks last
 
 
-def test_sync_free_moe_uses_the_kernel_for_larger_batches():
-    model = perturbed_model(preset("custom-llm-tiny"), seed=2).to(DEVICE)
-    moe = model.decoder_layers[0].mlp.moe
-    x = torch.randn(24, moe.router.in_features, device=DEVICE)
+@pytest.mark.parametrize("name", ["custom-llm-tiny", "smart-llm-tiny"])
+@pytest.mark.parametrize("num_tokens", [2, 24])        # the gathered form, then the kernel
+def test_sync_free_moe_equals_the_per_expert_loop(name, num_tokens):
+    model = perturbed_model(preset(name), seed=2).to(DEVICE)
+    moe = next(m for m in model.modules() if hasattr(m, "routed_experts"))
+    x = torch.randn(num_tokens, preset(name).hidden_size, device=DEVICE)
     with torch.no_grad():
         expected = moe(x)
         moe.use_sync_free_routing(grouped_gemm=grouped_moe)

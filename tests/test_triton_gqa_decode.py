@@ -2,7 +2,6 @@
 (Llama and SmartLLM families), in Triton's interpreter on the CPU; `gpu` tests on the real shapes."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
@@ -13,9 +12,8 @@ from model.block_pool import RELEASED  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.paged_gqa_decode import paged_gqa_decode  # noqa: E402
-from server.decode_graphs import graph_capturable  # noqa: E402
-from server.types import GenerationRequest, SamplingParams  # noqa: E402
-from tests.helpers import collect, tiny_engine  # noqa: E402
+from server.decode_graphs import graph_capturable, use_sync_free_moe  # noqa: E402
+from tests.helpers import assert_same_outputs, greedy_outputs_with_and_without, tiny_engine  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -84,32 +82,21 @@ def test_kernel_in_float16():
 def test_engine_decodes_the_same_tokens_with_the_kernel(name):
     config = preset("smart-llm-tiny").replace(use_mixture_of_experts=False) if name.startswith("smart") \
         else preset(name)
-    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, ignore_eos=True)
+
+    def prepare(model):
+        assert use_triton_decode_attention(model) == config.num_layers
+        assert graph_capturable(model)                  # no MoE: the decode step can be captured
     prompts = [[(7 * i + j) % 512 for i in range(5 + 9 * j)] for j in range(3)]
-    results = []
-    for kernel in (False, True):
-        engine = tiny_engine(config=config, num_blocks=64, block_size=4, std=0.2)
-        if kernel:
-            assert use_triton_decode_attention(engine.model) == config.num_layers
-            assert graph_capturable(engine.model)        # no MoE: the decode step can be captured
-        try:
-            async def all_of():
-                return await asyncio.gather(*(collect(engine, GenerationRequest(f"r{j}", p, params))
-                                              for j, p in enumerate(prompts)))
-            results.append(asyncio.run(all_of()))
-        finally:
-            engine.stop()
-    for (plain_out, _, plain_tokens), (kernel_out, _, kernel_tokens) in zip(*results):
-        assert plain_tokens == kernel_tokens
-        for a, b in zip([lp for o in plain_out for lp in o.logprobs], [lp for o in kernel_out for lp in o.logprobs]):
-            assert abs(a.logprob - b.logprob) <= 1e-4
+    assert_same_outputs(*greedy_outputs_with_and_without(config, prepare, prompts, std=0.2))
 
 
-def test_smart_llm_with_moe_is_not_capturable():
+def test_smart_llm_with_moe_is_capturable_once_it_routes_sync_free():
     engine = tiny_engine(config=preset("smart-llm-tiny"), num_blocks=8, block_size=4)
     try:
         use_triton_decode_attention(engine.model)
         assert not graph_capturable(engine.model)          # its MoE counts tokens per expert on the host
+        assert use_sync_free_moe(engine.model) == preset("smart-llm-tiny").num_layers
+        assert graph_capturable(engine.model)
     finally:
         engine.stop()
 

@@ -3,7 +3,6 @@ tests/conftest.py when there is no CUDA), on the GPU natively, with the 973M mod
 (12 heads, latent 192, RoPE 12 x 32: 576-wide rows) and the tiny model's."""
 from __future__ import annotations
 
-import asyncio
 import math
 
 import pytest
@@ -15,8 +14,7 @@ from model.block_pool import RELEASED  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.paged_mla_decode import block_diagonal_rope_query, merge_splits, paged_mla_decode  # noqa: E402
-from server.types import GenerationRequest, SamplingParams  # noqa: E402
-from tests.helpers import collect, tiny_engine  # noqa: E402
+from tests.helpers import assert_same_outputs, greedy_outputs_with_and_without  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -117,24 +115,12 @@ def test_block_diagonal_query_and_merge():
 def test_engine_decodes_the_same_tokens_with_the_kernel():
     """custom-llm-tiny through the whole engine: greedy tokens and logprobs with the kernel on decode
     steps equal the PyTorch path's."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, ignore_eos=True)
+    config = preset("custom-llm-tiny")
+
+    def prepare(model):
+        assert use_triton_decode_attention(model) == config.num_layers
     prompts = [[(7 * i + j) % 512 for i in range(5 + 9 * j)] for j in range(3)]
-    results = []
-    for kernel in (False, True):
-        engine = tiny_engine(num_blocks=64, block_size=4)
-        if kernel:
-            assert use_triton_decode_attention(engine.model) == preset("custom-llm-tiny").num_layers
-        try:
-            async def all_of():
-                return await asyncio.gather(*(collect(engine, GenerationRequest(f"r{j}", p, params))
-                                              for j, p in enumerate(prompts)))
-            results.append(asyncio.run(all_of()))
-        finally:
-            engine.stop()
-    for (plain_out, _, plain_tokens), (kernel_out, _, kernel_tokens) in zip(*results):
-        assert plain_tokens == kernel_tokens
-        for a, b in zip([lp for o in plain_out for lp in o.logprobs], [lp for o in kernel_out for lp in o.logprobs]):
-            assert abs(a.logprob - b.logprob) <= 1e-4
+    assert_same_outputs(*greedy_outputs_with_and_without(config, prepare, prompts))
 
 
 @pytest.mark.gpu

@@ -3,8 +3,8 @@
 Cached rows are `[K of every kv head (post-RoPE) | V of every kv head]`. Program (b, g, s) serves
 sequence b, kv head g with the query heads of its group (contiguous: query head h reads kv head
 h // group), and the s-th slice of the context: it streams that kv head's K and V once for the whole
-group, keeps an online softmax, and writes its partial state; `merge_splits` (shared with the MLA
-kernel) combines the slices. Shapes and grid depend only on the batch size and the table width, so
+group, keeps an online softmax, and writes its partial state; the softmax step, the state's store and
+`merge_splits` are the MLA kernel's. Shapes and grid depend only on the batch size and the table width, so
 the launch can be captured in a CUDA graph; released blocks (-1) are never read, and a sliding window
 starts each query's keys at p - W.
 """
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.paged_mla_decode import BLOCK_K, merge_splits, num_splits_for
+from model.kernels.paged_mla_decode import (BLOCK_K, merge_splits, num_splits_for, online_softmax_step,
+                                           store_split_state)
 
 MIN_GROUP = 16        # query rows per program (tl.dot needs 16); a smaller group is masked
 
@@ -62,19 +63,10 @@ def _paged_gqa_decode_split(
         v = tl.load(row_ptr + v_col[None, :], mask=tile_ok, other=0.0)        # [K, D]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale     # [G, K]
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, PRECISION)
 
-    out = b * stride_acc_b + split * stride_acc_s + heads[:, None] * stride_acc_h + dims[None, :]
-    tl.store(acc_ptr + out, acc, mask=member_ok[:, None] & dim_ok[None, :])
-    stat = b * stride_ms_b + split * stride_ms_s + heads
-    tl.store(max_ptr + stat, m_i, mask=member_ok)
-    tl.store(sum_ptr + stat, l_i, mask=member_ok)
+    store_split_state(acc_ptr, max_ptr, sum_ptr, acc, m_i, l_i, b, split, heads, dims, member_ok, dim_ok,
+                      stride_acc_b, stride_acc_s, stride_acc_h, stride_ms_b, stride_ms_s)
 
 
 def paged_gqa_decode(q: torch.Tensor, cache_layer: torch.Tensor, block_tables: torch.Tensor,

@@ -28,6 +28,30 @@ ROPE_CHUNK = 64       # RoPE columns per dot
 
 
 @triton.jit
+def online_softmax_step(scores, values, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One key tile of an online softmax: scores [G, K] (masked keys at -inf), values [K, D] →
+    the running max m_i [G], sum l_i [G] and unnormalised output acc [G, D], updated."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))                                   # [G]
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                        # a row with no key yet
+    p = tl.exp(scores - m_safe[:, None])                                         # [G, K]
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)  # [G, D]
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_split_state(acc_ptr, max_ptr, sum_ptr, acc, m_i, l_i, b, split, heads, cols, head_ok, col_ok,
+                      stride_acc_b, stride_acc_s, stride_acc_h, stride_ms_b, stride_ms_s):
+    """Write one context slice's softmax state for `merge_splits`: acc [B, S, H, D], max/sum [B, S, H]."""
+    out = b * stride_acc_b + split * stride_acc_s + heads[:, None] * stride_acc_h + cols[None, :]
+    tl.store(acc_ptr + out, acc, mask=head_ok[:, None] & col_ok[None, :])
+    stat = b * stride_ms_b + split * stride_ms_s + heads
+    tl.store(max_ptr + stat, m_i, mask=head_ok)
+    tl.store(sum_ptr + stat, l_i, mask=head_ok)
+
+
+@triton.jit
 def _paged_mla_decode_split(
     q_latent_ptr, q_rope_ptr, cache_ptr, block_tables_ptr, context_lens_ptr,
     acc_ptr, max_ptr, sum_ptr,
@@ -77,19 +101,10 @@ def _paged_mla_decode_split(
             scores += tl.dot(q_r, tl.trans(k_r), input_precision=PRECISION)     # [G, K]
         scores = tl.where(key_ok[None, :], scores * scale, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(scores, 1))                               # [G]
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                    # a head with no key yet
-        p = tl.exp(scores - m_safe[:, None])                                     # [G, K]
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=PRECISION)  # [G, Lp]
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, lat, m_i, l_i, acc, PRECISION)   # values: the c_kv rows
 
-    out = b * stride_acc_b + split * stride_acc_s + heads[:, None] * stride_acc_h + lat_cols[None, :]
-    tl.store(acc_ptr + out, acc, mask=head_ok[:, None] & lat_ok[None, :])
-    stat = b * stride_ms_b + split * stride_ms_s + heads
-    tl.store(max_ptr + stat, m_i, mask=head_ok)
-    tl.store(sum_ptr + stat, l_i, mask=head_ok)
+    store_split_state(acc_ptr, max_ptr, sum_ptr, acc, m_i, l_i, b, split, heads, lat_cols, head_ok, lat_ok,
+                      stride_acc_b, stride_acc_s, stride_acc_h, stride_ms_b, stride_ms_s)
 
 
 def block_diagonal_rope_query(q_rope: torch.Tensor) -> torch.Tensor:
