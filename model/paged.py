@@ -44,10 +44,12 @@ class PagedBatch:
     token_ids: torch.Tensor      # [T] int64
     positions: torch.Tensor      # [T] int64, absolute
     slot_mapping: torch.Tensor   # [T] int64
-    query_index: torch.Tensor    # [B, Q] int64 into the flat batch (pads point at 0)
-    query_valid: torch.Tensor    # [B, Q] bool
-    context_slots: torch.Tensor  # [B, K] int64 (pads point at slot 0)
-    attn_mask: torch.Tensor      # [B, Q, K] bool, True = may attend
+    # the gather path's fields; None in a batch built with_gather=False (decode kernels read the
+    # block tables instead)
+    query_index: torch.Tensor | None    # [B, Q] int64 into the flat batch (pads point at 0)
+    query_valid: torch.Tensor | None    # [B, Q] bool
+    context_slots: torch.Tensor | None  # [B, K] int64 (pads point at slot 0)
+    attn_mask: torch.Tensor | None      # [B, Q, K] bool, True = may attend
     logits_index: torch.Tensor   # [N] int64: flat tokens whose logits are returned
     is_decode_only: bool         # every sequence contributes exactly one token
     block_tables: torch.Tensor   # [B, MB] int64 block ids (-1: none or released), for kernels
@@ -58,8 +60,10 @@ class PagedBatch:
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu",
-              window: int | None = None) -> "PagedBatch":
-        """`window` W: a query at position p sees keys p-W .. p (None: the whole causal past)."""
+              window: int | None = None, with_gather: bool = True) -> "PagedBatch":
+        """`window` W: a query at position p sees keys p-W .. p (None: the whole causal past).
+        `with_gather=False` leaves out the gather path's index tensors and mask, for a step whose
+        attention runs in kernels that read the block tables (decode kernels, CUDA graphs)."""
         assert chunks, "a step needs at least one sequence"
         lengths = [len(c.token_ids) for c in chunks]
         assert all(n > 0 for n in lengths), "every chunk computes at least one token"
@@ -82,6 +86,17 @@ class PagedBatch:
                         + positions % block_size)                                   # [T]
         assert bool((slot_mapping >= 0).all()), "a new token has no cache block"
 
+        ends = starts + lens                                                        # [B]
+        needs = torch.tensor([c.needs_logits for c in chunks])
+        logits_index = (flat_starts + lens - 1)[needs]
+        put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        kernel_fields = dict(is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
+                             block_size=block_size, window=window,
+                             max_position=max(c.context_len for c in chunks) - 1)
+        if not with_gather:
+            return PagedBatch(put(token_ids), put(positions), put(slot_mapping), None, None, None, None,
+                              put(logits_index), **kernel_fields)
+
         q_offsets = torch.arange(max_q)                                             # [Q]
         query_valid = q_offsets[None, :] < lens[:, None]                            # [B, Q]
         query_index = torch.where(query_valid, flat_starts[:, None] + q_offsets, 0)
@@ -94,7 +109,6 @@ class PagedBatch:
             key_start = torch.zeros(num_seqs, dtype=torch.long)                     # [B]
         else:
             key_start = (starts - window).clamp_min(0)                              # [B]
-        ends = starts + lens                                                        # [B]
         num_keys = int((ends - key_start).max())
         key_pos = key_start[:, None] + torch.arange(num_keys)                       # [B, K]
         key_blocks = tables.gather(1, (key_pos // block_size).clamp_max(max_blocks - 1))  # [B, K]
@@ -105,17 +119,12 @@ class PagedBatch:
         mask &= (key_blocks >= 0)[:, None, :]
         mask[:, :, 0] |= ~query_valid                                               # pads see key 0
 
-        needs = torch.tensor([c.needs_logits for c in chunks])
-        logits_index = (flat_starts + lens - 1)[needs]
-        put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PagedBatch(put(token_ids), put(positions), put(slot_mapping), put(query_index),
-                          put(query_valid), put(context_slots), put(mask), put(logits_index),
-                          is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
-                          block_size=block_size, window=window, max_position=int(ends.max()) - 1)
+                          put(query_valid), put(context_slots), put(mask), put(logits_index), **kernel_fields)
 
     @property
     def num_seqs(self) -> int:
-        return self.query_index.shape[0]
+        return self.block_tables.shape[0]
 
 
 def write_rows(cache_layer: torch.Tensor, batch: PagedBatch, rows: torch.Tensor) -> None:

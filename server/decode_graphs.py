@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from model.kernels import decodes_through_kernels
 from model.kv_cache import KVCache
 from model.paged import PagedBatch
 
@@ -40,10 +41,8 @@ def buckets_up_to(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS)
 def graph_capturable(model: nn.Module) -> bool:
     """Every attention layer decodes through a kernel and every MoE (any module with routed experts)
     routes without host syncs."""
-    attention = [m for m in model.modules() if hasattr(m, "decode_attention")]
     moe = [m for m in model.modules() if hasattr(m, "routed_experts")]
-    return bool(attention) and all(m.decode_attention is not None for m in attention) \
-        and all(getattr(m, "sync_free", False) for m in moe)
+    return decodes_through_kernels(model) and all(getattr(m, "sync_free", False) for m in moe)
 
 
 def use_sync_free_moe(model: nn.Module, grouped_gemm=None) -> int:
@@ -64,20 +63,21 @@ class DecodeGraphs:
         self.cache = cache
         self.buckets = tuple(sorted(buckets))
         self.block_size = cache.block_size
+        self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * cache.block_size
         self.max_blocks_per_seq = -(-model.config.max_context // cache.block_size)
         self.use_cuda_graphs = use_cuda_graphs
         device = cache.layers[0].device
         largest = self.buckets[-1]
         long = dict(dtype=torch.long, device=device)
-        # the static inputs, largest bucket; padding rows are kept pointing at the scratch block
-        self.token_ids = torch.zeros(largest, **long)                                  # [B]
-        self.positions = torch.zeros(largest, **long)                                  # [B]
-        self.slot_mapping = torch.full((largest,), self.scratch_slot, **long)          # [B]
-        self.block_tables = torch.full((largest, self.max_blocks_per_seq), -1, **long)  # [B, MB]
-        self.block_tables[:, 0] = scratch_block
-        self.context_lens = torch.ones(largest, **long)                                # [B]
+        # the static inputs, largest bucket, all padding to begin with
+        self.token_ids = torch.empty(largest, **long)                                  # [B]
+        self.positions = torch.empty(largest, **long)                                  # [B]
+        self.slot_mapping = torch.empty(largest, **long)                               # [B]
+        self.block_tables = torch.empty(largest, self.max_blocks_per_seq, **long)      # [B, MB]
+        self.context_lens = torch.empty(largest, **long)                               # [B]
         self.logits_index = torch.arange(largest, **long)                              # [B]
+        self._pad(slice(0, largest))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}                                     # bucket → [B, V]
 
@@ -85,14 +85,13 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
     def static_batch(self, bucket: int, window: int | None) -> PagedBatch:
-        """A decode PagedBatch over the first `bucket` rows of the static buffers. The gather-path
-        fields (query_index, context_slots, attn_mask) are unused by the kernel and left minimal."""
-        one = self.token_ids[:bucket]
+        """A decode PagedBatch over the first `bucket` rows of the static buffers (no gather-path
+        fields: the kernels read the block tables)."""
         return PagedBatch(
-            token_ids=one, positions=self.positions[:bucket], slot_mapping=self.slot_mapping[:bucket],
-            query_index=self.logits_index[:bucket, None], query_valid=torch.ones_like(one, dtype=torch.bool)[:, None],
-            context_slots=self.slot_mapping[:bucket, None], attn_mask=torch.ones_like(one, dtype=torch.bool)[:, None, None],
-            logits_index=self.logits_index[:bucket], is_decode_only=True, block_tables=self.block_tables[:bucket],
+            token_ids=self.token_ids[:bucket], positions=self.positions[:bucket],
+            slot_mapping=self.slot_mapping[:bucket], query_index=None, query_valid=None, context_slots=None,
+            attn_mask=None, logits_index=self.logits_index[:bucket], is_decode_only=True,
+            block_tables=self.block_tables[:bucket],
             context_lens=self.context_lens[:bucket], block_size=self.block_size, window=window,
             max_position=self.model.config.max_context - 1)
 
@@ -106,12 +105,16 @@ class DecodeGraphs:
         self.block_tables[:n, width:].fill_(-1)
         self.context_lens[:n].copy_(batch.context_lens)
         if n < bucket:
-            self.token_ids[n:bucket].zero_()
-            self.positions[n:bucket].zero_()
-            self.slot_mapping[n:bucket].fill_(self.scratch_slot)
-            self.block_tables[n:bucket, 1:].fill_(-1)
-            self.block_tables[n:bucket, 0] = self.scratch_slot // self.block_size
-            self.context_lens[n:bucket].fill_(1)
+            self._pad(slice(n, bucket))
+
+    def _pad(self, rows: slice) -> None:
+        """Make `rows` padding: token 0 at position 0, written to and reading only the scratch block."""
+        self.token_ids[rows] = 0
+        self.positions[rows] = 0
+        self.slot_mapping[rows] = self.scratch_slot
+        self.block_tables[rows] = -1
+        self.block_tables[rows, 0] = self.scratch_block
+        self.context_lens[rows] = 1
 
     @torch.inference_mode()
     def capture(self, window: int | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.kernels import decodes_through_kernels
 from model.kv_cache import KVCache
 from model.paged import PagedBatch, SequenceChunk
 from server.scheduler import ScheduledChunk
@@ -30,6 +31,8 @@ class ModelRunner:
         self.small_step_model = small_step_model
         self.small_step_tokens = small_step_tokens
         self.window = getattr(model.config, "sliding_window", None)
+        # decode kernels read the block tables: decode batches then skip the gather-path tensors
+        self.decode_kernels = decodes_through_kernels(model)
 
     def build_batch(self, chunks: list[ScheduledChunk]) -> PagedBatch:
         bs = self.cache.block_size
@@ -39,7 +42,9 @@ class ModelRunner:
             seq_chunks.append(SequenceChunk(
                 token_ids=c.seq.token_slice(c.start, end), start_pos=c.start,
                 block_table=c.seq.block_ids[: -(-end // bs)], needs_logits=c.completes_prompt))
-        return PagedBatch.build(seq_chunks, bs, self.device, window=self.window)
+        decode_only = all(c.num_tokens == 1 for c in chunks)
+        return PagedBatch.build(seq_chunks, bs, self.device, window=self.window,
+                                with_gather=not (decode_only and self.decode_kernels))
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

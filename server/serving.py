@@ -142,7 +142,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if resolve_decode_attention(config.model.decode_attention, device) == "triton":
         from model.kernels import use_triton_decode_attention
         kernel_layers = use_triton_decode_attention(model)
-        log.info("decode attention: Triton paged MLA kernel in %d layers", kernel_layers)
+        log.info("decode attention: Triton paged decode kernel in %d layers", kernel_layers)
     small_step_model = None
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)

@@ -77,14 +77,17 @@ class ByteTokenizer:
 
 
 def tiny_engine(config=None, num_blocks: int = 256, block_size: int = 4, seed: int = 11, std: float = 0.15,
-                observer=None, **engine_overrides):
-    """A started engine over a random custom-llm-tiny model and a byte tokenizer."""
+                observer=None, prepare_model=None, **engine_overrides):
+    """A started engine over a random custom-llm-tiny model and a byte tokenizer; `prepare_model(model)`
+    runs before the engine is built (decode kernels, routing...)."""
     from model.config import preset
     from server.config import EngineConfig
     from server.engine import Engine
 
     config = config or preset("custom-llm-tiny")
     model = perturbed_model(config, seed=seed, std=std)
+    if prepare_model is not None:
+        prepare_model(model)
     cache = make_cache(config, num_blocks=num_blocks, block_size=block_size)
     engine = Engine(model, cache, ByteTokenizer(config.vocab_size),
                     EngineConfig(block_size=block_size, **engine_overrides), model_name="tiny", observer=observer)
@@ -112,9 +115,8 @@ def greedy_outputs_with_and_without(config, prepare, prompts: list[list[int]], m
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5, ignore_eos=True)
     results = []
     for changed in (False, True):
-        engine = tiny_engine(config=config, num_blocks=64, block_size=4, std=std)
-        if changed:
-            prepare(engine.model)
+        engine = tiny_engine(config=config, num_blocks=64, block_size=4, std=std,
+                             prepare_model=prepare if changed else None)
         try:
             async def all_of():
                 return await asyncio.gather(*(collect(engine, GenerationRequest(f"r{j}", p, params))
@@ -132,3 +134,32 @@ def assert_same_outputs(plain, changed, logprob_tol: float = 1e-4) -> None:
         plain_lps = [lp for o in plain_out for lp in o.logprobs]
         changed_lps = [lp for o in changed_out for lp in o.logprobs]
         assert all(abs(a.logprob - b.logprob) <= logprob_tol for a, b in zip(plain_lps, changed_lps))
+
+
+def roomy_and_tight_runs(prompts: list[list[int]], max_tokens: int, tight_blocks: int, config=None,
+                         std: float = 0.15, **tight_overrides):
+    """Greedy tokens of `prompts` run together on a roomy cache and on one of `tight_blocks` blocks
+    (where requests get preempted). The tight engine is checked for integrity and left with no block
+    in use; returns (roomy tokens, tight tokens, the tight engine's scheduler)."""
+    import asyncio
+
+    from server.types import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def run_all(engine):
+        return await asyncio.gather(*(collect(engine, GenerationRequest(f"p{i}", p, params))
+                                      for i, p in enumerate(prompts)))
+
+    roomy = tiny_engine(config=config, num_blocks=256, std=std)
+    tight = tiny_engine(config=config, num_blocks=tight_blocks, std=std, **tight_overrides)
+    try:
+        expected = [r[2] for r in asyncio.run(run_all(roomy))]
+        got = [r[2] for r in asyncio.run(run_all(tight))]
+        tight.flush_inbox()
+        tight.check_integrity()
+        assert tight.pool.num_used_blocks == 0
+        return expected, got, tight.scheduler
+    finally:
+        roomy.stop()
+        tight.stop()

@@ -10,7 +10,7 @@ import torch
 
 from model.config import preset
 from server.types import GenerationRequest, SamplingParams
-from tests.helpers import collect, tiny_engine
+from tests.helpers import collect, roomy_and_tight_runs, tiny_engine
 from tests.oracles.custom_llm_oracle import oracle_logits
 
 CFG = preset("custom-llm-tiny")
@@ -132,24 +132,9 @@ def test_preemption_keeps_outputs_exact():
     """With a cache too small for all requests at once, preempted requests resume and produce
     the same greedy tokens as with a roomy cache."""
     prompts = [[(7 * i + j) % 400 + 1 for j in range(10 + 3 * i)] for i in range(6)]
-
-    async def run_all(engine):
-        return await asyncio.gather(*(collect(engine, request(f"p{i}", p, max_tokens=16, temperature=0,
-                                                              ignore_eos=True)) for i, p in enumerate(prompts)))
-
-    roomy = tiny_engine(num_blocks=256)
-    tight = tiny_engine(num_blocks=24)
-    try:
-        expected = [r[2] for r in asyncio.run(run_all(roomy))]
-        got = [r[2] for r in asyncio.run(run_all(tight))]
-        assert tight.scheduler.num_preemptions > 0
-        assert got == expected
-        tight.flush_inbox()
-        tight.check_integrity()
-        assert tight.pool.num_used_blocks == 0
-    finally:
-        roomy.stop()
-        tight.stop()
+    expected, got, tight = roomy_and_tight_runs(prompts, max_tokens=16, tight_blocks=24)
+    assert tight.num_preemptions > 0
+    assert got == expected
 
 
 def test_200_random_requests_with_aborts_all_finish():

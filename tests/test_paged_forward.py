@@ -54,3 +54,15 @@ def test_paged_with_cached_prefix(model, prefix_len):
         expected = oracle_logits(sd, CFG, seq)[prefix_len:]
         err = float((logits.double() - expected).abs().max() / expected.abs().max())
         assert err <= 1e-5
+
+
+def test_a_batch_for_kernels_carries_no_gather_tensors():
+    """with_gather=False: the kernel fields are the same, the gather path's are left out."""
+    from model.paged import PagedBatch, SequenceChunk
+    chunks = [SequenceChunk([7], 9, [3, 1, 4]), SequenceChunk([8], 2, [5])]
+    full = PagedBatch.build(chunks, 4, window=3)
+    lean = PagedBatch.build(chunks, 4, window=3, with_gather=False)
+    assert lean.query_index is None and lean.context_slots is None and lean.attn_mask is None
+    for name in ("token_ids", "positions", "slot_mapping", "logits_index", "block_tables", "context_lens"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+    assert (lean.max_position, lean.num_seqs, lean.is_decode_only) == (full.max_position, 2, True) == (9, 2, True)

@@ -13,7 +13,7 @@ from model.block_pool import RELEASED, BlockPool
 from model.config import preset
 from server.scheduler import held
 from server.types import GenerationRequest, SamplingParams
-from tests.helpers import collect, tiny_engine
+from tests.helpers import collect, roomy_and_tight_runs, tiny_engine
 
 BLOCK = 4
 
@@ -194,25 +194,10 @@ def test_preemption_under_the_window_keeps_outputs_exact():
     """A pool too small for every request at once: preempted requests resume through windowed prefix
     hits (their early blocks may be gone) and still produce the roomy cache's greedy tokens."""
     prompts = [[(7 * i + j) % 400 + 1 for j in range(10 + 5 * i)] for i in range(6)]
-
-    async def run_all(engine):
-        return await asyncio.gather(*(collect(engine, GenerationRequest(f"p{i}", p, greedy(30)))
-                                      for i, p in enumerate(prompts)))
-
-    roomy = tiny_engine(config=windowed_config(6), num_blocks=256, block_size=BLOCK, std=0.2)
-    tight = tiny_engine(config=windowed_config(6), num_blocks=14, block_size=BLOCK, std=0.2,
-                        max_num_batched_tokens=16)
-    try:
-        expected = [r[2] for r in asyncio.run(run_all(roomy))]
-        got = [r[2] for r in asyncio.run(run_all(tight))]
-        assert tight.scheduler.num_preemptions > 0 and tight.scheduler.num_window_released_blocks > 0
-        assert got == expected
-        tight.flush_inbox()
-        tight.check_integrity()
-        assert tight.pool.num_used_blocks == 0
-    finally:
-        roomy.stop()
-        tight.stop()
+    expected, got, tight = roomy_and_tight_runs(prompts, max_tokens=30, tight_blocks=14, config=windowed_config(6),
+                                                std=0.2, max_num_batched_tokens=16)
+    assert tight.num_preemptions > 0 and tight.num_window_released_blocks > 0
+    assert got == expected
 
 
 def test_random_traffic_with_sessions_and_aborts_leaks_nothing():

@@ -16,3 +16,10 @@ def use_triton_decode_attention(model) -> int:
             module.decode_attention = kernels[name]
             layers += 1
     return layers
+
+
+def decodes_through_kernels(model) -> bool:
+    """Every attention layer of `model` runs its decode steps in a kernel (so a decode batch needs
+    no gather-path tensors)."""
+    attention = [m for m in model.modules() if hasattr(m, "decode_attention")]
+    return bool(attention) and all(m.decode_attention is not None for m in attention)
