@@ -11,6 +11,7 @@ nginx: $CUSTOMLLM_TEST_NGINX, else `nginx` on PATH or /usr/sbin/nginx (apt-get i
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.server
 import json
@@ -39,6 +40,10 @@ import render_router  # noqa: E402
 NGINX = os.environ.get("CUSTOMLLM_TEST_NGINX") or shutil.which("nginx") or (
     "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+
+# responses the tests have received from each router URL: nginx writes a request's access-log line
+# after the response has gone out, so a reader of the log waits until it holds this many lines
+ANSWERED: collections.Counter[str] = collections.Counter()
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
@@ -163,11 +168,21 @@ class Router:
         self.process.terminate()
         self.process.wait(timeout=10)
 
+    def logged_lines(self) -> list[str]:
+        """The access log once it holds a line for every response the tests have received."""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = (self.prefix / "access.log").read_text().splitlines()
+            if len(lines) >= ANSWERED[self.url]:
+                return lines
+            assert time.monotonic() < deadline, f"nginx logged {len(lines)} of {ANSWERED[self.url]} answered requests"
+            time.sleep(0.01)
+
     def served_by(self) -> list[tuple[str, str]]:
         """(session, replica address) of every proxied request so far, from the access log; the
         address is the last one nginx tried (the one that answered)."""
         entries = []
-        for line in (self.prefix / "access.log").read_text().splitlines():
+        for line in self.logged_lines():
             found = re.search(r'session="([^"]*)" upstream=(\S+(?:, \S+)*) upstream_status', line)
             if found and found.group(2) != "-":
                 entries.append((found.group(1), found.group(2).split(", ")[-1]))
@@ -199,7 +214,9 @@ def chat(base: str, session: str | None, messages: list[dict], body_session: str
     body = {"messages": messages, "max_tokens": 6, "temperature": 0, **extra}
     if body_session is not None:
         body["session_id"] = body_session
-    return httpx.post(f"{base}/v1/chat/completions", headers=headers, json=body, timeout=60)
+    response = httpx.post(f"{base}/v1/chat/completions", headers=headers, json=body, timeout=60)
+    ANSWERED[base] += 1
+    return response
 
 
 def cached_tokens(response: httpx.Response) -> int:
@@ -279,6 +296,7 @@ def test_sse_passes_through_unbuffered(router):
             if line.startswith("data: ") and line != "data: [DONE]":
                 arrivals.append(time.monotonic() - started)
                 json.loads(line[6:])
+    ANSWERED[router.url] += 1
     total = time.monotonic() - started
     assert len(arrivals) >= 32, len(arrivals)
     assert arrivals[0] < 0.5 * total, (arrivals[0], total)
