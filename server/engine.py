@@ -82,12 +82,14 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._loop_done = threading.Event()
         self._last_expiry = 0.0
 
     # ---- gauges ---------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._alive and self._thread is not None and self._thread.is_alive()
+        return self._alive and self._started.is_set() and not self._loop_done.is_set()
 
     @property
     def stopping(self) -> bool:
@@ -124,6 +126,7 @@ class Engine:
         self._num_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        self._started.set()
 
     def run_forever(self) -> None:
         """Run the loop in the calling thread until `stop()`. The server does this in the main thread:
@@ -131,13 +134,19 @@ class Engine:
         secondary thread (float32 MKL kernels are unaffected)."""
         assert self._thread is None, "engine already started"
         self._thread = threading.current_thread()
+        self._started.set()
         self._run()
+
+    def wait_started(self, timeout: float) -> bool:
+        """For a client thread started before `run_forever`: True once the loop runs (or has run)."""
+        return self._started.wait(timeout)
 
     def stop(self) -> None:
         self._stopping = True
         self._wakeup.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+            # not a thread join: under run_forever the loop's thread (the main one) goes on afterwards
+            self._loop_done.wait(timeout=30)
 
     def drain(self, grace_s: float) -> None:
         """Stop taking requests, let running ones finish within `grace_s`, abort the rest."""
@@ -276,6 +285,7 @@ class Engine:
             log.exception("engine loop died: %s", exc)
             self._die(f"engine failure: {exc}")
         finally:
+            self._loop_done.set()
             with self._idle:
                 self._idle.notify_all()
 

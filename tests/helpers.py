@@ -77,9 +77,10 @@ class ByteTokenizer:
 
 
 def tiny_engine(config=None, num_blocks: int = 256, block_size: int = 4, seed: int = 11, std: float = 0.15,
-                observer=None, prepare_model=None, **engine_overrides):
-    """A started engine over a random custom-llm-tiny model and a byte tokenizer; `prepare_model(model)`
-    runs before the engine is built (decode kernels, routing...)."""
+                observer=None, prepare_model=None, start: bool = True, **engine_overrides):
+    """An engine over a random custom-llm-tiny model and a byte tokenizer, started in its own thread
+    unless `start` is False; `prepare_model(model)` runs before the engine is built (decode kernels,
+    routing...)."""
     from model.config import preset
     from server.config import EngineConfig
     from server.engine import Engine
@@ -91,7 +92,8 @@ def tiny_engine(config=None, num_blocks: int = 256, block_size: int = 4, seed: i
     cache = make_cache(config, num_blocks=num_blocks, block_size=block_size)
     engine = Engine(model, cache, ByteTokenizer(config.vocab_size),
                     EngineConfig(block_size=block_size, **engine_overrides), model_name="tiny", observer=observer)
-    engine.start()
+    if start:
+        engine.start()
     return engine
 
 

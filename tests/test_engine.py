@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
 
 from model.config import preset
-from server.types import GenerationRequest, SamplingParams
+from server.types import EngineDeadError, GenerationRequest, SamplingParams
 from tests.helpers import collect, roomy_and_tight_runs, tiny_engine
 from tests.oracles.custom_llm_oracle import oracle_logits
 
@@ -114,6 +115,29 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
     assert engine.alive
     engine.flush_inbox()
     engine.check_integrity()
+
+
+def test_the_loop_in_the_calling_thread_serves_a_client_thread_and_stops_at_once():
+    """As `customllm serve` and `bench engine` run it: the loop in this thread, the client in another
+    that may start first; its `stop()` returns when the loop has ended (this thread goes on)."""
+    engine = tiny_engine(start=False)
+    assert not engine.alive and not engine.wait_started(timeout=0)
+    finished = []
+
+    def client() -> None:
+        assert engine.wait_started(timeout=60)
+        outputs, _, tokens = asyncio.run(collect(engine, request("c", [1, 2, 3], max_tokens=4, ignore_eos=True)))
+        finished.append((outputs[-1].finish_reason, len(tokens)))
+        engine.stop()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run_forever()
+    thread.join(timeout=10)          # stop() waited for the loop, not for this thread to end
+    assert not thread.is_alive() and finished == [("length", 4)]
+    assert not engine.alive
+    with pytest.raises(EngineDeadError):
+        engine.submit(request("late", [1], max_tokens=1), lambda output: None)
 
 
 def test_invalid_requests_are_rejected_before_queueing(engine):

@@ -81,6 +81,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
 
     def drive() -> None:
         try:
+            if not engine.wait_started(timeout=60):
+                raise RuntimeError("the engine loop did not start")
             result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)

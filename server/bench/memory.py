@@ -27,29 +27,27 @@ def measure_copy_bandwidth(device: torch.device, size_mib: int = 256, repeats: i
 
 
 def weight_bytes_touched(model: nn.Module, batch_size: int) -> int:
-    """Bytes of parameters one decode step reads: every matrix, except that embedding tables give
-    only the looked-up rows and MoE routed experts count by the expected number touched at this
-    batch size (each token picks top_k of E experts uniformly at random)."""
-    config = model.config
-    total = 0
-    num_experts = getattr(config, "num_routed_experts", 0)
-    top_k = getattr(config, "top_k_experts", 0)
-    touched_fraction = 1.0
-    if num_experts:
-        miss = (1 - top_k / num_experts) ** batch_size       # chance an expert is picked by no token
-        touched_fraction = 1 - miss
-    for name, param in model.named_parameters():
-        nbytes = param.numel() * param.element_size()
-        if isinstance(param, nn.Parameter) and ("embed" in name or "embedding" in name or "tok_emb" in name) \
-                and param.dim() == 2 and not _is_tied_head(model, param):
-            nbytes = min(batch_size, param.shape[0]) * param.shape[1] * param.element_size()
-        elif ".routed_experts." in name:
-            nbytes = int(nbytes * touched_fraction)
-        total += nbytes
-    return total
+    """Bytes of parameters one decode step of `batch_size` tokens reads: every parameter once, except
+    that an embedding table gives only the looked-up rows (unless the head shares it) and the experts
+    of a MoE (a module with `top_k` and an expert list, `routed_experts` or `experts`) count by the
+    expected number touched (each token picks top_k of its E experts uniformly at random)."""
+    read_fraction: dict[int, float] = {}              # id(parameter) -> fraction of it read
+    for module in model.modules():
+        experts = getattr(module, "routed_experts", None) or getattr(module, "experts", None)
+        if isinstance(experts, nn.ModuleList) and hasattr(module, "top_k"):
+            untouched = (1 - module.top_k / len(experts)) ** batch_size   # chance no token picks an expert
+            for param in experts.parameters():
+                read_fraction[id(param)] = 1 - untouched
+        elif isinstance(module, nn.Embedding) and not _is_tied_head(model, module.weight):
+            read_fraction[id(module.weight)] = min(batch_size, module.num_embeddings) / module.num_embeddings
+    return round(sum(param.numel() * param.element_size() * read_fraction.get(id(param), 1.0)
+                     for param in model.parameters()))
 
 
 def _is_tied_head(model: nn.Module, param: torch.Tensor) -> bool:
+    """Whether the output head multiplies by `param` (a head tied to the embedding table)."""
+    if hasattr(model, "head_weight"):       # Llama: a tied head has no module of its own
+        return model.head_weight() is param
     head = getattr(model, "lm_head", None)
     return head is not None and head.weight is param
 
