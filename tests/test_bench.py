@@ -4,7 +4,6 @@ real server, write their JSON and append their tables with `--record`. No figure
 their results hang together, and the byte counts behind the floors."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -48,7 +47,7 @@ EMBEDDINGS = {"token_embeddings.weight", "position_embeddings.weight", "model.em
 def test_weight_bytes_touched_counts_routed_experts_and_embedding_rows(name, batch_size):
     config = preset(name.removesuffix("-tied"))
     if name.endswith("-tied"):           # as the built-in model: the head is the embedding table
-        config = dataclasses.replace(config, tie_word_embeddings=True)
+        config = config.replace(tie_word_embeddings=True)
     model = build_model(config, device="cpu", dtype=torch.float32)
     num_experts = getattr(config, "num_routed_experts", None) or getattr(config, "num_experts", 0)
     top_k = next((getattr(config, key) for key in ("top_k_experts", "num_experts_per_token") if hasattr(config, key)),

@@ -1,0 +1,42 @@
+"""Weight layout for float32 matrix products on the CPU.
+
+`F.linear(x, W)` with W stored [out, in] row-major (PyTorch's default) multiplies x [M, in] by W's
+transpose. For a few rows — decode batches of 2 to ~32 tokens — MKL's single-precision GEMM is
+slow on that layout: on the 2-core Xeon of docs/benchmarks.md, [16, 576] × [576, 3072] takes 1.41 ms
+with W row-major and 0.33 ms with the same values stored column-major (W.t() contiguous), and the
+tied 49152-row head 21.4 vs 10.1 ms; one row and large chunks (≥ 64 rows) cost the same either way.
+So a float32 model on the CPU keeps its matrices column-major: same shape, same values, strides
+(1, out). Nothing else changes (splitting a dimension, as the MLA absorption does, is still a view).
+
+bfloat16 gains nothing (oneDNN packs its own layout) and float16 loses 10-30× on a column-major
+weight, so only float32 CPU tensors are moved.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def linear_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Every matrix the model multiplies through `F.linear`: nn.Linear weights and a head tied to
+    the embedding table (Llama's `head_weight()`), each once."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            found[id(module.weight)] = module.weight
+    if hasattr(model, "head_weight"):
+        head = model.head_weight()
+        found[id(head)] = head
+    return list(found.values())
+
+
+def use_column_major_weights(model: nn.Module) -> int:
+    """Store the model's float32 CPU linear weights column-major, each in place of its row-major
+    copy (one matrix extra at a time). Returns the number of matrices moved."""
+    moved = 0
+    for weight in linear_weights(model):
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 \
+                and weight.is_contiguous() and min(weight.shape) > 1:
+            weight.data = weight.data.t().contiguous().t()          # [out, in], strides (1, out)
+            moved += 1
+    return moved
