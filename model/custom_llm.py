@@ -17,7 +17,8 @@ from torch import nn
 
 from model.config import CustomLLMConfig
 from model.layers import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
-from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
+from model.paged import (PagedBatch, gather_context, masked_softmax, matmul_shared_context, pad_queries,
+                         unpad_queries, write_rows)
 
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
@@ -91,10 +92,10 @@ class MultiHeadLatentAttention(nn.Module):
         ctx_rope = context[..., latent:].unflatten(-1, (heads, r)).transpose(1, 2)  # [B, H, K, r]
         q_latent_p = pad_queries(q_latent, batch).transpose(1, 2)               # [B, H, Q, latent]
         q_rope_p = pad_queries(q_rope, batch).transpose(1, 2)                   # [B, H, Q, r]
-        scores = (q_latent_p @ ctx_latent[:, None].transpose(-1, -2)            # [B, H, Q, K]
+        scores = (matmul_shared_context(q_latent_p, ctx_latent.transpose(1, 2))  # [B, H, Q, K]
                   + q_rope_p @ ctx_rope.transpose(-1, -2)) * self.scale
         attn = masked_softmax(scores, batch).to(x.dtype)                         # [B, H, Q, K]
-        out_latent = attn @ ctx_latent[:, None]                                  # [B, H, Q, latent]
+        out_latent = matmul_shared_context(attn, ctx_latent)                     # [B, H, Q, latent]
         out_latent = unpad_queries(out_latent.transpose(1, 2), batch)            # [T, H, latent]
         return self._output(out_latent)
 

@@ -147,6 +147,14 @@ def unpad_queries(x: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     return x[batch.query_valid]
 
 
+def matmul_shared_context(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """x [B, H, Q, K] @ context [B, K, C] that every head shares → [B, H, Q, C], as one
+    [H*Q, K] @ [K, C] product per sequence: broadcasting `x @ context[:, None]` would first copy
+    the context once per head (the latent cache H times over)."""
+    b, h, q, k = x.shape
+    return (x.reshape(b, h * q, k) @ context).view(b, h, q, -1)
+
+
 def masked_softmax(scores: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     """scores [B, H, Q, K] → attention weights, in float32, over the keys each query may see."""
     scores = scores.float().masked_fill(~batch.attn_mask[:, None, :, :], float("-inf"))

@@ -24,7 +24,8 @@ from torch import nn
 
 from model.config import BaseModelConfig, register_family
 from model.layers import apply_rope, rope_cos_sin, route_to_experts
-from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
+from model.paged import (PagedBatch, gather_context, masked_softmax, matmul_shared_context, pad_queries,
+                         unpad_queries, write_rows)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class LatentAttention(nn.Module):
         context = gather_context(cache_layer, batch).to(x.dtype)                  # [B, K, C]
         k = self.keys(context, ctx_cos, ctx_sin).permute(0, 2, 3, 1)              # [B, H, hd, K]
         attn = masked_softmax((q @ k) * self.scale, batch).to(x.dtype)            # [B, H, Q, K]
-        out_latent = unpad_queries((attn @ context[:, None]).transpose(1, 2), batch)  # [T, H, C]
+        out_latent = unpad_queries(matmul_shared_context(attn, context).transpose(1, 2), batch)  # [T, H, C]
         w_uv = self.W_uv.weight.view(heads, hd, latent)                            # [H, hd, C]
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv)                       # [T, H, hd]
         if self.W_uv.bias is not None:  # attention weights sum to 1, so the bias passes through

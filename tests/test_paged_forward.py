@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model.config import preset
+from model.paged import matmul_shared_context
 from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
 from tests.oracles.custom_llm_oracle import oracle_logits
 
@@ -66,3 +67,13 @@ def test_a_batch_for_kernels_carries_no_gather_tensors():
     for name in ("token_ids", "positions", "slot_mapping", "logits_index", "block_tables", "context_lens"):
         assert torch.equal(getattr(full, name), getattr(lean, name)), name
     assert (lean.max_position, lean.num_seqs, lean.is_decode_only) == (full.max_position, 2, True) == (9, 2, True)
+
+
+def test_a_context_shared_by_every_head_is_multiplied_without_copies_per_head():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 7, generator=g, dtype=torch.float64)             # [B, Q, H, K]
+    heads_major = x.transpose(1, 2)                                           # [B, H, Q, K], not contiguous
+    context = torch.randn(3, 7, 9, generator=g, dtype=torch.float64)          # [B, K, C]
+    got = matmul_shared_context(heads_major, context)
+    assert got.shape == (3, 4, 5, 9)
+    assert torch.allclose(got, heads_major @ context[:, None], rtol=1e-12, atol=1e-12)
