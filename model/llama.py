@@ -20,7 +20,7 @@ from torch import nn
 
 from model.config import BaseModelConfig, register_family
 from model.layers import RMSNorm, rope_cos_sin
-from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
+from model.paged import PagedBatch, gather_context, grouped_query_attention, masked_softmax, write_rows
 
 
 @dataclass(frozen=True)
@@ -199,23 +199,17 @@ class LlamaAttention(FusedProjections):
             context = context.to(dtype)
         if q.dtype != dtype:
             q = q.to(dtype)
-        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).permute(0, 2, 3, 1)        # [B, KV, hd, K]
+        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)            # [B, KV, K, hd]
         values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)           # [B, KV, K, hd]
         num_seqs = batch.num_seqs
         if batch.is_decode_only:
             # one query per sequence, in sequence order: the query heads of a kv head are its group
-            scores = q.view(num_seqs, kv, group, hd) @ keys                                 # [B, KV, G, K]
+            scores = q.view(num_seqs, kv, group, hd) @ keys.transpose(-1, -2)              # [B, KV, G, K]
             attn = masked_softmax(scores.view(num_seqs, kv * group, 1, -1), batch)          # [B, H, 1, K]
             out = attn.to(dtype).view(num_seqs, kv, group, -1) @ values                     # [B, KV, G, hd]
             return self.o_proj(out.view(num_seqs, -1).to(x.dtype))                          # [T, d]
-        qp = pad_queries(q, batch)                                                          # [B, Q, H, hd]
-        max_q = qp.shape[1]
-        qp = qp.view(num_seqs, max_q, kv, group, hd).permute(0, 2, 3, 1, 4)                # [B, KV, G, Q, hd]
-        scores = qp.reshape(num_seqs, kv, group * max_q, hd) @ keys                         # [B, KV, G*Q, K]
-        attn = masked_softmax(scores.view(num_seqs, kv * group, max_q, -1), batch)          # [B, H, Q, K]
-        out = attn.to(dtype).view(num_seqs, kv, group * max_q, -1) @ values                 # [B, KV, G*Q, hd]
-        out = out.view(num_seqs, kv, group, max_q, hd).permute(0, 3, 1, 2, 4)              # [B, Q, KV, G, hd]
-        return self.o_proj(unpad_queries(out, batch).reshape(-1, cfg.num_heads * hd).to(x.dtype))  # [T, d]
+        out = grouped_query_attention(q, keys, values, batch, scale=1.0)                    # [T, H, hd]
+        return self.o_proj(out.reshape(-1, cfg.num_heads * hd).to(x.dtype))                # [T, d]
 
 
 class LlamaMLP(FusedProjections):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,18 @@ def matmul_shared_context(x: torch.Tensor, context: torch.Tensor) -> torch.Tenso
     the context once per head (the latent cache H times over)."""
     b, h, q, k = x.shape
     return (x.reshape(b, h * q, k) @ context).view(b, h, q, -1)
+
+
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: PagedBatch,
+                            scale: float) -> torch.Tensor:
+    """Attention of a step's flat queries q [T, H, hd] over each sequence's keys and values
+    [B, KV, K, hd], query head h reading kv head h // (H / KV), masked by batch.attn_mask (causal,
+    window, released blocks) → [T, H, hd]. PyTorch's fused attention: no [Q, K] score matrix is
+    kept, which is what a long prefill chunk costs otherwise."""
+    queries = pad_queries(q, batch).transpose(1, 2)                                  # [B, H, Q, hd]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask[:, None], scale=scale,
+                                         enable_gqa=keys.shape[1] != queries.shape[1])  # [B, H, Q, hd]
+    return unpad_queries(out.transpose(1, 2), batch)                                 # [T, H, hd]
 
 
 def masked_softmax(scores: torch.Tensor, batch: PagedBatch) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from model.config import BaseModelConfig, register_family
 from model.layers import RMSNorm, RoutedExperts, apply_rope, rope_cos_sin
-from model.paged import PagedBatch, gather_context, masked_softmax, pad_queries, unpad_queries, write_rows
+from model.paged import PagedBatch, gather_context, grouped_query_attention, write_rows
 
 # the seed's ModelConfig names → ours (the others are the same)
 SEED_ALIASES = {"d_model": "hidden_size", "n_layers": "num_layers", "max_seq_len": "max_context"}
@@ -197,7 +197,6 @@ class GroupedQueryAttention(nn.Module):
         """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask."""
         cfg = self.cfg
         kv, hd = cfg.n_kv_heads, cfg.head_dim
-        group = cfg.n_heads // kv
         q, k, v = self._qkv(x, cos, sin)
         write_rows(cache_layer, batch, torch.cat([k.flatten(1), v.flatten(1)], -1))   # [T, 2*KV*hd]
         if batch.is_decode_only and self.decode_attention is not None:
@@ -207,15 +206,8 @@ class GroupedQueryAttention(nn.Module):
         context = gather_context(cache_layer, batch).to(x.dtype)                     # [B, K, 2*KV*hd]
         keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)       # [B, KV, K, hd]
         values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)      # [B, KV, K, hd]
-        qp = pad_queries(q, batch)                                                   # [B, Q, H, hd]
-        seqs, max_q = qp.shape[:2]
-        # the query heads of one kv head side by side: [B, KV, group*Q, hd]
-        qp = qp.view(seqs, max_q, kv, group, hd).permute(0, 2, 3, 1, 4).reshape(seqs, kv, group * max_q, hd)
-        scores = (qp @ keys.transpose(-1, -2)) * self.scale                          # [B, KV, group*Q, K]
-        attn = masked_softmax(scores.view(seqs, kv * group, max_q, -1), batch).to(x.dtype)  # [B, H, Q, K]
-        out = attn.view(seqs, kv, group * max_q, -1) @ values                        # [B, KV, group*Q, hd]
-        out = out.view(seqs, kv, group, max_q, hd).permute(0, 3, 1, 2, 4)            # [B, Q, KV, group, hd]
-        return self.wo(unpad_queries(out, batch).reshape(-1, cfg.n_heads * hd))
+        out = grouped_query_attention(q, keys, values, batch, self.scale)            # [T, H, hd]
+        return self.wo(out.reshape(-1, cfg.n_heads * hd))
 
 
 class SwiGLU(nn.Module):
