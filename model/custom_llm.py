@@ -17,8 +17,8 @@ from torch import nn
 
 from model.config import CustomLLMConfig
 from model.layers import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
-from model.paged import (PagedBatch, gather_context, masked_softmax, matmul_shared_context, pad_queries,
-                         unpad_queries, write_rows)
+from model.paged import (PagedBatch, gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
+                         pad_queries, unpad_queries, write_rows)
 
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
@@ -70,17 +70,22 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          batch: PagedBatch, cache_layer: torch.Tensor) -> torch.Tensor:
-        """x [T, d] (flat tokens of many sequences) → [T, d], reading/writing 576-wide latent rows."""
+        """x [T, d] (flat tokens of many sequences) → [T, d], reading/writing 576-wide latent rows.
+        Decode steps attend in latent space (queries absorbed through W_uk, outputs through W_uv);
+        steps with prefill chunks expand the context's keys and values per head instead, which
+        costs far fewer FLOPs when many queries share a context."""
         cfg = self.cfg
         heads, nope, latent, r = cfg.num_heads, cfg.nope_dim, cfg.latent_dim, cfg.rope_dim
         c_kv, c_q = self.kv_proj_d(x), self.q_proj_d(x)                          # [T, latent]
         q_rope, k_rope = self._rope_parts(x, c_q, cos, sin)                      # [T, H, r]
         write_rows(cache_layer, batch, torch.cat([c_kv, k_rope.flatten(1)], -1))  # [T, latent + H*r]
+        q_nope = self.q_proj_u(c_q).view(-1, heads, nope)                        # [T, H, nope]
+        if not batch.is_decode_only:
+            return self._expanded_attention(q_nope, q_rope, batch, cache_layer)
 
         w_uk = self.k_proj_u.weight.view(heads, nope, latent)                    # [H, nope, latent]
-        q_nope = self.q_proj_u(c_q).view(-1, heads, nope)                        # [T, H, nope]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)                    # [T, H, latent]
-        if batch.is_decode_only and self.decode_attention is not None:
+        if self.decode_attention is not None:
             # one token per sequence, in sequence order: T = B
             out_latent = self.decode_attention(q_latent, q_rope, cache_layer, batch.block_tables,
                                                batch.context_lens, batch.block_size, self.scale,
@@ -90,6 +95,7 @@ class MultiHeadLatentAttention(nn.Module):
         context = gather_context(cache_layer, batch).to(x.dtype)                 # [B, K, latent + H*r]
         ctx_latent = context[..., :latent]                                       # [B, K, latent]
         ctx_rope = context[..., latent:].unflatten(-1, (heads, r)).transpose(1, 2)  # [B, H, K, r]
+        # one query per sequence: the latent rows are read once for all heads
         q_latent_p = pad_queries(q_latent, batch).transpose(1, 2)               # [B, H, Q, latent]
         q_rope_p = pad_queries(q_rope, batch).transpose(1, 2)                   # [B, H, Q, r]
         scores = (matmul_shared_context(q_latent_p, ctx_latent.transpose(1, 2))  # [B, H, Q, K]
@@ -98,6 +104,22 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = matmul_shared_context(attn, ctx_latent)                     # [B, H, Q, latent]
         out_latent = unpad_queries(out_latent.transpose(1, 2), batch)            # [T, H, latent]
         return self._output(out_latent)
+
+    def _expanded_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: PagedBatch,
+                            cache_layer: torch.Tensor) -> torch.Tensor:
+        """Steps with prefill chunks: each context row's keys [W_uk c | k_rope] and values W_uv c per
+        head, then PyTorch's fused attention (no [Q, K] score matrix) → [T, d]."""
+        cfg = self.cfg
+        heads, nope, latent, hd, r = cfg.num_heads, cfg.nope_dim, cfg.latent_dim, cfg.head_dim, cfg.rope_dim
+        context = gather_context(cache_layer, batch).to(q_nope.dtype)           # [B, K, latent + H*r]
+        ctx_latent = context[..., :latent]                                       # [B, K, latent]
+        k_nope = self.k_proj_u(ctx_latent).unflatten(-1, (heads, nope))          # [B, K, H, nope]
+        k_rope = context[..., latent:].unflatten(-1, (heads, r))                 # [B, K, H, r]
+        keys = torch.cat([k_nope, k_rope], -1).transpose(1, 2)                   # [B, H, K, hd]
+        values = self.v_proj_u(ctx_latent).unflatten(-1, (heads, hd)).transpose(1, 2)  # [B, H, K, hd]
+        queries = torch.cat([q_nope, q_rope], -1)                                # [T, H, hd]
+        out = grouped_query_attention(queries, keys, values, batch, self.scale)  # [T, H, hd]
+        return self.o_proj(out.flatten(1))
 
     def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space [T, H, latent] → [T, d] (W_uv, then o_proj)."""

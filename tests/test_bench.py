@@ -86,7 +86,7 @@ def test_bench_engine_writes_consistent_results_and_records_them(model_dir, tmp_
     out = tmp_path / "engine.json"
     run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(builtin_model_path()),
               "--batch-sizes", "1,3", "--context-len", "20", "--output-len", "6", "--kv-cache-memory", "0.02",
-              "--threads", "1", "--out", str(out), "--record")
+              "--threads", "1", "--prefill-lens", "9,40", "--out", str(out), "--record")
     result = json.loads(out.read_text())
     assert result["command"].startswith("customllm bench engine --model") and result["threads"] == 1
     assert [row["batch_size"] for row in result["results"]] == [1, 3]
@@ -97,7 +97,11 @@ def test_bench_engine_writes_consistent_results_and_records_them(model_dir, tmp_
         floor_s = row["bytes_per_step"] / (result["copy_bandwidth_gb_s"] * 1e9)
         assert row["floor_step_ms"] == pytest.approx(floor_s * 1e3)
         assert row["fraction_of_bandwidth_floor"] == pytest.approx(floor_s / step_s)
+    assert [row["prompt_tokens"] for row in result["prefill"]] == [9, 40]
+    for row in result["prefill"]:
+        assert row["prefill_tokens_per_s"] == pytest.approx(row["prompt_tokens"] / row["time_to_first_token_ms"] * 1e3)
     table = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| prompt tokens | time to first token ms | prefill tok/s |" in table and "| 40 | " in table
     assert "### bench engine — " in table and "`customllm bench engine --model" in table
     assert "| 1 | " in table and "| 3 | " in table
 

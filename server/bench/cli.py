@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--context-len", type=int, default=128)
     engine.add_argument("--output-len", type=int, default=32)
     engine.add_argument("--kv-cache-memory", type=float, default=None, help="GiB")
+    engine.add_argument("--prefill-lens", type=_ints, default=[],
+                        help="also time the first token of one prompt of each of these lengths")
     engine.add_argument("--threads", type=int, default=None)
     engine.add_argument("--peers", default="", help="comma list of transformers,llama-cpp (built-in GGUF only)")
     engine.add_argument("--out", default=None, help="JSON result file")
@@ -94,7 +96,7 @@ def run_engine(args) -> int:
     from server.bench.engine_bench import bench_engine
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
-                          args.context_len, args.output_len, args.kv_cache_memory, args.threads)
+                          args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]
@@ -111,6 +113,10 @@ def run_engine(args) -> int:
             ours = next(r for r in result["results"] if r["batch_size"] == peer["batch_size"])
             lines.append(f"| {peer['batch_size']} ({peer['name']}) | {peer['decode_tokens_per_s']:.1f} | | | "
                          f"ours/peer = {ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}× |")
+        if result["prefill"]:
+            lines += ["", "| prompt tokens | time to first token ms | prefill tok/s |", "|---|---|---|"]
+            lines += [f"| {r['prompt_tokens']} | {r['time_to_first_token_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} |"
+                      for r in result["prefill"]]
         _record(lines)
     return 0
 

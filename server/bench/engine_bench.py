@@ -62,7 +62,7 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, prefill_lens: list[int] = ()) -> dict:
     if threads:
         torch.set_num_threads(threads)
     timer = StepTimer()
@@ -84,6 +84,7 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
             if not engine.wait_started(timeout=60):
                 raise RuntimeError("the engine loop did not start")
             result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth))
+            result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
         finally:
@@ -97,6 +98,18 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
     if errors:
         raise errors[0]
     return result
+
+
+def _time_to_first_token(engine, prompt_len: int) -> dict:
+    """One request of `prompt_len` random tokens (no prefix cached) generating one token, alone."""
+    log.info("prefill: one prompt of %d tokens", prompt_len)
+    started = time.perf_counter()
+    asyncio.run(_run_batch(engine, 1, prompt_len, 1, seed=prompt_len))
+    seconds = time.perf_counter() - started
+    log.info("prefill: %d tokens, first token after %.0f ms (%.0f prompt tok/s)", prompt_len, seconds * 1e3,
+             prompt_len / seconds)
+    return {"prompt_tokens": prompt_len, "time_to_first_token_ms": seconds * 1e3,
+            "prefill_tokens_per_s": prompt_len / seconds}
 
 
 def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int, output_len: int,
