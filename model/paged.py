@@ -58,6 +58,9 @@ class PagedBatch:
     block_size: int
     window: int | None           # a query at p sees keys p-W .. p (None: the whole past)
     max_position: int            # the largest position in the batch, known on the host
+    # one sequence's first chunk with no window: attn_mask is plain causal (Q = K), which fused
+    # attention computes without reading the mask and skipping the tiles above the diagonal
+    plain_causal: bool = False
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu",
@@ -121,7 +124,8 @@ class PagedBatch:
         mask[:, :, 0] |= ~query_valid                                               # pads see key 0
 
         return PagedBatch(put(token_ids), put(positions), put(slot_mapping), put(query_index),
-                          put(query_valid), put(context_slots), put(mask), put(logits_index), **kernel_fields)
+                          put(query_valid), put(context_slots), put(mask), put(logits_index), **kernel_fields,
+                          plain_causal=num_seqs == 1 and chunks[0].start_pos == 0 and window is None)
 
     @property
     def num_seqs(self) -> int:
@@ -163,7 +167,9 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     window, released blocks) → [T, H, hd]. PyTorch's fused attention: no [Q, K] score matrix is
     kept, which is what a long prefill chunk costs otherwise."""
     queries = pad_queries(q, batch).transpose(1, 2)                                  # [B, H, Q, hd]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask[:, None], scale=scale,
+    causal = batch.plain_causal and queries.shape[2] > 1
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None if causal else batch.attn_mask[:, None],
+                                         is_causal=causal, scale=scale,
                                          enable_gqa=keys.shape[1] != queries.shape[1])  # [B, H, Q, hd]
     return unpad_queries(out.transpose(1, 2), batch)                                 # [T, H, hd]
 

@@ -77,3 +77,20 @@ def test_a_context_shared_by_every_head_is_multiplied_without_copies_per_head():
     got = matmul_shared_context(heads_major, context)
     assert got.shape == (3, 4, 5, 9)
     assert torch.allclose(got, heads_major @ context[:, None], rtol=1e-12, atol=1e-12)
+
+
+def test_only_one_fresh_sequence_without_a_window_is_plain_causal(model):
+    from model.paged import PagedBatch, SequenceChunk
+    fresh = SequenceChunk(list(range(1, 10)), 0, [0, 1, 2])
+    assert PagedBatch.build([fresh], BLOCK).plain_causal
+    assert not PagedBatch.build([fresh], BLOCK, window=4).plain_causal
+    assert not PagedBatch.build([SequenceChunk([5, 6], 9, [0, 1, 2])], BLOCK).plain_causal     # a later chunk
+    assert not PagedBatch.build([fresh, SequenceChunk([7, 8], 0, [3])], BLOCK).plain_causal     # two sequences
+    # the causal flag and the explicit mask give the same logits
+    cache = make_cache(CFG, num_blocks=8, block_size=BLOCK)
+    batch = PagedBatch.build([fresh], BLOCK)
+    with torch.no_grad():
+        flagged = model.forward_paged(batch, cache.layers)
+        batch.plain_causal = False
+        masked = model.forward_paged(batch, cache.layers)
+    assert torch.allclose(flagged, masked, rtol=1e-5, atol=1e-6)
