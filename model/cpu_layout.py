@@ -16,17 +16,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.registry import output_head_weight
+
 
 def linear_weights(model: nn.Module) -> list[nn.Parameter]:
-    """Every matrix the model multiplies through `F.linear`: nn.Linear weights and a head tied to
-    the embedding table (Llama's `head_weight()`), each once."""
-    found: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            found[id(module.weight)] = module.weight
-    if hasattr(model, "head_weight"):
-        head = model.head_weight()
-        found[id(head)] = head
+    """Every matrix the model multiplies through `F.linear`: nn.Linear weights and the output head
+    (which may be the embedding table), each once."""
+    found = {id(module.weight): module.weight for module in model.modules() if isinstance(module, nn.Linear)}
+    head = output_head_weight(model)
+    found[id(head)] = head
     return list(found.values())
 
 

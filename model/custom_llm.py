@@ -18,7 +18,7 @@ from torch import nn
 from model.config import CustomLLMConfig
 from model.layers import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
 from model.paged import (PagedBatch, gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
-                         pad_queries, unpad_queries, write_rows)
+                         write_rows)
 
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
@@ -95,15 +95,12 @@ class MultiHeadLatentAttention(nn.Module):
         context = gather_context(cache_layer, batch).to(x.dtype)                 # [B, K, latent + H*r]
         ctx_latent = context[..., :latent]                                       # [B, K, latent]
         ctx_rope = context[..., latent:].unflatten(-1, (heads, r)).transpose(1, 2)  # [B, H, K, r]
-        # one query per sequence: the latent rows are read once for all heads
-        q_latent_p = pad_queries(q_latent, batch).transpose(1, 2)               # [B, H, Q, latent]
-        q_rope_p = pad_queries(q_rope, batch).transpose(1, 2)                   # [B, H, Q, r]
-        scores = (matmul_shared_context(q_latent_p, ctx_latent.transpose(1, 2))  # [B, H, Q, K]
-                  + q_rope_p @ ctx_rope.transpose(-1, -2)) * self.scale
-        attn = masked_softmax(scores, batch).to(x.dtype)                         # [B, H, Q, K]
-        out_latent = matmul_shared_context(attn, ctx_latent)                     # [B, H, Q, latent]
-        out_latent = unpad_queries(out_latent.transpose(1, 2), batch)            # [T, H, latent]
-        return self._output(out_latent)
+        # one query per sequence, in sequence order (T = B): the latent rows are read once for all heads
+        scores = (matmul_shared_context(q_latent[:, :, None], ctx_latent.transpose(1, 2))  # [B, H, 1, K]
+                  + q_rope[:, :, None] @ ctx_rope.transpose(-1, -2)) * self.scale
+        attn = masked_softmax(scores, batch).to(x.dtype)                         # [B, H, 1, K]
+        out_latent = matmul_shared_context(attn, ctx_latent)                     # [B, H, 1, latent]
+        return self._output(out_latent[:, :, 0])                                 # [T, H, latent]
 
     def _expanded_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: PagedBatch,
                             cache_layer: torch.Tensor) -> torch.Tensor:

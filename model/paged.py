@@ -58,8 +58,8 @@ class PagedBatch:
     block_size: int
     window: int | None           # a query at p sees keys p-W .. p (None: the whole past)
     max_position: int            # the largest position in the batch, known on the host
-    # one sequence's first chunk with no window: attn_mask is plain causal (Q = K), which fused
-    # attention computes without reading the mask and skipping the tiles above the diagonal
+    # one sequence's first chunk with no window: attn_mask is plain causal (Q = K), so fused attention
+    # may take is_causal instead (no mask read, the tiles above the diagonal skipped)
     plain_causal: bool = False
 
     @staticmethod
@@ -167,7 +167,7 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     window, released blocks) → [T, H, hd]. PyTorch's fused attention: no [Q, K] score matrix is
     kept, which is what a long prefill chunk costs otherwise."""
     queries = pad_queries(q, batch).transpose(1, 2)                                  # [B, H, Q, hd]
-    causal = batch.plain_causal and queries.shape[2] > 1
+    causal = batch.plain_causal
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None if causal else batch.attn_mask[:, None],
                                          is_causal=causal, scale=scale,
                                          enable_gqa=keys.shape[1] != queries.shape[1])  # [B, H, Q, hd]

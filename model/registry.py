@@ -34,6 +34,12 @@ class CausalLM(Protocol):
         """Checkpoint entries that are not parameters (e.g. saved rotary buffers)."""
 
 
+def output_head_weight(model: nn.Module) -> torch.Tensor:
+    """The [V, d] matrix the output head multiplies by: `head_weight()` where the family defines it
+    (Llama's tied head has no module of its own), else `lm_head.weight`."""
+    return model.head_weight() if hasattr(model, "head_weight") else model.lm_head.weight
+
+
 def model_class(family: str) -> type[nn.Module]:
     if family not in FAMILY_MODULES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILY_MODULES)}")

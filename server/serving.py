@@ -138,11 +138,10 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
-    if device.type == "cpu":
-        from model.cpu_layout import use_column_major_weights
-        moved = use_column_major_weights(model)
-        if moved:
-            log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)
+    from model.cpu_layout import use_column_major_weights
+    moved = use_column_major_weights(model)       # float32 CPU weights only
+    if moved:
+        log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)
     kernel_layers = 0
     if resolve_decode_attention(config.model.decode_attention, device) == "triton":
         from model.kernels import use_triton_decode_attention

@@ -13,7 +13,7 @@ import torch
 
 from model.builtin import builtin_model_path
 from model.config import preset
-from model.registry import build_model
+from model.registry import build_model, output_head_weight
 from server.bench.engine_bench import decode_step_seconds
 from server.bench.memory import cache_bytes_read, weight_bytes_touched
 from server.config import EngineConfig
@@ -52,7 +52,7 @@ def test_weight_bytes_touched_counts_routed_experts_and_embedding_rows(name, bat
     num_experts = getattr(config, "num_routed_experts", None) or getattr(config, "num_experts", 0)
     top_k = next((getattr(config, key) for key in ("top_k_experts", "num_experts_per_token") if hasattr(config, key)),
                  0)
-    head = model.head_weight() if hasattr(model, "head_weight") else model.lm_head.weight
+    head = output_head_weight(model)
     expected = 0.0
     for param_name, param in model.named_parameters():    # a tied head's table appears once, as the head
         size = param.numel() * 4

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from model.config import BaseModelConfig
+from model.registry import output_head_weight
 
 
 def measure_copy_bandwidth(device: torch.device, size_mib: int = 256, repeats: int = 5) -> float:
@@ -31,6 +32,7 @@ def weight_bytes_touched(model: nn.Module, batch_size: int) -> int:
     that an embedding table gives only the looked-up rows (unless the head shares it) and the experts
     of a MoE (a module with `top_k` and an expert list, `routed_experts` or `experts`) count by the
     expected number touched (each token picks top_k of its E experts uniformly at random)."""
+    head = output_head_weight(model)
     read_fraction: dict[int, float] = {}              # id(parameter) -> fraction of it read
     for module in model.modules():
         experts = getattr(module, "routed_experts", None) or getattr(module, "experts", None)
@@ -38,18 +40,10 @@ def weight_bytes_touched(model: nn.Module, batch_size: int) -> int:
             untouched = (1 - module.top_k / len(experts)) ** batch_size   # chance no token picks an expert
             for param in experts.parameters():
                 read_fraction[id(param)] = 1 - untouched
-        elif isinstance(module, nn.Embedding) and not _is_tied_head(model, module.weight):
+        elif isinstance(module, nn.Embedding) and module.weight is not head:
             read_fraction[id(module.weight)] = min(batch_size, module.num_embeddings) / module.num_embeddings
     return round(sum(param.numel() * param.element_size() * read_fraction.get(id(param), 1.0)
                      for param in model.parameters()))
-
-
-def _is_tied_head(model: nn.Module, param: torch.Tensor) -> bool:
-    """Whether the output head multiplies by `param` (a head tied to the embedding table)."""
-    if hasattr(model, "head_weight"):       # Llama: a tied head has no module of its own
-        return model.head_weight() is param
-    head = getattr(model, "lm_head", None)
-    return head is not None and head.weight is param
 
 
 def cache_bytes_read(config: BaseModelConfig, batch_size: int, context_len: int, dtype_bytes: int) -> int:
