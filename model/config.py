@@ -99,7 +99,7 @@ def register_family(config_cls: type[BaseModelConfig], presets: dict[str, BaseMo
 
 
 # modules that register more families (and their presets) when imported
-FAMILY_MODULES = ("model.llama", "model.shomsher", "model.smart_llm")
+FAMILY_MODULES = ("model.families.llama", "model.families.shomsher", "model.families.smart_llm")
 
 
 def load_families() -> None:

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from model.config import BaseModelConfig
-from model.paged import PagedBatch
+from model.cache.batch import PagedBatch
 
 # family → "module:Class"; imported lazily so a family's module registers its presets on import.
 FAMILY_MODULES = {
-    "custom_llm": "model.custom_llm:CustomLLMForCausalLM",
-    "llama": "model.llama:LlamaForCausalLM",
-    "shomsher": "model.shomsher:ShomsherLLMForCausalLM",
-    "smart_llm": "model.smart_llm:SmartLLMForCausalLM",
+    "custom_llm": "model.families.custom_llm:CustomLLMForCausalLM",
+    "llama": "model.families.llama:LlamaForCausalLM",
+    "shomsher": "model.families.shomsher:ShomsherLLMForCausalLM",
+    "smart_llm": "model.families.smart_llm:SmartLLMForCausalLM",
 }
 
 

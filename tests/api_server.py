@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from model.builtin import builtin_model_path
-from server.app import create_app
+from model.loading.builtin import builtin_model_path
+from server.api.app import create_app
 from server.config import ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
-from server.metrics import Metrics
-from server.serving import build_engine
+from server.api.metrics import Metrics
+from server.executor.build import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_KV_CACHE_GIB = 0.02

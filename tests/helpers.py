@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from model.init_weights import random_model
-from model.kv_cache import KVCache
-from model.paged import PagedBatch, SequenceChunk
+from model.loading.init_weights import random_model
+from model.cache.kv_cache import KVCache
+from model.cache.batch import PagedBatch, SequenceChunk
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def tiny_engine(config=None, num_blocks: int = 256, block_size: int = 4, seed: i
     routing...)."""
     from model.config import preset
     from server.config import EngineConfig
-    from server.engine import Engine
+    from server.engine.engine import Engine
 
     config = config or preset("custom-llm-tiny")
     model = perturbed_model(config, seed=seed, std=std)
@@ -112,7 +112,7 @@ def greedy_outputs_with_and_without(config, prepare, prompts: list[list[int]], m
     the two lists of `collect` results, for `assert_same_outputs`."""
     import asyncio
 
-    from server.types import GenerationRequest, SamplingParams
+    from server.engine.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5, ignore_eos=True)
     results = []
@@ -145,7 +145,7 @@ def roomy_and_tight_runs(prompts: list[list[int]], max_tokens: int, tight_blocks
     in use; returns (roomy tokens, tight tokens, the tight engine's scheduler)."""
     import asyncio
 
-    from server.types import GenerationRequest, SamplingParams
+    from server.engine.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from model.seed_tokenizers import SPECIALS
+from model.text.seed_tokenizers import SPECIALS
 
 ENGLISH = [
     "<user>What is the capital of France?<assistant>The capital of France is Paris.",

@@ -1,0 +1,222 @@
+"""CustomLLM-973M (ARCHITECTURES.md §1): MLA attention over a compressed latent + DeepSeek-style MoE.
+
+Module and parameter names are the seed's, so its state dicts load with strict key checks.
+Attention has two forms:
+- naive (`forward_full`): expands per-head K and V from the latent; the reference form;
+- absorbed (`forward_paged`): caches only `[c_kv | post-RoPE k_rope of every head]` (576 values per
+  token per layer for the 973M model) and folds `k_proj_u` into the query and `v_proj_u` into the
+  output, so cached tokens are never re-expanded.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from model.config import CustomLLMConfig
+from model.layers.moe import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
+from model.cache.batch import (PagedBatch, gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
+                         write_rows)
+
+_ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+
+
+class MultiHeadLatentAttention(nn.Module):
+    DECODE_KERNEL = "paged_mla_decode"
+
+    def __init__(self, cfg: CustomLLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, latent, heads = cfg.hidden_size, cfg.latent_dim, cfg.num_heads
+        self.kv_proj_d = nn.Linear(d, latent, bias=False)
+        self.q_proj_d = nn.Linear(d, latent, bias=False)
+        self.k_proj_u = nn.Linear(latent, heads * cfg.nope_dim, bias=False)
+        self.q_proj_u = nn.Linear(latent, heads * cfg.nope_dim, bias=False)
+        self.v_proj_u = nn.Linear(latent, heads * cfg.head_dim, bias=False)
+        self.rope_q = nn.Linear(latent, heads * cfg.rope_dim, bias=False)
+        self.rope_k = nn.Linear(d, heads * cfg.rope_dim, bias=False)
+        self.o_proj = nn.Linear(heads * cfg.head_dim, d, bias=False)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # decode-only steps may use a fused kernel with paged_mla_decode's signature (model.kernels)
+        self.decode_attention = None
+
+    def _rope_parts(self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Post-RoPE q_rope, k_rope [T, H, rope_dim]."""
+        heads, r = self.cfg.num_heads, self.cfg.rope_dim
+        q_rope = apply_rope(self.rope_q(c_q).view(-1, heads, r), cos, sin)
+        k_rope = apply_rope(self.rope_k(x).view(-1, heads, r), cos, sin)
+        return q_rope, k_rope
+
+    def forward_naive(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] → [B, T, d]; causal attention with per-head K and V expanded."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        heads, nope, hd = cfg.num_heads, cfg.nope_dim, cfg.head_dim
+        flat = x.reshape(batch * seq, -1)
+        c_kv, c_q = self.kv_proj_d(flat), self.q_proj_d(flat)                   # [BT, latent]
+        cos_bt, sin_bt = cos.repeat(batch, 1), sin.repeat(batch, 1)
+        q_rope, k_rope = self._rope_parts(flat, c_q, cos_bt, sin_bt)             # [BT, H, r]
+        q = torch.cat([self.q_proj_u(c_q).view(-1, heads, nope), q_rope], -1)  # [BT, H, hd]
+        k = torch.cat([self.k_proj_u(c_kv).view(-1, heads, nope), k_rope], -1)
+        v = self.v_proj_u(c_kv).view(-1, heads, hd)
+        q, k, v = (t.view(batch, seq, heads, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale                 # [B, H, T, T]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+        attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1).to(v.dtype)
+        out = (attn @ v).transpose(1, 2).reshape(batch, seq, heads * hd)
+        return self.o_proj(out)
+
+    def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         batch: PagedBatch, cache_layer: torch.Tensor) -> torch.Tensor:
+        """x [T, d] (flat tokens of many sequences) → [T, d], reading/writing 576-wide latent rows.
+        Decode steps attend in latent space (queries absorbed through W_uk, outputs through W_uv);
+        steps with prefill chunks expand the context's keys and values per head instead, which
+        costs far fewer FLOPs when many queries share a context."""
+        cfg = self.cfg
+        heads, nope, latent, r = cfg.num_heads, cfg.nope_dim, cfg.latent_dim, cfg.rope_dim
+        c_kv, c_q = self.kv_proj_d(x), self.q_proj_d(x)                          # [T, latent]
+        q_rope, k_rope = self._rope_parts(x, c_q, cos, sin)                      # [T, H, r]
+        write_rows(cache_layer, batch, torch.cat([c_kv, k_rope.flatten(1)], -1))  # [T, latent + H*r]
+        q_nope = self.q_proj_u(c_q).view(-1, heads, nope)                        # [T, H, nope]
+        if not batch.is_decode_only:
+            return self._expanded_attention(q_nope, q_rope, batch, cache_layer)
+
+        w_uk = self.k_proj_u.weight.view(heads, nope, latent)                    # [H, nope, latent]
+        q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)                    # [T, H, latent]
+        if self.decode_attention is not None:
+            # one token per sequence, in sequence order: T = B
+            out_latent = self.decode_attention(q_latent, q_rope, cache_layer, batch.block_tables,
+                                               batch.context_lens, batch.block_size, self.scale,
+                                               batch.window).to(x.dtype)          # [B, H, latent]
+            return self._output(out_latent)
+
+        context = gather_context(cache_layer, batch).to(x.dtype)                 # [B, K, latent + H*r]
+        ctx_latent = context[..., :latent]                                       # [B, K, latent]
+        ctx_rope = context[..., latent:].unflatten(-1, (heads, r)).transpose(1, 2)  # [B, H, K, r]
+        # one query per sequence, in sequence order (T = B): the latent rows are read once for all heads
+        scores = (matmul_shared_context(q_latent[:, :, None], ctx_latent.transpose(1, 2))  # [B, H, 1, K]
+                  + q_rope[:, :, None] @ ctx_rope.transpose(-1, -2)) * self.scale
+        attn = masked_softmax(scores, batch).to(x.dtype)                         # [B, H, 1, K]
+        out_latent = matmul_shared_context(attn, ctx_latent)                     # [B, H, 1, latent]
+        return self._output(out_latent[:, :, 0])                                 # [T, H, latent]
+
+    def _expanded_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: PagedBatch,
+                            cache_layer: torch.Tensor) -> torch.Tensor:
+        """Steps with prefill chunks: each context row's keys [W_uk c | k_rope] and values W_uv c per
+        head, then PyTorch's fused attention (no [Q, K] score matrix) → [T, d]."""
+        cfg = self.cfg
+        heads, nope, latent, hd, r = cfg.num_heads, cfg.nope_dim, cfg.latent_dim, cfg.head_dim, cfg.rope_dim
+        context = gather_context(cache_layer, batch).to(q_nope.dtype)           # [B, K, latent + H*r]
+        ctx_latent = context[..., :latent]                                       # [B, K, latent]
+        k_nope = self.k_proj_u(ctx_latent).unflatten(-1, (heads, nope))          # [B, K, H, nope]
+        k_rope = context[..., latent:].unflatten(-1, (heads, r))                 # [B, K, H, r]
+        keys = torch.cat([k_nope, k_rope], -1).transpose(1, 2)                   # [B, H, K, hd]
+        values = self.v_proj_u(ctx_latent).unflatten(-1, (heads, hd)).transpose(1, 2)  # [B, H, K, hd]
+        queries = torch.cat([q_nope, q_rope], -1)                                # [T, H, hd]
+        out = grouped_query_attention(queries, keys, values, batch, self.scale)  # [T, H, hd]
+        return self.o_proj(out.flatten(1))
+
+    def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space [T, H, latent] → [T, d] (W_uv, then o_proj)."""
+        cfg = self.cfg
+        w_uv = self.v_proj_u.weight.view(cfg.num_heads, cfg.head_dim, cfg.latent_dim)  # [H, hd, latent]
+        out = torch.einsum("thl,hvl->thv", out_latent, w_uv)                     # [T, H, hd]
+        return self.o_proj(out.flatten(1))
+
+
+class DeepSeekMoE(RoutedExperts, nn.Module):
+    """Shared experts always; routed experts by sigmoid(router + routing_bias), top-k renormalised."""
+
+    def __init__(self, cfg: CustomLLMConfig):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.shared_experts = nn.ModuleList(
+            SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_shared_experts))
+        self.routed_experts = nn.ModuleList(
+            SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_routed_experts))
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
+        self.routing_bias = nn.Parameter(torch.zeros(cfg.num_routed_experts))
+        self.init_routing()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] → [T, d] (routing: see RoutedExperts)."""
+        out = self.shared_experts[0](x)
+        for expert in self.shared_experts[1:]:
+            out = out + expert(x)
+        if len(self.shared_experts) > 1:
+            out = out / len(self.shared_experts)
+        scores = torch.sigmoid(self.router(x).float() + self.routing_bias.float())   # [T, E]
+        top_w, top_e = scores.topk(self.top_k, dim=-1)                               # [T, k]
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
+        return out + self.routed(x, top_w, top_e)
+
+
+class MoEBlock(nn.Module):
+    """Holds the MoE under the seed's `mlp.moe.` key prefix."""
+
+    def __init__(self, cfg: CustomLLMConfig):
+        super().__init__()
+        self.moe = DeepSeekMoE(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: CustomLLMConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoEBlock(cfg)
+
+
+class CustomLLMForCausalLM(nn.Module):
+    def __init__(self, config: CustomLLMConfig):
+        super().__init__()
+        self.config = config
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_context, config.hidden_size)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    @staticmethod
+    def is_ignored_checkpoint_key(key: str) -> bool:
+        return bool(_ROTARY_BUFFER.search(key))
+
+    def _check_positions(self, max_position: int) -> None:
+        if max_position >= self.config.max_context:
+            raise ValueError(f"position {max_position} is past the context limit "
+                             f"{self.config.max_context} of the position table")
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.token_embeddings(input_ids) + self.position_embeddings(positions)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta, dtype)
+
+    def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] → logits [B, T, V] with naive attention, no cache."""
+        seq = input_ids.shape[1]
+        self._check_positions(seq - 1)
+        positions = torch.arange(seq, device=input_ids.device)
+        h = self._embed(input_ids, positions[None, :].expand_as(input_ids))   # [B, T, d]
+        cos, sin = self._rope(positions, h.dtype)                             # [T, r]
+        for layer in self.decoder_layers:
+            h = h + layer.self_attn.forward_naive(layer.input_norm(h), cos, sin)
+            flat = layer.post_attn_norm(h).flatten(0, 1)
+            h = h + layer.mlp(flat).view_as(h)
+        return self.lm_head(h)
+
+    def forward_paged(self, batch: PagedBatch, cache: list[torch.Tensor]) -> torch.Tensor:
+        """One step over the paged latent cache → logits [N, V] for batch.logits_index.
+        No host syncs when the decode attention is a kernel and the MoE routes sync-free."""
+        self._check_positions(batch.max_position)
+        h = self._embed(batch.token_ids, batch.positions)                     # [T, d]
+        cos, sin = self._rope(batch.positions, h.dtype)                       # [T, r]
+        for layer, cache_layer in zip(self.decoder_layers, cache):
+            h = h + layer.self_attn.forward_absorbed(layer.input_norm(h), cos, sin, batch, cache_layer)
+            h = h + layer.mlp(layer.post_attn_norm(h))
+        return self.lm_head(h[batch.logits_index])

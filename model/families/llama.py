@@ -1,0 +1,287 @@
+"""The Llama family (ARCHITECTURES.md §4): pre-norm decoder with grouped-query attention,
+rotate_half RoPE over the whole head, SwiGLU, final RMSNorm, optionally tied head. Serves the
+built-in SmolLM2-135M-Instruct.
+
+Cache row per token and layer: `[K of every kv head, post-RoPE | V of every kv head]`.
+Query head h reads kv head h // (num_heads / num_kv_heads) (contiguous groups), so the queries of
+one kv head are reshaped side by side and attend to that head's K/V once; K/V are never repeated.
+State-dict keys are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, …), so HF-style
+state dicts load as they are; inside, q/k/v and gate/up are each one fused matmul.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import BaseModelConfig, register_family
+from model.layers.moe import RMSNorm, rope_cos_sin
+from model.cache.batch import PagedBatch, gather_context, grouped_query_attention, masked_softmax, write_rows
+
+
+@dataclass(frozen=True)
+class LlamaConfig(BaseModelConfig):
+    family = "llama"
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    max_context: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self):
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotate_half RoPE")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def cache_row_width(self) -> int:
+        # [K of every kv head, post-RoPE | V of every kv head]
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+register_family(LlamaConfig, {
+    "smollm2-135m": LlamaConfig(),
+    "llama-tiny": LlamaConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=16, intermediate_size=96, rope_theta=10000.0, max_context=256,
+                              tie_word_embeddings=False, bos_token_id=None, eos_token_id=0),
+})
+
+# saved rotary tables (`…rotary_emb.inv_freq`, HF's `model.rotary_emb.inv_freq`): recomputed, never loaded
+_ROTARY_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+
+
+@dataclass
+class Rope:
+    """One step's rotation tables for the query and key heads side by side, shared by every layer:
+    `[T, H + KV, hd]`. The query heads' rows carry the attention scale 1/sqrt(hd), so scores need no
+    scaling of their own; `sin` holds rotate_half's sign: rope(x) = x·cos + swap_halves(x)·sin with
+    sin = [-sin₁, sin₂]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @staticmethod
+    def build(positions: torch.Tensor, cfg: LlamaConfig, dtype: torch.dtype) -> "Rope":
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)      # [T, hd]
+        half = cfg.head_dim // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)                             # [T, hd]
+        scale = torch.full((cfg.num_heads + cfg.num_kv_heads, 1), 1.0, device=positions.device)
+        scale[: cfg.num_heads] = 1.0 / math.sqrt(cfg.head_dim)                               # [H+KV, 1]
+        return Rope((cos[:, None, :] * scale).to(dtype), (sin[:, None, :] * scale).to(dtype))
+
+
+def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x [..., T, H+KV, hd] → rotate_half RoPE of every head (queries also scaled)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)                           # [..., T, H+KV, hd]
+    return torch.addcmul(x * rope.cos, swapped, rope.sin)
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores and sums are computed in: the activations' own, except float16 on a
+    CPU, whose batched matmuls are several times slower there than converting to float32 and back."""
+    return torch.float32 if x.dtype == torch.float16 and x.device.type == "cpu" else x.dtype
+
+
+class FusedProjections(nn.Module):
+    """Base for modules that run several same-input projections as one matmul (fewer, larger ops on
+    the decode path) while their state dicts keep Hugging Face's separate names: `state_dict()` splits
+    the fused weight into `{part}.weight` copies and `load_state_dict()` concatenates them back."""
+
+    FUSED: dict[str, tuple[str, ...]] = {}   # fused linear name → the part names, in row order
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(_split_fused)
+        self.register_load_state_dict_pre_hook(_join_fused)
+
+    def part_sizes(self, fused: str) -> list[int]:
+        raise NotImplementedError
+
+
+def _split_fused(module: FusedProjections, state_dict, prefix: str, local_metadata) -> None:
+    for fused, parts in module.FUSED.items():
+        weight = state_dict.pop(prefix + fused + ".weight", None)
+        if weight is None:
+            continue
+        for part, rows in zip(parts, weight.split(module.part_sizes(fused))):
+            state_dict[prefix + part + ".weight"] = rows.clone()   # own storage: saved as a tensor of its own
+
+
+def _join_fused(module: FusedProjections, state_dict, prefix: str, *args) -> None:
+    for fused, parts in module.FUSED.items():
+        keys = [prefix + part + ".weight" for part in parts]
+        if all(key in state_dict for key in keys):
+            state_dict[prefix + fused + ".weight"] = torch.cat([state_dict.pop(key) for key in keys])
+
+
+def join_fused_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace, in place, every fused module's separate HF-named weights in `state` by the fused
+    weight, one module at a time, so loading holds at most one module's weights twice."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedProjections):
+            _join_fused(module, state, f"{name}." if name else "")
+
+
+class LlamaAttention(FusedProjections):
+    DECODE_KERNEL = "paged_gqa_decode"
+
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
+        self.decode_attention = None
+
+    def part_sizes(self, fused: str) -> list[int]:
+        cfg = self.cfg
+        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+
+    def _qkv(self, x: torch.Tensor, rope: Rope):
+        """x [..., T, d] → q [..., T, H, hd] (post-RoPE, pre-scaled), k [..., T, KV, hd] (post-RoPE),
+        v [..., T, KV*hd]."""
+        cfg = self.cfg
+        heads = cfg.num_heads + cfg.num_kv_heads
+        qkv = self.qkv_proj(x)                                                              # [..., T, (H+2KV)*hd]
+        qk = _rotate(qkv[..., : heads * cfg.head_dim].unflatten(-1, (heads, cfg.head_dim)), rope)
+        return qk[..., : cfg.num_heads, :], qk[..., cfg.num_heads:, :], qkv[..., heads * cfg.head_dim:]
+
+    def forward_full(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x [B, T, d] → [B, T, d]: plain causal attention, K/V repeated per query head, no cache."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        q, k, v = self._qkv(x, rope)
+        q = q.transpose(1, 2)                                                               # [B, H, T, hd]
+        k = k.transpose(1, 2)                                                               # [B, KV, T, hd]
+        v = v.unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)              # [B, KV, T, hd]
+        k = k.repeat_interleave(cfg.group_size, dim=1)                                      # [B, H, T, hd]
+        v = v.repeat_interleave(cfg.group_size, dim=1)                                      # [B, H, T, hd]
+        scores = (q @ k.transpose(-1, -2)).float()                                          # [B, H, T, T]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+        attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).to(v.dtype)
+        return self.o_proj((attn @ v).transpose(1, 2).reshape(batch, seq, -1))            # [B, T, d]
+
+    def forward_paged(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
+                      cache_layer: torch.Tensor) -> torch.Tensor:
+        """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context."""
+        cfg = self.cfg
+        kv, group, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+        q, k, v = self._qkv(x, rope)
+        write_rows(cache_layer, batch, torch.cat([k.flatten(1), v], dim=-1))              # [T, 2*KV*hd]
+        if batch.is_decode_only and self.decode_attention is not None:   # q is pre-scaled: scale 1
+            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
+                                        batch.block_size, kv, 1.0, batch.window)            # [B, H, hd]
+            return self.o_proj(out.flatten(1).to(x.dtype))
+        context = gather_context(cache_layer, batch)                                        # [B, K, 2*KV*hd]
+        dtype = attention_dtype(x)
+        if context.dtype != dtype:
+            context = context.to(dtype)
+        if q.dtype != dtype:
+            q = q.to(dtype)
+        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)            # [B, KV, K, hd]
+        values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)           # [B, KV, K, hd]
+        num_seqs = batch.num_seqs
+        if batch.is_decode_only:
+            # one query per sequence, in sequence order: the query heads of a kv head are its group
+            scores = q.view(num_seqs, kv, group, hd) @ keys.transpose(-1, -2)              # [B, KV, G, K]
+            attn = masked_softmax(scores.view(num_seqs, kv * group, 1, -1), batch)          # [B, H, 1, K]
+            out = attn.to(dtype).view(num_seqs, kv, group, -1) @ values                     # [B, KV, G, hd]
+            return self.o_proj(out.view(num_seqs, -1).to(x.dtype))                          # [T, d]
+        out = grouped_query_attention(q, keys, values, batch, scale=1.0)                    # [T, H, hd]
+        return self.o_proj(out.reshape(-1, cfg.num_heads * hd).to(x.dtype))                # [T, d]
+
+
+class LlamaMLP(FusedProjections):
+    """SwiGLU: down(silu(gate(x)) · up(x)), gate and up as one matmul."""
+
+    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def part_sizes(self, fused: str) -> list[int]:
+        return [self.intermediate_size, self.intermediate_size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                                   # [..., I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward_full` (plain causal, the reference form) and `forward_paged` (flat batch over the
+    paged [K | V] cache, the serving form). With a tied head there is no `lm_head` parameter: the
+    head is `model.embed_tokens.weight`."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @staticmethod
+    def is_ignored_checkpoint_key(key: str) -> bool:
+        return bool(_ROTARY_BUFFER.search(key))
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] → logits [B, T, V]."""
+        h = self.model.embed_tokens(input_ids)                                              # [B, T, d]
+        rope = Rope.build(torch.arange(input_ids.shape[1], device=input_ids.device), self.config, h.dtype)
+        for layer in self.model.layers:
+            h = h + layer.self_attn.forward_full(layer.input_layernorm(h), rope)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return F.linear(self.model.norm(h), self.head_weight())                            # [B, T, V]
+
+    def forward_paged(self, batch: PagedBatch, cache: list[torch.Tensor]) -> torch.Tensor:
+        """One step over the paged cache (one [S, 2*KV*hd] tensor per layer) → logits [N, V] for
+        batch.logits_index."""
+        h = self.model.embed_tokens(batch.token_ids)                                        # [T, d]
+        rope = Rope.build(batch.positions, self.config, h.dtype)
+        for layer, cache_layer in zip(self.model.layers, cache):
+            h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return F.linear(self.model.norm(h[batch.logits_index]), self.head_weight())         # [N, V]

@@ -1,0 +1,185 @@
+"""The FastAPI application: OpenAI-compatible routes over the engine. Limits, logging, auth and the
+error handlers are in server/http_guard.py; submitting, merging and streaming engine outputs in
+server/engine_requests.py.
+
+Every error leaves as OpenAI's `{"error": {message, type, param, code}}` with the right status and
+no traceback. A request whose client goes away is aborted, whatever phase it is in: a watcher on
+the connection's `http.disconnect` races the queueing and the generation of non-streaming
+requests (and of streaming ones until their first output), and the SSE response cancels its
+generator when the client leaves mid-stream. Cancelling a consumer of `Engine.generate` aborts its
+request, which the engine handles before its next step.
+
+`create_app` accepts `engine=None` while the model loads: /health then answers 503, and so does
+every route that needs the engine, until `app.state.engine` is set.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.config import ApiConfig
+from server.api.streaming import fan_out, respond, submit_all, until_disconnect
+from server.api.http_guard import HttpMiddleware, authenticator, install_error_handlers
+from server.api.metrics import Metrics
+from server.api.schemas import (ApiError, ChatCompletionRequest, ChatShaper, CompletionRequest, CompletionShaper,
+                             DetokenizeRequest, TokenizeRequest, model_card, new_id, session_body)
+
+log = logging.getLogger("customllm.api")
+LONG_TEXT_CHARS = 16_384          # longer prompts are tokenized off the event loop
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="CustomLLM Server", version="0.1.0")
+    app.state.engine = engine
+    app.add_middleware(HttpMiddleware, api=api, metrics=metrics)
+    install_error_handlers(app, metrics)
+    tenant_of = authenticator(api.api_keys)
+
+    def loaded():
+        eng = app.state.engine
+        if eng is None:
+            raise ApiError(503, "the model is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "5"})
+        return eng
+
+    def running():
+        eng = loaded()
+        if not eng.alive:
+            raise ApiError(503, "the engine is not running", code="engine_unavailable")
+        return eng
+
+    def check_model(eng, name: str | None) -> None:
+        if name is not None and name != eng.model_name:
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves `{eng.model_name}`",
+                           param="model", code="model_not_found")
+
+    def session_of(request: Request, body_session: str | None) -> str | None:
+        header = request.headers.get("x-session-id")
+        if header is not None and body_session is not None and header != body_session:
+            raise ApiError(400, "the X-Session-ID header and the session_id field disagree", param="session_id")
+        return body_session if body_session is not None else header
+
+    def render_chat(eng, messages: list[dict], add_generation_prompt: bool) -> str:
+        if eng.chat_template is None:
+            raise ApiError(400, "this model has no chat template: start the server with --chat-template FILE, "
+                                "or use /v1/completions", param="messages", code="no_chat_template")
+        try:
+            return eng.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+
+    async def encode(eng, text: str) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            return await asyncio.to_thread(eng.tokenizer.encode, text)
+        return eng.tokenizer.encode(text)
+
+    def token_texter(eng):
+        return lambda token_id: eng.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- plain endpoints ------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        eng = app.state.engine
+        if eng is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if not eng.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request):
+        if api.metrics_require_auth:
+            tenant_of(request)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        return {"object": "list", "data": [model_card(eng.model_name, eng.max_context)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        check_model(eng, model_id)
+        return model_card(eng.model_name, eng.max_context)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        check_model(eng, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+        text = body.prompt if body.prompt is not None else render_chat(
+            eng, [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt)
+        tokens = await encode(eng, text)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": eng.max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        check_model(eng, body.model)
+        bad = [t for t in body.tokens if not 0 <= t < eng.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {eng.vocab_size})", param="tokens")
+        return {"prompt": eng.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    # ---- sessions -------------------------------------------------------------------------------
+    @app.get("/v1/sessions")
+    async def list_sessions(tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        return {"object": "list", "data": [session_body(s) for s in eng.list_sessions(tenant)]}
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        info = eng.get_session(tenant, session_id)
+        if info is None:
+            raise ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+        return session_body(info)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
+        if not eng.release_session(tenant, session_id):
+            raise ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    # ---- /v1/completions ------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of),
+                          eng=Depends(running)):
+        check_model(eng, body.model)
+        body.check(api, eng.vocab_size)
+        prompts = body.prompts()
+        if any(not 0 <= t < eng.vocab_size for p in prompts if isinstance(p, list) for t in p):
+            raise ApiError(400, f"prompt token ids must be in [0, {eng.vocab_size})", param="prompt")
+        prompt_ids = [list(p) if isinstance(p, list) else await encode(eng, p) for p in prompts]
+        session = session_of(request, body.session_id)
+        if session is not None and len(prompt_ids) > 1:
+            raise ApiError(400, "a session continues one conversation: send one prompt", param="session_id")
+        params = [body.sampling_params(body.resolve_max_tokens(len(ids), eng.max_context, api), body.logprobs)
+                  for ids in prompt_ids]
+        base_id = new_id("cmpl")
+        gens, firsts = await until_disconnect(request, submit_all(
+            eng, fan_out(base_id, prompt_ids, params, body.n, tenant, session)))
+        echoes = [(p if isinstance(p, str) else eng.tokenizer.decode(p)) if body.echo else "" for p in prompts]
+        shaper = CompletionShaper(base_id, eng.model_name, token_texter(eng), sum(map(len, prompt_ids)),
+                                  body.include_usage, body.logprobs is not None, echoes=echoes, n=body.n)
+        return await respond(request, body.stream, shaper, gens, firsts)
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of),
+                               eng=Depends(running)):
+        check_model(eng, body.model)
+        body.check(api, eng.vocab_size)
+        prompt_ids = await encode(eng, render_chat(eng, body.template_messages(), body.add_generation_prompt))
+        session = session_of(request, body.session_id)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(body.resolve_max_tokens(len(prompt_ids), eng.max_context, api), logprobs)
+        base_id = new_id("chatcmpl")
+        gens, firsts = await until_disconnect(request, submit_all(
+            eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session)))
+        shaper = ChatShaper(base_id, eng.model_name, token_texter(eng), len(prompt_ids), body.include_usage,
+                            body.logprobs)
+        return await respond(request, body.stream, shaper, gens, firsts)
+
+    return app

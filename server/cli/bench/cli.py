@@ -1,0 +1,212 @@
+"""`customllm bench engine|serve`: benchmarks as commands. Each prints a table, writes JSON and
+can append its figures to docs/benchmarks.md (`--record`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("values must be positive integers")
+    return values
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: engine (offline) and serve (HTTP client)")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+
+    engine = kinds.add_parser("engine", help="offline decode tokens/s per batch size vs the memory floor")
+    engine.add_argument("--model", default=None, help="checkpoint or .gguf (default: the built-in model)")
+    engine.add_argument("--preset", default=None)
+    engine.add_argument("--tokenizer", default=None)
+    engine.add_argument("--device", default="auto")
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16, 64])
+    engine.add_argument("--context-len", type=int, default=128)
+    engine.add_argument("--output-len", type=int, default=32)
+    engine.add_argument("--kv-cache-memory", type=float, default=None, help="GiB")
+    engine.add_argument("--prefill-lens", type=_ints, default=[],
+                        help="also time the first token of one prompt of each of these lengths")
+    engine.add_argument("--threads", type=int, default=None)
+    engine.add_argument("--peers", default="", help="comma list of transformers,llama-cpp (built-in GGUF only)")
+    engine.add_argument("--out", default=None, help="JSON result file")
+    engine.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    engine.set_defaults(func=run_engine)
+
+    serve = kinds.add_parser("serve", help="streaming client against a running server")
+    serve.add_argument("--url", default="http://127.0.0.1:8000")
+    serve.add_argument("--peer-url", action="append", default=[], help="another server, measured alike")
+    serve.add_argument("--start-llama-cpp", default=None, metavar="GGUF",
+                       help="start llama-cpp-python's server on this GGUF as a peer (needs llama-cpp-python[server])")
+    serve.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
+    serve.add_argument("--input-len", type=int, default=64, help="prompt length in words")
+    serve.add_argument("--output-len", type=int, default=64)
+    serve.add_argument("--num-prompts", type=int, default=32)
+    serve.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
+    serve.add_argument("--session-turns", type=int, default=0)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--out", default=None, help="JSON result file")
+    serve.add_argument("--plot", default=None, help="PNG of throughput/latency vs concurrency (matplotlib)")
+    serve.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    serve.set_defaults(func=run_serve)
+
+
+def _write(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text)
+
+
+def _record(lines: list[str]) -> None:
+    path = Path("docs/benchmarks.md")
+    with path.open("a") as fh:
+        fh.write("\n" + "\n".join(lines) + "\n")
+    print(f"appended to {path}", file=sys.stderr)
+
+
+def run_engine(args) -> int:
+    from server.cli.bench.engine_bench import bench_engine
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
+                          args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens)
+    result["machine"] = machine_description()
+    result["command"] = "customllm " + " ".join(sys.argv[1:])
+    peers = [p for p in args.peers.split(",") if p]
+    if peers:
+        result["peers"] = run_engine_peers(args, peers)
+    _write(result, args.out)
+    if args.record:
+        lines = [f"### bench engine — {time.strftime('%Y-%m-%d')} — {result['machine']}",
+                 f"`{result['command']}` — {result['model']}, {result['dtype']}, context {args.context_len}",
+                 "", "| batch | decode tok/s | step ms | floor ms | fraction of floor |", "|---|---|---|---|---|"]
+        lines += [f"| {r['batch_size']} | {r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
+                  f"{r['floor_step_ms']:.2f} | {r['fraction_of_bandwidth_floor']:.2f} |" for r in result["results"]]
+        for peer in result.get("peers", []):
+            ours = next(r for r in result["results"] if r["batch_size"] == peer["batch_size"])
+            lines.append(f"| {peer['batch_size']} ({peer['name']}) | {peer['decode_tokens_per_s']:.1f} | | | "
+                         f"ours/peer = {ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}× |")
+        if result["prefill"]:
+            lines += ["", "| prompt tokens | time to first token ms | prefill tok/s |", "|---|---|---|"]
+            lines += [f"| {r['prompt_tokens']} | {r['time_to_first_token_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} |"
+                      for r in result["prefill"]]
+        _record(lines)
+    return 0
+
+
+def run_engine_peers(args, peers: list[str]) -> list[dict]:
+    from model.loading.builtin import builtin_model_path
+    from server.cli.bench.peers import LlamaCppPeer, TransformersPeer
+    gguf = Path(args.model) if args.model else builtin_model_path()
+    if gguf.suffix != ".gguf":
+        raise ValueError("--peers compares on a .gguf model (the built-in one by default)")
+    rows = []
+    threads = args.threads or torch.get_num_threads()
+    for name in peers:
+        if name == "transformers":
+            from server.executor.build import resolve_device
+            device = resolve_device(args.device)
+            peer = TransformersPeer(gguf, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                    device=device)
+            for batch in args.batch_sizes:
+                rate = peer.decode_tokens_per_s(batch, args.context_len, args.output_len)
+                rows.append({"name": "transformers generate", "batch_size": batch, "decode_tokens_per_s": rate})
+                cb = peer.continuous_batching_tokens_per_s(batch, args.context_len, args.output_len)
+                if cb is not None:
+                    rows.append({"name": "transformers generate_batch (incl. prefill)", "batch_size": batch,
+                                 "decode_tokens_per_s": cb})
+            del peer
+        elif name == "llama-cpp":
+            peer = LlamaCppPeer(gguf, context=args.context_len + args.output_len + 16, threads=threads)
+            rows.append({"name": "llama-cpp-python", "batch_size": 1,
+                         "decode_tokens_per_s": peer.decode_tokens_per_s(args.context_len, args.output_len)})
+        else:
+            raise ValueError(f"unknown peer {name!r}: choose transformers or llama-cpp")
+    return rows
+
+
+def _start_llama_cpp(gguf: str, port: int) -> subprocess.Popen:
+    import httpx
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                                "--port", str(port), "--n_threads", str(torch.get_num_threads()),
+                                "--n_threads_batch", str(torch.get_num_threads()), "--n_ctx", "4096",
+                                # by default a new request cancels the running one; queue them instead
+                                "--interrupt_requests", "False"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ValueError("llama-cpp-python's server exited; install it with pip install 'llama-cpp-python[server]'")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise ValueError("llama-cpp-python's server did not become ready in 120 s")
+
+
+def run_serve(args) -> int:
+    from server.cli.bench.serve_bench import bench_serve, plot
+    result = {"machine": machine_description(), "command": "customllm " + " ".join(sys.argv[1:])}
+    result["ours"] = bench_serve(args.url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
+                                 args.request_rate, args.session_turns, args.api_key)
+    result["peers"] = [bench_serve(url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
+                                   args.request_rate, 0, None) for url in args.peer_url]
+    if args.start_llama_cpp:
+        # started only after our server was measured: an idle llama.cpp still holds its threads
+        llama = _start_llama_cpp(args.start_llama_cpp, port=18080)
+        try:
+            result["peers"].append(bench_serve("http://127.0.0.1:18080", args.concurrency, args.num_prompts,
+                                               args.input_len, args.output_len, args.request_rate, 0, None))
+        finally:
+            llama.terminate()
+            llama.wait(timeout=30)
+    if args.plot:
+        plot(result["ours"]["levels"], args.plot, f"customllm serve — {result['ours']['model']}")
+    _write(result, args.out)
+    if args.record:
+        lines = [f"### bench serve — {time.strftime('%Y-%m-%d')} — {result['machine']}", f"`{result['command']}`", "",
+                 "| server | concurrency | req/s | output tok/s | TTFT p50 ms | TPOT p50 ms | ITL p99 ms | errors |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for label, run in [("customllm", result["ours"])] + [(p["url"], p) for p in result["peers"]]:
+            for lv in run["levels"]:
+                lines.append(f"| {label} | {lv['concurrency']} | {lv['request_throughput']:.2f} | "
+                             f"{lv['output_tokens_per_s']:.1f} | {lv['ttft_s']['p50'] * 1e3:.0f} | "
+                             f"{lv['tpot_s']['p50'] * 1e3:.1f} | {lv['itl_s']['p99'] * 1e3:.1f} | {lv['errors']} |")
+        for peer in result["peers"]:
+            for ours, theirs in zip(result["ours"]["levels"], peer["levels"]):
+                lines.append(f"- concurrency {ours['concurrency']}: output tok/s ours/{peer['url']} = "
+                             f"{ours['output_tokens_per_s'] / theirs['output_tokens_per_s']:.2f}×")
+        for turn, row in result["ours"].get("sessions", {}).items():
+            lines.append(f"- session turn {turn}: TTFT {row['ttft_session_s'] * 1e3:.0f} ms cached vs "
+                         f"{row['ttft_cold_s'] * 1e3:.0f} ms cold = {row['ratio']:.2f}× ({row['cached_tokens']:.0f} cached tokens)")
+        _record(lines)
+    return 0

@@ -1,0 +1,146 @@
+"""`customllm bench engine`: offline decode throughput per batch size, against the memory floor.
+
+For each batch size B: B requests with `--context-len` prompt tokens decode `--output-len` tokens
+greedily through the real engine (scheduler, runner, sampler). Decode tokens/s comes from the
+duration of the pure-decode steps (B tokens each). Each step must move the weights it touches plus
+the cache rows it reads; divided by the machine's measured copy bandwidth that gives the floor.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import statistics
+import threading
+import time
+
+import torch
+
+from server.cli.bench.memory import cache_bytes_read, measure_copy_bandwidth, weight_bytes_touched
+from server.config import EngineConfig, ModelLoadConfig, ServerConfig
+from server.executor.build import build_engine
+from server.engine.types import GenerationRequest, NullObserver, SamplingParams
+
+log = logging.getLogger("customllm.bench")
+
+
+class StepTimer(NullObserver):
+    """Records (end time, tokens) of every engine step."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+
+    def on_step(self, num_scheduled_tokens: int) -> None:
+        with self.lock:
+            self.steps.append((time.perf_counter(), num_scheduled_tokens))
+
+    def take(self) -> list[tuple[float, int]]:
+        with self.lock:
+            steps, self.steps = self.steps, []
+        return steps
+
+
+def decode_step_seconds(steps: list[tuple[float, int]], batch_size: int) -> list[float]:
+    """Durations of steps that decoded exactly `batch_size` tokens right after another such step."""
+    return [t1 - t0 for (t0, n0), (t1, n1) in zip(steps, steps[1:]) if n0 == batch_size and n1 == batch_size]
+
+
+async def _run_batch(engine, batch_size: int, context_len: int, output_len: int, seed: int) -> None:
+    rng = random.Random(seed)
+    vocab = engine.vocab_size
+
+    async def one(i: int) -> None:
+        prompt = [rng.randrange(3, vocab) for _ in range(context_len)]
+        request = GenerationRequest(f"bench-{batch_size}-{i}", prompt,
+                                    SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+        async for _ in engine.generate(request):
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(batch_size)))
+
+
+def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
+                 batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
+                 threads: int | None = None, prefill_lens: list[int] = ()) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    timer = StepTimer()
+    max_batch = max(batch_sizes)
+    engine_config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(2048, context_len),
+                                 kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2)
+    engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
+                                                             device=device, dtype=dtype),
+                                       engine=engine_config), observer=timer, start=False)
+    result: dict = {}
+    errors: list[BaseException] = []
+    # measured here, in the thread that runs the model: an OpenMP team started from another thread
+    # keeps spinning on the cores for a while and would slow the engine down
+    bandwidth = measure_copy_bandwidth(engine.device)
+    log.info("measured copy bandwidth: %.1f GB/s", bandwidth / 1e9)
+
+    def drive() -> None:
+        try:
+            if not engine.wait_started(timeout=60):
+                raise RuntimeError("the engine loop did not start")
+            result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth))
+            result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+        finally:
+            engine.stop()
+
+    # the engine loop runs in the main thread (see Engine.run_forever); the client drives it
+    driver = threading.Thread(target=drive, name="bench-driver", daemon=True)
+    driver.start()
+    engine.run_forever()
+    driver.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+def _time_to_first_token(engine, prompt_len: int) -> dict:
+    """One request of `prompt_len` random tokens (no prefix cached) generating one token, alone."""
+    log.info("prefill: one prompt of %d tokens", prompt_len)
+    started = time.perf_counter()
+    asyncio.run(_run_batch(engine, 1, prompt_len, 1, seed=prompt_len))
+    seconds = time.perf_counter() - started
+    log.info("prefill: %d tokens, first token after %.0f ms (%.0f prompt tok/s)", prompt_len, seconds * 1e3,
+             prompt_len / seconds)
+    return {"prompt_tokens": prompt_len, "time_to_first_token_ms": seconds * 1e3,
+            "prefill_tokens_per_s": prompt_len / seconds}
+
+
+def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int, output_len: int,
+             bandwidth: float) -> dict:
+    torch_device = engine.device
+    cache_dtype_bytes = engine.cache.layers[0].element_size()
+    rows = []
+    for batch_size in batch_sizes:
+        log.info("batch %d: %d prompt tokens, %d new tokens each", batch_size, context_len, output_len)
+        timer.take()
+        started = time.perf_counter()
+        asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size))
+        wall = time.perf_counter() - started
+        durations = decode_step_seconds(timer.take(), batch_size)
+        if not durations:
+            raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
+                             "or --kv-cache-memory")
+        step = statistics.median(durations)
+        mean_context = context_len + output_len // 2
+        bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
+                          + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
+        floor_step = bytes_per_step / bandwidth
+        rows.append({
+            "batch_size": batch_size, "decode_tokens_per_s": batch_size / step,
+            "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
+            "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
+            "fraction_of_bandwidth_floor": floor_step / step,
+        })
+        log.info("batch %d: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
+                 batch_size / step, step * 1e3, floor_step * 1e3, 100 * floor_step / step)
+    return {"model": engine.model_name, "device": str(torch_device),
+            "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
+            "output_len": output_len, "threads": torch.get_num_threads(),
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}

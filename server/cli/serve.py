@@ -1,0 +1,226 @@
+"""`customllm serve`: flags and CUSTOMLLM_* environment variables → ServerConfig (the one place
+configuration is parsed), engine start-up with progress logs, uvicorn, graceful SIGTERM drain."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from server.config import ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
+
+log = logging.getLogger("customllm.serve")
+ENV_PREFIX = "CUSTOMLLM_"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(parser, flag: str, help_text: str, type_=str, default=None, **kwargs):
+    """A flag whose default comes from CUSTOMLLM_<FLAG> when set."""
+    env = os.environ.get(_env_name(flag))
+    if env is not None:
+        if type_ is bool:
+            default = env.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                default = type_(env)
+            except ValueError:
+                raise SystemExit(f"customllm: error: {_env_name(flag)}={env!r} is not a valid {type_.__name__}")
+    if type_ is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=bool(default),
+                            help=f"{help_text} [env {_env_name(flag)}]", **kwargs)
+    else:
+        parser.add_argument(flag, type=type_, default=default, help=f"{help_text} [env {_env_name(flag)}]",
+                            **kwargs)
+
+
+def add_parser(subparsers) -> None:
+    defaults_engine, defaults_api = EngineConfig(), ApiConfig()
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    _add(m, "--model", "checkpoint file or directory, or .gguf (default: built-in SmolLM2-135M-Instruct)")
+    _add(m, "--preset", "architecture preset, e.g. custom-llm-973m")
+    _add(m, "--tokenizer", "tokenizer.json, directory holding one, or .gguf")
+    _add(m, "--byte-level-decoder", "SmartLLM's BPE tokenizer file has no decoder, so answers keep byte "
+         "symbols such as Ġ as the seed's do; this adds a ByteLevel decoder for readable text", bool, False)
+    _add(m, "--chat-template", "jinja chat template file overriding the model's")
+    _add(m, "--served-model-name", "model id reported by the API")
+    _add(m, "--device", "auto, cpu, cuda or cuda:N", default="auto")
+    _add(m, "--dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, or mixed (CPU: float16 for 1-2 token steps, bfloat16 for larger)", default="auto")
+    _add(m, "--decode-attention", "MLA attention of decode steps: auto (the Triton kernel on CUDA when triton is "
+         "installed), torch, or triton", default="auto")
+    _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (MLA models with the Triton "
+         "decode attention)", bool, True)
+    e = p.add_argument_group("engine")
+    _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
+    _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
+    _add(e, "--max-num-seqs", "most sequences in one batch", int, defaults_engine.max_num_seqs)
+    _add(e, "--max-num-batched-tokens", "token budget of one step", int, defaults_engine.max_num_batched_tokens)
+    _add(e, "--max-waiting-requests", "queue length before 429", int, defaults_engine.max_waiting_requests)
+    _add(e, "--max-sessions", "most sessions kept", int, defaults_engine.max_sessions)
+    _add(e, "--session-ttl", "seconds an idle session keeps its cache", float, defaults_engine.session_idle_ttl_s)
+    _add(e, "--max-session-pinned-fraction", "share of the cache sessions may pin", float,
+         defaults_engine.max_session_pinned_fraction)
+    a = p.add_argument_group("http")
+    _add(a, "--host", "bind address", default=defaults_api.host)
+    _add(a, "--port", "port", int, defaults_api.port)
+    a.add_argument("--api-key", action="append", default=None,
+                   help=f"accepted API key (repeatable; each key is a tenant) [env {ENV_PREFIX}API_KEY, comma-separated]")
+    _add(a, "--api-key-file", "file with one API key per line")
+    _add(a, "--metrics-auth", "require an API key for /metrics", bool, False)
+    _add(a, "--max-body-bytes", "largest request body", int, defaults_api.max_body_bytes)
+    _add(a, "--max-n", "largest n", int, defaults_api.max_n)
+    _add(a, "--max-stop-strings", "most stop strings per request", int, defaults_api.max_stop_strings)
+    _add(a, "--max-tokens-limit", "largest max_tokens", int, defaults_api.max_tokens_limit)
+    _add(a, "--default-max-tokens", "max_tokens when a request gives none (default: 16 for completions, "
+                                    "what the context leaves for chat)", int, defaults_api.default_max_tokens)
+    _add(a, "--shutdown-grace", "seconds running requests get to finish on SIGTERM", float,
+         defaults_api.shutdown_grace_s)
+    _add(a, "--log-requests", "log one line per HTTP request", bool, defaults_api.log_requests)
+    _add(a, "--log-level", "logging level", default="info")
+    p.set_defaults(func=run)
+
+
+def api_keys_from(args) -> tuple[str, ...]:
+    keys = list(args.api_key or [])
+    env = os.environ.get(ENV_PREFIX + "API_KEY")
+    if not keys and env:
+        keys = [k for k in env.split(",")]
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise ValueError(f"--api-key-file {path} does not exist")
+        keys += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    keys = [k.strip() for k in keys if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def _check(args) -> None:
+    """ValueError for flag values no server can run with (the engine checks its own in depth)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in [1, 65535]")
+    for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_stop_strings", 0), ("max_tokens_limit", 1),
+                          ("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+                          ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0)):
+        if getattr(args, flag) < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}")
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise ValueError("--default-max-tokens must be at least 1")
+    if args.session_ttl <= 0:
+        raise ValueError("--session-ttl must be positive")
+
+
+def config_from_args(args) -> ServerConfig:
+    _check(args)
+    return ServerConfig(
+        model=ModelLoadConfig(model=args.model, preset=args.preset, tokenizer=args.tokenizer,
+                              byte_level_decoder=args.byte_level_decoder,
+                              chat_template=args.chat_template, device=args.device, dtype=args.dtype,
+                              served_model_name=args.served_model_name, decode_attention=args.decode_attention,
+                              cuda_graphs=args.cuda_graphs),
+        engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
+                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_waiting_requests=args.max_waiting_requests, max_sessions=args.max_sessions,
+                            session_idle_ttl_s=args.session_ttl,
+                            max_session_pinned_fraction=args.max_session_pinned_fraction),
+        api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
+                      metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                      max_stop_strings=args.max_stop_strings, max_tokens_limit=args.max_tokens_limit,
+                      default_max_tokens=args.default_max_tokens, shutdown_grace_s=args.shutdown_grace,
+                      log_requests=args.log_requests))
+
+
+class _StopLoading(BaseException):
+    """A signal while the model loads: nothing runs yet, so stop at once (BaseException, so that no
+    `except Exception` in the loading code swallows it)."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(args) -> int:
+    """HTTP first (so /health answers 503 while the model loads), then the model, then the engine
+    loop in the main thread until a signal drains it."""
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.api.metrics import Metrics
+    from server.executor.build import build_engine
+
+    setup_logging(args.log_level)
+    config = config_from_args(args)
+    api = config.api
+    metrics = Metrics()
+    app = create_app(None, api, metrics)
+    grace = api.shutdown_grace_s
+    # uvicorn serves from a secondary thread (so it installs no signal handlers); the engine loop owns
+    # the main thread (see Engine.run_forever), and signals are handled here.
+    server = uvicorn.Server(uvicorn.Config(app, host=api.host, port=api.port, log_level="warning", log_config=None,
+                                           access_log=False, timeout_graceful_shutdown=int(grace) + 5))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    state = {"engine": None, "signalled": False, "http_failed": False}
+
+    def shut_down() -> None:
+        """Stop accepting; running requests get `grace` seconds, the rest are aborted (finish_reason
+        "abort") so their responses end; then the engine loop stops and the process exits 0."""
+        engine = state["engine"]
+        server.should_exit = True
+        engine.drain(grace)
+        http.join(timeout=grace + 10)
+        engine.stop()
+
+    def on_signal(sig, frame) -> None:
+        if state["signalled"]:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        state["signalled"] = True
+        if state["engine"] is None:
+            log.info("signal %s while loading: stopping", signal.Signals(sig).name)
+            raise _StopLoading
+        log.info("signal %s: draining (grace %.0f s)", signal.Signals(sig).name, grace)
+        threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
+
+    # handlers first: a signal may come as soon as /health answers
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        http.start()
+        while not server.started and http.is_alive():
+            http.join(timeout=0.05)
+        if not server.started:
+            log.error("cannot serve on %s:%d (is the port in use?)", api.host, api.port)
+            return 1
+        log.info("listening on http://%s:%d (auth %s); /health answers 503 until the model is loaded", api.host,
+                 api.port, "on" if api.api_keys else "off")
+        engine = build_engine(config, observer=metrics, start=False)
+        metrics.bind_engine(engine)
+        state["engine"] = engine
+    except _StopLoading:
+        server.should_exit = True
+        http.join(timeout=10)
+        log.info("stopped")
+        return 0
+    app.state.engine = engine
+
+    def watch_http() -> None:
+        http.join()
+        if not state["signalled"]:
+            log.error("the HTTP server stopped unexpectedly")
+            state["http_failed"] = True
+            engine.stop()
+    threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
+    log.info("serving %s on http://%s:%d", engine.model_name, api.host, api.port)
+    engine.run_forever()
+    if not engine.stopping:       # the loop died: keep answering /health with 503 until told to stop
+        log.error("the engine loop stopped; /health answers 503 until the server is stopped")
+        http.join()
+    log.info("stopped")
+    return 1 if state["http_failed"] else 0

@@ -1,0 +1,93 @@
+"""`customllm weights init|inspect`: random checkpoints for tests and benchmarks, and a look inside one."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers) -> None:
+    weights = subparsers.add_parser("weights", help="create or inspect checkpoints")
+    actions = weights.add_subparsers(dest="weights_action", required=True)
+    init = actions.add_parser("init", help="write a random-initialised checkpoint (safetensors + config.json)")
+    init.add_argument("--preset", required=True)
+    init.add_argument("--out", required=True, help="output directory")
+    init.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--std", type=float, default=0.02, help="standard deviation of the random matrices")
+    init.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field (e.g. --set vocab_size=49152)")
+    init.set_defaults(func=run_init)
+    inspect = actions.add_parser("inspect", help="architecture, parameters, dtype, cache bytes per token")
+    inspect.add_argument("path")
+    inspect.add_argument("--preset", default=None)
+    inspect.set_defaults(func=run_inspect)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def run_init(args) -> int:
+    from model.config import preset
+    from model.loading.init_weights import random_model, save_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = preset(args.preset)
+    overrides = _parse_overrides(args.set)
+    if overrides:
+        config = config.replace(**overrides)
+    started = time.monotonic()
+    model = random_model(config, seed=args.seed, std=args.std, dtype=DTYPE_NAMES[args.dtype])
+    out = Path(args.out)
+    save_checkpoint(model, out, {"preset": args.preset, **overrides})
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}/model.safetensors: {config.family}, {params:,} parameters, {args.dtype}, "
+          f"seed {args.seed}, {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def run_inspect(args) -> int:
+    from model.loading.loader import load_model
+    from model.cache.kv_cache import dtype_bytes
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    path = Path(args.path)
+    if path.suffix == ".gguf":
+        from model.loading.gguf_file import load_gguf_model
+        loaded = load_gguf_model(path)
+        model, config, warnings = loaded.model, loaded.config, []
+        dtypes = Counter({"gguf (dequantised to float32)": 1})
+    else:
+        from model.loading.checkpoint import read_checkpoint
+        stored = read_checkpoint(path).state_dict
+        dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in stored.values())
+        main_dtype = max(dtypes, key=dtypes.get)
+        loaded = load_model(path, preset=args.preset, dtype=getattr(torch, main_dtype))
+        model, config, warnings = loaded.model, loaded.config, loaded.warnings
+    params = sum(p.numel() for p in model.parameters())
+    print(f"architecture: {config.family}")
+    print(f"config: {json.dumps(config.to_dict())}")
+    print(f"parameters: {params:,}")
+    print(f"dtype: {', '.join(f'{k} ({v} tensors)' for k, v in dtypes.items())}")
+    print(f"cache row per token per layer: {config.cache_row_width} values")
+    for name in ("bfloat16", "float32"):
+        print(f"cache bytes per token ({name}): {config.cache_bytes_per_token(dtype_bytes(DTYPE_NAMES[name])):,}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return 0

@@ -1,0 +1,168 @@
+"""Build a ready engine from a `ServerConfig`: device and dtype, model, tokenizer, chat template,
+KV cache. The only place that turns configuration into loaded objects."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from model.loading.builtin import BUILTIN_NAME, builtin_model_path
+from model.cache.kv_cache import GIB, KVCache
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.engine.types import EngineObserver
+
+log = logging.getLogger("customllm.serving")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+CUDA_KV_CACHE_FRACTION = 0.85
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+MIXED = "mixed"   # CPU: float16 weights for 1-2 token steps, bfloat16 weights and cache otherwise
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the weights (and, but for `mixed`, of the cache)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == MIXED:
+        if device.type != "cpu":
+            raise ValueError("--dtype mixed is a CPU mode; use bfloat16 on CUDA")
+        return torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: choose one of auto, {MIXED}, {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def kv_cache_budget_bytes(gib: float | None, device: torch.device) -> int:
+    """The cache memory: as configured, else a fraction of the GPU memory left after the weights,
+    else a fixed CPU default."""
+    if gib is not None:
+        if gib <= 0:
+            raise ValueError("--kv-cache-memory must be positive (GiB)")
+        return int(gib * GIB)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_KV_CACHE_FRACTION)
+    return int(DEFAULT_CPU_KV_CACHE_GIB * GIB)
+
+
+def special_token_texts(tokenizer) -> dict[str, str]:
+    """`bos_token` / `eos_token` as text, which chat templates written for Hugging Face read."""
+    texts = {}
+    for name in ("bos", "eos"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        text = tokenizer.id_to_token(token_id) if token_id is not None and hasattr(tokenizer, "id_to_token") else None
+        if text:
+            texts[f"{name}_token"] = text
+    return texts
+
+
+def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, chat template source or None, model name)."""
+    from model.text.chat_template import ChatTemplate
+    from model.text.tokenizer import load_tokenizer
+
+    mcfg = config.model
+    path = Path(mcfg.model) if mcfg.model else builtin_model_path()
+    started = time.monotonic()
+    log.info("loading model from %s (%s on %s)", path, str(dtype).removeprefix("torch."), device)
+    template_source = None
+    if path.suffix == ".gguf":
+        from model.loading.gguf_file import load_gguf_model
+        loaded = load_gguf_model(path, dtype=dtype, device=device)
+        model, template_source = loaded.model, loaded.chat_template
+        tokenizer = load_tokenizer(mcfg.tokenizer, mcfg.byte_level_decoder) if mcfg.tokenizer else loaded.tokenizer
+    else:
+        from model.loading.loader import load_model
+        loaded = load_model(path, preset=mcfg.preset, dtype=dtype, device=device)
+        model = loaded.model
+        for warning in loaded.warnings:
+            log.warning("%s", warning)
+        tokenizer_source = mcfg.tokenizer or loaded.tokenizer_dir
+        if tokenizer_source is None:
+            raise ValueError(f"{path}: no tokenizer beside the checkpoint; pass --tokenizer PATH")
+        tokenizer = load_tokenizer(tokenizer_source, mcfg.byte_level_decoder)
+        template_source = getattr(tokenizer, "chat_template", None) or getattr(loaded, "chat_template", None)
+    if mcfg.chat_template:
+        template_source = Path(mcfg.chat_template).read_text()
+    chat_template = ChatTemplate(template_source, **special_token_texts(tokenizer)) if template_source else None
+    name = mcfg.served_model_name or (BUILTIN_NAME if mcfg.model is None else path.stem if path.is_file() else path.name)
+    log.info("model %s ready in %.1f s: %s parameters", name, time.monotonic() - started,
+             f"{sum(p.numel() for p in model.parameters()):,}")
+    return model.eval(), tokenizer, chat_template, name
+
+
+def resolve_decode_attention(choice: str, device: torch.device) -> str:
+    """"torch" or "triton": auto takes the kernel on CUDA when triton imports; on the CPU the kernel
+    runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"--decode-attention must be auto, torch or triton, not {choice!r}")
+    if choice == "torch":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+        available = True
+    except ImportError:
+        available = False
+    if choice == "auto":
+        return "triton" if available and device.type == "cuda" else "torch"
+    if not available:
+        raise ValueError("--decode-attention triton needs the triton package (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--decode-attention triton runs on CUDA (or on the CPU with TRITON_INTERPRET=1)")
+    return "triton"
+
+
+def build_engine(config: ServerConfig, observer: EngineObserver | None = None, start: bool = True) -> Engine:
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tokenizer, chat_template, name = load_model_and_tokenizer(config, device, dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}; pass the model's own tokenizer")
+    from model.layers.cpu_layout import use_column_major_weights
+    moved = use_column_major_weights(model)       # float32 CPU weights only
+    if moved:
+        log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)
+    kernel_layers = 0
+    if resolve_decode_attention(config.model.decode_attention, device) == "triton":
+        from model.kernels import use_triton_decode_attention
+        kernel_layers = use_triton_decode_attention(model)
+        log.info("decode attention: Triton paged decode kernel in %d layers", kernel_layers)
+    small_step_model = None
+    if config.model.dtype == MIXED:
+        small_step_model = copy.deepcopy(model).to(torch.float16)
+        log.info("mixed precision: float16 weights for steps of 1-2 tokens, bfloat16 for larger steps")
+    budget = kv_cache_budget_bytes(config.engine.kv_cache_memory_gib, device)
+    cache = KVCache.from_budget(model.config, budget, config.engine.block_size, dtype, device)
+    log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,
+             cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB, cache.bytes_per_token)
+    decode_graphs = None
+    if device.type == "cuda" and config.model.cuda_graphs and kernel_layers:
+        from server.executor.decode_graphs import make_decode_graphs
+        decode_graphs = make_decode_graphs(model, cache, config.engine.max_num_seqs, capture=True)
+    engine = Engine(model, cache, tokenizer, config.engine, model_name=name, chat_template=chat_template,
+                    device=device, observer=observer,
+                    stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),
+                    small_step_model=small_step_model, decode_graphs=decode_graphs)
+    if start:
+        engine.start()
+    return engine

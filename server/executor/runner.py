@@ -1,0 +1,61 @@
+"""Model runner: turns a scheduled step into tensors, runs the model over the paged cache.
+
+It never decides policy: the scheduler says which tokens of which sequences run; the runner builds
+the `PagedBatch` (positions, slot mapping, block tables, masks) and returns the logits of the rows
+that sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.kernels import decodes_through_kernels
+from model.cache.kv_cache import KVCache
+from model.cache.batch import PagedBatch, SequenceChunk
+from server.engine.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    """`small_step_model` (optional) is a copy of the model in another dtype used for steps of at most
+    `small_step_tokens` tokens: on CPUs without native float16 GEMMs for large batches, float16 is
+    the fastest for one or two tokens and bfloat16 for everything bigger (`--dtype mixed`). Both
+    read and write the same cache."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, device: torch.device,
+                 small_step_model: nn.Module | None = None, small_step_tokens: int = 2,
+                 decode_graphs=None):
+        self.model = model
+        self.decode_graphs = decode_graphs          # server.executor.decode_graphs.DecodeGraphs, for decode steps
+        self.cache = cache
+        self.device = device
+        self.small_step_model = small_step_model
+        self.small_step_tokens = small_step_tokens
+        self.window = getattr(model.config, "sliding_window", None)
+        # decode kernels read the block tables: decode batches then skip the gather-path tensors
+        self.decode_kernels = decodes_through_kernels(model)
+
+    def build_batch(self, chunks: list[ScheduledChunk]) -> PagedBatch:
+        bs = self.cache.block_size
+        seq_chunks = []
+        for c in chunks:
+            end = c.start + c.num_tokens
+            seq_chunks.append(SequenceChunk(
+                token_ids=c.seq.token_slice(c.start, end), start_pos=c.start,
+                block_table=c.seq.block_ids[: -(-end // bs)], needs_logits=c.completes_prompt))
+        decode_only = all(c.num_tokens == 1 for c in chunks)
+        return PagedBatch.build(seq_chunks, bs, self.device, window=self.window,
+                                with_gather=not (decode_only and self.decode_kernels))
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
+        in chunk order."""
+        batch = self.build_batch(chunks)
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(batch)
+            if logits is not None:
+                return logits.float()
+        model = self.model
+        if self.small_step_model is not None and batch.token_ids.shape[0] <= self.small_step_tokens:
+            model = self.small_step_model
+        return model.forward_paged(batch, self.cache.layers).float()

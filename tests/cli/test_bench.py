@@ -1,0 +1,127 @@
+"""`customllm bench engine|serve` as commands, on the tiny model: they drive the real engine and a
+real server, write their JSON and append their tables with `--record`. No figure is asserted
+(performance is measured by these commands, not tested); what is checked is that they run, that
+their results hang together, and the byte counts behind the floors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.loading.builtin import builtin_model_path
+from model.config import preset
+from model.registry import build_model, output_head_weight
+from server.cli.bench.engine_bench import decode_step_seconds
+from server.cli.bench.memory import cache_bytes_read, weight_bytes_touched
+from server.config import EngineConfig
+from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # room for the session benchmark's chat turns (a system prompt of 120 words and 40 per turn)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bench"), 0, "max_context=1024")
+
+
+def run_bench(cwd, *args: str) -> subprocess.CompletedProcess:
+    """`customllm bench ...` in `cwd` (where `--record` appends to docs/benchmarks.md)."""
+    (cwd / "docs").mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "server.cli", "bench", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# ---- the bytes a decode step must move -------------------------------------------------------------
+# each family's expert parameters and embedding tables, named as its checkpoints name them
+EXPERT_NAMES = {"custom-llm-tiny": ".routed_experts.", "shomsher-tiny": ".experts.", "smart-llm-tiny": ".routed_experts."}
+EMBEDDINGS = {"token_embeddings.weight", "position_embeddings.weight", "model.embed_tokens.weight", "tok_emb.weight",
+              "token_embedding.weight"}
+
+
+@pytest.mark.parametrize("name", ["custom-llm-tiny", "shomsher-tiny", "smart-llm-tiny", "llama-tiny", "llama-tiny-tied"])
+@pytest.mark.parametrize("batch_size", [1, 3, 1000])
+def test_weight_bytes_touched_counts_routed_experts_and_embedding_rows(name, batch_size):
+    config = preset(name.removesuffix("-tied"))
+    if name.endswith("-tied"):           # as the built-in model: the head is the embedding table
+        config = config.replace(tie_word_embeddings=True)
+    model = build_model(config, device="cpu", dtype=torch.float32)
+    num_experts = getattr(config, "num_routed_experts", None) or getattr(config, "num_experts", 0)
+    top_k = next((getattr(config, key) for key in ("top_k_experts", "num_experts_per_token") if hasattr(config, key)),
+                 0)
+    head = output_head_weight(model)
+    expected = 0.0
+    for param_name, param in model.named_parameters():    # a tied head's table appears once, as the head
+        size = param.numel() * 4
+        if name in EXPERT_NAMES and EXPERT_NAMES[name] in param_name:
+            size *= 1 - (1 - top_k / num_experts) ** batch_size
+        elif param_name in EMBEDDINGS and param is not head:
+            size *= min(batch_size, param.shape[0]) / param.shape[0]
+        expected += size
+    assert (num_experts > top_k > 0) == (name in EXPERT_NAMES)
+    assert weight_bytes_touched(model, batch_size) == pytest.approx(expected, rel=1e-6)
+    everything = sum(p.numel() * 4 for p in model.parameters())
+    assert weight_bytes_touched(model, batch_size) <= everything
+    if name == "llama-tiny-tied":     # no expert, and the head reads the whole table at every step
+        assert weight_bytes_touched(model, batch_size) == everything
+
+
+def test_cache_bytes_read_is_rows_times_bytes_per_token():
+    config = preset("custom-llm-973m")
+    assert cache_bytes_read(config, 64, 1024, 2) == 64 * 1024 * 576 * 30 * 2
+
+
+def test_decode_steps_are_those_of_the_whole_batch_after_another():
+    # (end time, tokens): a prefill of 24 tokens, then decode steps of 3, a step after a finished one
+    steps = [(0.0, 24), (0.5, 3), (0.6, 3), (0.8, 3), (0.9, 2), (1.0, 3), (1.3, 3)]
+    assert decode_step_seconds(steps, 3) == pytest.approx([0.1, 0.2, 0.3])
+    assert decode_step_seconds(steps, 4) == []
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+def test_bench_engine_writes_consistent_results_and_records_them(model_dir, tmp_path):
+    out = tmp_path / "engine.json"
+    run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(builtin_model_path()),
+              "--batch-sizes", "1,3", "--context-len", "20", "--output-len", "6", "--kv-cache-memory", "0.02",
+              "--threads", "1", "--prefill-lens", "9,40", "--out", str(out), "--record")
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("customllm bench engine --model") and result["threads"] == 1
+    assert [row["batch_size"] for row in result["results"]] == [1, 3]
+    for row in result["results"]:
+        assert row["steps_measured"] >= 1
+        step_s = row["median_step_ms"] / 1e3
+        assert row["decode_tokens_per_s"] == pytest.approx(row["batch_size"] / step_s)
+        floor_s = row["bytes_per_step"] / (result["copy_bandwidth_gb_s"] * 1e9)
+        assert row["floor_step_ms"] == pytest.approx(floor_s * 1e3)
+        assert row["fraction_of_bandwidth_floor"] == pytest.approx(floor_s / step_s)
+    assert [row["prompt_tokens"] for row in result["prefill"]] == [9, 40]
+    for row in result["prefill"]:
+        assert row["prefill_tokens_per_s"] == pytest.approx(row["prompt_tokens"] / row["time_to_first_token_ms"] * 1e3)
+    table = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| prompt tokens | time to first token ms | prefill tok/s |" in table and "| 40 | " in table
+    assert "### bench engine — " in table and "`customllm bench engine --model" in table
+    assert "| 1 | " in table and "| 3 | " in table
+
+
+def test_bench_serve_measures_levels_and_sessions_and_records_them(model_dir, tmp_path):
+    out = tmp_path / "serve.json"
+    engine = EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16)
+    with InProcessServer(model_dir, engine_config=engine) as server:
+        run_bench(tmp_path, "serve", "--url", server.url, "--concurrency", "1,3", "--num-prompts", "4",
+                  "--input-len", "8", "--output-len", "5", "--session-turns", "2", "--out", str(out), "--record")
+        server.settle()
+        assert server.engine.num_sessions == 0          # the benchmark's sessions were deleted
+    ours = json.loads(out.read_text())["ours"]
+    assert [level["concurrency"] for level in ours["levels"]] == [1, 3]
+    for level in ours["levels"]:
+        assert level["errors"] == 0 and level["num_prompts"] == 4
+        assert level["output_tokens_per_s"] == pytest.approx(4 * 5 / level["duration_s"])
+        assert 0 < level["ttft_s"]["p50"] <= level["e2e_s"]["p50"]
+    turns = ours["sessions"]
+    assert turns["1"]["cached_tokens"] == 0 and turns["2"]["cached_tokens"] > 0
+    table = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| customllm | 1 | " in table and "| customllm | 3 | " in table
+    assert "- session turn 2: TTFT" in table

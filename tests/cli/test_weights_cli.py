@@ -1,0 +1,55 @@
+"""`customllm weights init` and `weights inspect` for every family, and the same strict key checks
+when a checkpoint of any family does not match its model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from model.config import preset
+from model.loading.loader import load_model
+from model.loading.state_dict import CheckpointError
+from server.cli.main import main as cli_main
+
+FAMILIES = {"custom-llm-tiny": "custom_llm", "shomsher-tiny": "shomsher", "smart-llm-tiny": "smart_llm"}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def initialised(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "weights"
+    assert cli_main(["weights", "init", "--preset", request.param, "--seed", "2", "--out", str(out)]) == 0
+    return request.param, out
+
+
+def test_init_then_inspect(initialised, capsys):
+    name, out = initialised
+    capsys.readouterr()
+    assert cli_main(["weights", "inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    config = preset(name)
+    parameters = sum(p.numel() for p in load_model(out).model.parameters())
+    assert f"architecture: {FAMILIES[name]}" in printed
+    assert f"parameters: {parameters:,}" in printed
+    assert f"cache row per token per layer: {config.cache_row_width} values" in printed
+    assert f"cache bytes per token (bfloat16): {config.cache_bytes_per_token(2):,}" in printed
+    assert json.loads(printed.split("config: ", 1)[1].splitlines()[0])["num_layers"] == config.num_layers
+
+
+def test_a_mismatched_checkpoint_is_named_key_by_key(initialised, tmp_path):
+    name, out = initialised
+    state = load_file(str(out / "model.safetensors"))
+    missing = sorted(state)[-1]
+    misshaped = next(k for k in sorted(state) if state[k].dim() == 2 and k != missing)
+    del state[missing]
+    state["extra.weight"] = state[misshaped][:1].clone()
+    state[misshaped] = state[misshaped][:, :3].contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"model.safetensors does not match the {FAMILIES[name]} model: ")
+    assert missing in message.split("missing keys: ", 1)[1].split(";")[0]     # (a tied head is named too)
+    assert "unexpected keys: extra.weight" in message
+    assert f"mis-shaped keys: {misshaped} is [" in message
