@@ -112,7 +112,7 @@ def greedy_outputs_with_and_without(config, prepare, prompts: list[list[int]], m
     the two lists of `collect` results, for `assert_same_outputs`."""
     import asyncio
 
-    from server.engine.types import GenerationRequest, SamplingParams
+    from server.engine.request import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5, ignore_eos=True)
     results = []
@@ -145,7 +145,7 @@ def roomy_and_tight_runs(prompts: list[list[int]], max_tokens: int, tight_blocks
     in use; returns (roomy tokens, tight tokens, the tight engine's scheduler)."""
     import asyncio
 
-    from server.engine.types import GenerationRequest, SamplingParams
+    from server.engine.request import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 

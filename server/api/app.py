@@ -1,6 +1,6 @@
 """The FastAPI application: OpenAI-compatible routes over the engine. Limits, logging, auth and the
-error handlers are in server/http_guard.py; submitting, merging and streaming engine outputs in
-server/engine_requests.py.
+error handlers are in server/api/http_guard.py; submitting, merging and streaming engine outputs in
+server/api/streaming.py.
 
 Every error leaves as OpenAI's `{"error": {message, type, param, code}}` with the right status and
 no traceback. A request whose client goes away is aborted, whatever phase it is in: a watcher on
@@ -25,8 +25,10 @@ from server.config import ApiConfig
 from server.api.streaming import fan_out, respond, submit_all, until_disconnect
 from server.api.http_guard import HttpMiddleware, authenticator, install_error_handlers
 from server.api.metrics import Metrics
-from server.api.schemas import (ApiError, ChatCompletionRequest, ChatShaper, CompletionRequest, CompletionShaper,
-                             DetokenizeRequest, TokenizeRequest, model_card, new_id, session_body)
+from server.api.errors import ApiError, api_error_from
+from server.api.responses import ChatShaper, CompletionShaper, model_card, new_id, session_body
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.engine.errors import ContextLengthError
 
 log = logging.getLogger("customllm.api")
 LONG_TEXT_CHARS = 16_384          # longer prompts are tokenized off the event loop
@@ -77,6 +79,12 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         if len(text) > LONG_TEXT_CHARS:
             return await asyncio.to_thread(eng.tokenizer.encode, text)
         return eng.tokenizer.encode(text)
+
+    def resolve_max_tokens(body, prompt_len: int, eng) -> int:
+        try:
+            return body.resolve_max_tokens(prompt_len, eng.max_context, api)
+        except ContextLengthError as exc:
+            raise api_error_from(exc, body.prompt_param) from None
 
     def token_texter(eng):
         return lambda token_id: eng.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -147,19 +155,16 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of),
                           eng=Depends(running)):
         check_model(eng, body.model)
-        body.check(api, eng.vocab_size)
+        body.check(api)
         prompts = body.prompts()
-        if any(not 0 <= t < eng.vocab_size for p in prompts if isinstance(p, list) for t in p):
-            raise ApiError(400, f"prompt token ids must be in [0, {eng.vocab_size})", param="prompt")
         prompt_ids = [list(p) if isinstance(p, list) else await encode(eng, p) for p in prompts]
         session = session_of(request, body.session_id)
         if session is not None and len(prompt_ids) > 1:
             raise ApiError(400, "a session continues one conversation: send one prompt", param="session_id")
-        params = [body.sampling_params(body.resolve_max_tokens(len(ids), eng.max_context, api), body.logprobs)
-                  for ids in prompt_ids]
+        params = [body.sampling_params(resolve_max_tokens(body, len(ids), eng), body.logprobs) for ids in prompt_ids]
         base_id = new_id("cmpl")
         gens, firsts = await until_disconnect(request, submit_all(
-            eng, fan_out(base_id, prompt_ids, params, body.n, tenant, session)))
+            eng, fan_out(base_id, prompt_ids, params, body.n, tenant, session), body.prompt_param))
         echoes = [(p if isinstance(p, str) else eng.tokenizer.decode(p)) if body.echo else "" for p in prompts]
         shaper = CompletionShaper(base_id, eng.model_name, token_texter(eng), sum(map(len, prompt_ids)),
                                   body.include_usage, body.logprobs is not None, echoes=echoes, n=body.n)
@@ -170,14 +175,14 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of),
                                eng=Depends(running)):
         check_model(eng, body.model)
-        body.check(api, eng.vocab_size)
+        body.check(api)
         prompt_ids = await encode(eng, render_chat(eng, body.template_messages(), body.add_generation_prompt))
         session = session_of(request, body.session_id)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(body.resolve_max_tokens(len(prompt_ids), eng.max_context, api), logprobs)
+        params = body.sampling_params(resolve_max_tokens(body, len(prompt_ids), eng), logprobs)
         base_id = new_id("chatcmpl")
         gens, firsts = await until_disconnect(request, submit_all(
-            eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session)))
+            eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session), body.prompt_param))
         shaper = ChatShaper(base_id, eng.model_name, token_texter(eng), len(prompt_ids), body.include_usage,
                             body.logprobs)
         return await respond(request, body.stream, shaper, gens, firsts)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.config import ApiConfig
 from server.api.metrics import Metrics
-from server.api.schemas import ApiError, error_body
+from server.api.errors import ApiError, error_body
 
 log = logging.getLogger("customllm.api")
 QUIET_PATHS = ("/health", "/metrics")   # polled by probes and scrapers: logged at DEBUG

@@ -12,8 +12,9 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 
 from server.api.http_guard import ClientGone
-from server.api.schemas import ApiError, error_body
-from server.engine.types import EngineDeadError, GenerationRequest, QueueFullError, RequestOutput
+from server.api.errors import ApiError, api_error_from, error_body
+from server.engine.outputs import RequestOutput
+from server.engine.request import GenerationRequest
 
 log = logging.getLogger("customllm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -46,19 +47,7 @@ async def close_all(gens) -> None:
         await gen.aclose()
 
 
-def to_api_error(exc: BaseException) -> BaseException:
-    """The HTTP error for a request the engine refused (other exceptions stay as they are: 500)."""
-    if isinstance(exc, QueueFullError):
-        return ApiError(429, f"the server is busy ({exc}); retry later", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(exc, EngineDeadError):
-        return ApiError(503, str(exc), code="engine_unavailable")
-    if isinstance(exc, ValueError):
-        code = "context_length_exceeded" if "context length" in str(exc) else None
-        return ApiError(400, str(exc), code=code)
-    return exc
-
-
-async def submit_all(engine, requests: list[GenerationRequest]):
+async def submit_all(engine, requests: list[GenerationRequest], prompt_param: str | None = None):
     """Submit every request at once and wait for each one's first output, so that a refusal becomes
     an HTTP error before any response starts. Returns the output generators and first outputs; on a
     refusal, or when cancelled, every request already submitted is aborted."""
@@ -73,7 +62,7 @@ async def submit_all(engine, requests: list[GenerationRequest]):
                                      code="generation_failed")
                             for t in tasks if t.result().finish_reason == "error" and not t.result().token_ids), None)
         if failure is not None:
-            raise to_api_error(failure)
+            raise api_error_from(failure, prompt_param)
         accepted = True
         return gens, [t.result() for t in tasks]
     finally:

@@ -30,8 +30,10 @@ from server.engine.sampler import Sampler, SamplingRow, make_generator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.stops import StopStringMatcher
-from server.engine.types import (EngineDeadError, EngineObserver, FinishedRequestStats, GenerationRequest,
-                          NullObserver, QueueFullError, RequestOutput, TokenLogprob, Usage)
+from server.engine.errors import (CacheTooSmallError, ContextLengthError, EngineDeadError, EngineShuttingDownError,
+                                  InvalidRequestError, QueueFullError)
+from server.engine.outputs import EngineObserver, FinishedRequestStats, NullObserver, RequestOutput, TokenLogprob, Usage
+from server.engine.request import GenerationRequest
 
 log = logging.getLogger("customllm.engine")
 MAX_CONSECUTIVE_STEP_FAILURES = 3
@@ -170,23 +172,20 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def validate_request(self, request: GenerationRequest) -> None:
-        """ValueError for a request this engine can never serve; raised before queueing."""
+        """Admission: InvalidRequestError (or a subclass: ContextLengthError, CacheTooSmallError) for a
+        request this engine can never serve; raised before queueing."""
         prompt = request.prompt_token_ids
         if not prompt:
-            raise ValueError("the prompt must contain at least one token")
+            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         request.params.validate(self.vocab_size)
         total = len(prompt) + request.params.max_tokens
         if total > self.max_context:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
-                f"{total} tokens ({len(prompt)} in the prompt, {request.params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
+            raise ContextLengthError(self.max_context, len(prompt), request.params.max_tokens, "max_tokens")
         capacity = self.pool.num_blocks * self.pool.block_size
         if (needed := self.kv_tokens_held_at_most(total)) > capacity:
-            raise ValueError(f"the request needs {needed} tokens of KV cache but the cache holds only "
-                             f"{capacity}; reduce max_tokens or raise --kv-cache-memory")
+            raise CacheTooSmallError(needed, capacity)
 
     def kv_tokens_held_at_most(self, total_tokens: int) -> int:
         """Cache a request of `total_tokens` holds at its peak: all of them, or with a sliding window
@@ -201,10 +200,10 @@ class Engine:
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         if not self._accepting:
-            raise EngineDeadError("the server is shutting down")
+            raise EngineShuttingDownError("the server is shutting down")
         self.validate_request(request)
         if request.request_id in self._seqs:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if self.num_waiting >= self.config.max_waiting_requests:
             raise QueueFullError(f"{self.num_waiting} requests are already waiting")
         seq = Sequence(request, emit)

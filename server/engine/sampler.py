@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.types import SamplingParams, TokenLogprob
+from server.engine.outputs import TokenLogprob
+
+from server.engine.request import SamplingParams
 
 DEFAULT_CPU_CANDIDATES = 64
 

@@ -8,7 +8,9 @@ from typing import Callable
 
 import torch
 
-from server.engine.types import GenerationRequest, RequestOutput
+from server.engine.outputs import RequestOutput
+
+from server.engine.request import GenerationRequest
 
 
 class SequenceStatus(enum.Enum):

@@ -14,7 +14,7 @@ from model.loading.builtin import BUILTIN_NAME, builtin_model_path
 from model.cache.kv_cache import GIB, KVCache
 from server.config import ServerConfig
 from server.engine.engine import Engine
-from server.engine.types import EngineObserver
+from server.engine.outputs import EngineObserver
 
 log = logging.getLogger("customllm.serving")
 

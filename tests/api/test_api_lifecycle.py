@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-import server.api.schemas as protocol_module
+import server.api.responses as responses_module
 from server.api.app import create_app
 from server.config import ApiConfig, EngineConfig
 from server.api.metrics import Metrics
@@ -279,7 +279,7 @@ def test_a_failure_in_the_http_layer_midway_ends_the_stream_with_an_error_then_d
     def broken(*args, **kwargs):
         raise RuntimeError("formatting bug")
 
-    monkeypatch.setattr(protocol_module, "completion_logprobs", broken)
+    monkeypatch.setattr(responses_module, "completion_logprobs", broken)
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
                       json={"prompt": "Hi", "max_tokens": 50, "logprobs": 1, "stream": True}) as response:
         assert response.status_code == 200

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model.config import preset
-from server.engine.types import EngineDeadError, GenerationRequest, SamplingParams
+from server.engine.errors import EngineDeadError
+from server.engine.request import GenerationRequest, SamplingParams
 from tests.helpers import collect, roomy_and_tight_runs, tiny_engine
 from tests.oracles.custom_llm_oracle import oracle_logits
 

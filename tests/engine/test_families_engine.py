@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import preset
-from server.engine.types import GenerationRequest, SamplingParams
+from server.engine.request import GenerationRequest, SamplingParams
 from tests.helpers import collect, tiny_engine
 
 

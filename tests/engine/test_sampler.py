@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.engine.sampler import Sampler, SamplingRow, apply_penalties, filtered_probs, make_generator
-from server.engine.types import SamplingParams
+from server.engine.request import SamplingParams
 
 LOGITS = [2.0, 1.5, 1.5, 0.3, -0.2, 0.9, -1.0, 3.1, 0.0, -2.5, 1.1, 0.4]
 V = len(LOGITS)

@@ -5,7 +5,7 @@ from model.cache.block_pool import BlockPool
 from model.cache.sessions import SessionTable
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.engine.types import GenerationRequest, SamplingParams
+from server.engine.request import GenerationRequest, SamplingParams
 
 BS = 4
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine.types import GenerationRequest, NullObserver, SamplingParams
+from server.engine.outputs import NullObserver
+
+from server.engine.request import GenerationRequest, SamplingParams
 from tests.helpers import tiny_engine
 
 

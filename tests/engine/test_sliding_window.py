@@ -12,7 +12,7 @@ import torch
 from model.cache.block_pool import RELEASED, BlockPool
 from model.config import preset
 from server.engine.scheduler import held
-from server.engine.types import GenerationRequest, SamplingParams
+from server.engine.request import GenerationRequest, SamplingParams
 from tests.helpers import collect, roomy_and_tight_runs, tiny_engine
 
 BLOCK = 4

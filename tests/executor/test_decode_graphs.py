@@ -17,7 +17,7 @@ from server.config import EngineConfig  # noqa: E402
 from server.executor.decode_graphs import (DecodeGraphs, buckets_up_to, graph_capturable, make_decode_graphs,  # noqa: E402
                                   use_sync_free_moe)
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from tests.helpers import ByteTokenizer, collect, make_cache, perturbed_model  # noqa: E402
 
 TINY = preset("custom-llm-tiny")

@@ -162,7 +162,7 @@ def test_serving_engine_greedy_equals_transformers(prompts, hf_greedy):
     """The same prompts through the engine (scheduler, runner, sampler at temperature 0)."""
     from server.config import EngineConfig, ModelLoadConfig, ServerConfig
     from server.executor.build import build_engine
-    from server.engine.types import GenerationRequest, SamplingParams
+    from server.engine.request import GenerationRequest, SamplingParams
 
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=str(default_gguf_path()), dtype="float32",
                                                              device="cpu"),

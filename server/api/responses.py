@@ -1,0 +1,148 @@
+"""Response bodies and stream chunks in OpenAI's shapes, built from engine outputs."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable
+
+from server.engine.outputs import RequestOutput, TokenLogprob
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def model_card(name: str, max_context: int) -> dict:
+    return {"id": name, "object": "model", "created": now(), "owned_by": "customllm", "max_model_len": max_context}
+
+
+def session_body(info) -> dict:
+    return {"id": info.session_id, "object": "session", "num_tokens": info.num_tokens, "bytes": info.bytes,
+            "last_used": info.last_used}
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],
+                        offset: int = 0) -> dict:
+    """The legacy completions shape; `offset` is where the first token starts in the choice's text."""
+    tokens, offsets = [], []
+    for lp in entries:
+        text = token_text(lp.token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict:
+    """The chat shape: one entry per token with its text, UTF-8 bytes and the top alternatives."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**item(lp.token_id, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
+                        for lp in entries]}
+
+
+def _entries(outputs: list[RequestOutput]) -> list[TokenLogprob]:
+    return [lp for o in outputs for lp in (o.logprobs or ())]
+
+
+class _Shaper:
+    """Response bodies and stream chunks of one request with its choices, from engine outputs."""
+
+    response_object = chunk_object = ""
+
+    def __init__(self, base_id: str, model: str, token_text: Callable[[int], str], prompt_tokens: int,
+                 include_usage: bool, logprobs: bool):
+        self.head = {"id": base_id, "object": self.response_object, "created": now(), "model": model}
+        self.token_text = token_text
+        self.prompt_tokens = prompt_tokens
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+
+    def usage(self, finals: list[RequestOutput]) -> dict:
+        completion = sum(o.usage.completion_tokens for o in finals if o.usage)
+        cached = max((o.usage.cached_tokens for o in finals if o.usage), default=0)
+        return usage_body(self.prompt_tokens, completion, cached)
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {**self.head, "object": self.chunk_object, "choices": choices}
+        return {**out, "usage": usage} if self.include_usage else out
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> dict:
+        return self.chunk([], self.usage(finals))
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        raise NotImplementedError
+
+    def response(self, per_choice: list[list[RequestOutput]]) -> dict:
+        raise NotImplementedError
+
+
+class CompletionShaper(_Shaper):
+    response_object = chunk_object = "text_completion"
+
+    def __init__(self, *args, echoes: list[str], n: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.echoes = echoes          # per prompt: the echoed prompt text, or ""
+        self.n = n
+        self.offsets: dict[int, int] = {}
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        text = out.text
+        if index not in self.offsets:
+            echo = self.echoes[index // self.n]
+            text, self.offsets[index] = echo + text, len(echo)
+        if not (text or out.finished or out.logprobs):
+            return []
+        logprobs = None
+        if self.logprobs:
+            logprobs = completion_logprobs(list(out.logprobs or ()), self.token_text, self.offsets[index])
+            self.offsets[index] += sum(len(t) for t in logprobs["tokens"])
+        return [self.chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}])]
+
+    def response(self, per_choice: list[list[RequestOutput]]) -> dict:
+        choices = []
+        for index, outputs in enumerate(per_choice):
+            echo = self.echoes[index // self.n]
+            logprobs = completion_logprobs(_entries(outputs), self.token_text, len(echo)) if self.logprobs else None
+            choices.append({"index": index, "text": echo + "".join(o.text for o in outputs), "logprobs": logprobs,
+                            "finish_reason": outputs[-1].finish_reason})
+        return {**self.head, "choices": choices, "usage": self.usage([o[-1] for o in per_choice])}
+
+
+class ChatShaper(_Shaper):
+    response_object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started: set[int] = set()
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        chunks = []
+        if index not in self.started:
+            self.started.add(index)
+            chunks.append(self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}]))
+        if out.text or out.finished or out.logprobs:
+            logprobs = chat_logprobs(list(out.logprobs or ()), self.token_text) if self.logprobs else None
+            chunks.append(self.chunk([{"index": index, "delta": {"content": out.text} if out.text else {},
+                                       "logprobs": logprobs, "finish_reason": out.finish_reason}]))
+        return chunks
+
+    def response(self, per_choice: list[list[RequestOutput]]) -> dict:
+        choices = [{"index": index, "message": {"role": "assistant", "content": "".join(o.text for o in outputs)},
+                    "logprobs": chat_logprobs(_entries(outputs), self.token_text) if self.logprobs else None,
+                    "finish_reason": outputs[-1].finish_reason}
+                   for index, outputs in enumerate(per_choice)]
+        return {**self.head, "choices": choices, "usage": self.usage([o[-1] for o in per_choice])}

@@ -1,0 +1,71 @@
+"""What comes out of the engine: `RequestOutput` deltas of each request's stream, and the
+`EngineObserver` through which it reports what metrics need (without importing prometheus)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One delta of a request's stream. The last one has `finished` set, a finish reason and usage.
+
+    `finish_reason` is "stop", "length", "abort" or "error" (then `error` says what happened).
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: Usage | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """Timings of one finished request, in seconds, for histograms."""
+
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    cached_tokens: int
+    queue_time: float
+    time_to_first_token: float | None
+    inter_token_latencies: tuple[float, ...]
+    e2e_latency: float
+
+
+class EngineObserver(Protocol):
+    def on_step(self, num_scheduled_tokens: int) -> None: ...
+    def on_preemption(self) -> None: ...
+    def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: ...
+    def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
+    def on_session_evicted(self) -> None: ...
+
+
+class NullObserver:
+    def on_step(self, num_scheduled_tokens: int) -> None: pass
+    def on_preemption(self) -> None: pass
+    def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: pass
+    def on_request_finished(self, stats: FinishedRequestStats) -> None: pass
+    def on_session_evicted(self) -> None: pass
+

@@ -1,0 +1,125 @@
+"""What goes into the engine: a `GenerationRequest` with its `SamplingParams`.
+
+`SAMPLING_BOUNDS` is the one set of bounds on the sampling parameters: the HTTP schemas build their
+field constraints from it (server/api/schemas.py) and `SamplingParams.validate` checks engine
+requests against it, so the two can never disagree.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from server.engine.errors import InvalidRequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Bound:
+    """`low <= value` (`low < value` when `low_open`) and `value <= high`; None: no limit that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"greater than {low}" if self.low_open else f"at least {low}"
+        if self.low is None:
+            return f"at most {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}]"
+
+    def field_constraints(self) -> dict[str, float]:
+        """pydantic `Field` keyword arguments for this range."""
+        constraints: dict[str, float] = {}
+        if self.low is not None:
+            constraints["gt" if self.low_open else "ge"] = self.low
+        if self.high is not None:
+            constraints["le"] = self.high
+        return constraints
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else (str(int(value)) if float(value).is_integer() else str(value))
+
+
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(1),
+    "min_tokens": Bound(0),
+    "temperature": Bound(0.0, 2.0),
+    "top_p": Bound(0.0, 1.0, low_open=True),
+    "top_k": Bound(-1),                       # -1 or 0: off
+    "min_p": Bound(0.0, 1.0),
+    "repetition_penalty": Bound(0.0, 10.0, low_open=True),
+    "presence_penalty": Bound(-2.0, 2.0),
+    "frequency_penalty": Bound(-2.0, 2.0),
+    "logprobs": Bound(0, MAX_TOP_LOGPROBS),
+    "logit_bias": Bound(-100.0, 100.0),       # each bias value
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping parameters. `validate` raises InvalidRequestError on bad input.
+
+    `min_tokens`: end-of-sequence and `stop_token_ids` are masked until that many tokens were
+    generated (stop strings still apply, as in vLLM)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0     # Hugging Face rule, over prompt and output tokens
+    presence_penalty: float = 0.0       # OpenAI rule, over output tokens
+    frequency_penalty: float = 0.0      # OpenAI rule, over output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None         # None: no logprobs; k: the sampled token's + k top ones
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int) -> None:
+        for name, bound in SAMPLING_BOUNDS.items():
+            if name == "logit_bias":
+                continue
+            value = getattr(self, name)
+            if value is not None and not bound.contains(value):
+                raise InvalidRequestError(f"{name} must be {bound.describe()}", name)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError("min_tokens must not exceed max_tokens", "min_tokens")
+        bias_bound = SAMPLING_BOUNDS["logit_bias"]
+        for token_id, bias in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(f"logit_bias token id {token_id} is outside the vocabulary", "logit_bias")
+            if not bias_bound.contains(bias):
+                raise InvalidRequestError(f"logit_bias values must be {bias_bound.describe()}", "logit_bias")
+        for token_id in self.stop_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(f"stop_token_ids: {token_id} is outside the vocabulary", "stop_token_ids")
+        if not all(self.stop):
+            raise InvalidRequestError("stop strings must not be empty", "stop")
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate. `tenant` salts the prefix cache and owns the session id."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: str = ""
+    session_id: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
