@@ -18,7 +18,7 @@ class ModelLoadConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16 | mixed
     served_model_name: str | None = None
-    decode_attention: str = "auto"    # auto | torch | triton (MLA decode steps)
+    decode_attention: str = "auto"    # auto | torch | triton (decode steps' attention)
     cuda_graphs: bool = True          # decode steps replayed from CUDA graphs where the model allows
 
 

@@ -53,10 +53,11 @@ def add_parser(subparsers) -> None:
     _add(m, "--served-model-name", "model id reported by the API")
     _add(m, "--device", "auto, cpu, cuda or cuda:N", default="auto")
     _add(m, "--dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, or mixed (CPU: float16 for 1-2 token steps, bfloat16 for larger)", default="auto")
-    _add(m, "--decode-attention", "MLA attention of decode steps: auto (the Triton kernel on CUDA when triton is "
-         "installed), torch, or triton", default="auto")
-    _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (MLA models with the Triton "
-         "decode attention)", bool, True)
+    _add(m, "--decode-attention", "attention of decode steps: auto (the family's Triton paged kernel on CUDA when "
+         "triton is installed: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
+         "torch, or triton", default="auto")
+    _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (models whose decode attention runs in "
+         "the Triton kernel; every family but ShomsherLLM)", bool, True)
     e = p.add_argument_group("engine")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)

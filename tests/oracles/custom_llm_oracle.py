@@ -1,4 +1,4 @@
-"""Oracle for CustomLLM-973M, written straight from ARCHITECTURES.md §1.
+"""Oracle for CustomLLM-973M, written straight from the architecture's formulas (docs/architecture.md).
 
 Works on a plain state dict (seed key names), one sequence at a time, full sequence, no cache,
 per-head K and V expanded, MoE as a per-token loop. Float64 throughout unless told otherwise.
@@ -9,24 +9,7 @@ import math
 
 import torch
 
-
-def rms_norm(x, w, eps):
-    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
-
-
-def rope(v, positions, theta):
-    """v [T, H, r] → rotate_half RoPE at absolute positions."""
-    r = v.shape[-1]
-    inv_freq = theta ** (-2.0 * torch.arange(r // 2, dtype=torch.float64) / r)
-    angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    cos = torch.cat([angle, angle], -1).cos()[:, None, :].to(v.dtype)
-    sin = torch.cat([angle, angle], -1).sin()[:, None, :].to(v.dtype)
-    a, b = v[..., : r // 2], v[..., r // 2:]
-    return v * cos + torch.cat([-b, a], -1) * sin
-
-
-def silu(z):
-    return z * torch.sigmoid(z)
+from tests.oracles.common import rms_norm, rope, silu
 
 
 def expert(sd, prefix, x):

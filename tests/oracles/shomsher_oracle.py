@@ -1,4 +1,4 @@
-"""Oracle for ShomsherLLM, written straight from ARCHITECTURES.md §2.
+"""Oracle for ShomsherLLM, written straight from the architecture's formulas (docs/architecture.md).
 
 Works on a plain state dict (seed key names), one sequence at a time, full sequence, no cache,
 per-head vectors built and rotated pair by pair, attention per head, MoE as a per-token loop.
@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from tests.oracles.common import silu
+
 
 def layer_norm(x, scale, shift, eps):
     mean = x.mean(-1, keepdim=True)
@@ -21,10 +23,6 @@ def layer_norm(x, scale, shift, eps):
 
 def rms_norm(x, scale, eps):
     return scale * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
-
-
-def silu(z):
-    return z * torch.sigmoid(z)
 
 
 def rotate_pairs(v, p, rope_dim, divisor, theta):
