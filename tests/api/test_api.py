@@ -11,34 +11,10 @@ import openai
 import pytest
 
 from server.config import ApiConfig, EngineConfig
-from tests.api_server import InProcessServer, make_tiny_checkpoint
+from tests.api.http import assert_openai_error, metric, post, sse_events
+from tests.api_server import InProcessServer
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with InProcessServer(model_dir) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-
-
-def post(server, path, body, **kwargs):
-    return httpx.post(f"{server.url}{path}", json=body, timeout=60, **kwargs)
-
-
-def sse_events(response) -> list[str]:
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-
-
-# ---- plain endpoints ----------------------------------------------------------------------------
 def test_health_models_tokenize_detokenize(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     models = httpx.get(f"{server.url}/v1/models").json()
@@ -176,15 +152,6 @@ def test_session_header_and_body_must_agree(server):
 
 
 # ---- errors -------------------------------------------------------------------------------------
-def assert_openai_error(response, status, param=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "Traceback" not in response.text
-    if param is not None:
-        assert error["param"] == param
-
-
 def test_invalid_parameters_are_400_not_422(server):
     assert_openai_error(post(server, "/v1/completions", {"prompt": "x", "temperature": 5}), 400, "temperature")
     assert_openai_error(post(server, "/v1/completions", {"prompt": "x", "top_p": 0}), 400, "top_p")
@@ -260,13 +227,6 @@ def test_non_streaming_client_disconnect_aborts_and_frees_blocks(server):
 
 
 # ---- metrics ------------------------------------------------------------------------------------
-def metric(text: str, name: str, labels: str = "") -> float:
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_metrics_move_with_traffic(server):
     before = httpx.get(f"{server.url}/metrics").text
     messages = [{"role": "user", "content": "metrics please " * 8}]

@@ -16,20 +16,10 @@ import server.api.responses as responses_module
 from server.api.app import create_app
 from server.config import ApiConfig, EngineConfig
 from server.api.metrics import Metrics
-from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, StepGate, UvicornThread, make_tiny_checkpoint
+from tests.api.http import assert_openai_error, metric, post, scrape, sse_events
+from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, StepGate, UvicornThread
 
 STRICT_BODY_BYTES = 2048
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with InProcessServer(model_dir) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +44,6 @@ def gate_for(monkeypatch):
         gate.release()
 
 
-def post(srv, path, body, **kwargs):
-    return httpx.post(f"{srv.url}{path}", json=body, timeout=60, **kwargs)
-
-
-def scrape(srv) -> str:
-    return httpx.get(f"{srv.url}/metrics", timeout=30).text
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    for line in text.splitlines():
-        if line.startswith(f"{name}{labels} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def wait_for_metrics(srv, condition, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -76,15 +51,6 @@ def wait_for_metrics(srv, condition, timeout: float = 30.0) -> str:
         if condition(text) or time.monotonic() > deadline:
             return text
         time.sleep(0.02)
-
-
-def assert_openai_error(response, status, param=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "Traceback" not in response.text
-    if param is not None:
-        assert error["param"] == param
 
 
 def raw_request(port: int, path: str, payload: bytes, headers: str = "") -> socket.socket:
@@ -103,10 +69,6 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 30.0) -> byt
             break
         data += chunk
     return data
-
-
-def sse_events(response) -> list[str]:
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
 
 
 # ---- readiness ----------------------------------------------------------------------------------
