@@ -43,9 +43,14 @@ class ApiConfig:
     metrics_require_auth: bool = False
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 8
-    max_stop_strings: int = 8
+    max_sequences_per_request: int = 16        # prompts × n of one completions call
+    max_stop_strings: int = 4
+    max_stop_chars: int = 256
+    max_logit_bias: int = 300
     max_tokens_limit: int = 8192
-    default_max_tokens: int | None = None      # None: up to the context length
+    default_max_tokens: int | None = None      # None: 512 for chat, 16 for completions (within the context)
+    public_docs: bool = False                  # /docs, /redoc, /openapi.json without an API key
+    header_timeout_s: float = 10.0             # a request's line and headers must arrive within this
     shutdown_grace_s: float = 30.0
     log_requests: bool = True
 

@@ -21,6 +21,7 @@ import uvicorn
 
 from model.loading.builtin import builtin_model_path
 from server.api.app import create_app
+from server.api.http_protocol import http_protocol
 from server.config import ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
 from server.api.metrics import Metrics
 from server.executor.build import build_engine
@@ -75,12 +76,13 @@ def wait_healthy(url: str, timeout: float = 120.0, process: subprocess.Popen | N
 class UvicornThread:
     """An ASGI app served by uvicorn on a free 127.0.0.1 port from a background thread."""
 
-    def __init__(self, app, ready_statuses: tuple[int, ...] = (200,)):
+    def __init__(self, app, ready_statuses: tuple[int, ...] = (200,), header_timeout_s: float = 10.0):
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_statuses = ready_statuses
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http=http_protocol(header_timeout_s)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -102,7 +104,8 @@ class InProcessServer(UvicornThread):
         self.config = tiny_server_config(model_dir, api, engine_config, tokenizer)
         self.engine = build_engine(self.config, observer=self.metrics)
         self.metrics.bind_engine(self.engine)
-        super().__init__(create_app(self.engine, self.config.api, self.metrics))
+        super().__init__(create_app(self.engine, self.config.api, self.metrics),
+                         header_timeout_s=self.config.api.header_timeout_s)
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)

@@ -14,33 +14,41 @@ every route that needs the engine, until `app.state.engine` is set.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.config import ApiConfig
-from server.api.streaming import fan_out, respond, submit_all, until_disconnect
+from server.api.errors import ApiError, quoted
 from server.api.http_guard import HttpMiddleware, authenticator, install_error_handlers
 from server.api.metrics import Metrics
-from server.api.errors import ApiError, api_error_from
+from server.api.prompts import encode, render_chat, resolve_max_tokens
 from server.api.responses import ChatShaper, CompletionShaper, model_card, new_id, session_body
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.engine.errors import ContextLengthError
+from server.api.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                check_messages, valid_session_id)
+from server.api.streaming import fan_out, respond, submit_all, until_disconnect
+from server.config import ApiConfig
 
 log = logging.getLogger("customllm.api")
-LONG_TEXT_CHARS = 16_384          # longer prompts are tokenized off the event loop
+VERSION = "0.1.0"
+# OpenAI routes this server knows of but does not serve (text generation only): a 404 that says so
+UNSUPPORTED_ROUTES = ("/v1/embeddings", "/v1/moderations", "/v1/images/{rest:path}", "/v1/audio/{rest:path}",
+                      "/v1/files", "/v1/files/{rest:path}", "/v1/fine_tuning/{rest:path}", "/v1/batches",
+                      "/v1/batches/{rest:path}", "/v1/assistants", "/v1/threads", "/v1/vector_stores",
+                      "/v1/responses", "/v1/realtime/{rest:path}")
 
 
 # ---- the app ------------------------------------------------------------------------------------
 def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="CustomLLM Server", version="0.1.0")
+    # the interactive docs and the schema are served by the routes below, behind the API keys
+    app = FastAPI(title="CustomLLM Server", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.add_middleware(HttpMiddleware, api=api, metrics=metrics)
     install_error_handlers(app, metrics)
     tenant_of = authenticator(api.api_keys)
+    docs_access = authenticator(() if api.public_docs else api.api_keys)
 
     def loaded():
         eng = app.state.engine
@@ -57,37 +65,36 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
 
     def check_model(eng, name: str | None) -> None:
         if name is not None and name != eng.model_name:
-            raise ApiError(404, f"The model `{name}` does not exist; this server serves `{eng.model_name}`",
+            raise ApiError(404, f"The model {quoted(name)} does not exist; this server serves {quoted(eng.model_name)}",
                            param="model", code="model_not_found")
 
     def session_of(request: Request, body_session: str | None) -> str | None:
+        """The session named by the body or the X-Session-ID header, checked by the same rule."""
         header = request.headers.get("x-session-id")
+        if header is not None:
+            try:
+                valid_session_id(header)
+            except ValueError as exc:
+                raise ApiError(400, f"X-Session-ID: {exc}", param="session_id") from None
         if header is not None and body_session is not None and header != body_session:
             raise ApiError(400, "the X-Session-ID header and the session_id field disagree", param="session_id")
         return body_session if body_session is not None else header
 
-    def render_chat(eng, messages: list[dict], add_generation_prompt: bool) -> str:
-        if eng.chat_template is None:
-            raise ApiError(400, "this model has no chat template: start the server with --chat-template FILE, "
-                                "or use /v1/completions", param="messages", code="no_chat_template")
-        try:
-            return eng.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
-
-    async def encode(eng, text: str) -> list[int]:
-        if len(text) > LONG_TEXT_CHARS:
-            return await asyncio.to_thread(eng.tokenizer.encode, text)
-        return eng.tokenizer.encode(text)
-
-    def resolve_max_tokens(body, prompt_len: int, eng) -> int:
-        try:
-            return body.resolve_max_tokens(prompt_len, eng.max_context, api)
-        except ContextLengthError as exc:
-            raise api_error_from(exc, body.prompt_param) from None
-
     def token_texter(eng):
         return lambda token_id: eng.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- docs, behind the keys unless --public-docs ----------------------------------------------
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(tenant: str = Depends(docs_access)):
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(tenant: str = Depends(docs_access)):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(tenant: str = Depends(docs_access)):
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     # ---- plain endpoints ------------------------------------------------------------------------
     @app.get("/health")
@@ -119,9 +126,11 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         check_model(eng, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+        if body.messages is not None:
+            check_messages(body.messages)
         text = body.prompt if body.prompt is not None else render_chat(
             eng, [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt)
-        tokens = await encode(eng, text)
+        tokens = await encode(eng, text, "prompt" if body.prompt is not None else "messages")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": eng.max_context}
 
     @app.post("/detokenize")
@@ -141,13 +150,13 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
     async def get_session(session_id: str, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
         info = eng.get_session(tenant, session_id)
         if info is None:
-            raise ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+            raise ApiError(404, f"no session {quoted(session_id)}", param="session_id", code="session_not_found")
         return session_body(info)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, tenant: str = Depends(tenant_of), eng=Depends(loaded)):
         if not eng.release_session(tenant, session_id):
-            raise ApiError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+            raise ApiError(404, f"no session {quoted(session_id)}", param="session_id", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     # ---- /v1/completions ------------------------------------------------------------------------
@@ -155,13 +164,14 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of),
                           eng=Depends(running)):
         check_model(eng, body.model)
-        body.check(api)
         prompts = body.prompts()
-        prompt_ids = [list(p) if isinstance(p, list) else await encode(eng, p) for p in prompts]
+        body.check(api, len(prompts))
+        prompt_ids = [list(p) if isinstance(p, list) else await encode(eng, p, "prompt") for p in prompts]
         session = session_of(request, body.session_id)
         if session is not None and len(prompt_ids) > 1:
             raise ApiError(400, "a session continues one conversation: send one prompt", param="session_id")
-        params = [body.sampling_params(resolve_max_tokens(body, len(ids), eng), body.logprobs) for ids in prompt_ids]
+        params = [body.sampling_params(resolve_max_tokens(body, len(ids), eng, api), body.logprobs)
+                  for ids in prompt_ids]
         base_id = new_id("cmpl")
         gens, firsts = await until_disconnect(request, submit_all(
             eng, fan_out(base_id, prompt_ids, params, body.n, tenant, session), body.prompt_param))
@@ -176,15 +186,24 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
                                eng=Depends(running)):
         check_model(eng, body.model)
         body.check(api)
-        prompt_ids = await encode(eng, render_chat(eng, body.template_messages(), body.add_generation_prompt))
+        prompt_ids = await encode(eng, render_chat(eng, body.template_messages(), body.add_generation_prompt),
+                                  "messages")
         session = session_of(request, body.session_id)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(resolve_max_tokens(body, len(prompt_ids), eng), logprobs)
+        params = body.sampling_params(resolve_max_tokens(body, len(prompt_ids), eng, api), logprobs)
         base_id = new_id("chatcmpl")
         gens, firsts = await until_disconnect(request, submit_all(
             eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session), body.prompt_param))
         shaper = ChatShaper(base_id, eng.model_name, token_texter(eng), len(prompt_ids), body.include_usage,
                             body.logprobs)
         return await respond(request, body.stream, shaper, gens, firsts)
+
+    # ---- known, not served ----------------------------------------------------------------------
+    async def not_served(request: Request):
+        raise ApiError(404, f"{request.url.path} is not served: this server generates text (completions and chat "
+                            "completions) only", code="unsupported_endpoint")
+
+    for route in UNSUPPORTED_ROUTES:
+        app.add_api_route(route, not_served, methods=["GET", "POST", "DELETE"], include_in_schema=False)
 
     return app

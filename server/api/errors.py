@@ -2,8 +2,22 @@
 engine's typed admission errors to HTTP statuses (no status is ever chosen from an error's text)."""
 from __future__ import annotations
 
+import json
+
 from server.engine.errors import (ContextLengthError, EngineUnavailableError, InvalidRequestError,
                                   QueueFullError)
+
+
+QUOTE_LIMIT = 64
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """User input as it may appear in an error message: JSON-quoted (control characters, quotes and
+    markup-significant characters escaped) and cut to `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    cut = text[:limit]
+    body = json.dumps(cut, ensure_ascii=True).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return body + ("…" if len(text) > limit else "")
 
 
 class ApiError(Exception):

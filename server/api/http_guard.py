@@ -3,10 +3,12 @@ authentication (a tenant per key), and the handlers that turn every error into O
 `{"error": {message, type, param, code}}` with the right status and no traceback."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 
 from fastapi import FastAPI, Request
@@ -47,7 +49,7 @@ class HttpMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                self.metrics.http_responses.labels(str(status)).inc()
+                self.metrics.on_http_response(status)
             await send(message)
 
         try:
@@ -55,7 +57,7 @@ class HttpMiddleware:
         except Exception:
             if status is None:                            # the outer error middleware answers 500
                 status = 500
-                self.metrics.http_responses.labels("500").inc()
+                self.metrics.on_http_response(500)
             raise
         finally:
             if self.api.log_requests:
@@ -69,7 +71,7 @@ class HttpMiddleware:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await self._too_large(send)
+            return await self._too_large(headers, receive, send)
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             body, more = b"", True
             while more:
@@ -79,7 +81,7 @@ class HttpMiddleware:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
                 if len(body) > limit:
-                    return await self._too_large(send)
+                    return await self._too_large(headers, receive, send, more)
             replayed = False
 
             async def replay():
@@ -91,8 +93,13 @@ class HttpMiddleware:
             return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
 
-    async def _too_large(self, send):
-        self.metrics.rejected.labels(REJECT_REASONS[413]).inc()
+    async def _too_large(self, headers: dict, receive, send, more: bool = True):
+        """413, after reading (and dropping) what the client is still sending, within bounds: a client
+        that is mid-upload when the connection closes sees a reset instead of the answer. A client
+        that waits for `100 Continue` has sent nothing and is answered at once."""
+        self.metrics.on_rejected(REJECT_REASONS[413])
+        if more and headers.get(b"expect", b"").lower() != b"100-continue":
+            await drain_body(receive)
         payload = json.dumps(error_body(f"the request body exceeds {self.api.max_body_bytes} bytes",
                                         "invalid_request_error", None, "body_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
@@ -101,10 +108,29 @@ class HttpMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
 
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_MAX_SECONDS = 10.0
+
+
+async def drain_body(receive) -> None:
+    """Read a request body to its end and drop it, up to DRAIN_MAX_BYTES and DRAIN_MAX_SECONDS."""
+    async def read_all():
+        received = 0
+        while received <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            received += len(message.get("body", b""))
+    try:
+        await asyncio.wait_for(read_all(), DRAIN_MAX_SECONDS)
+    except asyncio.TimeoutError:
+        pass
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def rejected(status: int) -> None:
         if status in REJECT_REASONS:
-            metrics.rejected.labels(REJECT_REASONS[status]).inc()
+            metrics.on_rejected(REJECT_REASONS[status])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -114,9 +140,14 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         rejected(400)
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = first.get("msg", "invalid request")
+        errors = exc.errors()
+        # a value that fits no branch of a union gets one error per branch: our own checks' reasons
+        # (value errors) say more than "not a valid string" of another branch
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+        # the location may hold the client's own dict keys: bounded, and only plain characters
+        param = re.sub(r"[^\w.\[\]-]", "_", ".".join(str(p)[:64] for p in first.get("loc", ()) if p != "body"))[:200]
+        param = param or None
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
         text = f"{param}: {message}" if param else message

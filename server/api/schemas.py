@@ -1,20 +1,53 @@
 """OpenAI request schemas, validated with pydantic: malformed input is a 400 before anything runs.
-Bounds on sampling parameters come from `server.engine.request.SAMPLING_BOUNDS` (the one set).
+
+Types are strict (`"max_tokens": "5"`, `true` for a number, `"stream": "yes"` are refused, not
+coerced); text must be valid Unicode (a lone surrogate is refused before any tokenizer sees it).
+Bounds on sampling parameters come from `server.engine.request.SAMPLING_BOUNDS` (the one set); the
+server's own limits (prompts × n, stop strings, logit_bias entries, max_tokens) from `ApiConfig`.
 
 Unknown fields are ignored, as OpenAI-compatible servers commonly do; our extension fields
-(`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `session_id`) sit beside
-OpenAI's in the same body.
+(`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `session_id`)
+sit beside OpenAI's in the same body.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Union
+import re
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from server.api.errors import ApiError, quoted
 from server.config import ApiConfig
-from server.api.errors import ApiError
 from server.engine.errors import ContextLengthError
 from server.engine.request import SAMPLING_BOUNDS, SamplingParams
+
+# max_tokens when a request gives none (and --default-max-tokens is not set): an answer that ends
+CHAT_DEFAULT_MAX_TOKENS = 512
+COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for completions
+SESSION_ID_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+
+
+def valid_unicode(text: str) -> str:
+    """Text that can be encoded as UTF-8: a lone surrogate (`"\\ud800"` in JSON) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return text
+
+
+def valid_session_id(value: str) -> str:
+    """The rule for a session id, wherever it comes from (the `session_id` field, `X-Session-ID`):
+    1 to 256 characters, no control characters, valid Unicode."""
+    valid_unicode(value)
+    if not SESSION_ID_PATTERN.fullmatch(value):
+        raise ValueError("a session id has 1 to 256 characters and no control characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+SessionId = Annotated[str, AfterValidator(valid_session_id)]
 
 
 def bounded(name: str, default):
@@ -22,15 +55,19 @@ def bounded(name: str, default):
     return Field(default=default, **SAMPLING_BOUNDS[name].field_constraints())
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Schema(BaseModel):
+    """Strict types; unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(Schema):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Schema):
     """Fields shared by completions and chat."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = bounded("max_tokens", None)
     temperature: float = bounded("temperature", 1.0)
@@ -38,7 +75,7 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     presence_penalty: float = bounded("presence_penalty", 0.0)
     frequency_penalty: float = bounded("frequency_penalty", 0.0)
     logit_bias: dict[str, float] | None = None
@@ -51,41 +88,50 @@ class SamplingFields(BaseModel):
     min_tokens: int = bounded("min_tokens", 0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    session_id: SessionId | None = None
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, value):
         if value is None:
             return value
+        bound = SAMPLING_BOUNDS["logit_bias"]
         for key, bias in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not SAMPLING_BOUNDS["logit_bias"].contains(bias):
-                raise ValueError(f"logit_bias values must be {SAMPLING_BOUNDS['logit_bias'].describe()}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {quoted(key)}")
+            if not bound.contains(bias):
+                raise ValueError(f"logit_bias values must be {bound.describe()}")
         return value
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    # the field that holds the prompt, and the default of max_tokens (None: what the context leaves)
+    # the field that holds the prompt
     prompt_param: ClassVar[str] = "prompt"
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def default_max_tokens(self, api: ApiConfig) -> int | None:
-        return api.default_max_tokens
+    def default_max_tokens(self, api: ApiConfig) -> int:
+        return api.default_max_tokens or CHAT_DEFAULT_MAX_TOKENS
 
-    def check(self, api: ApiConfig) -> None:
+    def check(self, api: ApiConfig, num_prompts: int = 1) -> None:
         """The server's limits (flags) and the features it does not have; ApiError(400) naming the field.
         What depends on the model (token ids, context length) is the engine's admission check."""
         max_tokens = self.requested_max_tokens()
         if self.n > api.max_n:
             raise ApiError(400, f"n must be at most {api.max_n}", param="n")
-        if len(self.stop_list()) > api.max_stop_strings:
+        if num_prompts * self.n > api.max_sequences_per_request:
+            raise ApiError(400, f"{num_prompts} prompts × n {self.n} would start {num_prompts * self.n} sequences; "
+                                f"at most {api.max_sequences_per_request} are allowed per request", param="prompt")
+        stops = self.stop_list()
+        if len(stops) > api.max_stop_strings:
             raise ApiError(400, f"at most {api.max_stop_strings} stop strings are allowed", param="stop")
+        if any(len(stop) > api.max_stop_chars for stop in stops):
+            raise ApiError(400, f"a stop string may have at most {api.max_stop_chars} characters", param="stop")
+        if self.logit_bias is not None and len(self.logit_bias) > api.max_logit_bias:
+            raise ApiError(400, f"logit_bias may have at most {api.max_logit_bias} entries", param="logit_bias")
         if max_tokens is not None and max_tokens > api.max_tokens_limit:
             raise ApiError(400, f"max_tokens must be at most {api.max_tokens_limit}", param="max_tokens")
         if self.stream_options is not None and not self.stream:
@@ -100,7 +146,7 @@ class SamplingFields(BaseModel):
         room = max_context - prompt_len
         if room < 1:
             raise ContextLengthError(max_context, prompt_len, 1, "prompt")
-        return min(room, self.default_max_tokens(api) or room, api.max_tokens_limit)
+        return min(room, self.default_max_tokens(api), api.max_tokens_limit)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -125,11 +171,11 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
-    def default_max_tokens(self, api: ApiConfig) -> int | None:
-        return api.default_max_tokens or 16         # OpenAI's default for completions
+    def default_max_tokens(self, api: ApiConfig) -> int:
+        return api.default_max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
 
-    def check(self, api: ApiConfig) -> None:
-        super().check(api)
+    def check(self, api: ApiConfig, num_prompts: int = 1) -> None:
+        super().check(api, num_prompts)
         if self.echo and self.logprobs is not None:
             raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
         if self.suffix:
@@ -151,18 +197,41 @@ class CompletionRequest(SamplingFields):
                                 "strings and token-id lists", param="prompt")
         return list(prompt)
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value):
+        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+            if isinstance(text, str):
+                valid_unicode(text)
+        return value
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+UNSUPPORTED_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "audio": "audio",
+                     "file": "file", "input_file": "file"}
+
+
+class TextPart(Schema):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[Text, list[TextPart], None] = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        """This server runs text-only models: image, audio and file parts are refused by name
+        (rather than as "not a valid string")."""
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                what = UNSUPPORTED_PARTS.get(kind)
+                raise ValueError(f"{what} content parts are not supported: this server serves text-only models"
+                                 if what else f"unknown content part type {quoted(kind)}; only text parts are supported")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -172,8 +241,15 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def check_messages(messages: list[ChatMessage], param: str = "messages") -> None:
+    """A message list that can form a prompt: every message but the assistant's carries content
+    (ApiError(400) naming the first that does not)."""
+    for index, message in enumerate(messages):
+        if message.role != "assistant" and message.content is None:
+            raise ApiError(400, f"messages[{index}]: a {message.role} message needs content", param=f"{param}.{index}")
+
+
+class ResponseFormat(Schema):
     type: str = "text"
 
 
@@ -191,8 +267,9 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def check(self, api: ApiConfig) -> None:
-        super().check(api)
+    def check(self, api: ApiConfig, num_prompts: int = 1) -> None:
+        super().check(api, num_prompts)
+        check_messages(self.messages)
         if self.response_format is not None and self.response_format.type != "text":
             raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
         if self.tools:
@@ -210,16 +287,14 @@ class ChatCompletionRequest(SamplingFields):
         return out
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(Schema):
     model: str | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(Schema):
     model: str | None = None
     tokens: list[int]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # sub-command name → module that defines `add_parser(subparsers)`; each parser sets `func`.
@@ -13,8 +14,16 @@ SUBCOMMANDS = {
 }
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("customllm-server")
+    except importlib.metadata.PackageNotFoundError:   # running from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="customllm", description="CustomLLM inference server")
+    parser.add_argument("--version", action="version", version=f"customllm {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMANDS.values():
         try:

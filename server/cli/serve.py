@@ -21,7 +21,8 @@ def _env_name(flag: str) -> str:
 
 
 def _add(parser, flag: str, help_text: str, type_=str, default=None, **kwargs):
-    """A flag whose default comes from CUSTOMLLM_<FLAG> when set."""
+    """A flag whose default comes from CUSTOMLLM_<FLAG> when set. Its help ends with the default
+    (unless the text already says it) and the variable's name, each once."""
     env = os.environ.get(_env_name(flag))
     if env is not None:
         if type_ is bool:
@@ -32,20 +33,22 @@ def _add(parser, flag: str, help_text: str, type_=str, default=None, **kwargs):
             except ValueError:
                 raise SystemExit(f"customllm: error: {_env_name(flag)}={env!r} is not a valid {type_.__name__}")
     if type_ is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=bool(default),
-                            help=f"{help_text} [env {_env_name(flag)}]", **kwargs)
+        action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=bool(default), **kwargs)
+        shown = "on" if default else "off"
     else:
-        parser.add_argument(flag, type=type_, default=default, help=f"{help_text} [env {_env_name(flag)}]",
-                            **kwargs)
+        action = parser.add_argument(flag, type=type_, default=default, **kwargs)
+        shown = default
+    suffix = f" (default: {shown})" if shown is not None and "default" not in help_text else ""
+    action.help = f"{help_text}{suffix} [env {_env_name(flag)}]"
 
 
 def add_parser(subparsers) -> None:
     defaults_engine, defaults_api = EngineConfig(), ApiConfig()
-    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     m = p.add_argument_group("model")
     _add(m, "--model", "checkpoint file or directory, or .gguf (default: built-in SmolLM2-135M-Instruct)")
-    _add(m, "--preset", "architecture preset, e.g. custom-llm-973m")
+    _add(m, "--preset", "architecture preset of a checkpoint without a config (`customllm weights presets` lists "
+         "them), e.g. custom-llm-973m; a GGUF file carries its own")
     _add(m, "--tokenizer", "tokenizer.json, directory holding one, or .gguf")
     _add(m, "--byte-level-decoder", "SmartLLM's BPE tokenizer file has no decoder, so answers keep byte "
          "symbols such as Ġ as the seed's do; this adds a ByteLevel decoder for readable text", bool, False)
@@ -77,12 +80,20 @@ def add_parser(subparsers) -> None:
     _add(a, "--metrics-auth", "require an API key for /metrics", bool, False)
     _add(a, "--max-body-bytes", "largest request body", int, defaults_api.max_body_bytes)
     _add(a, "--max-n", "largest n", int, defaults_api.max_n)
+    _add(a, "--max-sequences-per-request", "most sequences (prompts × n) one completions call may start", int,
+         defaults_api.max_sequences_per_request)
     _add(a, "--max-stop-strings", "most stop strings per request", int, defaults_api.max_stop_strings)
+    _add(a, "--max-stop-chars", "longest stop string, in characters", int, defaults_api.max_stop_chars)
+    _add(a, "--max-logit-bias", "most logit_bias entries per request", int, defaults_api.max_logit_bias)
     _add(a, "--max-tokens-limit", "largest max_tokens", int, defaults_api.max_tokens_limit)
-    _add(a, "--default-max-tokens", "max_tokens when a request gives none (default: 16 for completions, "
-                                    "what the context leaves for chat)", int, defaults_api.default_max_tokens)
+    _add(a, "--default-max-tokens", "max_tokens when a request gives none (default: 512 for chat, 16 for "
+                                    "completions; always within what the context leaves)", int,
+         defaults_api.default_max_tokens)
     _add(a, "--shutdown-grace", "seconds running requests get to finish on SIGTERM", float,
          defaults_api.shutdown_grace_s)
+    _add(a, "--header-timeout", "seconds a client has to send a request's line and headers (slow or stalled "
+         "clients are disconnected)", float, defaults_api.header_timeout_s)
+    _add(a, "--public-docs", "serve /docs, /redoc and /openapi.json without an API key", bool, defaults_api.public_docs)
     _add(a, "--log-requests", "log one line per HTTP request", bool, defaults_api.log_requests)
     _add(a, "--log-level", "logging level", default="info")
     p.set_defaults(func=run)
@@ -106,7 +117,12 @@ def _check(args) -> None:
     """ValueError for flag values no server can run with (the engine checks its own in depth)."""
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in [1, 65535]")
-    for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_stop_strings", 0), ("max_tokens_limit", 1),
+    if args.preset and args.model and args.model.endswith(".gguf"):
+        raise ValueError("--preset does not apply to a GGUF file, which carries its own configuration")
+    if args.header_timeout <= 0:
+        raise ValueError("--header-timeout must be positive")
+    for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_sequences_per_request", 1),
+                          ("max_stop_strings", 0), ("max_stop_chars", 1), ("max_logit_bias", 0), ("max_tokens_limit", 1),
                           ("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
                           ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0)):
         if getattr(args, flag) < minimum:
@@ -132,8 +148,11 @@ def config_from_args(args) -> ServerConfig:
                             max_session_pinned_fraction=args.max_session_pinned_fraction),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
-                      max_stop_strings=args.max_stop_strings, max_tokens_limit=args.max_tokens_limit,
+                      max_sequences_per_request=args.max_sequences_per_request,
+                      max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
+                      max_logit_bias=args.max_logit_bias, max_tokens_limit=args.max_tokens_limit,
                       default_max_tokens=args.default_max_tokens, shutdown_grace_s=args.shutdown_grace,
+                      header_timeout_s=args.header_timeout, public_docs=args.public_docs,
                       log_requests=args.log_requests))
 
 
@@ -153,6 +172,7 @@ def run(args) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.http_protocol import http_protocol
     from server.api.metrics import Metrics
     from server.executor.build import build_engine
 
@@ -165,6 +185,7 @@ def run(args) -> int:
     # uvicorn serves from a secondary thread (so it installs no signal handlers); the engine loop owns
     # the main thread (see Engine.run_forever), and signals are handled here.
     server = uvicorn.Server(uvicorn.Config(app, host=api.host, port=api.port, log_level="warning", log_config=None,
+                                           http=http_protocol(api.header_timeout_s),
                                            access_log=False, timeout_graceful_shutdown=int(grace) + 5))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     state = {"engine": None, "signalled": False, "http_failed": False}

@@ -1,7 +1,10 @@
 """Small HTTP helpers the API tests share: requests, SSE lines, OpenAI error shapes, metric values."""
 from __future__ import annotations
 
+import re
+
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def post(srv, path: str, body, **kwargs) -> httpx.Response:
@@ -26,8 +29,12 @@ def scrape(srv) -> str:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    """The value of one Prometheus series in a scrape (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(f"{name}{labels} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The sum of the samples named `name` in a scrape whose labels include `labels` (written as
+    `'{key="value",…}'`; every series also has a `model_name` label), 0 when there is none."""
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and wanted.items() <= sample.labels.items():
+                total += sample.value
+    return total
