@@ -58,11 +58,8 @@ class Engine:
         eos = model.config.eos_token_id if eos is None else eos
         self.eos_token_ids = tuple(sorted({t for t in (eos, *stop_token_ids) if t is not None}))
 
-        num_blocks = cache.num_blocks
-        if decode_graphs is not None:   # its scratch block, the cache's last, is never handed out
-            assert decode_graphs.scratch_slot == (num_blocks - 1) * cache.block_size and num_blocks > 1
-            num_blocks -= 1
-        self.pool = BlockPool(num_blocks, cache.block_size)
+        assert decode_graphs is None or decode_graphs.scratch_block == cache.scratch_block
+        self.pool = BlockPool(cache.num_allocatable_blocks, cache.block_size)
         self.sessions = SessionTable(
             self.pool, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
             max_pinned_fraction=config.max_session_pinned_fraction, bytes_per_token=cache.bytes_per_token,
