@@ -20,9 +20,8 @@ from typing import AsyncIterator
 import torch
 from torch import nn
 
-from model.cache.block_pool import BlockPool
 from model.cache.kv_cache import KVCache
-from model.cache.sessions import SessionTable
+from model.cache.kv_manager import KVCacheManager
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.executor.runner import ModelRunner
@@ -59,14 +58,12 @@ class Engine:
         self.eos_token_ids = tuple(sorted({t for t in (eos, *stop_token_ids) if t is not None}))
 
         assert decode_graphs is None or decode_graphs.scratch_block == cache.scratch_block
-        self.pool = BlockPool(cache.num_allocatable_blocks, cache.block_size)
-        self.sessions = SessionTable(
-            self.pool, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
-            max_pinned_fraction=config.max_session_pinned_fraction, bytes_per_token=cache.bytes_per_token,
-            on_evict=lambda: self.observer.on_session_evicted())
         self.window = getattr(model.config, "sliding_window", None)
-        self.scheduler = Scheduler(self.pool, self.sessions, config.max_num_seqs, config.max_num_batched_tokens,
-                                   window=self.window)
+        self.kv = KVCacheManager.for_cache(
+            cache, self.window, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
+            max_pinned_fraction=config.max_session_pinned_fraction,
+            on_session_evicted=lambda: self.observer.on_session_evicted())
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, cache, torch.device(device), small_step_model=small_step_model,
                                   decode_graphs=decode_graphs)
         self.sampler = Sampler()
@@ -104,15 +101,15 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        return self.pool.usage
+        return self.kv.usage
 
     @property
     def num_sessions(self) -> int:
-        return self.sessions.num_sessions
+        return self.kv.num_sessions
 
     @property
     def session_cached_tokens(self) -> int:
-        return self.sessions.num_cached_tokens
+        return self.kv.session_cached_tokens
 
     @property
     def num_requests(self) -> int:
@@ -180,7 +177,7 @@ class Engine:
         total = len(prompt) + request.params.max_tokens
         if total > self.max_context:
             raise ContextLengthError(self.max_context, len(prompt), request.params.max_tokens, "max_tokens")
-        capacity = self.pool.num_blocks * self.pool.block_size
+        capacity = self.kv.capacity_tokens
         if (needed := self.kv_tokens_held_at_most(total)) > capacity:
             raise CacheTooSmallError(needed, capacity)
 
@@ -189,7 +186,7 @@ class Engine:
         the window, one chunk and the two blocks its edges may fall inside."""
         if self.window is None:
             return total_tokens
-        bs = self.pool.block_size
+        bs = self.kv.block_size
         return min(total_tokens, self.window + self.config.max_num_batched_tokens + 2 * bs)
 
     def submit(self, request: GenerationRequest, emit) -> None:
@@ -242,15 +239,15 @@ class Engine:
     # ---- sessions (HTTP thread) -----------------------------------------------------------------
     def list_sessions(self, tenant: str):
         with self._lock:
-            return self.sessions.list(tenant)
+            return self.kv.list_sessions(tenant)
 
     def get_session(self, tenant: str, session_id: str):
         with self._lock:
-            return self.sessions.get(tenant, session_id)
+            return self.kv.get_session(tenant, session_id)
 
     def release_session(self, tenant: str, session_id: str) -> bool:
         with self._lock:
-            return self.sessions.release(tenant, session_id)
+            return self.kv.release_session(tenant, session_id)
 
     def check_integrity(self) -> None:
         with self._lock:
@@ -314,7 +311,7 @@ class Engine:
         if now - self._last_expiry >= 1.0:
             self._last_expiry = now
             with self._lock:
-                self.sessions.expire()
+                self.kv.expire_sessions()
 
     def _step(self) -> bool:
         """One `schedule → execute → sample → update`. False if the step failed (its requests then

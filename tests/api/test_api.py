@@ -244,7 +244,7 @@ def test_streaming_client_disconnect_aborts_and_frees_blocks(server):
             if line.startswith("data: "):
                 break
     server.settle()
-    assert server.engine.pool.num_used_blocks == server.engine.sessions.num_pinned_blocks
+    assert server.engine.kv.pool.num_used_blocks == server.engine.kv.sessions.num_pinned_blocks
 
 
 def test_non_streaming_client_disconnect_aborts_and_frees_blocks(server):
@@ -256,7 +256,7 @@ def test_non_streaming_client_disconnect_aborts_and_frees_blocks(server):
         while server.engine.num_requests == 0 and time.monotonic() < deadline:
             server.engine.flush_inbox(timeout=5)
     server.settle()
-    assert server.engine.pool.num_used_blocks == server.engine.sessions.num_pinned_blocks
+    assert server.engine.kv.pool.num_used_blocks == server.engine.kv.sessions.num_pinned_blocks
 
 
 # ---- metrics ------------------------------------------------------------------------------------

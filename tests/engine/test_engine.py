@@ -193,7 +193,7 @@ def test_200_random_requests_with_aborts_all_finish():
         assert len(reasons) == 200 and set(reasons) <= {"stop", "length", "aborted", "abort"}
         engine.flush_inbox()
         engine.check_integrity()
-        assert engine.pool.num_used_blocks == 0 and engine.num_requests == 0
+        assert engine.kv.pool.num_used_blocks == 0 and engine.num_requests == 0
     finally:
         engine.stop()
 
@@ -216,7 +216,7 @@ def test_mixed_precision_uses_the_small_step_model_for_decode_steps():
     from server.engine.scheduler import ScheduledChunk
     from server.engine.sequence import Sequence
     seq = Sequence(request("m", list(range(1, 9))), emit=lambda out: None)
-    seq.block_ids = [0, 1, 2]
+    seq.blocks.block_ids = [0, 1, 2]
     runner.execute([ScheduledChunk(seq, 0, 8)])
     seq.output_token_ids.append(5)
     runner.execute([ScheduledChunk(seq, 8, 1)])

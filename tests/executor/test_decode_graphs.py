@@ -47,7 +47,7 @@ def run_engine(model, graphs: bool, prompts, max_tokens=10):
     engine.start()
     try:
         if graphs:
-            assert engine.pool.num_blocks == 39                  # the scratch block is never handed out
+            assert engine.kv.pool.num_blocks == 39                  # the scratch block is never handed out
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=3, ignore_eos=True)
 
         async def all_of():
@@ -132,7 +132,7 @@ def test_what_the_server_builds_for_each_family(name, capturable):
                     model_name="tiny", decode_graphs=graphs)
     engine.start()
     try:
-        assert engine.pool.num_blocks == 19
+        assert engine.kv.pool.num_blocks == 19
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         _, _, tokens = asyncio.run(collect(engine, GenerationRequest("r", [3, 1, 4, 1, 5], params)))
         with torch.no_grad():
