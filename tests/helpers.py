@@ -161,7 +161,7 @@ def roomy_and_tight_runs(prompts: list[list[int]], max_tokens: int, tight_blocks
         tight.flush_inbox()
         tight.check_integrity()
         assert tight.kv.pool.num_used_blocks == 0
-        return expected, got, tight.scheduler
+        return expected, got, tight.core.scheduler
     finally:
         roomy.stop()
         tight.stop()

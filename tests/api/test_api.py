@@ -217,7 +217,7 @@ def test_oversized_body_is_413(server):
 
 
 def test_stream_failing_midway_sends_error_then_done(server, monkeypatch):
-    original, calls = server.engine.runner.execute, {"n": 0}
+    original, calls = server.engine.core.runner.execute, {"n": 0}
 
     def fail_on_third_step(chunks):
         calls["n"] += 1
@@ -225,7 +225,7 @@ def test_stream_failing_midway_sends_error_then_done(server, monkeypatch):
             raise RuntimeError("injected device failure")
         return original(chunks)
 
-    monkeypatch.setattr(server.engine.runner, "execute", fail_on_third_step)
+    monkeypatch.setattr(server.engine.core.runner, "execute", fail_on_third_step)
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
                       json={"prompt": "Hi", "max_tokens": 20, "stream": True, "ignore_eos": True}) as response:
         events = sse_events(response)

@@ -99,7 +99,7 @@ def test_stop_string_is_not_returned(engine):
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
-    original = engine.runner.execute
+    original = engine.core.runner.execute
     calls = {"n": 0}
 
     def flaky(chunks):
@@ -108,7 +108,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
             raise RuntimeError("injected failure")
         return original(chunks)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.core.runner, "execute", flaky)
     outputs, _, _ = asyncio.run(collect(engine, request("fail", [1, 2, 3], max_tokens=4)))
     assert outputs[-1].finish_reason == "error" and "injected failure" in outputs[-1].error
     outputs, _, tokens = asyncio.run(collect(engine, request("after", [1, 2, 3], max_tokens=4, ignore_eos=True)))

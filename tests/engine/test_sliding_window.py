@@ -117,7 +117,7 @@ def test_a_long_generation_holds_about_the_window(window):
     # 12 blocks = 48 tokens of cache: far less than the 79 tokens of the request
     engine = tiny_engine(config=windowed_config(window), num_blocks=12, block_size=BLOCK, std=0.2,
                          max_num_batched_tokens=16)
-    peak = HeldBlocks(engine.scheduler)
+    peak = HeldBlocks(engine.core.scheduler)
     try:
         prompt = [(7 * i + 5) % 512 for i in range(prompt_len)]
         _, _, tokens = asyncio.run(collect(engine, GenerationRequest("long", prompt, greedy(max_tokens))))
@@ -156,7 +156,7 @@ def test_a_prefix_hit_under_the_window_equals_the_oracle(engine):
 
 
 def test_session_turns_under_the_window_pin_only_what_the_window_needs(engine):
-    window = engine.window
+    window = engine.core.window
     history = [(13 * i + 1) % 512 for i in range(21)]
     for turn in range(3):
         request = GenerationRequest(f"turn-{turn}", list(history), greedy(10), tenant="alice",
