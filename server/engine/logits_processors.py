@@ -11,7 +11,8 @@ It is an ordered list of processors. The interface (`LogitsProcessor`):
   once with batched tensor operations (no per-row device work, no host sync).
 
 The default order: repetition penalty (Hugging Face rule, prompt + output tokens) → presence and
-frequency penalties (OpenAI rule, output tokens) → logit_bias (added). A grammar for structured
+frequency penalties (OpenAI rule, output tokens) → logit_bias (added) → min_tokens (the ids that
+would end the request masked to -inf while it has fewer tokens, whatever the bias). A grammar for structured
 output would be one more processor at the end (its row state: the grammar's position; its work: a
 mask of the allowed tokens), as is any later per-request constraint on the next token.
 """
@@ -88,8 +89,29 @@ class LogitBias:
         return logits
 
 
+class MinTokens:
+    """While a row has generated fewer than `min_tokens` tokens, the ids that would end it (its
+    stop_token_ids, and the end-of-sequence ids unless ignore_eos) cannot be sampled: -inf."""
+
+    def wants(self, row: "SamplingRow") -> bool:
+        return len(row.output_token_ids) < row.params.min_tokens and bool(self._masked(row))
+
+    @staticmethod
+    def _masked(row: "SamplingRow") -> tuple[int, ...]:
+        return row.params.ending_token_ids(row.eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, rows: list["SamplingRow"]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        entries = [(i, token) for i, r in enumerate(rows) if self.wants(r) for token in self._masked(r)
+                   if 0 <= token < vocab]
+        if entries:
+            row_idx, tok_idx = zip(*entries)
+            logits[torch.tensor(row_idx).to(logits.device), torch.tensor(tok_idx).to(logits.device)] = float("-inf")
+        return logits
+
+
 PENALTIES: tuple[LogitsProcessor, ...] = (RepetitionPenalty(), PresenceFrequencyPenalty(), LogitBias())
-DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = PENALTIES
+DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (*PENALTIES, MinTokens())
 
 
 def apply_logits_processors(logits: torch.Tensor, rows: list["SamplingRow"],

@@ -2,9 +2,10 @@
 
 A token is appended, timed and decoded incrementally (`detokenizer.py`, never a broken character);
 the text goes through the request's stop-string matcher (`stops.py`, which holds back what may
-still become a stop string). The request ends with "stop" on one of its stop tokens (its
-`stop_token_ids`, and the model's end-of-sequence ids unless `ignore_eos`) or on a stop string, and
-with "length" at `max_tokens` or the model's context. At the end, the held-back text is released and the last
+still become a stop string). The request ends with "stop" on one of its ending tokens (its
+`stop_token_ids`, and the model's end-of-sequence ids unless `ignore_eos`) once `min_tokens` came
+before it (the sampler masks those ids until then), or on a stop string; and with "length" at
+`max_tokens` or the model's context. At the end, the held-back text is released and the last
 output carries the usage; the observer gets the request's timings.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ class OutputProcessor:
         seq.record_token_time()
         finish_reason = None
         text, stopped_by_string = "", False
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if (token in params.ending_token_ids(self.eos_token_ids)
+                and len(seq.output_token_ids) > params.min_tokens):
             finish_reason = "stop"
         else:
             text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push([token]))

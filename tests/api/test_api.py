@@ -126,6 +126,22 @@ def test_chat_async_client(server):
     assert usage.completion_tokens == 4
 
 
+def test_min_tokens_holds_back_eos_in_completions_and_chat(server):
+    """With eos biased to the top, greedy ends at once; min_tokens keeps it out for that many tokens."""
+    eos = server.engine.tokenizer.eos_token_id
+    assert eos is not None
+    base = {"logit_bias": {str(eos): 100}, "max_tokens": 8, "temperature": 0}
+    for path, prompt in (("/v1/completions", {"prompt": "Once upon"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello!"}]})):
+        plain = post(server, path, {**prompt, **base}).json()
+        assert plain["usage"]["completion_tokens"] == 1 and plain["choices"][0]["finish_reason"] == "stop"
+        held = post(server, path, {**prompt, **base, "min_tokens": 5}).json()
+        assert held["usage"]["completion_tokens"] >= 5
+        assert held["usage"]["completion_tokens"] == 6 and held["choices"][0]["finish_reason"] == "stop"
+    too_many = post(server, "/v1/completions", {"prompt": "Hi", **base, "min_tokens": 9})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "min_tokens"
+
+
 def test_32_concurrent_streaming_clients(server):
     async def one(client, i):
         text, done = "", False

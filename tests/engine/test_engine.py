@@ -98,6 +98,24 @@ def test_stop_string_is_not_returned(engine):
     assert stopped_text == text[: text.index(stop)]
 
 
+def test_min_tokens_holds_back_eos_and_stop_token_ids(engine):
+    """The byte tokenizer's eos is 0: with a +100 bias on it greedy ends at once, unless min_tokens
+    masks it (and a request's stop_token_ids) until that many tokens came."""
+    eos_first = dict(temperature=0, max_tokens=8, logit_bias=((0, 100.0),))
+    outputs, _, tokens = asyncio.run(collect(engine, request("eos", [65, 66], **eos_first)))
+    assert tokens == [0] and outputs[-1].finish_reason == "stop"
+    outputs, _, tokens = asyncio.run(collect(engine, request("min", [65, 66], min_tokens=5, **eos_first)))
+    assert len(tokens) == 6 and 0 not in tokens[:5] and tokens[5] == 0
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].usage.completion_tokens == 6
+    stop_first = dict(temperature=0, max_tokens=8, logit_bias=((7, 100.0),), stop_token_ids=(7,), ignore_eos=True)
+    _, _, tokens = asyncio.run(collect(engine, request("stop-id", [65, 66], **stop_first)))
+    assert tokens == [7]
+    outputs, _, tokens = asyncio.run(collect(engine, request("min-stop-id", [65, 66], min_tokens=3, **stop_first)))
+    assert len(tokens) == 4 and 7 not in tokens[:3] and outputs[-1].finish_reason == "stop"
+    engine.flush_inbox()
+    engine.check_integrity()
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
     original = engine.core.runner.execute
     calls = {"n": 0}

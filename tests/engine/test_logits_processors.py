@@ -60,6 +60,42 @@ def test_processors_run_in_order_after_the_defaults_and_logprobs_stay_raw():
     assert out.logprobs[1].top[0][0] == 1               # the raw distribution's best, banned or not
 
 
-def test_the_default_order_is_penalties_then_bias():
+def test_the_default_order_is_penalties_then_bias_then_the_min_tokens_mask():
     assert [type(p).__name__ for p in DEFAULT_PROCESSORS] == ["RepetitionPenalty", "PresenceFrequencyPenalty",
-                                                               "LogitBias"]
+                                                               "LogitBias", "MinTokens"]
+
+
+# ---- min_tokens ---------------------------------------------------------------------------------
+def test_min_tokens_masks_the_ending_ids_until_enough_tokens_were_generated():
+    eos = (0,)
+    biased = ((0, 100.0), (3, 50.0))                   # eos is by far the best, then token 3
+    sampler = Sampler()
+
+    def greedy(output, **params):
+        row = SamplingRow(SamplingParams(temperature=0.0, logit_bias=biased, logprobs=1, **params), [], list(output),
+                          eos_token_ids=eos)
+        return sampler(torch.tensor([LOGITS]), [row])
+
+    assert greedy([], min_tokens=0).token_ids == [0]
+    masked = greedy([7, 7], min_tokens=3)              # 2 of 3 generated: eos cannot come yet
+    assert masked.token_ids == [3]
+    assert masked.logprobs[0].top[0][0] == 1           # logprobs stay those of the raw logits
+    assert greedy([7, 7, 7], min_tokens=3).token_ids == [0]
+    # stop_token_ids are masked as well; with ignore_eos only they are
+    assert greedy([], min_tokens=1, stop_token_ids=(3,)).token_ids == [1]
+    assert greedy([], min_tokens=1, ignore_eos=True).token_ids == [0]
+    assert greedy([], min_tokens=1, ignore_eos=True, stop_token_ids=(0,)).token_ids == [3]
+
+
+def test_min_tokens_is_per_row_in_a_batch_and_holds_for_sampled_rows():
+    eos = (0, 4)
+    rows = [SamplingRow(SamplingParams(temperature=1.0, min_tokens=2, logit_bias=((0, 100.0), (4, 100.0))),
+                        [], [5], eos_token_ids=eos),
+            SamplingRow(SamplingParams(temperature=0.0, logit_bias=((0, 100.0),)), [], [5], eos_token_ids=eos),
+            SamplingRow(SamplingParams(temperature=0.0, min_tokens=2, logit_bias=((0, 100.0),)), [], [5, 5],
+                        eos_token_ids=eos)]
+    logits = torch.tensor([LOGITS] * 3)
+    for _ in range(20):
+        tokens = Sampler()(logits, rows).token_ids
+        assert tokens[0] not in eos and tokens[1:] == [0, 0]
+    assert torch.equal(logits, torch.tensor([LOGITS] * 3))
