@@ -1,4 +1,4 @@
-"""Server configuration: one frozen dataclass per concern, filled in one place (`cli_serve`).
+"""Server configuration: one frozen dataclass per concern, filled in one place (`server/cli/serve.py`).
 
 Derived values (cache blocks from a memory budget, the resolved device and dtype) are computed
 where they are used, never written back here.
@@ -32,7 +32,6 @@ class EngineConfig:
     max_sessions: int = 1024
     session_idle_ttl_s: float = 1800.0
     max_session_pinned_fraction: float = 0.5
-    seed: int = 0
 
 
 @dataclass(frozen=True)

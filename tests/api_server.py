@@ -132,7 +132,7 @@ class StepGate:
         self.released = threading.Event()
         self.aborted: list[str] = []
         self.abort_seen = threading.Event()
-        execute, abort = engine.runner.execute, engine.abort
+        execute, abort = engine.core.runner.execute, engine.abort
 
         def gated_execute(chunks):
             self.calls += 1
@@ -146,7 +146,7 @@ class StepGate:
             self.aborted.append(request_id)
             self.abort_seen.set()
 
-        monkeypatch.setattr(engine.runner, "execute", gated_execute)
+        monkeypatch.setattr(engine.core.runner, "execute", gated_execute)
         monkeypatch.setattr(engine, "abort", recorded_abort)
 
     def release(self) -> None:

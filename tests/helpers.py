@@ -160,8 +160,8 @@ def roomy_and_tight_runs(prompts: list[list[int]], max_tokens: int, tight_blocks
         got = [r[2] for r in asyncio.run(run_all(tight))]
         tight.flush_inbox()
         tight.check_integrity()
-        assert tight.pool.num_used_blocks == 0
-        return expected, got, tight.scheduler
+        assert tight.kv.pool.num_used_blocks == 0
+        return expected, got, tight.core.scheduler
     finally:
         roomy.stop()
         tight.stop()

@@ -1,7 +1,12 @@
 """The paged cache tensors: one `[num_blocks * block_size, row_width]` tensor per layer.
 
-A row is what one token keeps for one layer (DESIGN.md "Cache layout"); the row width comes from
-the model config, so MLA families store only their latent rows and GQA families `[K | V]`.
+A row is what one token keeps for one layer (a block of B tokens is B consecutive rows, slot
+`block * B + offset`); the row width comes from the model config, so MLA families store only their
+latent rows and GQA families `[K | V]`.
+
+The cache may set its last block aside as scratch (`reserve_scratch_block`): CUDA-graph decode steps
+pad their batch with rows that write and read only that block, so it must never hold a request's
+rows. `num_allocatable_blocks` is what a block pool over this cache may hand out.
 """
 from __future__ import annotations
 
@@ -25,9 +30,24 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
+        self.scratch_block: int | None = None
         num_slots = num_blocks * block_size
         self.layers = [torch.zeros(num_slots, config.cache_row_width, dtype=dtype, device=device)
                        for _ in range(config.num_layers)]  # each [slots, row_width]
+
+    def reserve_scratch_block(self) -> int:
+        """Set the last block aside as scratch (idempotent) and return its id; a block pool built
+        afterwards leaves it out (`num_allocatable_blocks`)."""
+        if self.scratch_block is None:
+            if self.num_blocks < 2:
+                raise ValueError("a scratch block needs a cache of at least two blocks")
+            self.scratch_block = self.num_blocks - 1
+        return self.scratch_block
+
+    @property
+    def num_allocatable_blocks(self) -> int:
+        """Blocks requests may hold: all but the scratch block, when one is reserved."""
+        return self.num_blocks - (self.scratch_block is not None)
 
     @property
     def bytes_per_token(self) -> int:

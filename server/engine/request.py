@@ -68,8 +68,9 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
 class SamplingParams:
     """Per-request sampling and stopping parameters. `validate` raises InvalidRequestError on bad input.
 
-    `min_tokens`: end-of-sequence and `stop_token_ids` are masked until that many tokens were
-    generated (stop strings still apply, as in vLLM)."""
+    `min_tokens`: the ids that would end the request (`ending_token_ids`: end-of-sequence and
+    `stop_token_ids`) cannot be sampled until that many tokens were generated, as in vLLM. Stop
+    strings still apply meanwhile (recent vLLM holds them back until min_tokens as well)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -90,6 +91,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def ending_token_ids(self, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """The token ids that end this request: its `stop_token_ids`, and the model's end-of-sequence
+        ids `eos_token_ids` unless `ignore_eos`."""
+        return tuple(dict.fromkeys(self.stop_token_ids + (() if self.ignore_eos else tuple(eos_token_ids))))
 
     def validate(self, vocab_size: int) -> None:
         for name, bound in SAMPLING_BOUNDS.items():

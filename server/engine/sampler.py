@@ -1,9 +1,9 @@
 """Batched sampling with per-row parameters, on the logits' device, in float32.
 
-Order (per row): repetition penalty (Hugging Face rule, prompt + output tokens) → presence and
-frequency penalties (OpenAI rule, output tokens) → logit_bias (added) → temperature → top-k →
-top-p → min-p → sample. Greedy rows (temperature 0) take the argmax of the penalised, biased
-logits (lowest id on ties); top-k/top-p/min-p do not apply to them.
+Order (per row): the logits processors (`logits_processors.py`: repetition penalty, presence and
+frequency penalties, logit_bias, the min_tokens mask, each batched over the rows; a structured-output
+grammar will be one more) → temperature → top-k → top-p → min-p → sample. Greedy rows (temperature
+0) take the argmax of the processed logits (lowest id on ties); top-k/top-p/min-p do not apply to them.
 
 Filters keep every token tied with the boundary token, so the kept set depends on values only,
 never on how a sort orders equal values:
@@ -29,20 +29,20 @@ so there the sampler sorts only the top 64 (topk, ~0.05 ms), then 1024, then eve
 rows whose top-p set may reach past the candidates; deciding that is the only host sync before the
 end. On other devices it sorts the whole vocabulary at once.
 
-Logprobs are those of the model's raw distribution, log_softmax of the logits before penalties,
-bias and temperature (what vLLM returns by default): the sampled token's and the top k (k =
+Logprobs are those of the model's raw distribution, log_softmax of the logits before the logits
+processors and temperature (what vLLM returns by default): the sampled token's and the top k (k =
 params.logprobs), best first. The token ids and logprobs of the whole batch cross to the host in
 one transfer at the end.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from server.engine.logits_processors import DEFAULT_PROCESSORS, PENALTIES, LogitsProcessor, apply_logits_processors
 from server.engine.outputs import TokenLogprob
-
 from server.engine.request import SamplingParams
 
 DEFAULT_CPU_CANDIDATES = 64
@@ -57,12 +57,14 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 @dataclass
 class SamplingRow:
-    """One row of the logits: its request's parameters, tokens so far, and generator when seeded."""
+    """One row of the logits: its request's parameters, tokens so far, generator when seeded, and
+    the model's end-of-sequence ids (masked before `min_tokens`)."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -71,44 +73,10 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]       # None for rows that did not ask for logprobs
 
 
-def _needs_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 \
-        or bool(p.logit_bias)
-
-
-def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[N, V] float32 occurrence counts of each row's tokens."""
-    counts = torch.zeros(len(token_lists), vocab, dtype=torch.float32, device=device)
-    lengths = [len(t) for t in token_lists]
-    if sum(lengths):
-        rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor(lengths)).to(device)
-        tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long).to(device)
-        counts.index_put_((rows, tokens), torch.ones(len(tokens), device=device), accumulate=True)
-    return counts
-
-
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """float32 logits [N, V] → new tensor with repetition, frequency and presence penalties and
-    logit_bias applied. Rows that ask for none are left as they are."""
-    device, vocab = logits.device, logits.shape[1]
-    logits = logits.clone()
-    if any(r.params.repetition_penalty != 1.0 for r in rows):
-        seen = _token_counts([r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0
-                              else [] for r in rows], vocab, device) > 0                        # [N, V]
-        penalty = torch.tensor([[r.params.repetition_penalty] for r in rows]).to(device)      # [N, 1]
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalised, logits)
-    if any(r.params.presence_penalty or r.params.frequency_penalty for r in rows):
-        counts = _token_counts([r.output_token_ids if r.params.presence_penalty or r.params.frequency_penalty
-                                else [] for r in rows], vocab, device)                          # [N, V]
-        coef = torch.tensor([[r.params.frequency_penalty, r.params.presence_penalty] for r in rows]).to(device)
-        logits -= coef[:, :1] * counts + coef[:, 1:] * (counts > 0).float()
-    if any(r.params.logit_bias for r in rows):
-        entries = [(i, token, bias) for i, r in enumerate(rows) for token, bias in r.params.logit_bias]
-        row_idx, tok_idx, values = zip(*entries)
-        logits.index_put_((torch.tensor(row_idx).to(device), torch.tensor(tok_idx).to(device)),
-                          torch.tensor(values, dtype=torch.float32).to(device), accumulate=True)
-    return logits
+    """float32 logits [N, V] → the logits with repetition, frequency and presence penalties and
+    logit_bias applied (the input is never modified). Rows that ask for none are left as they are."""
+    return apply_logits_processors(logits, rows, PENALTIES)
 
 
 def _top_p_threshold(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +116,7 @@ def _top_p_thresholds(probs: torch.Tensor, top_p: torch.Tensor, max_candidates: 
 
 def filtered_weights(logits: torch.Tensor, rows: list[SamplingRow],
                      max_candidates: int | None = None) -> torch.Tensor:
-    """Penalised float32 logits [N, V] → [N, V] weights proportional to the distribution sampled from
+    """Processed float32 logits [N, V] → [N, V] weights proportional to the distribution sampled from
     (0 for the tokens top-k, top-p and min-p remove; not renormalised after top-p and min-p).
     Greedy rows are treated as temperature 1. `max_candidates`: see `_top_p_thresholds`."""
     device, vocab = logits.device, logits.shape[1]
@@ -175,7 +143,7 @@ def filtered_weights(logits: torch.Tensor, rows: list[SamplingRow],
 
 
 def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow], max_candidates: int | None = None) -> torch.Tensor:
-    """Penalised logits [N, V] → the distribution sampled from (float32, renormalised)."""
+    """Processed logits [N, V] → the distribution sampled from (float32, renormalised)."""
     weights = filtered_weights(logits.float(), rows, max_candidates)
     return weights / weights.sum(-1, keepdim=True)
 
@@ -183,22 +151,24 @@ def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow], max_candidates
 class Sampler:
     """`sampler(logits [N, V], rows) → SamplerOutput`, one token per row.
 
-    `max_candidates`: how many top tokens top-p sorts first (None: 64 on the CPU, the whole
+    `processors`: the logits processors, in order (see `logits_processors.py`). `max_candidates`: how many top tokens top-p sorts first (None: 64 on the CPU, the whole
     vocabulary on other devices). `method`: "inverse_cdf" or "exponential_race" (None: inverse CDF
     on the CPU, exponential race elsewhere)."""
 
     METHODS = ("inverse_cdf", "exponential_race")
 
-    def __init__(self, max_candidates: int | None = None, method: str | None = None):
+    def __init__(self, max_candidates: int | None = None, method: str | None = None,
+                 processors: Sequence[LogitsProcessor] = DEFAULT_PROCESSORS):
         assert method is None or method in self.METHODS, method
         self.max_candidates = max_candidates
         self.method = method
+        self.processors = tuple(processors)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "one logits row per sampling row"
         device = logits.device
         raw = logits.float()                                                                  # [N, V]
-        adjusted = apply_penalties(raw, rows) if any(_needs_penalties(r.params) for r in rows) else raw
+        adjusted = apply_logits_processors(raw, rows, self.processors)                       # [N, V]
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = adjusted.argmax(-1)                                                      # [N]

@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
+from model.cache.block_table import BlockTable
 from server.engine.outputs import RequestOutput
-
 from server.engine.request import GenerationRequest
 
 
@@ -29,9 +29,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)   # of full blocks, chained
-    num_registered_blocks: int = 0                           # block_ids[:n] carry their hash in the pool
+    blocks: BlockTable = field(default_factory=BlockTable)   # changed by the KV manager only
     num_cached_prompt_tokens: int | None = None              # prefix-cache hit at first scheduling
     num_preemptions: int = 0
     generator: torch.Generator | None = None
@@ -50,6 +48,11 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The block table (read it; the KV manager changes it)."""
+        return self.blocks.block_ids
 
     @property
     def num_tokens(self) -> int:

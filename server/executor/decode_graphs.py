@@ -3,9 +3,9 @@
 A decode-only step of n sequences runs in the smallest bucket B >= n. Everything the step reads
 lives in static buffers sized for the largest bucket: token ids, positions, slot mapping, block
 tables `[B, max_blocks_per_seq]` and context lengths; a bucket's graph reads the first B rows. Rows
-n .. B-1 are padding: they compute one token over a scratch block that the block pool never hands out
-(the engine reserves it), and their logits are dropped. Prefill, mixed steps and batches past the
-largest bucket run eagerly.
+n .. B-1 are padding: they compute one token over the cache's scratch block, which the block pool
+never hands out (`KVCache.reserve_scratch_block`), and their logits are dropped. Prefill, mixed
+steps and batches past the largest bucket run eagerly.
 
 Capturable models are those whose decode step has static shapes and no host syncs: attention
 through a Triton decode kernel (`model.kernels.use_triton_decode_attention`: MLA, or grouped-query
@@ -55,10 +55,10 @@ def use_sync_free_moe(model: nn.Module, grouped_gemm=None) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, cache: KVCache, scratch_block: int,
+    def __init__(self, model: nn.Module, cache: KVCache,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, use_cuda_graphs: bool = True):
         assert graph_capturable(model), "the model's decode step has host syncs or dynamic shapes"
-        assert 0 <= scratch_block < cache.num_blocks
+        scratch_block = cache.reserve_scratch_block()
         self.model = model
         self.cache = cache
         self.buckets = tuple(sorted(buckets))
@@ -157,9 +157,9 @@ class DecodeGraphs:
 
 def make_decode_graphs(model: nn.Module, cache: KVCache, max_num_seqs: int, capture: bool) -> "DecodeGraphs | None":
     """Prepare `model` (sync-free MoE routing with the grouped-GEMM kernel) and, when its decode step
-    can then be captured, DecodeGraphs over the cache's last block as scratch, for the buckets
-    `max_num_seqs` allows; captured when `capture` (CUDA), else run eagerly (tests on the CPU). The
-    engine built with it leaves the scratch block out of its pool. None when the model cannot be."""
+    can then be captured, DecodeGraphs over the cache's scratch block, for the buckets `max_num_seqs`
+    allows; captured when `capture` (CUDA), else run eagerly (tests on the CPU). None when the model
+    cannot be."""
     from model.kernels.grouped_moe import grouped_moe
 
     if cache.num_blocks < 2:
@@ -168,8 +168,7 @@ def make_decode_graphs(model: nn.Module, cache: KVCache, max_num_seqs: int, capt
     if not graph_capturable(model):
         log.info("decode steps run eagerly: the model has attention without a kernel or a MoE that syncs")
         return None
-    graphs = DecodeGraphs(model, cache, scratch_block=cache.num_blocks - 1, buckets=buckets_up_to(max_num_seqs),
-                          use_cuda_graphs=capture)
+    graphs = DecodeGraphs(model, cache, buckets=buckets_up_to(max_num_seqs), use_cuda_graphs=capture)
     if capture:
         graphs.capture(window=getattr(model.config, "sliding_window", None))
     return graphs

@@ -41,7 +41,7 @@ class ModelRunner:
             end = c.start + c.num_tokens
             seq_chunks.append(SequenceChunk(
                 token_ids=c.seq.token_slice(c.start, end), start_pos=c.start,
-                block_table=c.seq.block_ids[: -(-end // bs)], needs_logits=c.completes_prompt))
+                block_table=c.seq.blocks.block_ids[: -(-end // bs)], needs_logits=c.completes_prompt))
         decode_only = all(c.num_tokens == 1 for c in chunks)
         return PagedBatch.build(seq_chunks, bs, self.device, window=self.window,
                                 with_gather=not (decode_only and self.decode_kernels))

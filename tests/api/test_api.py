@@ -102,6 +102,22 @@ def test_chat_async_client(server):
     assert usage.completion_tokens == 4
 
 
+def test_min_tokens_holds_back_eos_in_completions_and_chat(server):
+    """With eos biased to the top, greedy ends at once; min_tokens keeps it out for that many tokens."""
+    eos = server.engine.tokenizer.eos_token_id
+    assert eos is not None
+    base = {"logit_bias": {str(eos): 100}, "max_tokens": 8, "temperature": 0}
+    for path, prompt in (("/v1/completions", {"prompt": "Once upon"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello!"}]})):
+        plain = post(server, path, {**prompt, **base}).json()
+        assert plain["usage"]["completion_tokens"] == 1 and plain["choices"][0]["finish_reason"] == "stop"
+        held = post(server, path, {**prompt, **base, "min_tokens": 5}).json()
+        assert held["usage"]["completion_tokens"] >= 5
+        assert held["usage"]["completion_tokens"] == 6 and held["choices"][0]["finish_reason"] == "stop"
+    too_many = post(server, "/v1/completions", {"prompt": "Hi", **base, "min_tokens": 9})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "min_tokens"
+
+
 def test_32_concurrent_streaming_clients(server):
     async def one(client, i):
         text, done = "", False
@@ -184,7 +200,7 @@ def test_oversized_body_is_413(server):
 
 
 def test_stream_failing_midway_sends_error_then_done(server, monkeypatch):
-    original, calls = server.engine.runner.execute, {"n": 0}
+    original, calls = server.engine.core.runner.execute, {"n": 0}
 
     def fail_on_third_step(chunks):
         calls["n"] += 1
@@ -192,7 +208,7 @@ def test_stream_failing_midway_sends_error_then_done(server, monkeypatch):
             raise RuntimeError("injected device failure")
         return original(chunks)
 
-    monkeypatch.setattr(server.engine.runner, "execute", fail_on_third_step)
+    monkeypatch.setattr(server.engine.core.runner, "execute", fail_on_third_step)
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
                       json={"prompt": "Hi", "max_tokens": 20, "stream": True, "ignore_eos": True}) as response:
         events = sse_events(response)
@@ -211,7 +227,7 @@ def test_streaming_client_disconnect_aborts_and_frees_blocks(server):
             if line.startswith("data: "):
                 break
     server.settle()
-    assert server.engine.pool.num_used_blocks == server.engine.sessions.num_pinned_blocks
+    assert server.engine.kv.pool.num_used_blocks == server.engine.kv.sessions.num_pinned_blocks
 
 
 def test_non_streaming_client_disconnect_aborts_and_frees_blocks(server):
@@ -223,7 +239,7 @@ def test_non_streaming_client_disconnect_aborts_and_frees_blocks(server):
         while server.engine.num_requests == 0 and time.monotonic() < deadline:
             server.engine.flush_inbox(timeout=5)
     server.settle()
-    assert server.engine.pool.num_used_blocks == server.engine.sessions.num_pinned_blocks
+    assert server.engine.kv.pool.num_used_blocks == server.engine.kv.sessions.num_pinned_blocks
 
 
 # ---- metrics ------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_disconnect_aborts_within_one_engine_step(server, gate_for, stream, hold
     gate.release()
     server.settle()
     assert gate.calls == hold_from, "the engine ran steps for a request whose client had gone"
-    assert server.engine.pool.num_used_blocks == server.engine.sessions.num_pinned_blocks
+    assert server.engine.kv.pool.num_used_blocks == server.engine.kv.sessions.num_pinned_blocks
     after = scrape(server)
     assert metric(after, "customllm_requests_finished_total", '{finish_reason="abort"}') == aborted_before + 1
 

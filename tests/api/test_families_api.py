@@ -132,7 +132,7 @@ def test_a_session_second_turn_is_served_from_the_cache(family):
     assert [s["id"] for s in sessions] == [f"{name}-chat"] and sessions[0]["num_tokens"] > 0
     server.settle()
     if name == "smart":         # its window (8 tokens) slid past whole blocks, which went back to the pool
-        assert server.engine.scheduler.num_window_released_blocks > 0
+        assert server.engine.kv.num_window_released_blocks > 0
 
 
 def test_chat_follows_the_family_template_or_says_how_to_pass_one(family):

@@ -88,12 +88,12 @@ def test_soak(server):
     assert len(statuses) > 100
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     assert set(statuses) <= {200, 499}, sorted(set(statuses))
-    pinned = {block for held in server.engine.sessions.holders() for block in held}
-    assert server.engine.pool.num_used_blocks == len(pinned)   # only session pins hold blocks now
+    pinned = {block for held in server.engine.kv.sessions.holders() for block in held}
+    assert server.engine.kv.pool.num_used_blocks == len(pinned)   # only session pins hold blocks now
     for session in httpx.get(f"{server.url}/v1/sessions").json()["data"]:
         httpx.delete(f"{server.url}/v1/sessions/{session['id']}")
     server.settle()
-    assert server.engine.pool.num_used_blocks == 0
+    assert server.engine.kv.pool.num_used_blocks == 0
     assert httpx.get(f"{server.url}/health").status_code == 200
     grown = rss_mib() - after_warm_up
     assert grown < 100, f"resident memory grew by {grown:.0f} MiB after warm-up"

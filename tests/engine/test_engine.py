@@ -98,8 +98,26 @@ def test_stop_string_is_not_returned(engine):
     assert stopped_text == text[: text.index(stop)]
 
 
+def test_min_tokens_holds_back_eos_and_stop_token_ids(engine):
+    """The byte tokenizer's eos is 0: with a +100 bias on it greedy ends at once, unless min_tokens
+    masks it (and a request's stop_token_ids) until that many tokens came."""
+    eos_first = dict(temperature=0, max_tokens=8, logit_bias=((0, 100.0),))
+    outputs, _, tokens = asyncio.run(collect(engine, request("eos", [65, 66], **eos_first)))
+    assert tokens == [0] and outputs[-1].finish_reason == "stop"
+    outputs, _, tokens = asyncio.run(collect(engine, request("min", [65, 66], min_tokens=5, **eos_first)))
+    assert len(tokens) == 6 and 0 not in tokens[:5] and tokens[5] == 0
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].usage.completion_tokens == 6
+    stop_first = dict(temperature=0, max_tokens=8, logit_bias=((7, 100.0),), stop_token_ids=(7,), ignore_eos=True)
+    _, _, tokens = asyncio.run(collect(engine, request("stop-id", [65, 66], **stop_first)))
+    assert tokens == [7]
+    outputs, _, tokens = asyncio.run(collect(engine, request("min-stop-id", [65, 66], min_tokens=3, **stop_first)))
+    assert len(tokens) == 4 and 7 not in tokens[:3] and outputs[-1].finish_reason == "stop"
+    engine.flush_inbox()
+    engine.check_integrity()
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
-    original = engine.runner.execute
+    original = engine.core.runner.execute
     calls = {"n": 0}
 
     def flaky(chunks):
@@ -108,7 +126,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
             raise RuntimeError("injected failure")
         return original(chunks)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.core.runner, "execute", flaky)
     outputs, _, _ = asyncio.run(collect(engine, request("fail", [1, 2, 3], max_tokens=4)))
     assert outputs[-1].finish_reason == "error" and "injected failure" in outputs[-1].error
     outputs, _, tokens = asyncio.run(collect(engine, request("after", [1, 2, 3], max_tokens=4, ignore_eos=True)))
@@ -193,7 +211,7 @@ def test_200_random_requests_with_aborts_all_finish():
         assert len(reasons) == 200 and set(reasons) <= {"stop", "length", "aborted", "abort"}
         engine.flush_inbox()
         engine.check_integrity()
-        assert engine.pool.num_used_blocks == 0 and engine.num_requests == 0
+        assert engine.kv.pool.num_used_blocks == 0 and engine.num_requests == 0
     finally:
         engine.stop()
 
@@ -216,7 +234,7 @@ def test_mixed_precision_uses_the_small_step_model_for_decode_steps():
     from server.engine.scheduler import ScheduledChunk
     from server.engine.sequence import Sequence
     seq = Sequence(request("m", list(range(1, 9))), emit=lambda out: None)
-    seq.block_ids = [0, 1, 2]
+    seq.blocks.block_ids = [0, 1, 2]
     runner.execute([ScheduledChunk(seq, 0, 8)])
     seq.output_token_ids.append(5)
     runner.execute([ScheduledChunk(seq, 8, 1)])

@@ -1,8 +1,7 @@
 """Scheduler scenarios with exact expectations; integrity checked after each (no model needed)."""
 from __future__ import annotations
 
-from model.cache.block_pool import BlockPool
-from model.cache.sessions import SessionTable
+from model.cache.kv_manager import KVCacheManager
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.request import GenerationRequest, SamplingParams
@@ -11,9 +10,8 @@ BS = 4
 
 
 def make_scheduler(num_blocks=16, max_seqs=8, budget=16):
-    pool = BlockPool(num_blocks, BS)
-    sessions = SessionTable(pool, max_sessions=8, idle_ttl_s=60, max_pinned_fraction=0.5)
-    return Scheduler(pool, sessions, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    kv = KVCacheManager(num_blocks, BS, max_sessions=8, idle_ttl_s=60, max_pinned_fraction=0.5)
+    return Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
 
 
 def make_seq(rid: str, prompt_len: int, tenant: str = "", first_token: int = 1, session=None) -> Sequence:
@@ -94,14 +92,14 @@ def test_abort_mid_prefill_and_mid_decode_frees_everything():
     assert 0 < a.num_computed_tokens < a.num_tokens
     sched.finish(a)
     sched.check_integrity()
-    assert sched.pool.num_used_blocks == 0
+    assert sched.kv.pool.num_used_blocks == 0
     b = make_seq("b", 3, first_token=40)
     sched.add(b)
     run_step(sched)
     run_step(sched)                      # b is decoding
     sched.finish(b)
     sched.check_integrity()
-    assert sched.pool.num_used_blocks == 0 and not sched.has_work()
+    assert sched.kv.pool.num_used_blocks == 0 and not sched.has_work()
 
 
 def test_prefix_hit_is_tenant_scoped_and_leaves_one_token_to_compute():
@@ -127,10 +125,10 @@ def test_session_pin_survives_pressure_until_needed():
     run_step(sched)
     run_step(sched)
     sched.finish(turn1)
-    assert sched.sessions.num_sessions == 1
+    assert sched.kv.sessions.num_sessions == 1
     sched.check_integrity()
     big = make_seq("big", 28, first_token=200)      # needs 7 of 8 blocks: the pin must go
     sched.add(big)
     out = run_step(sched)
     assert plan(out) == [("big", 0, 28)]
-    assert sched.sessions.num_sessions == 0
+    assert sched.kv.sessions.num_sessions == 0

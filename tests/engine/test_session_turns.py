@@ -50,7 +50,7 @@ def test_three_turns_compute_only_new_tokens_and_match_cold_runs():
             conversation = conversation + [t for o in warm for t in o.token_ids]
             engine.flush_inbox()
             engine.check_integrity()
-        assert engine.sessions.num_sessions == 1
+        assert engine.kv.sessions.num_sessions == 1
     finally:
         engine.stop()
         cold_engine.stop()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.cache.block_pool import RELEASED, BlockPool
+from model.cache.block_table import held
 from model.config import preset
-from server.engine.scheduler import held
 from server.engine.request import GenerationRequest, SamplingParams
 from tests.helpers import collect, roomy_and_tight_runs, tiny_engine
 
@@ -117,19 +117,19 @@ def test_a_long_generation_holds_about_the_window(window):
     # 12 blocks = 48 tokens of cache: far less than the 79 tokens of the request
     engine = tiny_engine(config=windowed_config(window), num_blocks=12, block_size=BLOCK, std=0.2,
                          max_num_batched_tokens=16)
-    peak = HeldBlocks(engine.scheduler)
+    peak = HeldBlocks(engine.core.scheduler)
     try:
         prompt = [(7 * i + 5) % 512 for i in range(prompt_len)]
         _, _, tokens = asyncio.run(collect(engine, GenerationRequest("long", prompt, greedy(max_tokens))))
         assert tokens == oracle_greedy(engine.model, prompt, max_tokens)
         last_step_start = prompt_len + max_tokens - 2
         expected_released = BlockPool.first_needed_block(last_step_start, BLOCK, window)
-        assert engine.scheduler.num_window_released_blocks == expected_released > 10
+        assert engine.kv.num_window_released_blocks == expected_released > 10
         # decode at p holds the blocks of p-W .. p: W+1 positions, over at most this many blocks
         assert peak.peak <= -(-(window + 1) // BLOCK) + 1
         engine.flush_inbox()
         engine.check_integrity()
-        assert engine.pool.num_free_blocks == engine.pool.num_blocks
+        assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
     finally:
         engine.stop()
 
@@ -156,7 +156,7 @@ def test_a_prefix_hit_under_the_window_equals_the_oracle(engine):
 
 
 def test_session_turns_under_the_window_pin_only_what_the_window_needs(engine):
-    window = engine.window
+    window = engine.core.window
     history = [(13 * i + 1) % 512 for i in range(21)]
     for turn in range(3):
         request = GenerationRequest(f"turn-{turn}", list(history), greedy(10), tenant="alice",
@@ -169,8 +169,8 @@ def test_session_turns_under_the_window_pin_only_what_the_window_needs(engine):
         engine.flush_inbox()
         engine.check_integrity()
         # the pin holds the blocks the next turn's window reaches, not the whole history, and says so
-        assert engine.sessions.num_pinned_blocks <= -(-window // BLOCK) + 2
-        info = engine.sessions.get("alice", "s1")
+        assert engine.kv.sessions.num_pinned_blocks <= -(-window // BLOCK) + 2
+        info = engine.kv.sessions.get("alice", "s1")
         assert info.bytes == info.num_pinned_blocks * BLOCK * engine.cache.bytes_per_token
         assert info.num_tokens > info.num_pinned_blocks * BLOCK
 
@@ -196,7 +196,7 @@ def test_preemption_under_the_window_keeps_outputs_exact():
     prompts = [[(7 * i + j) % 400 + 1 for j in range(10 + 5 * i)] for i in range(6)]
     expected, got, tight = roomy_and_tight_runs(prompts, max_tokens=30, tight_blocks=14, config=windowed_config(6),
                                                 std=0.2, max_num_batched_tokens=16)
-    assert tight.num_preemptions > 0 and tight.num_window_released_blocks > 0
+    assert tight.num_preemptions > 0 and tight.kv.num_window_released_blocks > 0
     assert got == expected
 
 
@@ -229,8 +229,8 @@ def test_random_traffic_with_sessions_and_aborts_leaks_nothing():
         assert set(reasons) <= {"length", "aborted", "abort"} and len(reasons) == 120
         engine.flush_inbox()
         engine.check_integrity()
-        pinned = {block for held in engine.sessions.holders() for block in held}
-        assert engine.pool.num_used_blocks == len(pinned) and engine.num_requests == 0
-        assert engine.scheduler.num_window_released_blocks > 0
+        pinned = {block for held in engine.kv.sessions.holders() for block in held}
+        assert engine.kv.pool.num_used_blocks == len(pinned) and engine.num_requests == 0
+        assert engine.kv.num_window_released_blocks > 0
     finally:
         engine.stop()

@@ -38,7 +38,7 @@ def fast_path_model(config=TINY):
 def run_engine(model, graphs: bool, prompts, max_tokens=10):
     cache = make_cache(model.config, num_blocks=40, block_size=4)
     cache.layers = [layer.to(DEVICE) for layer in cache.layers]
-    decode_graphs = DecodeGraphs(model, cache, scratch_block=39, buckets=(1, 2, 4, 8),
+    decode_graphs = DecodeGraphs(model, cache, buckets=(1, 2, 4, 8),
                                  use_cuda_graphs=DEVICE == "cuda") if graphs else None
     if decode_graphs is not None and DEVICE == "cuda":
         decode_graphs.capture()
@@ -47,7 +47,7 @@ def run_engine(model, graphs: bool, prompts, max_tokens=10):
     engine.start()
     try:
         if graphs:
-            assert engine.pool.num_blocks == 39                  # the scratch block is never handed out
+            assert engine.kv.pool.num_blocks == 39                  # the scratch block is never handed out
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=3, ignore_eos=True)
 
         async def all_of():
@@ -94,7 +94,7 @@ def test_buckets_follow_the_servers_batch_limit():
 def test_batches_it_cannot_run_fall_back():
     model = fast_path_model()
     cache = make_cache(TINY, num_blocks=8, block_size=4)
-    graphs = DecodeGraphs(model, cache, scratch_block=7, buckets=(1, 2), use_cuda_graphs=False)
+    graphs = DecodeGraphs(model, cache, buckets=(1, 2), use_cuda_graphs=False)
     from model.cache.batch import PagedBatch, SequenceChunk
     prefill = PagedBatch.build([SequenceChunk([1, 2, 3], 0, [0])], 4)
     assert graphs.run(prefill) is None
@@ -132,7 +132,7 @@ def test_what_the_server_builds_for_each_family(name, capturable):
                     model_name="tiny", decode_graphs=graphs)
     engine.start()
     try:
-        assert engine.pool.num_blocks == 19
+        assert engine.kv.pool.num_blocks == 19
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         _, _, tokens = asyncio.run(collect(engine, GenerationRequest("r", [3, 1, 4, 1, 5], params)))
         with torch.no_grad():

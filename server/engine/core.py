@@ -1,0 +1,203 @@
+"""The engine core: admission, the table of live requests, and the step
+`schedule → execute → sample → update`.
+
+It knows nothing of threads or event loops: the front (`engine.py`) calls `admit` from the HTTP side
+and `add`, `abort`, `expire_sessions` and `step` from its loop. What the step mutates (scheduler, KV
+manager, request table) is guarded by `lock`, which session queries from other threads take too;
+the model runs outside it. Kept apart so that it can later run in a process of its own, with the
+front passing requests in and outputs out.
+
+A request the engine can never serve is refused at admission with a typed error
+(`server/engine/errors.py`); an exception inside a step fails that step's requests and the step
+reports it (the front decides when too many failures mean the engine is dead).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from model.cache.kv_cache import KVCache
+from model.cache.kv_manager import KVCacheManager
+from server.config import EngineConfig
+from server.engine.errors import CacheTooSmallError, ContextLengthError, InvalidRequestError, QueueFullError
+from server.engine.output import OutputProcessor
+from server.engine.outputs import EngineObserver, RequestOutput
+from server.engine.request import GenerationRequest
+from server.engine.sampler import Sampler, SamplingRow, make_generator
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, SequenceStatus
+from server.executor.runner import ModelRunner
+
+log = logging.getLogger("customllm.engine")
+
+
+class EngineCore:
+    def __init__(self, model: nn.Module, cache: KVCache, tokenizer, config: EngineConfig,
+                 device: torch.device, observer: EngineObserver, stop_token_ids: tuple[int, ...] = (),
+                 small_step_model: nn.Module | None = None, decode_graphs=None):
+        self.config = config
+        self.device = device
+        self.observer = observer
+        self.max_context = model.config.max_context
+        self.vocab_size = model.config.vocab_size
+        self.window = getattr(model.config, "sliding_window", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        eos = model.config.eos_token_id if eos is None else eos
+        self.eos_token_ids = tuple(sorted({t for t in (eos, *stop_token_ids) if t is not None}))
+
+        assert decode_graphs is None or decode_graphs.scratch_block == cache.scratch_block
+        self.kv = KVCacheManager.for_cache(
+            cache, self.window, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
+            max_pinned_fraction=config.max_session_pinned_fraction,
+            on_session_evicted=lambda: self.observer.on_session_evicted())
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, cache, device, small_step_model=small_step_model,
+                                  decode_graphs=decode_graphs)
+        self.sampler = Sampler()
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_context, observer)
+        self.requests: dict[str, Sequence] = {}
+        self.lock = threading.RLock()
+
+    # ---- admission (any thread) -----------------------------------------------------------------
+    def validate_request(self, request: GenerationRequest) -> None:
+        """InvalidRequestError (or a subclass: ContextLengthError, CacheTooSmallError) for a request
+        this engine can never serve."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        request.params.validate(self.vocab_size)
+        total = len(prompt) + request.params.max_tokens
+        if total > self.max_context:
+            raise ContextLengthError(self.max_context, len(prompt), request.params.max_tokens, "max_tokens")
+        capacity = self.kv.capacity_tokens
+        if (needed := self.kv_tokens_held_at_most(total)) > capacity:
+            raise CacheTooSmallError(needed, capacity)
+
+    def kv_tokens_held_at_most(self, total_tokens: int) -> int:
+        """Cache a request of `total_tokens` holds at its peak: all of them, or with a sliding window
+        the window, one chunk and the two blocks its edges may fall inside."""
+        if self.window is None:
+            return total_tokens
+        return min(total_tokens, self.window + self.config.max_num_batched_tokens + 2 * self.kv.block_size)
+
+    def admit(self, request: GenerationRequest, emit: Callable[[RequestOutput], None], num_waiting: int) -> Sequence:
+        """Validate a request and enter it in the request table (`num_waiting`: requests queued
+        before it, QueueFullError at the limit); `add` then queues it for scheduling."""
+        self.validate_request(request)
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        if num_waiting >= self.config.max_waiting_requests:
+            raise QueueFullError(f"{num_waiting} requests are already waiting")
+        seq = Sequence(request, emit)
+        params = request.params
+        if params.seed is not None and not params.greedy:
+            seq.generator = make_generator(params.seed, self.device)
+        self.output.start(seq)
+        self.requests[request.request_id] = seq
+        return seq
+
+    # ---- the loop's calls -----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue an admitted request (unless it was aborted meanwhile)."""
+        with self.lock:
+            if self.requests.get(seq.request_id) is seq:
+                self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            seq = self.requests.get(request_id)
+            if seq is not None:
+                self.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def expire_sessions(self) -> None:
+        with self.lock:
+            self.kv.expire_sessions()
+
+    def fail_all(self, message: str) -> None:
+        """Finish every live request with an error (the engine is going down)."""
+        with self.lock:
+            for seq in list(self.requests.values()):
+                self.finish(seq, "error", error=message)
+
+    def step(self) -> bool:
+        """One `schedule → execute → sample → update`. False if the step failed (its requests then
+        finish with an error)."""
+        with self.lock:
+            out = self.scheduler.schedule()
+        for _ in out.preempted:
+            self.observer.on_preemption()
+        for queried, hit in out.prefix_queries:
+            self.observer.on_prefix_cache_query(queried, hit)
+        if not out.chunks:
+            self._fail_unschedulable()
+            return True
+        now = time.monotonic()
+        for chunk in out.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = now
+        sampling = [c for c in out.chunks if c.completes_prompt]
+        try:
+            logits = self.runner.execute(out.chunks)                              # [N, V]
+            rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
+                                c.seq.generator, self.eos_token_ids) for c in sampling]
+            sampled = self.sampler(logits, rows) if rows else None
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+            log.exception("engine step failed: %s", exc)
+            with self.lock:
+                for chunk in out.chunks:
+                    self.finish(chunk.seq, "error", error=f"internal error during generation: {exc}")
+            return False
+        self.observer.on_step(out.num_tokens)
+        with self.lock:
+            for chunk in out.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.scheduler.register_full_blocks(chunk.seq)
+            if sampled is not None:
+                for chunk, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+                    last = self.output.append_token(chunk.seq, token, logprob)
+                    if last is not None:
+                        self.finish(chunk.seq, last.finish_reason, last=last)
+        return True
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing could be scheduled although requests wait: the head of the queue cannot get cache
+        blocks even with nothing running. Fail it rather than spin."""
+        with self.lock:
+            if not self.scheduler.running and self.scheduler.waiting:
+                seq = self.scheduler.waiting[0]
+                self.finish(seq, "error", error="the request does not fit in the free KV cache")
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None, last: RequestOutput | None = None) -> None:
+        """Release what the request holds and send its last output (caller holds `lock`)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        self.scheduler.finish(seq)
+        self.requests.pop(seq.request_id, None)
+        self.output.finish(seq, reason, error, last)
+
+    # ---- sessions and invariants (any thread) ---------------------------------------------------
+    def list_sessions(self, tenant: str):
+        with self.lock:
+            return self.kv.list_sessions(tenant)
+
+    def get_session(self, tenant: str, session_id: str):
+        with self.lock:
+            return self.kv.get_session(tenant, session_id)
+
+    def release_session(self, tenant: str, session_id: str) -> bool:
+        with self.lock:
+            return self.kv.release_session(tenant, session_id)
+
+    def check_integrity(self) -> None:
+        with self.lock:
+            self.scheduler.check_integrity()

@@ -1,0 +1,80 @@
+"""Output processing: what each sampled token means for its request's stream.
+
+A token is appended, timed and decoded incrementally (`detokenizer.py`, never a broken character);
+the text goes through the request's stop-string matcher (`stops.py`, which holds back what may
+still become a stop string). The request ends with "stop" on one of its ending tokens (its
+`stop_token_ids`, and the model's end-of-sequence ids unless `ignore_eos`) once `min_tokens` came
+before it (the sampler masks those ids until then), or on a stop string; and with "length" at
+`max_tokens` or the model's context. At the end, the held-back text is released and the last
+output carries the usage; the observer gets the request's timings.
+"""
+from __future__ import annotations
+
+import time
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.outputs import EngineObserver, FinishedRequestStats, RequestOutput, TokenLogprob, Usage
+from server.engine.sequence import Sequence
+from server.engine.stops import StopStringMatcher
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_context: int, observer: EngineObserver):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_context = max_context
+        self.observer = observer
+
+    def start(self, seq: Sequence) -> None:
+        """Give a new request its detokenizer and stop-string matcher."""
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
+
+    def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
+        """Append a sampled token. A delta that does not end the request is emitted here (None comes
+        back); the last one comes back, with its finish reason, for the caller to `finish` with."""
+        params = seq.request.params
+        seq.output_token_ids.append(token)
+        seq.record_token_time()
+        finish_reason = None
+        text, stopped_by_string = "", False
+        if (token in params.ending_token_ids(self.eos_token_ids)
+                and len(seq.output_token_ids) > params.min_tokens):
+            finish_reason = "stop"
+        else:
+            text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push([token]))
+            if stopped_by_string:
+                finish_reason = "stop"
+        if finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
+                                      or seq.num_tokens >= self.max_context):
+            finish_reason = "length"
+        if finish_reason is not None and not stopped_by_string:
+            # release what was held back: an incomplete character, a possible stop-string prefix
+            tail, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.flush())
+            text += tail
+            if stopped_by_string:
+                finish_reason = "stop"
+            else:
+                text += seq.stop_matcher.flush()
+        logprobs = (logprob,) if params.logprobs is not None and logprob is not None else None
+        delta = RequestOutput(seq.request_id, text, (token,), logprobs, finish_reason)
+        if finish_reason is None:
+            seq.emit(delta)
+            return None
+        return delta
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None, last: RequestOutput | None = None) -> None:
+        """Send the request's last output (`last`'s text, token and logprobs, if any) with its usage,
+        and report its timings."""
+        seq.finish_reason = reason
+        cached = seq.num_cached_prompt_tokens or 0
+        usage = Usage(len(seq.prompt_token_ids), len(seq.output_token_ids), cached)
+        text, token_ids, logprobs = (last.text, last.token_ids, last.logprobs) if last is not None else ("", (), None)
+        seq.emit(RequestOutput(seq.request_id, text, token_ids, logprobs, reason, error, usage))
+        now = time.monotonic()
+        arrival = seq.request.arrival_time
+        self.observer.on_request_finished(FinishedRequestStats(
+            finish_reason=reason, prompt_tokens=usage.prompt_tokens, generation_tokens=usage.completion_tokens,
+            cached_tokens=cached, queue_time=(seq.first_scheduled_time or now) - arrival,
+            time_to_first_token=None if seq.first_token_time is None else seq.first_token_time - arrival,
+            inter_token_latencies=tuple(seq.inter_token_latencies), e2e_latency=now - arrival))
