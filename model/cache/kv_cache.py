@@ -1,6 +1,6 @@
 """The paged cache tensors: one `[num_blocks * block_size, row_width]` tensor per layer.
 
-A row is what one token keeps for one layer (DESIGN.md "Cache layout"); the row width comes from
+A row is what one token keeps for one layer (docs/architecture.md); the row width comes from
 the model config, so MLA families store only their latent rows and GQA families `[K | V]`.
 """
 from __future__ import annotations
@@ -8,12 +8,9 @@ from __future__ import annotations
 import torch
 
 from model.config import BaseModelConfig
+from model.dtypes import dtype_bytes
 
 GIB = 1024 ** 3
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class KVCache:
