@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from model.config import CustomLLMConfig
-from model.layers.moe import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
-from model.cache.batch import (PagedBatch, gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
-                         write_rows)
+from model.cache.batch import PagedBatch
+from model.layers.attention import (gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
+                                    write_rows)
+from model.layers.moe import RoutedExperts, SwiGLUExpert
+from model.layers.norms import RMSNorm
+from model.layers.rope import apply_rope, rope_cos_sin
 
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 

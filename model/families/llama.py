@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import BaseModelConfig, register_family
-from model.layers.moe import RMSNorm, rope_cos_sin
-from model.cache.batch import PagedBatch, gather_context, grouped_query_attention, masked_softmax, write_rows
+from model.cache.batch import PagedBatch
+from model.layers.attention import (attention_dtype, gather_context, grouped_query_attention, masked_softmax,
+                                    write_rows)
+from model.layers.norms import RMSNorm
+from model.layers.rope import rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,6 @@ def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)                           # [..., T, H+KV, hd]
     return torch.addcmul(x * rope.cos, swapped, rope.sin)
-
-
-def attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention scores and sums are computed in: the activations' own, except float16 on a
-    CPU, whose batched matmuls are several times slower there than converting to float32 and back."""
-    return torch.float32 if x.dtype == torch.float16 and x.device.type == "cpu" else x.dtype
 
 
 class FusedProjections(nn.Module):

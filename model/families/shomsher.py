@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import BaseModelConfig, register_family
-from model.layers.moe import apply_rope, rope_cos_sin, route_to_experts
-from model.cache.batch import (PagedBatch, gather_context, masked_softmax, matmul_shared_context, pad_queries,
-                         unpad_queries, write_rows)
+from model.cache.batch import PagedBatch
+from model.layers.attention import (gather_context, masked_softmax, matmul_shared_context, pad_queries, unpad_queries,
+                                    write_rows)
+from model.layers.moe import route_to_experts
+from model.layers.rope import apply_rope, rope_cos_sin
 
 
 @dataclass(frozen=True)

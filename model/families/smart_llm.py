@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import BaseModelConfig, register_family
-from model.layers.moe import RMSNorm, RoutedExperts, apply_rope, rope_cos_sin
-from model.cache.batch import PagedBatch, gather_context, grouped_query_attention, write_rows
+from model.cache.batch import PagedBatch
+from model.layers.attention import gather_context, grouped_query_attention, write_rows
+from model.layers.moe import RoutedExperts
+from model.layers.norms import RMSNorm
+from model.layers.rope import apply_rope, rope_cos_sin
 
 # the seed's ModelConfig names → ours (the others are the same)
 SEED_ALIASES = {"d_model": "hidden_size", "n_layers": "num_layers", "max_seq_len": "max_context"}
