@@ -19,6 +19,7 @@ from model.config import CustomLLMConfig
 from model.cache.batch import PagedBatch
 from model.layers.attention import (gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
                                     write_rows)
+from model.layers.linear import Linear
 from model.layers.moe import RoutedExperts, SwiGLUExpert
 from model.layers.norms import RMSNorm
 from model.layers.rope import apply_rope, rope_cos_sin
@@ -33,14 +34,14 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, latent, heads = cfg.hidden_size, cfg.latent_dim, cfg.num_heads
-        self.kv_proj_d = nn.Linear(d, latent, bias=False)
-        self.q_proj_d = nn.Linear(d, latent, bias=False)
-        self.k_proj_u = nn.Linear(latent, heads * cfg.nope_dim, bias=False)
-        self.q_proj_u = nn.Linear(latent, heads * cfg.nope_dim, bias=False)
-        self.v_proj_u = nn.Linear(latent, heads * cfg.head_dim, bias=False)
-        self.rope_q = nn.Linear(latent, heads * cfg.rope_dim, bias=False)
-        self.rope_k = nn.Linear(d, heads * cfg.rope_dim, bias=False)
-        self.o_proj = nn.Linear(heads * cfg.head_dim, d, bias=False)
+        self.kv_proj_d = Linear(d, latent, bias=False)
+        self.q_proj_d = Linear(d, latent, bias=False)
+        self.k_proj_u = Linear(latent, heads * cfg.nope_dim, bias=False)
+        self.q_proj_u = Linear(latent, heads * cfg.nope_dim, bias=False)
+        self.v_proj_u = Linear(latent, heads * cfg.head_dim, bias=False)
+        self.rope_q = Linear(latent, heads * cfg.rope_dim, bias=False)
+        self.rope_k = Linear(d, heads * cfg.rope_dim, bias=False)
+        self.o_proj = Linear(heads * cfg.head_dim, d, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         # decode-only steps may use a fused kernel with paged_mla_decode's signature (model.kernels)
         self.decode_attention = None
@@ -86,7 +87,7 @@ class MultiHeadLatentAttention(nn.Module):
         if not batch.is_decode_only:
             return self._expanded_attention(q_nope, q_rope, batch, cache_layer)
 
-        w_uk = self.k_proj_u.weight.view(heads, nope, latent)                    # [H, nope, latent]
+        w_uk = self.k_proj_u.dense_weight().view(heads, nope, latent)            # [H, nope, latent]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)                    # [T, H, latent]
         if self.decode_attention is not None:
             # one token per sequence, in sequence order: T = B
@@ -124,7 +125,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space [T, H, latent] → [T, d] (W_uv, then o_proj)."""
         cfg = self.cfg
-        w_uv = self.v_proj_u.weight.view(cfg.num_heads, cfg.head_dim, cfg.latent_dim)  # [H, hd, latent]
+        w_uv = self.v_proj_u.dense_weight().view(cfg.num_heads, cfg.head_dim, cfg.latent_dim)  # [H, hd, latent]
         out = torch.einsum("thl,hvl->thv", out_latent, w_uv)                     # [T, H, hd]
         return self.o_proj(out.flatten(1))
 
@@ -139,7 +140,7 @@ class DeepSeekMoE(RoutedExperts, nn.Module):
             SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_shared_experts))
         self.routed_experts = nn.ModuleList(
             SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_routed_experts))
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
         self.routing_bias = nn.Parameter(torch.zeros(cfg.num_routed_experts))
         self.init_routing()
 
@@ -183,7 +184,7 @@ class CustomLLMForCausalLM(nn.Module):
         self.token_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_context, config.hidden_size)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
 
     @staticmethod
     def is_ignored_checkpoint_key(key: str) -> bool:

@@ -22,6 +22,7 @@ from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
 from model.layers.attention import (attention_dtype, gather_context, grouped_query_attention, masked_softmax,
                                     write_rows)
+from model.layers.linear import Linear
 from model.layers.norms import RMSNorm
 from model.layers.rope import rope_cos_sin
 
@@ -146,8 +147,8 @@ class LlamaAttention(FusedProjections):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
         self.decode_attention = None
 
@@ -217,8 +218,8 @@ class LlamaMLP(FusedProjections):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def part_sizes(self, fused: str) -> list[int]:
         return [self.intermediate_size, self.intermediate_size]
@@ -255,14 +256,14 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @staticmethod
     def is_ignored_checkpoint_key(key: str) -> bool:
         return bool(_ROTARY_BUFFER.search(key))
 
     def head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.dense_weight()
 
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] → logits [B, T, V]."""

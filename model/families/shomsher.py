@@ -26,6 +26,7 @@ from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
 from model.layers.attention import (gather_context, masked_softmax, matmul_shared_context, pad_queries, unpad_queries,
                                     write_rows)
+from model.layers.linear import Linear
 from model.layers.moe import route_to_experts
 from model.layers.rope import apply_rope, rope_cos_sin
 
@@ -132,14 +133,14 @@ class LatentAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, c, heads, bias = cfg.hidden_size, cfg.compressed_dim, cfg.num_heads, cfg.bias_qkv
-        self.W_dkv = nn.Linear(d, c, bias=bias)
-        self.W_dq = nn.Linear(d, c, bias=bias)
-        self.W_uk = nn.Linear(c, heads * cfg.nope_dim, bias=bias)
-        self.W_uv = nn.Linear(c, heads * cfg.head_dim, bias=bias)
-        self.W_uq = nn.Linear(c, heads * cfg.nope_dim, bias=bias)
-        self.W_qr = nn.Linear(c, heads * cfg.rope_dim, bias=bias)
-        self.W_kr = nn.Linear(c, heads * cfg.rope_dim, bias=bias)
-        self.output = nn.Linear(d, d, bias=True)
+        self.W_dkv = Linear(d, c, bias=bias)
+        self.W_dq = Linear(d, c, bias=bias)
+        self.W_uk = Linear(c, heads * cfg.nope_dim, bias=bias)
+        self.W_uv = Linear(c, heads * cfg.head_dim, bias=bias)
+        self.W_uq = Linear(c, heads * cfg.nope_dim, bias=bias)
+        self.W_qr = Linear(c, heads * cfg.rope_dim, bias=bias)
+        self.W_kr = Linear(c, heads * cfg.rope_dim, bias=bias)
+        self.output = Linear(d, d, bias=True)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def _heads(self, nope: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -180,7 +181,7 @@ class LatentAttention(nn.Module):
         k = self.keys(context, ctx_cos, ctx_sin).permute(0, 2, 3, 1)              # [B, H, hd, K]
         attn = masked_softmax((q @ k) * self.scale, batch).to(x.dtype)            # [B, H, Q, K]
         out_latent = unpad_queries(matmul_shared_context(attn, context).transpose(1, 2), batch)  # [T, H, C]
-        w_uv = self.W_uv.weight.view(heads, hd, latent)                            # [H, hd, C]
+        w_uv = self.W_uv.dense_weight().view(heads, hd, latent)                    # [H, hd, C]
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv)                       # [T, H, hd]
         if self.W_uv.bias is not None:  # attention weights sum to 1, so the bias passes through
             out = out + self.W_uv.bias.view(heads, hd)
@@ -192,9 +193,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(dim, hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.w3(self.w1(z) * F.silu(self.w2(z)))
@@ -203,7 +204,7 @@ class SwiGLU(nn.Module):
 class Expert(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.ffn = nn.Sequential(nn.Linear(dim, hidden), SwiGLU(hidden, hidden), nn.Linear(hidden, dim))
+        self.ffn = nn.Sequential(Linear(dim, hidden), SwiGLU(hidden, hidden), Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(x)
@@ -216,7 +217,7 @@ class ShomsherMoE(nn.Module):
         super().__init__()
         self.top_k = cfg.top_k_experts
         self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_experts))
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] → [T, d]. Only experts that received tokens run."""
@@ -262,7 +263,7 @@ class ShomsherLLMForCausalLM(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
         self.t_blocks = nn.ModuleList(ShomsherBlock(config) for _ in range(config.num_layers))
         self.final_ln = ShomsherLayerNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
 
     @staticmethod
     def is_ignored_checkpoint_key(key: str) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
 from model.layers.attention import gather_context, grouped_query_attention, write_rows
+from model.layers.linear import Linear
 from model.layers.moe import RoutedExperts
 from model.layers.norms import RMSNorm
 from model.layers.rope import apply_rope, rope_cos_sin
@@ -165,10 +166,10 @@ class GroupedQueryAttention(nn.Module):
         # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
         self.decode_attention = None
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.wq = Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wv = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wo = Linear(cfg.n_heads * hd, d, bias=False)
         self.scale = 1.0 / math.sqrt(hd)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -218,9 +219,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
@@ -236,7 +237,7 @@ class MixtureOfExperts(RoutedExperts, nn.Module):
         self.top_k = cfg.num_experts_per_token
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.d_ff)
         self.routed_experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.d_ff) for _ in range(cfg.num_experts))
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.init_routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +283,7 @@ class SmartLLMForCausalLM(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_load_state_dict_post_hook(_retie_after_load)
 

@@ -7,15 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers.linear import Linear
+
 
 class SwiGLUExpert(nn.Module):
     """`down(silu(gate(x)) · up(x))` with the names of the CustomLLM checkpoint."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -56,13 +58,15 @@ class RoutedExperts:
         self.sync_free = False
         self.grouped_gemm = None
 
+    @torch.no_grad()
     def use_sync_free_routing(self, grouped_gemm=None) -> None:
         """Call once the model is on its device (the stacked tensors are plain attributes)."""
         stacked = []
         for name in self.EXPERT_WEIGHTS:
-            weights = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
-            for index, expert in enumerate(self.routed_experts):
-                getattr(expert, name).weight.data = weights[index]
+            projections: list[Linear] = [getattr(e, name) for e in self.routed_experts]
+            weights = torch.stack([p.dense_weight() for p in projections])             # [E, out, in]
+            for index, projection in enumerate(projections):
+                projection.keep_weight_in(weights[index])                             # a view, no copy kept
             stacked.append(weights)
         self._stacked_gate, self._stacked_up, self._stacked_down = stacked
         self.grouped_gemm = grouped_gemm
