@@ -20,8 +20,7 @@ from torch import nn
 
 from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
-from model.layers.attention import (attention_dtype, gather_context, grouped_query_attention, masked_softmax,
-                                    write_rows)
+from model.layers.attention import paged_grouped_query_attention
 from model.layers.linear import Linear
 from model.layers.norms import RMSNorm
 from model.layers.rope import rope_cos_sin
@@ -182,32 +181,11 @@ class LlamaAttention(FusedProjections):
 
     def forward_paged(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
                       cache_layer: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context."""
-        cfg = self.cfg
-        kv, group, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-        q, k, v = self._qkv(x, rope)
-        write_rows(cache_layer, batch, torch.cat([k.flatten(1), v], dim=-1))              # [T, 2*KV*hd]
-        if batch.is_decode_only and self.decode_attention is not None:   # q is pre-scaled: scale 1
-            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
-                                        batch.block_size, kv, 1.0, batch.window)            # [B, H, hd]
-            return self.o_proj(out.flatten(1).to(x.dtype))
-        context = gather_context(cache_layer, batch)                                        # [B, K, 2*KV*hd]
-        dtype = attention_dtype(x)
-        if context.dtype != dtype:
-            context = context.to(dtype)
-        if q.dtype != dtype:
-            q = q.to(dtype)
-        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)            # [B, KV, K, hd]
-        values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)           # [B, KV, K, hd]
-        num_seqs = batch.num_seqs
-        if batch.is_decode_only:
-            # one query per sequence, in sequence order: the query heads of a kv head are its group
-            scores = q.view(num_seqs, kv, group, hd) @ keys.transpose(-1, -2)              # [B, KV, G, K]
-            attn = masked_softmax(scores.view(num_seqs, kv * group, 1, -1), batch)          # [B, H, 1, K]
-            out = attn.to(dtype).view(num_seqs, kv, group, -1) @ values                     # [B, KV, G, hd]
-            return self.o_proj(out.view(num_seqs, -1).to(x.dtype))                          # [T, d]
-        out = grouped_query_attention(q, keys, values, batch, scale=1.0)                    # [T, H, hd]
-        return self.o_proj(out.reshape(-1, cfg.num_heads * hd).to(x.dtype))                # [T, d]
+        """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context
+        (q is pre-scaled: scale 1)."""
+        q, k, v = self._qkv(x, rope)                                                        # [T, H|KV, hd], [T, KV*hd]
+        out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_attention)  # [T, H*hd]
+        return self.o_proj(out)
 
 
 class LlamaMLP(FusedProjections):

@@ -18,7 +18,7 @@ from torch import nn
 
 from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
-from model.layers.attention import gather_context, grouped_query_attention, write_rows
+from model.layers.attention import paged_grouped_query_attention
 from model.layers.linear import Linear
 from model.layers.moe import RoutedExperts
 from model.layers.norms import RMSNorm
@@ -198,20 +198,9 @@ class GroupedQueryAttention(nn.Module):
 
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
                       cache_layer: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask."""
-        cfg = self.cfg
-        kv, hd = cfg.n_kv_heads, cfg.head_dim
-        q, k, v = self._qkv(x, cos, sin)
-        write_rows(cache_layer, batch, torch.cat([k.flatten(1), v.flatten(1)], -1))   # [T, 2*KV*hd]
-        if batch.is_decode_only and self.decode_attention is not None:
-            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
-                                        batch.block_size, kv, self.scale, batch.window)  # [B, H, hd]
-            return self.wo(out.flatten(1).to(x.dtype))
-        context = gather_context(cache_layer, batch).to(x.dtype)                     # [B, K, 2*KV*hd]
-        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)       # [B, KV, K, hd]
-        values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)      # [B, KV, K, hd]
-        out = grouped_query_attention(q, keys, values, batch, self.scale)            # [T, H, hd]
-        return self.wo(out.reshape(-1, cfg.n_heads * hd))
+        """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask (or the kernel's)."""
+        q, k, v = self._qkv(x, cos, sin)                                              # [T, H|KV, hd]
+        return self.wo(paged_grouped_query_attention(q, k, v, batch, cache_layer, self.scale, self.decode_attention))
 
 
 class SwiGLU(nn.Module):

@@ -66,3 +66,43 @@ def masked_softmax(scores: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     """scores [B, H, Q, K] → attention weights, in float32, over the keys each query may see."""
     scores = scores.float().masked_fill(~batch.attn_mask[:, None, :, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def paged_grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch,
+                                  cache_layer: torch.Tensor, scale: float, decode_kernel=None) -> torch.Tensor:
+    """One layer's grouped-query attention over the paged `[K of every kv head | V of every kv head]`
+    cache → [T, H*hd] in q's dtype, ready for the output projection.
+
+    q [T, H, hd] and k [T, KV, hd] post-RoPE, v [T, KV, hd] or [T, KV*hd]: this step's new tokens;
+    query head h reads kv head h // (H / KV) (contiguous groups), so K/V are never repeated. Scores
+    are `scale · q·k` (a caller whose q is pre-scaled passes 1.0). The new [K | V] rows are written
+    first; then a decode-only step runs in `decode_kernel` (paged_gqa_decode's signature) when one
+    is set, or over the gathered context as one grouped product per sequence; a step with prefill
+    chunks runs PyTorch's fused attention. Without a kernel, float16 on the CPU computes in float32
+    (`attention_dtype`)."""
+    out_dtype, heads, hd = q.dtype, q.shape[1], q.shape[2]
+    kv = k.shape[1]
+    write_rows(cache_layer, batch, torch.cat([k.flatten(1), v.flatten(1)], dim=-1))      # [T, 2*KV*hd]
+    if batch.is_decode_only and decode_kernel is not None:
+        out = decode_kernel(q, cache_layer, batch.block_tables, batch.context_lens, batch.block_size, kv,
+                            scale, batch.window)                                         # [B, H, hd]
+        return out.flatten(1).to(out_dtype)
+    dtype = attention_dtype(q)
+    context = gather_context(cache_layer, batch)                                         # [B, K, 2*KV*hd]
+    if context.dtype != dtype:
+        context = context.to(dtype)
+    if q.dtype != dtype:
+        q = q.to(dtype)
+    keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)              # [B, KV, K, hd]
+    values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)             # [B, KV, K, hd]
+    if batch.is_decode_only:
+        # one query per sequence, in sequence order: the query heads of a kv head are its group
+        num_seqs, group = batch.num_seqs, heads // kv
+        scores = q.view(num_seqs, kv, group, hd) @ keys.transpose(-1, -2)                # [B, KV, G, K]
+        if scale != 1.0:
+            scores = scores * scale
+        attn = masked_softmax(scores.view(num_seqs, heads, 1, -1), batch)               # [B, H, 1, K]
+        out = attn.to(dtype).view(num_seqs, kv, group, -1) @ values                      # [B, KV, G, hd]
+        return out.view(num_seqs, heads * hd).to(out_dtype)                              # [T, H*hd]
+    out = grouped_query_attention(q, keys, values, batch, scale)                         # [T, H, hd]
+    return out.reshape(-1, heads * hd).to(out_dtype)                                     # [T, H*hd]
