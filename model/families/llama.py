@@ -1,6 +1,6 @@
-"""The Llama family (ARCHITECTURES.md §4): pre-norm decoder with grouped-query attention,
-rotate_half RoPE over the whole head, SwiGLU, final RMSNorm, optionally tied head. Serves the
-built-in SmolLM2-135M-Instruct.
+"""The Llama family: pre-norm decoder with grouped-query attention, rotate_half RoPE over the whole
+head, SwiGLU, final RMSNorm, optionally tied head. Serves the built-in SmolLM2-135M-Instruct. Its
+config, presets and `FAMILY` record are here (GGUF files: model/loading/gguf_file.py).
 
 Cache row per token and layer: `[K of every kv head, post-RoPE | V of every kv head]`.
 Query head h reads kv head h // (num_heads / num_kv_heads) (contiguous groups), so the queries of
@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
-from model.layers.attention import paged_grouped_query_attention
+from model.config import BaseModelConfig
+from model.layers.attention import KernelAttention, paged_grouped_query_attention
 from model.layers.linear import Linear
 from model.layers.norms import RMSNorm
 from model.layers.rope import rope_cos_sin
+from model.registry import FamilyRecord
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,12 @@ class LlamaConfig(BaseModelConfig):
         return 2 * self.num_kv_heads * self.head_dim
 
 
-register_family(LlamaConfig, {
+PRESETS = {
     "smollm2-135m": LlamaConfig(),
     "llama-tiny": LlamaConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                               head_dim=16, intermediate_size=96, rope_theta=10000.0, max_context=256,
                               tie_word_embeddings=False, bos_token_id=None, eos_token_id=0),
-})
+}
 
 # saved rotary tables (`…rotary_emb.inv_freq`, HF's `model.rotary_emb.inv_freq`): recomputed, never loaded
 _ROTARY_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
@@ -138,8 +139,8 @@ def join_fused_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             _join_fused(module, state, f"{name}." if name else "")
 
 
-class LlamaAttention(FusedProjections):
-    DECODE_KERNEL = "paged_gqa_decode"
+class LlamaAttention(KernelAttention, FusedProjections):
+    """Decode-only steps may run in paged_gqa_decode (model/kernels), set by `use_decode_kernel`."""
 
     FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
@@ -148,8 +149,6 @@ class LlamaAttention(FusedProjections):
         self.cfg = cfg
         self.qkv_proj = Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
-        self.decode_attention = None
 
     def part_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg
@@ -184,7 +183,7 @@ class LlamaAttention(FusedProjections):
         """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context
         (q is pre-scaled: scale 1)."""
         q, k, v = self._qkv(x, rope)                                                        # [T, H|KV, hd], [T, KV*hd]
-        out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_attention)  # [T, H*hd]
+        out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_kernel)  # [T, H*hd]
         return self.o_proj(out)
 
 
@@ -261,3 +260,8 @@ class LlamaForCausalLM(nn.Module):
             h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return F.linear(self.model.norm(h[batch.logits_index]), self.head_weight())         # [N, V]
+
+
+FAMILY = FamilyRecord(
+    name="llama", config_class=LlamaConfig, model_class=LlamaForCausalLM, presets=PRESETS,
+    markers=("model.layers.0.self_attn.q_proj.weight",), decode_kernel="paged_gqa_decode")

@@ -1,4 +1,5 @@
-"""ShomsherLLM (ARCHITECTURES.md §2): latent attention with DeRoPE, sandwich norms, top-1 softmax MoE.
+"""ShomsherLLM: latent attention with DeRoPE, sandwich norms, top-1 softmax MoE. Its config, presets
+and `FAMILY` record are here.
 
 Module and parameter names are the seed's (`t_blocks.{i}.mhattention.W_dkv.weight`, …), so its
 `model_state_dict` loads with strict key checks.
@@ -22,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
+from model.config import BaseModelConfig
 from model.layers.attention import (gather_context, masked_softmax, matmul_shared_context, pad_queries, unpad_queries,
                                     write_rows)
 from model.layers.linear import Linear
 from model.layers.moe import route_to_experts
 from model.layers.rope import apply_rope, rope_cos_sin
+from model.loading.state_dict import count_layers
+from model.registry import FamilyRecord
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,6 @@ PRESETS = {
     "shomsher-tiny": ShomsherConfig(vocab_size=512, hidden_size=36, num_layers=2, num_heads=4, rope_dim=8,
                                     compressed_dim=12, num_experts=4, expert_hidden=48),
 }
-register_family(ShomsherConfig, PRESETS)
 
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -270,25 +272,6 @@ class ShomsherLLMForCausalLM(nn.Module):
         """The seed saves no buffers; its optimizer state sits beside `model_state_dict`, not in it."""
         return False
 
-    @staticmethod
-    def infer_config(state: dict[str, torch.Tensor]) -> ShomsherConfig:
-        """Dims from tensor shapes. The head count does not show in them (1, 2, 4 and 8 heads all fit
-        the published shapes), so it comes from the `shomsher-llm` preset, whose dims must match."""
-        vocab, hidden = state["tok_emb.weight"].shape
-        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("t_blocks."))
-        moe = "t_blocks.0.ff.moe."
-        dims = dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
-                    compressed_dim=state["t_blocks.0.mhattention.W_dkv.weight"].shape[0],
-                    num_experts=state[moe + "gate.weight"].shape[0],
-                    expert_hidden=state[moe + "experts.0.ffn.0.weight"].shape[0])
-        reference = PRESETS["shomsher-llm"]
-        rope_rows = state["t_blocks.0.mhattention.W_kr.weight"].shape[0]
-        if any(getattr(reference, k) != v for k, v in dims.items()) \
-                or rope_rows != reference.num_heads * reference.rope_dim:
-            raise ValueError("this ShomsherLLM checkpoint's shapes differ from the shomsher-llm preset and its "
-                             "head count does not show in the weights; pass --preset NAME or a config.json")
-        return reference.replace(bias_qkv="t_blocks.0.mhattention.W_dkv.bias" in state)
-
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         cfg = self.config
         return rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta, dtype, scale=1.0 / cfg.rope_divisor)
@@ -314,3 +297,27 @@ class ShomsherLLMForCausalLM(nn.Module):
             h = h + block.rmsnorm1(attn)
             h = block.moe_residual(h)
         return self.lm_head(self.final_ln(h[batch.logits_index]))
+
+
+def infer_shomsher_config(state: dict[str, torch.Tensor]) -> ShomsherConfig:
+    """Dims from tensor shapes. The head count does not show in them (1, 2, 4 and 8 heads all fit
+    the published shapes), so it comes from the `shomsher-llm` preset, whose dims must match."""
+    vocab, hidden = state["tok_emb.weight"].shape
+    moe = "t_blocks.0.ff.moe."
+    dims = dict(vocab_size=vocab, hidden_size=hidden, num_layers=count_layers(state, "t_blocks."),
+                compressed_dim=state["t_blocks.0.mhattention.W_dkv.weight"].shape[0],
+                num_experts=state[moe + "gate.weight"].shape[0],
+                expert_hidden=state[moe + "experts.0.ffn.0.weight"].shape[0])
+    reference = PRESETS["shomsher-llm"]
+    rope_rows = state["t_blocks.0.mhattention.W_kr.weight"].shape[0]
+    if any(getattr(reference, k) != v for k, v in dims.items()) \
+            or rope_rows != reference.num_heads * reference.rope_dim:
+        raise ValueError("this ShomsherLLM checkpoint's shapes differ from the shomsher-llm preset and its "
+                         "head count does not show in the weights; pass --preset NAME or a config.json")
+    return reference.replace(bias_qkv="t_blocks.0.mhattention.W_dkv.bias" in state)
+
+
+# no decode kernel: DeRoPE mixes W_uk into the rotated dims, so keys are re-expanded every step
+FAMILY = FamilyRecord(
+    name="shomsher", config_class=ShomsherConfig, model_class=ShomsherLLMForCausalLM, presets=PRESETS,
+    markers=("t_blocks.0.mhattention.W_dkv.weight",), infer_config=infer_shomsher_config, decode_kernel=None)

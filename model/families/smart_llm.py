@@ -1,5 +1,6 @@
-"""SmartLLM / Custom_LLM (ARCHITECTURES.md §3): pre-norm GQA transformer with sliding-window attention,
-ReZero residual scales, SwiGLU or a shared + routed softmax top-k MoE, and a head tied to the embedding.
+"""SmartLLM / Custom_LLM: pre-norm GQA transformer with sliding-window attention, ReZero residual
+scales, SwiGLU or a shared + routed softmax top-k MoE, and a head tied to the embedding. Its config,
+presets and `FAMILY` record are here.
 
 Module and parameter names are the seed's (`layers.{i}.attention.wq.weight`, …). Cache row per token
 and layer: `[K of every kv head, post-RoPE | V of every kv head]`; query head h reads kv head
@@ -16,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import BaseModelConfig, register_family
 from model.cache.batch import PagedBatch
-from model.layers.attention import paged_grouped_query_attention
+from model.config import BaseModelConfig
+from model.layers.attention import KernelAttention, paged_grouped_query_attention
 from model.layers.linear import Linear
 from model.layers.moe import RoutedExperts
 from model.layers.norms import RMSNorm
 from model.layers.rope import apply_rope, rope_cos_sin
+from model.loading.state_dict import count_layers
+from model.registry import FamilyRecord
 
 # the seed's ModelConfig names → ours (the others are the same)
 SEED_ALIASES = {"d_model": "hidden_size", "n_layers": "num_layers", "max_seq_len": "max_context"}
@@ -138,7 +141,7 @@ def _shape_values(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     vocab, hidden = state["token_embedding.weight" if "token_embedding.weight" in state else "lm_head.weight"].shape
     values: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden,
-        num_layers=1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers.")),
+        num_layers=count_layers(state, "layers."),
         use_rezero="layers.0.rezero_alpha_attn" in state,
         use_mixture_of_experts="layers.0.mlp.gate.weight" in state)
     if values["use_mixture_of_experts"]:
@@ -154,17 +157,14 @@ PRESETS = {
     "smart-llm-tiny": SmartLLMConfig(vocab_size=512, hidden_size=64, num_layers=2, n_heads=4, n_kv_heads=2,
                                      d_ff=96, max_context=256, sliding_window_size=8),
 }
-register_family(SmartLLMConfig, PRESETS)
 
 
-class GroupedQueryAttention(nn.Module):
-    DECODE_KERNEL = "paged_gqa_decode"
+class GroupedQueryAttention(KernelAttention, nn.Module):
+    """Decode-only steps may run in paged_gqa_decode (model/kernels), set by `use_decode_kernel`."""
 
     def __init__(self, cfg: SmartLLMConfig):
         super().__init__()
         self.cfg = cfg
-        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
-        self.decode_attention = None
         d, hd = cfg.hidden_size, cfg.head_dim
         self.wq = Linear(d, cfg.n_heads * hd, bias=False)
         self.wk = Linear(d, cfg.n_kv_heads * hd, bias=False)
@@ -200,7 +200,7 @@ class GroupedQueryAttention(nn.Module):
                       cache_layer: torch.Tensor) -> torch.Tensor:
         """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask (or the kernel's)."""
         q, k, v = self._qkv(x, cos, sin)                                              # [T, H|KV, hd]
-        return self.wo(paged_grouped_query_attention(q, k, v, batch, cache_layer, self.scale, self.decode_attention))
+        return self.wo(paged_grouped_query_attention(q, k, v, batch, cache_layer, self.scale, self.decode_kernel))
 
 
 class SwiGLU(nn.Module):
@@ -302,11 +302,6 @@ class SmartLLMForCausalLM(nn.Module):
         tied = emb if emb is not None else head
         return {**state, "token_embedding.weight": tied, "lm_head.weight": tied}
 
-    @classmethod
-    def config_from_embedded(cls, data: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> SmartLLMConfig:
-        """The config carried in the seed's checkpoint (its pickled `ModelConfig`, as a dict)."""
-        return SmartLLMConfig.from_seed_config(data, state)
-
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
@@ -328,3 +323,10 @@ class SmartLLMForCausalLM(nn.Module):
             h = layer.residual(h, attn, "rezero_alpha_attn")
             h = layer.mlp_residual(h)
         return self.lm_head(self.ln_f(h[batch.logits_index]))
+
+
+# The seed's checkpoint carries its pickled `ModelConfig` (read as a dict): the config comes from it.
+FAMILY = FamilyRecord(
+    name="smart_llm", config_class=SmartLLMConfig, model_class=SmartLLMForCausalLM, presets=PRESETS,
+    markers=("layers.0.attention.wq.weight",), config_from_embedded=SmartLLMConfig.from_seed_config,
+    prepare_state_dict=SmartLLMForCausalLM.prepare_state_dict, decode_kernel="paged_gqa_decode")

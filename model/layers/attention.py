@@ -8,10 +8,24 @@ says where this step's rows go (`slot_mapping`) and which rows each sequence rea
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from model.cache.batch import PagedBatch
+
+
+class KernelAttention:
+    """Mixin of an attention module whose decode-only steps can run in a fused kernel of
+    model/kernels instead of gathering the context: `use_decode_kernel(kernel)` sets it (None: back
+    to PyTorch). Which kernel (and so which signature) a family's layers take is named by its
+    `FamilyRecord.decode_kernel`; `model.kernels.use_triton_decode_attention` sets it model-wide."""
+
+    decode_kernel: Callable | None = None
+
+    def use_decode_kernel(self, kernel: Callable | None) -> None:
+        self.decode_kernel = kernel
 
 
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
