@@ -1,4 +1,4 @@
-"""ShomsherLLM (ARCHITECTURES.md §2): the published shapes, and the paged, chunked, batched forward over
+"""ShomsherLLM: the published shapes, and the paged, chunked, batched forward over
 `c_kv`-only cache rows equals the oracle at every position, far past the DeRoPE divisor of 40."""
 from __future__ import annotations
 

@@ -177,7 +177,7 @@ def test_bengali_bpe_works_with_tokenizers_directly(bengali_path):
 
 
 def test_bengali_bpe_streams_through_the_server_tokenizer(bengali_path):
-    """Decoding through model/tokenizer.py (the tokenizer.json loader) and the incremental detokenizer
+    """Decoding through model/text/tokenizer.py (the tokenizer.json loader) and the incremental detokenizer
     gives the whole text, never a broken character."""
     from model.text.tokenizer import load_tokenizer
     from server.engine.detokenizer import IncrementalDetokenizer
