@@ -1,4 +1,6 @@
-"""Model configurations: one frozen dataclass per family, presets, and `config.json` parsing.
+"""Model configurations: the base every family's frozen config dataclass extends, preset lookup, and
+`config.json` parsing. The config classes and presets themselves live with their families
+(model/families/<name>.py) and are found through their records (model/registry.py).
 
 Every family config answers the same questions the rest of the server asks of a model:
 its family name, vocabulary, layer count, context limit, the width of one cache row per layer
@@ -11,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+from model.registry import families, presets
 
 
 @dataclass(frozen=True)
@@ -48,72 +52,11 @@ class BaseModelConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass(frozen=True)
-class CustomLLMConfig(BaseModelConfig):
-    """CustomLLM-973M (ARCHITECTURES.md §1): MLA with a 192-wide latent, DeepSeek-style MoE."""
-
-    family: ClassVar[str] = "custom_llm"
-    vocab_size: int = 49152
-    hidden_size: int = 768
-    num_layers: int = 30
-    num_heads: int = 12
-    head_dim: int = 64
-    max_context: int = 2048
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    latent_dim: int = 192
-    rope_dim: int = 32
-    num_shared_experts: int = 1
-    num_routed_experts: int = 7
-    expert_hidden: int = 1536
-    top_k_experts: int = 2
-    bos_token_id: int | None = 0
-    eos_token_id: int | None = 0
-
-    @property
-    def nope_dim(self) -> int:
-        return self.head_dim - self.rope_dim
-
-    @property
-    def cache_row_width(self) -> int:
-        # [c_kv | post-RoPE k_rope of every head]
-        return self.latent_dim + self.num_heads * self.rope_dim
-
-
-PRESETS: dict[str, BaseModelConfig] = {
-    "custom-llm-973m": CustomLLMConfig(),
-    "custom-llm-tiny": CustomLLMConfig(
-        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, max_context=256,
-        latent_dim=16, rope_dim=8, num_shared_experts=1, num_routed_experts=7, expert_hidden=32,
-        top_k_experts=2,
-    ),
-}
-
-CONFIG_CLASSES: dict[str, type[BaseModelConfig]] = {"custom_llm": CustomLLMConfig}
-
-
-def register_family(config_cls: type[BaseModelConfig], presets: dict[str, BaseModelConfig]) -> None:
-    """Families defined in their own modules add their config class and presets here."""
-    CONFIG_CLASSES[config_cls.family] = config_cls
-    PRESETS.update(presets)
-
-
-# modules that register more families (and their presets) when imported
-FAMILY_MODULES = ("model.families.llama", "model.families.shomsher", "model.families.smart_llm")
-
-
-def load_families() -> None:
-    import importlib
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
-
-
 def preset(name: str) -> BaseModelConfig:
-    if name not in PRESETS:
-        load_families()
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+    known = presets()
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(known))}")
+    return known[name]
 
 
 def config_from_json(path: str | Path, base: BaseModelConfig | None = None) -> BaseModelConfig:
@@ -131,9 +74,8 @@ def config_from_json(path: str | Path, base: BaseModelConfig | None = None) -> B
         if family != base.family:
             raise ValueError(f"{path}: family {family!r} does not match preset family {base.family!r}")
         return base.from_dict({**dataclasses.asdict(base), **data})
-    family = data.get("family", "custom_llm")
-    if family not in CONFIG_CLASSES:
-        load_families()
-    if family not in CONFIG_CLASSES:
-        raise ValueError(f"{path}: unknown model family {family!r}; known: {', '.join(CONFIG_CLASSES)}")
-    return CONFIG_CLASSES[family].from_dict(data)
+    name = data.get("family", "custom_llm")
+    known = families()
+    if name not in known:
+        raise ValueError(f"{path}: unknown model family {name!r}; known: {', '.join(known)}")
+    return known[name].config_class.from_dict(data)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 
 from model.config import BaseModelConfig
+from model.dtypes import dtype_bytes
 
 GIB = 1024 ** 3
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class KVCache:

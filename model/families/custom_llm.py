@@ -1,4 +1,5 @@
-"""CustomLLM-973M (ARCHITECTURES.md §1): MLA attention over a compressed latent + DeepSeek-style MoE.
+"""CustomLLM-973M: multi-head latent attention (MLA) over a compressed latent, and a DeepSeek-style
+MoE (shared experts plus sigmoid-routed experts). Its config, presets and `FAMILY` record are here.
 
 Module and parameter names are the seed's, so its state dicts load with strict key checks.
 Attention has two forms:
@@ -11,36 +12,84 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from model.config import CustomLLMConfig
-from model.layers.moe import RMSNorm, RoutedExperts, SwiGLUExpert, apply_rope, rope_cos_sin
-from model.cache.batch import (PagedBatch, gather_context, grouped_query_attention, masked_softmax, matmul_shared_context,
-                         write_rows)
+from model.cache.batch import PagedBatch
+from model.config import BaseModelConfig
+from model.layers.attention import (KernelAttention, gather_context, grouped_query_attention, masked_softmax,
+                                    matmul_shared_context, write_rows)
+from model.layers.linear import Linear
+from model.layers.moe import RoutedExperts, SwiGLUExpert
+from model.layers.norms import RMSNorm
+from model.layers.rope import apply_rope, rope_cos_sin
+from model.loading.state_dict import CheckpointError, count_layers
+from model.registry import FamilyRecord
+
+
+@dataclass(frozen=True)
+class CustomLLMConfig(BaseModelConfig):
+    """CustomLLM-973M's dims by default: MLA with a 192-wide latent, 1 shared + 7 routed experts."""
+
+    family: ClassVar[str] = "custom_llm"
+    vocab_size: int = 49152
+    hidden_size: int = 768
+    num_layers: int = 30
+    num_heads: int = 12
+    head_dim: int = 64
+    max_context: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    latent_dim: int = 192
+    rope_dim: int = 32
+    num_shared_experts: int = 1
+    num_routed_experts: int = 7
+    expert_hidden: int = 1536
+    top_k_experts: int = 2
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+
+    @property
+    def nope_dim(self) -> int:
+        return self.head_dim - self.rope_dim
+
+    @property
+    def cache_row_width(self) -> int:
+        # [c_kv | post-RoPE k_rope of every head]
+        return self.latent_dim + self.num_heads * self.rope_dim
+
+
+PRESETS = {
+    "custom-llm-973m": CustomLLMConfig(),
+    "custom-llm-tiny": CustomLLMConfig(
+        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, max_context=256,
+        latent_dim=16, rope_dim=8, num_shared_experts=1, num_routed_experts=7, expert_hidden=32,
+        top_k_experts=2,
+    ),
+}
 
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
-class MultiHeadLatentAttention(nn.Module):
-    DECODE_KERNEL = "paged_mla_decode"
+class MultiHeadLatentAttention(KernelAttention, nn.Module):
+    """Decode-only steps may run in paged_mla_decode (model/kernels), set by `use_decode_kernel`."""
 
     def __init__(self, cfg: CustomLLMConfig):
         super().__init__()
         self.cfg = cfg
         d, latent, heads = cfg.hidden_size, cfg.latent_dim, cfg.num_heads
-        self.kv_proj_d = nn.Linear(d, latent, bias=False)
-        self.q_proj_d = nn.Linear(d, latent, bias=False)
-        self.k_proj_u = nn.Linear(latent, heads * cfg.nope_dim, bias=False)
-        self.q_proj_u = nn.Linear(latent, heads * cfg.nope_dim, bias=False)
-        self.v_proj_u = nn.Linear(latent, heads * cfg.head_dim, bias=False)
-        self.rope_q = nn.Linear(latent, heads * cfg.rope_dim, bias=False)
-        self.rope_k = nn.Linear(d, heads * cfg.rope_dim, bias=False)
-        self.o_proj = nn.Linear(heads * cfg.head_dim, d, bias=False)
+        self.kv_proj_d = Linear(d, latent, bias=False)
+        self.q_proj_d = Linear(d, latent, bias=False)
+        self.k_proj_u = Linear(latent, heads * cfg.nope_dim, bias=False)
+        self.q_proj_u = Linear(latent, heads * cfg.nope_dim, bias=False)
+        self.v_proj_u = Linear(latent, heads * cfg.head_dim, bias=False)
+        self.rope_q = Linear(latent, heads * cfg.rope_dim, bias=False)
+        self.rope_k = Linear(d, heads * cfg.rope_dim, bias=False)
+        self.o_proj = Linear(heads * cfg.head_dim, d, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        # decode-only steps may use a fused kernel with paged_mla_decode's signature (model.kernels)
-        self.decode_attention = None
 
     def _rope_parts(self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Post-RoPE q_rope, k_rope [T, H, rope_dim]."""
@@ -83,11 +132,11 @@ class MultiHeadLatentAttention(nn.Module):
         if not batch.is_decode_only:
             return self._expanded_attention(q_nope, q_rope, batch, cache_layer)
 
-        w_uk = self.k_proj_u.weight.view(heads, nope, latent)                    # [H, nope, latent]
+        w_uk = self.k_proj_u.dense_weight().view(heads, nope, latent)            # [H, nope, latent]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)                    # [T, H, latent]
-        if self.decode_attention is not None:
+        if self.decode_kernel is not None:
             # one token per sequence, in sequence order: T = B
-            out_latent = self.decode_attention(q_latent, q_rope, cache_layer, batch.block_tables,
+            out_latent = self.decode_kernel(q_latent, q_rope, cache_layer, batch.block_tables,
                                                batch.context_lens, batch.block_size, self.scale,
                                                batch.window).to(x.dtype)          # [B, H, latent]
             return self._output(out_latent)
@@ -121,7 +170,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space [T, H, latent] → [T, d] (W_uv, then o_proj)."""
         cfg = self.cfg
-        w_uv = self.v_proj_u.weight.view(cfg.num_heads, cfg.head_dim, cfg.latent_dim)  # [H, hd, latent]
+        w_uv = self.v_proj_u.dense_weight().view(cfg.num_heads, cfg.head_dim, cfg.latent_dim)  # [H, hd, latent]
         out = torch.einsum("thl,hvl->thv", out_latent, w_uv)                     # [T, H, hd]
         return self.o_proj(out.flatten(1))
 
@@ -136,7 +185,7 @@ class DeepSeekMoE(RoutedExperts, nn.Module):
             SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_shared_experts))
         self.routed_experts = nn.ModuleList(
             SwiGLUExpert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_routed_experts))
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_routed_experts, bias=False)
         self.routing_bias = nn.Parameter(torch.zeros(cfg.num_routed_experts))
         self.init_routing()
 
@@ -180,7 +229,7 @@ class CustomLLMForCausalLM(nn.Module):
         self.token_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_context, config.hidden_size)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
 
     @staticmethod
     def is_ignored_checkpoint_key(key: str) -> bool:
@@ -220,3 +269,57 @@ class CustomLLMForCausalLM(nn.Module):
             h = h + layer.self_attn.forward_absorbed(layer.input_norm(h), cos, sin, batch, cache_layer)
             h = h + layer.mlp(layer.post_attn_norm(h))
         return self.lm_head(h[batch.logits_index])
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+LATER_LAYOUT_KEY = "decoder_layers.0.mlp.shared_experts.0.gate_proj.weight"
+
+
+def refuse_later_layout(state: dict[str, torch.Tensor]) -> None:
+    """The later Assign15 code saved MoE keys without `.moe` and changed what they mean."""
+    if LATER_LAYOUT_KEY in state:
+        raise CheckpointError(
+            "this checkpoint has the later Assign15 layout (MoE keys without `.moe`, e.g. "
+            f"{LATER_LAYOUT_KEY}): that code changed the semantics (9 heads, softmax routing) and "
+            "cannot be served as CustomLLM-973M; export the documented layout (decoder_layers.{i}.mlp.moe.…)")
+
+
+def infer_custom_llm_config(state: dict[str, torch.Tensor]) -> CustomLLMConfig:
+    """CustomLLM dims from tensor shapes; heads from the saved rotary buffers (inv_freq [r/2]),
+    which is the only place the head count shows."""
+    vocab, hidden = state["token_embeddings.weight"].shape
+    moe = "decoder_layers.0.mlp.moe."
+    shared = sum(1 for k in state if k.startswith(moe + "shared_experts.") and k.endswith("gate_proj.weight"))
+    routed = sum(1 for k in state if k.startswith(moe + "routed_experts.") and k.endswith("gate_proj.weight"))
+    dims = dict(vocab_size=vocab, hidden_size=hidden, num_layers=count_layers(state, "decoder_layers."),
+                max_context=state["position_embeddings.weight"].shape[0],
+                latent_dim=state["decoder_layers.0.self_attn.kv_proj_d.weight"].shape[0],
+                num_shared_experts=shared, num_routed_experts=routed,
+                expert_hidden=state[moe + "routed_experts.0.gate_proj.weight"].shape[0])
+    inv_freq = state.get("decoder_layers.0.self_attn.rotary_emb.inv_freq")
+    rope_width = state["decoder_layers.0.self_attn.rope_k.weight"].shape[0]   # heads * rope_dim
+    if inv_freq is not None:
+        rope_dim = 2 * inv_freq.shape[0]
+        heads = rope_width // rope_dim
+        return CustomLLMConfig(**dims, num_heads=heads, head_dim=2 * rope_dim, rope_dim=rope_dim)
+    reference = PRESETS["custom-llm-973m"]
+    if all(getattr(reference, k) == v for k, v in dims.items()):
+        return reference
+    raise CheckpointError("this CustomLLM checkpoint's shapes differ from custom-llm-973m and it carries no "
+                          "rotary buffers to read the head count from; pass --preset NAME or a config.json")
+
+
+def custom_llm_warnings(state: dict[str, torch.Tensor]) -> list[str]:
+    biases = [v for k, v in state.items() if k.endswith("routing_bias")]
+    norms = [v for k, v in state.items() if k.endswith(("input_norm.weight", "post_attn_norm.weight"))]
+    if biases and all(bool((b == 0).all()) for b in biases) and all(bool((n == 1).all()) for n in norms):
+        return ["every decoder layer is at its initial values (routing_bias 0, norm weights 1): this looks "
+                "like a checkpoint from the seed's training code, whose forward skipped the decoder layers; "
+                "its outputs will not be what training saw"]
+    return []
+
+
+FAMILY = FamilyRecord(
+    name="custom_llm", config_class=CustomLLMConfig, model_class=CustomLLMForCausalLM, presets=PRESETS,
+    markers=("decoder_layers.0.self_attn.kv_proj_d.weight",), infer_config=infer_custom_llm_config,
+    check_checkpoint=refuse_later_layout, warnings=custom_llm_warnings, decode_kernel="paged_mla_decode")

@@ -1,6 +1,6 @@
-"""The Llama family (ARCHITECTURES.md §4): pre-norm decoder with grouped-query attention,
-rotate_half RoPE over the whole head, SwiGLU, final RMSNorm, optionally tied head. Serves the
-built-in SmolLM2-135M-Instruct.
+"""The Llama family: pre-norm decoder with grouped-query attention, rotate_half RoPE over the whole
+head, SwiGLU, final RMSNorm, optionally tied head. Serves the built-in SmolLM2-135M-Instruct. Its
+config, presets and `FAMILY` record are here (GGUF files: model/loading/gguf_file.py).
 
 Cache row per token and layer: `[K of every kv head, post-RoPE | V of every kv head]`.
 Query head h reads kv head h // (num_heads / num_kv_heads) (contiguous groups), so the queries of
@@ -18,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import BaseModelConfig, register_family
-from model.layers.moe import RMSNorm, rope_cos_sin
-from model.cache.batch import PagedBatch, gather_context, grouped_query_attention, masked_softmax, write_rows
+from model.cache.batch import PagedBatch
+from model.config import BaseModelConfig
+from model.layers.attention import KernelAttention, paged_grouped_query_attention
+from model.layers.linear import Linear
+from model.layers.norms import RMSNorm
+from model.layers.rope import rope_cos_sin
+from model.registry import FamilyRecord
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,12 @@ class LlamaConfig(BaseModelConfig):
         return 2 * self.num_kv_heads * self.head_dim
 
 
-register_family(LlamaConfig, {
+PRESETS = {
     "smollm2-135m": LlamaConfig(),
     "llama-tiny": LlamaConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                               head_dim=16, intermediate_size=96, rope_theta=10000.0, max_context=256,
                               tie_word_embeddings=False, bos_token_id=None, eos_token_id=0),
-})
+}
 
 # saved rotary tables (`…rotary_emb.inv_freq`, HF's `model.rotary_emb.inv_freq`): recomputed, never loaded
 _ROTARY_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
@@ -93,12 +97,6 @@ def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)                           # [..., T, H+KV, hd]
     return torch.addcmul(x * rope.cos, swapped, rope.sin)
-
-
-def attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention scores and sums are computed in: the activations' own, except float16 on a
-    CPU, whose batched matmuls are several times slower there than converting to float32 and back."""
-    return torch.float32 if x.dtype == torch.float16 and x.device.type == "cpu" else x.dtype
 
 
 class FusedProjections(nn.Module):
@@ -141,18 +139,16 @@ def join_fused_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             _join_fused(module, state, f"{name}." if name else "")
 
 
-class LlamaAttention(FusedProjections):
-    DECODE_KERNEL = "paged_gqa_decode"
+class LlamaAttention(KernelAttention, FusedProjections):
+    """Decode-only steps may run in paged_gqa_decode (model/kernels), set by `use_decode_kernel`."""
 
     FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
-        self.decode_attention = None
+        self.qkv_proj = Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def part_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg
@@ -184,32 +180,11 @@ class LlamaAttention(FusedProjections):
 
     def forward_paged(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
                       cache_layer: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context."""
-        cfg = self.cfg
-        kv, group, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-        q, k, v = self._qkv(x, rope)
-        write_rows(cache_layer, batch, torch.cat([k.flatten(1), v], dim=-1))              # [T, 2*KV*hd]
-        if batch.is_decode_only and self.decode_attention is not None:   # q is pre-scaled: scale 1
-            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
-                                        batch.block_size, kv, 1.0, batch.window)            # [B, H, hd]
-            return self.o_proj(out.flatten(1).to(x.dtype))
-        context = gather_context(cache_layer, batch)                                        # [B, K, 2*KV*hd]
-        dtype = attention_dtype(x)
-        if context.dtype != dtype:
-            context = context.to(dtype)
-        if q.dtype != dtype:
-            q = q.to(dtype)
-        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)            # [B, KV, K, hd]
-        values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)           # [B, KV, K, hd]
-        num_seqs = batch.num_seqs
-        if batch.is_decode_only:
-            # one query per sequence, in sequence order: the query heads of a kv head are its group
-            scores = q.view(num_seqs, kv, group, hd) @ keys.transpose(-1, -2)              # [B, KV, G, K]
-            attn = masked_softmax(scores.view(num_seqs, kv * group, 1, -1), batch)          # [B, H, 1, K]
-            out = attn.to(dtype).view(num_seqs, kv, group, -1) @ values                     # [B, KV, G, hd]
-            return self.o_proj(out.view(num_seqs, -1).to(x.dtype))                          # [T, d]
-        out = grouped_query_attention(q, keys, values, batch, scale=1.0)                    # [T, H, hd]
-        return self.o_proj(out.reshape(-1, cfg.num_heads * hd).to(x.dtype))                # [T, d]
+        """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context
+        (q is pre-scaled: scale 1)."""
+        q, k, v = self._qkv(x, rope)                                                        # [T, H|KV, hd], [T, KV*hd]
+        out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_kernel)  # [T, H*hd]
+        return self.o_proj(out)
 
 
 class LlamaMLP(FusedProjections):
@@ -220,8 +195,8 @@ class LlamaMLP(FusedProjections):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def part_sizes(self, fused: str) -> list[int]:
         return [self.intermediate_size, self.intermediate_size]
@@ -258,14 +233,14 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @staticmethod
     def is_ignored_checkpoint_key(key: str) -> bool:
         return bool(_ROTARY_BUFFER.search(key))
 
     def head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.dense_weight()
 
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] → logits [B, T, V]."""
@@ -285,3 +260,8 @@ class LlamaForCausalLM(nn.Module):
             h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return F.linear(self.model.norm(h[batch.logits_index]), self.head_weight())         # [N, V]
+
+
+FAMILY = FamilyRecord(
+    name="llama", config_class=LlamaConfig, model_class=LlamaForCausalLM, presets=PRESETS,
+    markers=("model.layers.0.self_attn.q_proj.weight",), decode_kernel="paged_gqa_decode")

@@ -1,4 +1,5 @@
-"""ShomsherLLM (ARCHITECTURES.md §2): latent attention with DeRoPE, sandwich norms, top-1 softmax MoE.
+"""ShomsherLLM: latent attention with DeRoPE, sandwich norms, top-1 softmax MoE. Its config, presets
+and `FAMILY` record are here.
 
 Module and parameter names are the seed's (`t_blocks.{i}.mhattention.W_dkv.weight`, …), so its
 `model_state_dict` loads with strict key checks.
@@ -22,10 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import BaseModelConfig, register_family
-from model.layers.moe import apply_rope, rope_cos_sin, route_to_experts
-from model.cache.batch import (PagedBatch, gather_context, masked_softmax, matmul_shared_context, pad_queries,
-                         unpad_queries, write_rows)
+from model.cache.batch import PagedBatch
+from model.config import BaseModelConfig
+from model.layers.attention import (gather_context, masked_softmax, matmul_shared_context, pad_queries, unpad_queries,
+                                    write_rows)
+from model.layers.linear import Linear
+from model.layers.moe import route_to_experts
+from model.layers.rope import apply_rope, rope_cos_sin
+from model.loading.state_dict import count_layers
+from model.registry import FamilyRecord
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,6 @@ PRESETS = {
     "shomsher-tiny": ShomsherConfig(vocab_size=512, hidden_size=36, num_layers=2, num_heads=4, rope_dim=8,
                                     compressed_dim=12, num_experts=4, expert_hidden=48),
 }
-register_family(ShomsherConfig, PRESETS)
 
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -130,14 +135,14 @@ class LatentAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, c, heads, bias = cfg.hidden_size, cfg.compressed_dim, cfg.num_heads, cfg.bias_qkv
-        self.W_dkv = nn.Linear(d, c, bias=bias)
-        self.W_dq = nn.Linear(d, c, bias=bias)
-        self.W_uk = nn.Linear(c, heads * cfg.nope_dim, bias=bias)
-        self.W_uv = nn.Linear(c, heads * cfg.head_dim, bias=bias)
-        self.W_uq = nn.Linear(c, heads * cfg.nope_dim, bias=bias)
-        self.W_qr = nn.Linear(c, heads * cfg.rope_dim, bias=bias)
-        self.W_kr = nn.Linear(c, heads * cfg.rope_dim, bias=bias)
-        self.output = nn.Linear(d, d, bias=True)
+        self.W_dkv = Linear(d, c, bias=bias)
+        self.W_dq = Linear(d, c, bias=bias)
+        self.W_uk = Linear(c, heads * cfg.nope_dim, bias=bias)
+        self.W_uv = Linear(c, heads * cfg.head_dim, bias=bias)
+        self.W_uq = Linear(c, heads * cfg.nope_dim, bias=bias)
+        self.W_qr = Linear(c, heads * cfg.rope_dim, bias=bias)
+        self.W_kr = Linear(c, heads * cfg.rope_dim, bias=bias)
+        self.output = Linear(d, d, bias=True)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def _heads(self, nope: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -178,7 +183,7 @@ class LatentAttention(nn.Module):
         k = self.keys(context, ctx_cos, ctx_sin).permute(0, 2, 3, 1)              # [B, H, hd, K]
         attn = masked_softmax((q @ k) * self.scale, batch).to(x.dtype)            # [B, H, Q, K]
         out_latent = unpad_queries(matmul_shared_context(attn, context).transpose(1, 2), batch)  # [T, H, C]
-        w_uv = self.W_uv.weight.view(heads, hd, latent)                            # [H, hd, C]
+        w_uv = self.W_uv.dense_weight().view(heads, hd, latent)                    # [H, hd, C]
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv)                       # [T, H, hd]
         if self.W_uv.bias is not None:  # attention weights sum to 1, so the bias passes through
             out = out + self.W_uv.bias.view(heads, hd)
@@ -190,9 +195,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(dim, hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.w3(self.w1(z) * F.silu(self.w2(z)))
@@ -201,7 +206,7 @@ class SwiGLU(nn.Module):
 class Expert(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.ffn = nn.Sequential(nn.Linear(dim, hidden), SwiGLU(hidden, hidden), nn.Linear(hidden, dim))
+        self.ffn = nn.Sequential(Linear(dim, hidden), SwiGLU(hidden, hidden), Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(x)
@@ -214,7 +219,7 @@ class ShomsherMoE(nn.Module):
         super().__init__()
         self.top_k = cfg.top_k_experts
         self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.expert_hidden) for _ in range(cfg.num_experts))
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] → [T, d]. Only experts that received tokens run."""
@@ -260,31 +265,12 @@ class ShomsherLLMForCausalLM(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
         self.t_blocks = nn.ModuleList(ShomsherBlock(config) for _ in range(config.num_layers))
         self.final_ln = ShomsherLayerNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
 
     @staticmethod
     def is_ignored_checkpoint_key(key: str) -> bool:
         """The seed saves no buffers; its optimizer state sits beside `model_state_dict`, not in it."""
         return False
-
-    @staticmethod
-    def infer_config(state: dict[str, torch.Tensor]) -> ShomsherConfig:
-        """Dims from tensor shapes. The head count does not show in them (1, 2, 4 and 8 heads all fit
-        the published shapes), so it comes from the `shomsher-llm` preset, whose dims must match."""
-        vocab, hidden = state["tok_emb.weight"].shape
-        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("t_blocks."))
-        moe = "t_blocks.0.ff.moe."
-        dims = dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
-                    compressed_dim=state["t_blocks.0.mhattention.W_dkv.weight"].shape[0],
-                    num_experts=state[moe + "gate.weight"].shape[0],
-                    expert_hidden=state[moe + "experts.0.ffn.0.weight"].shape[0])
-        reference = PRESETS["shomsher-llm"]
-        rope_rows = state["t_blocks.0.mhattention.W_kr.weight"].shape[0]
-        if any(getattr(reference, k) != v for k, v in dims.items()) \
-                or rope_rows != reference.num_heads * reference.rope_dim:
-            raise ValueError("this ShomsherLLM checkpoint's shapes differ from the shomsher-llm preset and its "
-                             "head count does not show in the weights; pass --preset NAME or a config.json")
-        return reference.replace(bias_qkv="t_blocks.0.mhattention.W_dkv.bias" in state)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         cfg = self.config
@@ -311,3 +297,27 @@ class ShomsherLLMForCausalLM(nn.Module):
             h = h + block.rmsnorm1(attn)
             h = block.moe_residual(h)
         return self.lm_head(self.final_ln(h[batch.logits_index]))
+
+
+def infer_shomsher_config(state: dict[str, torch.Tensor]) -> ShomsherConfig:
+    """Dims from tensor shapes. The head count does not show in them (1, 2, 4 and 8 heads all fit
+    the published shapes), so it comes from the `shomsher-llm` preset, whose dims must match."""
+    vocab, hidden = state["tok_emb.weight"].shape
+    moe = "t_blocks.0.ff.moe."
+    dims = dict(vocab_size=vocab, hidden_size=hidden, num_layers=count_layers(state, "t_blocks."),
+                compressed_dim=state["t_blocks.0.mhattention.W_dkv.weight"].shape[0],
+                num_experts=state[moe + "gate.weight"].shape[0],
+                expert_hidden=state[moe + "experts.0.ffn.0.weight"].shape[0])
+    reference = PRESETS["shomsher-llm"]
+    rope_rows = state["t_blocks.0.mhattention.W_kr.weight"].shape[0]
+    if any(getattr(reference, k) != v for k, v in dims.items()) \
+            or rope_rows != reference.num_heads * reference.rope_dim:
+        raise ValueError("this ShomsherLLM checkpoint's shapes differ from the shomsher-llm preset and its "
+                         "head count does not show in the weights; pass --preset NAME or a config.json")
+    return reference.replace(bias_qkv="t_blocks.0.mhattention.W_dkv.bias" in state)
+
+
+# no decode kernel: DeRoPE mixes W_uk into the rotated dims, so keys are re-expanded every step
+FAMILY = FamilyRecord(
+    name="shomsher", config_class=ShomsherConfig, model_class=ShomsherLLMForCausalLM, presets=PRESETS,
+    markers=("t_blocks.0.mhattention.W_dkv.weight",), infer_config=infer_shomsher_config, decode_kernel=None)

@@ -1,5 +1,6 @@
-"""SmartLLM / Custom_LLM (ARCHITECTURES.md §3): pre-norm GQA transformer with sliding-window attention,
-ReZero residual scales, SwiGLU or a shared + routed softmax top-k MoE, and a head tied to the embedding.
+"""SmartLLM / Custom_LLM: pre-norm GQA transformer with sliding-window attention, ReZero residual
+scales, SwiGLU or a shared + routed softmax top-k MoE, and a head tied to the embedding. Its config,
+presets and `FAMILY` record are here.
 
 Module and parameter names are the seed's (`layers.{i}.attention.wq.weight`, …). Cache row per token
 and layer: `[K of every kv head, post-RoPE | V of every kv head]`; query head h reads kv head
@@ -16,9 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import BaseModelConfig, register_family
-from model.layers.moe import RMSNorm, RoutedExperts, apply_rope, rope_cos_sin
-from model.cache.batch import PagedBatch, gather_context, grouped_query_attention, write_rows
+from model.cache.batch import PagedBatch
+from model.config import BaseModelConfig
+from model.layers.attention import KernelAttention, paged_grouped_query_attention
+from model.layers.linear import Linear
+from model.layers.moe import RoutedExperts
+from model.layers.norms import RMSNorm
+from model.layers.rope import apply_rope, rope_cos_sin
+from model.loading.state_dict import count_layers
+from model.registry import FamilyRecord
 
 # the seed's ModelConfig names → ours (the others are the same)
 SEED_ALIASES = {"d_model": "hidden_size", "n_layers": "num_layers", "max_seq_len": "max_context"}
@@ -134,7 +141,7 @@ def _shape_values(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     vocab, hidden = state["token_embedding.weight" if "token_embedding.weight" in state else "lm_head.weight"].shape
     values: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden,
-        num_layers=1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers.")),
+        num_layers=count_layers(state, "layers."),
         use_rezero="layers.0.rezero_alpha_attn" in state,
         use_mixture_of_experts="layers.0.mlp.gate.weight" in state)
     if values["use_mixture_of_experts"]:
@@ -150,22 +157,19 @@ PRESETS = {
     "smart-llm-tiny": SmartLLMConfig(vocab_size=512, hidden_size=64, num_layers=2, n_heads=4, n_kv_heads=2,
                                      d_ff=96, max_context=256, sliding_window_size=8),
 }
-register_family(SmartLLMConfig, PRESETS)
 
 
-class GroupedQueryAttention(nn.Module):
-    DECODE_KERNEL = "paged_gqa_decode"
+class GroupedQueryAttention(KernelAttention, nn.Module):
+    """Decode-only steps may run in paged_gqa_decode (model/kernels), set by `use_decode_kernel`."""
 
     def __init__(self, cfg: SmartLLMConfig):
         super().__init__()
         self.cfg = cfg
-        # decode-only steps may use a fused kernel with paged_gqa_decode's signature (model.kernels)
-        self.decode_attention = None
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.wq = Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wv = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wo = Linear(cfg.n_heads * hd, d, bias=False)
         self.scale = 1.0 / math.sqrt(hd)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -194,20 +198,9 @@ class GroupedQueryAttention(nn.Module):
 
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
                       cache_layer: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask."""
-        cfg = self.cfg
-        kv, hd = cfg.n_kv_heads, cfg.head_dim
-        q, k, v = self._qkv(x, cos, sin)
-        write_rows(cache_layer, batch, torch.cat([k.flatten(1), v.flatten(1)], -1))   # [T, 2*KV*hd]
-        if batch.is_decode_only and self.decode_attention is not None:
-            out = self.decode_attention(q, cache_layer, batch.block_tables, batch.context_lens,
-                                        batch.block_size, kv, self.scale, batch.window)  # [B, H, hd]
-            return self.wo(out.flatten(1).to(x.dtype))
-        context = gather_context(cache_layer, batch).to(x.dtype)                     # [B, K, 2*KV*hd]
-        keys = context[..., : kv * hd].unflatten(-1, (kv, hd)).transpose(1, 2)       # [B, KV, K, hd]
-        values = context[..., kv * hd:].unflatten(-1, (kv, hd)).transpose(1, 2)      # [B, KV, K, hd]
-        out = grouped_query_attention(q, keys, values, batch, self.scale)            # [T, H, hd]
-        return self.wo(out.reshape(-1, cfg.n_heads * hd))
+        """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask (or the kernel's)."""
+        q, k, v = self._qkv(x, cos, sin)                                              # [T, H|KV, hd]
+        return self.wo(paged_grouped_query_attention(q, k, v, batch, cache_layer, self.scale, self.decode_kernel))
 
 
 class SwiGLU(nn.Module):
@@ -215,9 +208,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
@@ -233,7 +226,7 @@ class MixtureOfExperts(RoutedExperts, nn.Module):
         self.top_k = cfg.num_experts_per_token
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.d_ff)
         self.routed_experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.d_ff) for _ in range(cfg.num_experts))
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.init_routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +272,7 @@ class SmartLLMForCausalLM(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_load_state_dict_post_hook(_retie_after_load)
 
@@ -309,11 +302,6 @@ class SmartLLMForCausalLM(nn.Module):
         tied = emb if emb is not None else head
         return {**state, "token_embedding.weight": tied, "lm_head.weight": tied}
 
-    @classmethod
-    def config_from_embedded(cls, data: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> SmartLLMConfig:
-        """The config carried in the seed's checkpoint (its pickled `ModelConfig`, as a dict)."""
-        return SmartLLMConfig.from_seed_config(data, state)
-
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
@@ -335,3 +323,10 @@ class SmartLLMForCausalLM(nn.Module):
             h = layer.residual(h, attn, "rezero_alpha_attn")
             h = layer.mlp_residual(h)
         return self.lm_head(self.ln_f(h[batch.logits_index]))
+
+
+# The seed's checkpoint carries its pickled `ModelConfig` (read as a dict): the config comes from it.
+FAMILY = FamilyRecord(
+    name="smart_llm", config_class=SmartLLMConfig, model_class=SmartLLMForCausalLM, presets=PRESETS,
+    markers=("layers.0.attention.wq.weight",), config_from_embedded=SmartLLMConfig.from_seed_config,
+    prepare_state_dict=SmartLLMForCausalLM.prepare_state_dict, decode_kernel="paged_gqa_decode")

@@ -7,6 +7,8 @@ with W row-major and 0.33 ms with the same values stored column-major (W.t() con
 tied 49152-row head 21.4 vs 10.1 ms; one row and large chunks (≥ 64 rows) cost the same either way.
 So a float32 model on the CPU keeps its matrices column-major: same shape, same values, strides
 (1, out). Nothing else changes (splitting a dimension, as the MLA absorption does, is still a view).
+Each `Linear` (model/layers/linear.py) moves its own weight; a tied head held by no `Linear` (Llama's
+embedding table) is moved here.
 
 bfloat16 gains nothing (oneDNN packs its own layout) and float16 loses 10-30× on a column-major
 weight, so only float32 CPU tensors are moved.
@@ -16,13 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.layers.linear import Linear, use_column_major_
 from model.registry import output_head_weight
 
 
-def linear_weights(model: nn.Module) -> list[nn.Parameter]:
-    """Every matrix the model multiplies through `F.linear`: nn.Linear weights and the output head
-    (which may be the embedding table), each once."""
-    found = {id(module.weight): module.weight for module in model.modules() if isinstance(module, nn.Linear)}
+def _linears(model: nn.Module) -> list[Linear]:
+    return [module for module in model.modules() if isinstance(module, Linear)]
+
+
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every matrix the model multiplies through `F.linear`: each `Linear`'s weight and the output
+    head (which may be the embedding table), each once."""
+    found = {id(weight): weight for weight in (linear.dense_weight() for linear in _linears(model))}
     head = output_head_weight(model)
     found[id(head)] = head
     return list(found.values())
@@ -30,11 +37,15 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def use_column_major_weights(model: nn.Module) -> int:
     """Store the model's float32 CPU linear weights column-major, each in place of its row-major
-    copy (one matrix extra at a time). Returns the number of matrices moved."""
-    moved = 0
-    for weight in linear_weights(model):
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 \
-                and weight.is_contiguous() and min(weight.shape) > 1:
-            weight.data = weight.data.t().contiguous().t()          # [out, in], strides (1, out)
-            moved += 1
+    copy (one matrix extra at a time): every `Linear` through its own `use_column_major()`, then a
+    tied head that no `Linear` holds. Returns the number of matrices moved."""
+    moved, seen = 0, set()
+    for linear in _linears(model):
+        weight = linear.dense_weight()
+        if id(weight) not in seen:
+            seen.add(id(weight))
+            moved += linear.use_column_major()
+    head = output_head_weight(model)
+    if id(head) not in seen:
+        moved += use_column_major_(head)
     return moved

@@ -1,44 +1,13 @@
-"""Building blocks shared by the families: RMSNorm, rotate_half RoPE, the SwiGLU expert, and routing
-tokens over SwiGLU experts (RoutedExperts)."""
+"""Mixture-of-experts building blocks: the SwiGLU expert, routing tokens over experts
+(`route_to_experts`, the `RoutedExperts` mixin) and the model-level switch to sync-free routing
+(`use_sync_free_moe`) that CUDA-graph capture needs."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class RMSNorm(nn.Module):
-    """`w · x / sqrt(mean(x²) + eps)`, normalised in float32 and cast back to the input dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, rope_dim: int, theta: float,
-                 dtype: torch.dtype = torch.float32, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, rope_dim] for absolute positions [T] (angles computed in float64).
-
-    `inv_freq[j] = theta^(-2j/rope_dim)`; `angle = positions * scale * inv_freq`, duplicated to full width.
-    """
-    j = torch.arange(0, rope_dim // 2, device=positions.device, dtype=torch.float64)
-    inv_freq = theta ** (-2.0 * j / rope_dim)                                    # [r/2]
-    angle = (positions.to(torch.float64) * scale)[:, None] * inv_freq[None, :]   # [T, r/2]
-    angle = torch.cat([angle, angle], dim=-1)                                    # [T, r]
-    return angle.cos().to(dtype), angle.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, r] rotated with rotate_half; cos/sin [T, r]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+from model.layers.linear import Linear
 
 
 class SwiGLUExpert(nn.Module):
@@ -46,9 +15,9 @@ class SwiGLUExpert(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -89,13 +58,15 @@ class RoutedExperts:
         self.sync_free = False
         self.grouped_gemm = None
 
+    @torch.no_grad()
     def use_sync_free_routing(self, grouped_gemm=None) -> None:
         """Call once the model is on its device (the stacked tensors are plain attributes)."""
         stacked = []
         for name in self.EXPERT_WEIGHTS:
-            weights = torch.stack([getattr(e, name).weight.data for e in self.routed_experts])  # [E, out, in]
-            for index, expert in enumerate(self.routed_experts):
-                getattr(expert, name).weight.data = weights[index]
+            projections: list[Linear] = [getattr(e, name) for e in self.routed_experts]
+            weights = torch.stack([p.dense_weight() for p in projections])             # [E, out, in]
+            for index, projection in enumerate(projections):
+                projection.keep_weight_in(weights[index])                             # a view, no copy kept
             stacked.append(weights)
         self._stacked_gate, self._stacked_up, self._stacked_down = stacked
         self.grouped_gemm = grouped_gemm
@@ -124,3 +95,17 @@ class RoutedExperts:
         hidden = F.silu(torch.einsum("td,ehd->eth", x, gate)) * torch.einsum("td,ehd->eth", x, up)
         y = torch.einsum("eth,edh->etd", hidden, down)                                 # [E, T, d]
         return torch.einsum("etd,te->td", y, weights)
+
+
+def use_sync_free_moe(model: nn.Module, grouped_gemm=None) -> int:
+    """Switch every MoE of `model` that can to sync-free routing (with the Triton grouped GEMM
+    `model.kernels.grouped_moe.grouped_moe` for batches past the gathered form); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    for moe in layers:
+        moe.use_sync_free_routing(grouped_gemm=grouped_gemm)
+    return len(layers)
+
+
+def routes_sync_free(model: nn.Module) -> bool:
+    """Every MoE of `model` with routed experts routes without host syncs (True when it has none)."""
+    return all(m.sync_free for m in model.modules() if isinstance(m, RoutedExperts))

@@ -1,4 +1,5 @@
-"""Strict assignment of a state dict to a model built on the meta device."""
+"""Strict assignment of a state dict to a model built on the meta device, and what the keys of a
+state dict tell (the layer count)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,11 @@ from torch import nn
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be served as it is; the message says exactly why."""
+
+
+def count_layers(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """Layers in a checkpoint whose per-layer keys read `{prefix}{i}.…` (e.g. prefix "layers.")."""
+    return 1 + max(int(key[len(prefix):].split(".", 1)[0]) for key in state if key.startswith(prefix))
 
 
 def _first(keys: list[str], limit: int = 3) -> str:

@@ -1,10 +1,10 @@
-"""SmartLLM's two tokenizer files (ARCHITECTURES.md §3), with the interface of `model.text.tokenizer.TextTokenizer`
-(encode, decode, vocab_size, bos/eos/stop ids, id_to_token, chat_template), and telling formats apart
-by content.
+"""SmartLLM's two tokenizer files, each a `model.text.protocol.Tokenizer`, and telling tokenizer
+formats apart by content.
 
-- BPE (`smart-bpe-tokenizer.json`, a `tokenizers` file): used as it is. It has no decoder, so decoding
-  joins the tokens with spaces and keeps byte symbols such as `Ġ`: that is the seed's text. A ByteLevel
-  decoder reads better but is not the seed's output: `byte_level_decoder=True` opts in.
+- BPE (`smart-bpe-tokenizer.json`, a `tokenizers` file): a `TextTokenizer` with the seed's settings
+  (`smart_bpe_tokenizer`). The file has no decoder, so decoding joins the tokens with spaces and
+  keeps byte symbols such as `Ġ`: that is the seed's text. A ByteLevel decoder reads better but is
+  not the seed's output: `byte_level_decoder=True` opts in.
 - Character-level fallback (`fallback-tokenizer.json`): `{"char_to_token": {...}, "special_tokens": {...}}`,
   the 7 specials then `chr(c)` → 7 + c for c < 256; anything else is `<unk>`; specials written in the
   text stay characters; special ids decode to their literal strings.
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders
 
+from model.text.tokenizer import TextTokenizer
+
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>", "<system>")
 CHAT_TEMPLATE_PATH = Path(__file__).parent / "chat_templates" / "smart_llm.jinja"
 GGUF_MAGIC = b"GGUF"
@@ -26,41 +28,18 @@ def smart_llm_chat_template() -> str:
     return CHAT_TEMPLATE_PATH.read_text()
 
 
-class SmartBPETokenizer:
-    """The seed's BPE file. Specials (ids 0-6) are recognised inside text; no BOS is added by encoding.
-    Generation stops on `<eos>` and `<user>`, as the seed's chat loop does."""
-
-    def __init__(self, tokenizer: Tokenizer, byte_level_decoder: bool = False):
-        self.tokenizer = tokenizer
-        if byte_level_decoder:
-            tokenizer.decoder = decoders.ByteLevel()
-        self.add_bos = False
-        self.bos_token_id = tokenizer.token_to_id("<bos>")
-        self.eos_token_id = tokenizer.token_to_id("<eos>")
-        self.stop_token_ids = tuple(t for t in (self.eos_token_id, tokenizer.token_to_id("<user>")) if t is not None)
-        self.special_token_ids = frozenset(
-            i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
-        self.chat_template = smart_llm_chat_template()
-
-    @classmethod
-    def from_file(cls, path: str | Path, byte_level_decoder: bool = False) -> "SmartBPETokenizer":
-        return cls(Tokenizer.from_file(str(path)), byte_level_decoder)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids  # as the seed calls it (the file has no post-processor)
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.tokenizer.id_to_token(token_id)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tokenizer.token_to_id(token)
+def smart_bpe_tokenizer(path: str | Path, byte_level_decoder: bool = False) -> TextTokenizer:
+    """The seed's BPE file as a `TextTokenizer` with its settings: specials (ids 0-6) are recognised
+    inside text; no BOS is added by encoding, which runs the file's post-processor as the seed's
+    `encode` call does (its file has none); generation stops on `<eos>` and `<user>`, as the
+    seed's chat loop does; the chat template is the seed's format."""
+    tokenizer = Tokenizer.from_file(str(path))
+    if byte_level_decoder:
+        tokenizer.decoder = decoders.ByteLevel()
+    eos = tokenizer.token_to_id("<eos>")
+    return TextTokenizer(tokenizer, tokenizer.token_to_id("<bos>"), eos, add_bos=False,
+                         chat_template=smart_llm_chat_template(),
+                         stop_token_ids=(eos, tokenizer.token_to_id("<user>")), post_process=True)
 
 
 class CharFallbackTokenizer:
@@ -157,12 +136,11 @@ def detect_tokenizer_kind(path: str | Path) -> str:
                      '{"char_to_token", "special_tokens"} JSON, or GGUF)')
 
 
-def load_seed_tokenizer(path: str | Path,
-                        byte_level_decoder: bool = False) -> SmartBPETokenizer | CharFallbackTokenizer:
+def load_seed_tokenizer(path: str | Path, byte_level_decoder: bool = False) -> TextTokenizer | CharFallbackTokenizer:
     """SmartLLM's BPE or fallback file; ValueError for any other kind."""
     kind = detect_tokenizer_kind(path)
     if kind == "smart_llm_bpe":
-        return SmartBPETokenizer.from_file(path, byte_level_decoder)
+        return smart_bpe_tokenizer(path, byte_level_decoder)
     if kind == "smart_llm_char":
         return CharFallbackTokenizer.from_file(path)
     raise ValueError(f"{path} is a {kind} tokenizer, not one of SmartLLM's")

@@ -1,5 +1,6 @@
 """Tokenizers: a byte-level BPE `tokenizers.Tokenizer` built from GGUF metadata, or any tokenizer.json,
-behind the small interface the server uses (`TextTokenizer`).
+behind the small interface the server uses (`TextTokenizer`, a `model.text.protocol.Tokenizer`);
+`load_tokenizer` tells the files apart and builds the right one.
 
 Pre-tokenisation of a GGUF vocabulary follows `tokenizer.ggml.pre`, the name llama.cpp gives the
 split the merges were learned with. `smollm` (SmolLM/SmolLM2, cosmo2 tokenizer) first isolates every
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from model.text.protocol import Tokenizer as TokenizerProtocol
 
 GGUF_NORMAL_TOKEN, GGUF_CONTROL_TOKEN, GGUF_USER_DEFINED_TOKEN = 1, 3, 4
 
@@ -58,17 +61,21 @@ def byte_level_pre_tokenizer(kind: str | None):
 
 
 class TextTokenizer:
-    """encode/decode plus the special ids the engine needs. `encode` adds BOS only when the
-    tokenizer's metadata asks for it (SmolLM2: no); special tokens written in the text are recognised."""
+    """A `tokenizers.Tokenizer` with the special ids the engine needs. `encode` adds BOS only when
+    `add_bos` (the tokenizer's metadata asks for it; SmolLM2: no); special tokens written in the text
+    are recognised; `post_process` runs the file's post-processor too (SmartLLM's seed encodes so).
+    `stop_token_ids` are kept as given, in order (None entries dropped)."""
 
     def __init__(self, tokenizer: Tokenizer, bos_token_id: int | None, eos_token_id: int | None,
-                 add_bos: bool = False, chat_template: str | None = None, extra_stop_ids: Iterable[int] = ()):
+                 add_bos: bool = False, chat_template: str | None = None, stop_token_ids: Iterable[int] = (),
+                 post_process: bool = False):
         self.tokenizer = tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self.stop_token_ids = tuple(sorted({t for t in extra_stop_ids if t is not None and t != eos_token_id}))
+        self.post_process = post_process
+        self.stop_token_ids = tuple(dict.fromkeys(t for t in stop_token_ids if t is not None))
         self.special_token_ids = frozenset(
             i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
 
@@ -78,7 +85,7 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         # encode_batch releases the GIL (encode does not), so a long prompt does not stall the server
-        ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=self.post_process)[0].ids
         if self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
@@ -130,7 +137,8 @@ class TextTokenizer:
         return cls(tokenizer, _opt_int(fields.get("tokenizer.ggml.bos_token_id")),
                    _opt_int(fields.get("tokenizer.ggml.eos_token_id")),
                    add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=fields.get("tokenizer.chat_template"), extra_stop_ids=stops)
+                   chat_template=fields.get("tokenizer.chat_template"),
+                   stop_token_ids=_stops_besides_eos(stops, _opt_int(fields.get("tokenizer.ggml.eos_token_id"))))
 
     from_gguf_reader = from_gguf_metadata   # the older name
 
@@ -159,18 +167,23 @@ class TextTokenizer:
         specials = {i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
         stops = [tokenizer.token_to_id(t) for t in END_OF_GENERATION_TOKENS]
         return cls(tokenizer, special_id("bos_token"), eos, add_bos=bool(config.get("add_bos_token", False)),
-                   chat_template=template, extra_stop_ids=[t for t in stops if t in specials])
+                   chat_template=template, stop_token_ids=_stops_besides_eos([t for t in stops if t in specials], eos))
 
 
 def _opt_int(value) -> int | None:
     return None if value is None else int(value)
 
 
+def _stops_besides_eos(stops: Iterable[int | None], eos: int | None) -> list[int]:
+    """The end-of-generation ids other than EOS (which the engine always stops on), sorted."""
+    return sorted({t for t in stops if t is not None and t != eos})
+
+
 SEED_TOKENIZER_FILES = ("tokenizer.json", "smart-bpe-tokenizer.json", "fallback-tokenizer.json",
                         "tokenizer/bpe_tokenizer.json", "bpe_tokenizer.json")
 
 
-def load_tokenizer(path: str | Path, byte_level_decoder: bool = False):
+def load_tokenizer(path: str | Path, byte_level_decoder: bool = False) -> TokenizerProtocol:
     """A .gguf file, a tokenizer.json, SmartLLM's BPE or character-level file (told apart by their
     content, not their names), or a directory holding one of those. `byte_level_decoder` adds a
     ByteLevel decoder to SmartLLM's BPE file, which has none (readable text instead of the seed's)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from model.dtypes import DTYPES, dtype_bytes, parse_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     init = actions.add_parser("init", help="write a random-initialised checkpoint (safetensors + config.json)")
     init.add_argument("--preset", required=True)
     init.add_argument("--out", required=True, help="output directory")
-    init.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    init.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--std", type=float, default=0.02, help="standard deviation of the random matrices")
     init.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -53,7 +53,7 @@ def run_init(args) -> int:
     if overrides:
         config = config.replace(**overrides)
     started = time.monotonic()
-    model = random_model(config, seed=args.seed, std=args.std, dtype=DTYPE_NAMES[args.dtype])
+    model = random_model(config, seed=args.seed, std=args.std, dtype=parse_dtype(args.dtype))
     out = Path(args.out)
     save_checkpoint(model, out, {"preset": args.preset, **overrides})
     params = sum(p.numel() for p in model.parameters())
@@ -64,7 +64,6 @@ def run_init(args) -> int:
 
 def run_inspect(args) -> int:
     from model.loading.loader import load_model
-    from model.cache.kv_cache import dtype_bytes
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     path = Path(args.path)
@@ -87,7 +86,7 @@ def run_inspect(args) -> int:
     print(f"dtype: {', '.join(f'{k} ({v} tensors)' for k, v in dtypes.items())}")
     print(f"cache row per token per layer: {config.cache_row_width} values")
     for name in ("bfloat16", "float32"):
-        print(f"cache bytes per token ({name}): {config.cache_bytes_per_token(dtype_bytes(DTYPE_NAMES[name])):,}")
+        print(f"cache bytes per token ({name}): {config.cache_bytes_per_token(dtype_bytes(parse_dtype(name))):,}")
     for warning in warnings:
         print(f"warning: {warning}")
     return 0

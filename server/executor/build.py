@@ -10,16 +10,15 @@ from pathlib import Path
 
 import torch
 
-from model.loading.builtin import BUILTIN_NAME, builtin_model_path
 from model.cache.kv_cache import GIB, KVCache
+from model.dtypes import DTYPES, parse_dtype
+from model.loading.builtin import BUILTIN_NAME, builtin_model_path
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.outputs import EngineObserver
 
 log = logging.getLogger("customllm.serving")
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 CUDA_KV_CACHE_FRACTION = 0.85
 
@@ -46,7 +45,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: choose one of auto, {MIXED}, {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
+    return parse_dtype(name)
 
 
 def kv_cache_budget_bytes(gib: float | None, device: torch.device) -> int:

@@ -9,9 +9,10 @@ steps and batches past the largest bucket run eagerly.
 
 Capturable models are those whose decode step has static shapes and no host syncs: attention
 through a Triton decode kernel (`model.kernels.use_triton_decode_attention`: MLA, or grouped-query
-for the Llama family and dense SmartLLM) and, for the MLA family's MoE, sync-free routing (`DeepSeekMoE.use_sync_free_routing`, with the grouped-GEMM kernel of
-`model.kernels.grouped_moe`). On the CPU (tests) the same buffers, padding and
-forward run eagerly, with the kernel in Triton's interpreter; only `capture()` / `replay()` need CUDA.
+for the Llama and SmartLLM families) and, for a MoE with routed experts, sync-free routing
+(`model.layers.moe.use_sync_free_moe`, with the grouped-GEMM kernel of `model.kernels.grouped_moe`).
+On the CPU (tests) the same buffers, padding and forward run eagerly, with the kernel in Triton's
+interpreter; only `capture()` / `replay()` need CUDA.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from model.kernels import decodes_through_kernels
-from model.cache.kv_cache import KVCache
 from model.cache.batch import PagedBatch
+from model.cache.kv_cache import KVCache
+from model.kernels import decodes_through_kernels
+from model.layers.moe import routes_sync_free, use_sync_free_moe
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +41,9 @@ def buckets_up_to(max_num_seqs: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS)
 
 
 def graph_capturable(model: nn.Module) -> bool:
-    """Every attention layer decodes through a kernel and every MoE (any module with routed experts)
-    routes without host syncs."""
-    moe = [m for m in model.modules() if hasattr(m, "routed_experts")]
-    return decodes_through_kernels(model) and all(getattr(m, "sync_free", False) for m in moe)
-
-
-def use_sync_free_moe(model: nn.Module, grouped_gemm=None) -> int:
-    """Switch every MoE of `model` that can to sync-free routing (with the Triton grouped GEMM
-    `model.kernels.grouped_moe.grouped_moe` for batches past the gathered form); returns how many."""
-    layers = [m for m in model.modules() if hasattr(m, "use_sync_free_routing")]
-    for moe in layers:
-        moe.use_sync_free_routing(grouped_gemm=grouped_gemm)
-    return len(layers)
+    """Every attention layer decodes through a kernel and every MoE with routed experts routes
+    without host syncs."""
+    return decodes_through_kernels(model) and routes_sync_free(model)
 
 
 class DecodeGraphs:

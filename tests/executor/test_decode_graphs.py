@@ -13,9 +13,10 @@ pytest.importorskip("triton", reason="pip install triton (interprets on the CPU)
 from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.grouped_moe import grouped_moe  # noqa: E402
+from model.layers.moe import use_sync_free_moe  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
-from server.executor.decode_graphs import (DecodeGraphs, buckets_up_to, graph_capturable, make_decode_graphs,  # noqa: E402
-                                  use_sync_free_moe)
+from server.executor.decode_graphs import (DecodeGraphs, buckets_up_to, graph_capturable,  # noqa: E402
+                                           make_decode_graphs)
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from tests.helpers import ByteTokenizer, collect, make_cache, perturbed_model  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import preset
-from model.cache.batch import matmul_shared_context
+from model.layers.attention import matmul_shared_context
 from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
 from tests.oracles.custom_llm_oracle import oracle_logits
 

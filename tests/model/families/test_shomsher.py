@@ -1,4 +1,4 @@
-"""ShomsherLLM (ARCHITECTURES.md §2): the published shapes, and the paged, chunked, batched forward over
+"""ShomsherLLM: the published shapes, and the paged, chunked, batched forward over
 `c_kv`-only cache rows equals the oracle at every position, far past the DeRoPE divisor of 40."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from model.config import preset
 from model.registry import build_model
-from model.families.shomsher import ShomsherConfig, ShomsherLLMForCausalLM
+from model.families.shomsher import ShomsherConfig, infer_shomsher_config
 from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
 from tests.oracles.shomsher_oracle import oracle_logits
 
@@ -78,11 +78,11 @@ def test_bias_qkv_adds_a_bias_to_every_projection():
 
 def test_config_inferred_from_the_published_shapes():
     state = build_model(preset("shomsher-llm")).state_dict()
-    assert ShomsherLLMForCausalLM.infer_config(state) == preset("shomsher-llm")
+    assert infer_shomsher_config(state) == preset("shomsher-llm")
     biased = build_model(preset("shomsher-llm").replace(bias_qkv=True)).state_dict()
-    assert ShomsherLLMForCausalLM.infer_config(biased).bias_qkv is True
+    assert infer_shomsher_config(biased).bias_qkv is True
     with pytest.raises(ValueError, match="head count does not show"):
-        ShomsherLLMForCausalLM.infer_config(build_model(CFG).state_dict())
+        infer_shomsher_config(build_model(CFG).state_dict())
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ from model.cache.block_pool import RELEASED  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.paged_gqa_decode import paged_gqa_decode  # noqa: E402
-from server.executor.decode_graphs import graph_capturable, use_sync_free_moe  # noqa: E402
+from model.layers.moe import use_sync_free_moe  # noqa: E402
+from server.executor.decode_graphs import graph_capturable  # noqa: E402
 from tests.helpers import assert_same_outputs, greedy_outputs_with_and_without, tiny_engine  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

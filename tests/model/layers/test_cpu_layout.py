@@ -1,4 +1,4 @@
-"""Column-major float32 weights on the CPU (model/cpu_layout.py): the same values in another
+"""Column-major float32 weights on the CPU (model/layers/cpu_layout.py): the same values in another
 layout, so every family decodes the same tokens; a tied head stays tied; 16-bit models are left
 alone; `build_engine` applies it on the CPU."""
 from __future__ import annotations

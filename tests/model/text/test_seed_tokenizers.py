@@ -1,5 +1,5 @@
 """SmartLLM's BPE and character-level tokenizer files, ShomsherLLM's Bengali BPE, the SmartLLM chat format,
-and telling the formats apart by content (ARCHITECTURES.md §2, §3). The files are built here with the
+and telling the formats apart by content. The files are built here with the
 seeds' own pipelines (the `tokenizers` library, the fallback's JSON layout)."""
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 from tokenizers import Tokenizer
 
 from model.text.chat_template import ChatTemplate
+from model.text.protocol import Tokenizer as TokenizerProtocol
 from model.text.seed_tokenizers import (
-    SPECIALS, CharFallbackTokenizer, SmartBPETokenizer, detect_tokenizer_kind, load_seed_tokenizer,
+    SPECIALS, CharFallbackTokenizer, detect_tokenizer_kind, load_seed_tokenizer, smart_bpe_tokenizer,
     smart_llm_chat_template,
 )
+from model.text.tokenizer import TextTokenizer
 from tests.seed_files import write_bengali_bpe, write_smart_bpe
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def bengali_path(tmp_path_factory):
 # ---- SmartLLM BPE -------------------------------------------------------------------------------
 def test_bpe_file_decodes_as_the_seed_does(smart_bpe_path):
     """No decoder: the tokens joined by spaces, byte symbols such as Ġ kept, specials skipped."""
-    ours = SmartBPETokenizer.from_file(smart_bpe_path)
+    ours = smart_bpe_tokenizer(smart_bpe_path)
     plain = Tokenizer.from_file(str(smart_bpe_path))           # what the seed's decode calls
     text = "The capital of France is Paris. 42!"
     ids = ours.encode(text)
@@ -54,10 +56,10 @@ def test_bpe_file_decodes_as_the_seed_does(smart_bpe_path):
 
 
 def test_bpe_byte_level_decoder_is_opt_in(smart_bpe_path):
-    readable = SmartBPETokenizer.from_file(smart_bpe_path, byte_level_decoder=True)
+    readable = smart_bpe_tokenizer(smart_bpe_path, byte_level_decoder=True)
     ids = readable.encode("The Capital of France is Paris, 42!")
     assert readable.decode(ids) == " the capital of france is paris, 42!"  # the normaliser lowercased it
-    assert SmartBPETokenizer.from_file(smart_bpe_path).decode(ids) != readable.decode(ids)
+    assert smart_bpe_tokenizer(smart_bpe_path).decode(ids) != readable.decode(ids)
     assert load_seed_tokenizer(smart_bpe_path, byte_level_decoder=True).decode(ids) == readable.decode(ids)
     # and from the server's side: `--byte-level-decoder` reaches the file through load_tokenizer
     from model.text.tokenizer import load_tokenizer
@@ -72,7 +74,8 @@ def test_bpe_byte_level_decoder_is_opt_in(smart_bpe_path):
 
 def test_bpe_specials_and_ids(smart_bpe_path):
     tok = load_seed_tokenizer(smart_bpe_path)
-    assert isinstance(tok, SmartBPETokenizer)
+    assert isinstance(tok, TextTokenizer) and isinstance(tok, TokenizerProtocol)   # SmartLLM's BPE is a TextTokenizer
+    assert tok.chat_template == smart_llm_chat_template() and not tok.add_bos     # with the seed's settings
     assert [tok.id_to_token(i) for i in range(7)] == list(SPECIALS)
     assert (tok.bos_token_id, tok.eos_token_id) == (2, 3)
     assert set(tok.stop_token_ids) == {3, 4}
@@ -90,7 +93,7 @@ def test_chat_template_renders_the_seed_prompt(smart_bpe_path):
                 {"role": "user", "content": "And of Spain?"}]
     text = template.render(messages, add_generation_prompt=True)
     assert text == "<bos><user>What is the capital of France?<assistant>Paris.<user>And of Spain?<assistant>"
-    tok = SmartBPETokenizer.from_file(smart_bpe_path)
+    tok = smart_bpe_tokenizer(smart_bpe_path)
     # the seed: [bos id] + encode("<user>{u}<assistant>{r}" per past turn + "<user>{msg}<assistant>")
     seed_ids = [2] + tok.encode("<user>What is the capital of France?<assistant>Paris.<user>And of Spain?<assistant>")
     assert tok.encode(text) == seed_ids
@@ -105,7 +108,7 @@ def test_chat_template_renders_the_seed_prompt(smart_bpe_path):
 # ---- SmartLLM character-level fallback ------------------------------------------------------------
 def test_fallback_encodes_one_id_per_character(fallback_path):
     tok = load_seed_tokenizer(fallback_path)
-    assert isinstance(tok, CharFallbackTokenizer)
+    assert isinstance(tok, CharFallbackTokenizer) and isinstance(tok, TokenizerProtocol)
     assert tok.vocab_size == 263
     assert tok.encode("Hé!") == [7 + ord("H"), 7 + ord("é"), 7 + ord("!")]
     assert tok.encode("€ক") == [1, 1]                                # beyond chr(255): <unk>
@@ -174,7 +177,7 @@ def test_bengali_bpe_works_with_tokenizers_directly(bengali_path):
 
 
 def test_bengali_bpe_streams_through_the_server_tokenizer(bengali_path):
-    """Decoding through model/tokenizer.py (the tokenizer.json loader) and the incremental detokenizer
+    """Decoding through model/text/tokenizer.py (the tokenizer.json loader) and the incremental detokenizer
     gives the whole text, never a broken character."""
     from model.text.tokenizer import load_tokenizer
     from server.engine.detokenizer import IncrementalDetokenizer

@@ -14,6 +14,7 @@ import unicodedata
 
 import pytest
 
+from model.text.protocol import Tokenizer as TokenizerProtocol
 from model.text.tokenizer import TextTokenizer, load_tokenizer
 from tests.default_model import default_gguf_path, hf_offline
 
@@ -120,6 +121,7 @@ def test_decode_round_trips(ours, theirs):
 
 
 def test_special_ids_and_no_bos(ours):
+    assert isinstance(ours, TokenizerProtocol)
     assert (ours.bos_token_id, ours.eos_token_id, ours.vocab_size) == (1, 2, 49152)
     assert ours.stop_token_ids == (0,)                            # <|endoftext|> also ends generation
     assert ours.special_token_ids == frozenset(range(17))

@@ -1,0 +1,53 @@
+"""`Linear`: the one linear projection every family uses, and so the one place that knows how a
+weight matrix is stored.
+
+It is `nn.Linear` (same parameters, same state-dict keys, same `forward`); what it adds is the small
+API the rest of the model uses instead of reaching into `.weight`:
+
+- `dense_weight()`: the weight as a dense [out, in] tensor, for code that splits it per head (the
+  absorbed latent attention of CustomLLM and ShomsherLLM) or stacks experts' weights;
+- `keep_weight_in(storage)`: let a tensor of the same shape and values (one slice of the stacked
+  [E, out, in] expert weights) hold the weight from now on, so no second copy is kept;
+- `use_column_major()`: the CPU float32 layout of model/layers/cpu_layout.py, for this weight.
+
+How a quantized Linear would plug in: a subclass (say `QuantizedLinear(Linear)`) that holds packed
+weights and scales instead of the float `weight` parameter, with their own state-dict keys;
+`forward` runs the quantized matmul; `dense_weight()` dequantizes to the activations' dtype (so
+the MLA absorption and the sync-free expert stacks keep working, at the cost of a dense copy while
+they use it); `keep_weight_in` keeps its packed weights (the stacked copy is then extra memory);
+`use_column_major` returns False (its layout is the kernel's). A family's module tree is unchanged:
+it is built with `Linear` and a loader could swap each one for the quantized class.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def use_column_major_(weight: torch.Tensor) -> bool:
+    """Store a float32 CPU matrix column-major in place of its row-major copy (same shape, same
+    values, strides (1, out)); False when it is not one to move (other dtype or device, already
+    moved, a vector). See model/layers/cpu_layout.py for why."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 \
+            and weight.is_contiguous() and min(weight.shape) > 1:
+        weight.data = weight.data.t().contiguous().t()          # [out, in], strides (1, out)
+        return True
+    return False
+
+
+class Linear(nn.Linear):
+    """`y = x W^T + b` with W [out, in] (nn.Linear), plus the storage API above."""
+
+    def dense_weight(self) -> torch.Tensor:
+        """W as a dense [out, in] tensor (the parameter itself for a float Linear)."""
+        return self.weight
+
+    def keep_weight_in(self, storage: torch.Tensor) -> None:
+        """From now on `storage` ([out, in], the weight's values) holds W; the parameter stays the
+        same object, so state dicts and optimisers see no change."""
+        assert storage.shape == self.weight.shape, (tuple(storage.shape), tuple(self.weight.shape))
+        self.weight.data = storage
+
+    def use_column_major(self) -> bool:
+        """Store W column-major when it is a float32 CPU matrix (see `use_column_major_`)."""
+        return use_column_major_(self.weight)
