@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Callable
 
-from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.results import RequestOutput, TokenLogprob
 
 
 def new_id(prefix: str) -> str:

@@ -13,7 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from server.api.http_guard import ClientGone
 from server.api.errors import ApiError, api_error_from, error_body
-from server.engine.outputs import RequestOutput
+from server.engine.results import RequestOutput
 from server.engine.request import GenerationRequest
 
 log = logging.getLogger("customllm.api")

@@ -1,4 +1,5 @@
-"""`customllm weights init|inspect`: random checkpoints for tests and benchmarks, and a look inside one."""
+"""`customllm weights init|inspect|presets`: random checkpoints for tests and benchmarks, a look inside
+one, and the architecture presets."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from model.dtypes import DTYPES, dtype_bytes, parse_dtype
 
 
 def add_parser(subparsers) -> None:
-    weights = subparsers.add_parser("weights", help="create or inspect checkpoints")
+    weights = subparsers.add_parser("weights", help="init (random weights), inspect checkpoints, list presets")
     actions = weights.add_subparsers(dest="weights_action", required=True)
     init = actions.add_parser("init", help="write a random-initialised checkpoint (safetensors + config.json)")
-    init.add_argument("--preset", required=True)
+    init.add_argument("--preset", required=True, help="architecture (`customllm weights presets` lists them)")
     init.add_argument("--out", required=True, help="output directory")
     init.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     init.add_argument("--seed", type=int, default=0)
@@ -28,6 +29,20 @@ def add_parser(subparsers) -> None:
     inspect.add_argument("path")
     inspect.add_argument("--preset", default=None)
     inspect.set_defaults(func=run_inspect)
+    listing = actions.add_parser("presets", help="the architecture presets: family, size, cache bytes per token")
+    listing.set_defaults(func=run_presets)
+
+
+def run_presets(args) -> int:
+    from model.registry import build_model, presets
+
+    print(f"{'preset':<18} {'family':<11} {'parameters':>13} {'layers':>6} {'hidden':>6} {'vocab':>6} "
+          f"{'context':>7} {'cache B/token (bf16)':>20}")
+    for name, config in sorted(presets().items()):
+        params = sum(p.numel() for p in build_model(config, device="meta").parameters())
+        print(f"{name:<18} {config.family:<11} {params:>13,} {config.num_layers:>6} {config.hidden_size:>6} "
+              f"{config.vocab_size:>6} {config.max_context:>7} {config.cache_bytes_per_token(2):>20,}")
+    return 0
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

@@ -26,7 +26,7 @@ from model.cache.kv_manager import KVCacheManager
 from server.config import EngineConfig
 from server.engine.errors import CacheTooSmallError, ContextLengthError, InvalidRequestError, QueueFullError
 from server.engine.output import OutputProcessor
-from server.engine.outputs import EngineObserver, RequestOutput
+from server.engine.results import EngineObserver, RequestOutput
 from server.engine.request import GenerationRequest
 from server.engine.sampler import Sampler, SamplingRow, make_generator
 from server.engine.scheduler import Scheduler
@@ -147,7 +147,8 @@ class EngineCore:
                 chunk.seq.first_scheduled_time = now
         sampling = [c for c in out.chunks if c.completes_prompt]
         try:
-            logits = self.runner.execute(out.chunks)                              # [N, V]
+            block_size = self.kv.block_size
+            logits = self.runner.execute([c.sequence_chunk(block_size) for c in out.chunks])  # [N, V]
             rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
                                 c.seq.generator, self.eos_token_ids) for c in sampling]
             sampled = self.sampler(logits, rows) if rows else None

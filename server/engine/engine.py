@@ -27,7 +27,7 @@ from model.cache.kv_manager import KVCacheManager
 from server.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.errors import EngineDeadError, EngineShuttingDownError
-from server.engine.outputs import EngineObserver, NullObserver, RequestOutput
+from server.engine.results import EngineObserver, NullObserver, RequestOutput
 from server.engine.request import GenerationRequest
 
 log = logging.getLogger("customllm.engine")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.outputs import EngineObserver, FinishedRequestStats, RequestOutput, TokenLogprob, Usage
+from server.engine.results import EngineObserver, FinishedRequestStats, RequestOutput, TokenLogprob, Usage
 from server.engine.sequence import Sequence
 from server.engine.stops import StopStringMatcher
 

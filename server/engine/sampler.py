@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 
 from server.engine.logits_processors import DEFAULT_PROCESSORS, PENALTIES, LogitsProcessor, apply_logits_processors
-from server.engine.outputs import TokenLogprob
+from server.engine.results import TokenLogprob
 from server.engine.request import SamplingParams
 
 DEFAULT_CPU_CANDIDATES = 64

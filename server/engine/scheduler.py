@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from model.cache.batch import SequenceChunk
 from model.cache.kv_manager import KVCacheManager
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -31,6 +32,14 @@ class ScheduledChunk:
     def completes_prompt(self) -> bool:
         """After this chunk every known token is computed, so a new token is sampled."""
         return self.start + self.num_tokens == self.seq.num_tokens
+
+    def sequence_chunk(self, block_size: int) -> SequenceChunk:
+        """What the runner needs of this chunk: its tokens, first position, the block table up to its
+        last position, and whether it samples."""
+        end = self.start + self.num_tokens
+        return SequenceChunk(token_ids=self.seq.token_slice(self.start, end), start_pos=self.start,
+                             block_table=self.seq.blocks.block_ids[: -(-end // block_size)],
+                             needs_logits=self.completes_prompt)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from model.cache.block_table import BlockTable
-from server.engine.outputs import RequestOutput
+from server.engine.results import RequestOutput
 from server.engine.request import GenerationRequest
 
 

@@ -15,7 +15,7 @@ from model.dtypes import DTYPES, parse_dtype
 from model.loading.builtin import BUILTIN_NAME, builtin_model_path
 from server.config import ServerConfig
 from server.engine.engine import Engine
-from server.engine.outputs import EngineObserver
+from server.engine.results import EngineObserver
 
 log = logging.getLogger("customllm.serving")
 

@@ -1,6 +1,7 @@
 """Model runner: turns a scheduled step into tensors, runs the model over the paged cache.
 
-It never decides policy: the scheduler says which tokens of which sequences run; the runner builds
+It never decides policy: the scheduler says which tokens of which sequences run (as
+`SequenceChunk`s, so the executor knows nothing of the engine's request state); the runner builds
 the `PagedBatch` (positions, slot mapping, block tables, masks) and returns the logits of the rows
 that sample.
 """
@@ -12,7 +13,6 @@ from torch import nn
 from model.kernels import decodes_through_kernels
 from model.cache.kv_cache import KVCache
 from model.cache.batch import PagedBatch, SequenceChunk
-from server.engine.scheduler import ScheduledChunk
 
 
 class ModelRunner:
@@ -34,20 +34,13 @@ class ModelRunner:
         # decode kernels read the block tables: decode batches then skip the gather-path tensors
         self.decode_kernels = decodes_through_kernels(model)
 
-    def build_batch(self, chunks: list[ScheduledChunk]) -> PagedBatch:
-        bs = self.cache.block_size
-        seq_chunks = []
-        for c in chunks:
-            end = c.start + c.num_tokens
-            seq_chunks.append(SequenceChunk(
-                token_ids=c.seq.token_slice(c.start, end), start_pos=c.start,
-                block_table=c.seq.blocks.block_ids[: -(-end // bs)], needs_logits=c.completes_prompt))
-        decode_only = all(c.num_tokens == 1 for c in chunks)
-        return PagedBatch.build(seq_chunks, bs, self.device, window=self.window,
+    def build_batch(self, chunks: list[SequenceChunk]) -> PagedBatch:
+        decode_only = all(len(c.token_ids) == 1 for c in chunks)
+        return PagedBatch.build(chunks, self.cache.block_size, self.device, window=self.window,
                                 with_gather=not (decode_only and self.decode_kernels))
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
         in chunk order."""
         batch = self.build_batch(chunks)

@@ -235,7 +235,7 @@ def test_mixed_precision_uses_the_small_step_model_for_decode_steps():
     from server.engine.sequence import Sequence
     seq = Sequence(request("m", list(range(1, 9))), emit=lambda out: None)
     seq.blocks.block_ids = [0, 1, 2]
-    runner.execute([ScheduledChunk(seq, 0, 8)])
+    runner.execute([ScheduledChunk(seq, 0, 8).sequence_chunk(runner.cache.block_size)])
     seq.output_token_ids.append(5)
-    runner.execute([ScheduledChunk(seq, 8, 1)])
+    runner.execute([ScheduledChunk(seq, 8, 1).sequence_chunk(runner.cache.block_size)])
     assert calls == [("bf16", 8), ("fp16", 1)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine.outputs import NullObserver
+from server.engine.results import NullObserver
 
 from server.engine.request import GenerationRequest, SamplingParams
 from tests.helpers import tiny_engine

@@ -19,7 +19,7 @@ import torch
 from server.cli.bench.memory import cache_bytes_read, measure_copy_bandwidth, weight_bytes_touched
 from server.config import EngineConfig, ModelLoadConfig, ServerConfig
 from server.executor.build import build_engine
-from server.engine.outputs import NullObserver
+from server.engine.results import NullObserver
 from server.engine.request import GenerationRequest, SamplingParams
 
 log = logging.getLogger("customllm.bench")

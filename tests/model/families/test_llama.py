@@ -1,4 +1,4 @@
-"""Llama family (ARCHITECTURES.md §4) on small random weights: the paged, chunked, batched forward
+"""Llama family (docs/architecture.md) on small random weights: the paged, chunked, batched forward
 equals the plain full forward at every position, and the full forward equals Hugging Face's
 LlamaForCausalLM given the same state dict."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paged, chunked, batched forward equals the oracle at every position (ARCHITECTURES.md §1)."""
+"""The paged, chunked, batched forward equals the oracle at every position (CustomLLM, docs/architecture.md)."""
 from __future__ import annotations
 
 import pytest

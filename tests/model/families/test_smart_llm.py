@@ -1,4 +1,4 @@
-"""SmartLLM (ARCHITECTURES.md §3): the published shapes, the tied head, the seed's config, and the
+"""SmartLLM (docs/architecture.md): the published shapes, the tied head, the seed's config, and the
 paged, chunked, batched, windowed forward over [K | V] rows equals the oracle at every position."""
 from __future__ import annotations
 
