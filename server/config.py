@@ -29,9 +29,18 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_waiting_requests: int = 256
+    max_waiting_per_tenant: int | None = None  # None: half of max_waiting_requests
     max_sessions: int = 1024
     session_idle_ttl_s: float = 1800.0
     max_session_pinned_fraction: float = 0.5
+
+    @property
+    def waiting_per_tenant_limit(self) -> int:
+        """Requests one tenant (API key) may have waiting: a flood of one key leaves room for the others.
+        (Without API keys there is one tenant, bounded by max_waiting_requests alone.)"""
+        if self.max_waiting_per_tenant is not None:
+            return self.max_waiting_per_tenant
+        return max(1, self.max_waiting_requests // 2)
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
                   for ids in prompt_ids]
         base_id = new_id("cmpl")
         gens, firsts = await until_disconnect(request, submit_all(
-            eng, fan_out(base_id, prompt_ids, params, body.n, tenant, session), body.prompt_param))
+            eng, fan_out(base_id, prompt_ids, params, body.n, tenant, session, body.priority), body.prompt_param))
         echoes = [(p if isinstance(p, str) else eng.tokenizer.decode(p)) if body.echo else "" for p in prompts]
         shaper = CompletionShaper(base_id, eng.model_name, token_texter(eng), sum(map(len, prompt_ids)),
                                   body.include_usage, body.logprobs is not None, echoes=echoes, n=body.n)
@@ -193,7 +193,7 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         params = body.sampling_params(resolve_max_tokens(body, len(prompt_ids), eng, api), logprobs)
         base_id = new_id("chatcmpl")
         gens, firsts = await until_disconnect(request, submit_all(
-            eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session), body.prompt_param))
+            eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session, body.priority), body.prompt_param))
         shaper = ChatShaper(base_id, eng.model_name, token_texter(eng), len(prompt_ids), body.include_usage,
                             body.logprobs)
         return await respond(request, body.stream, shaper, gens, firsts)

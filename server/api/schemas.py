@@ -6,8 +6,8 @@ Bounds on sampling parameters come from `server.engine.request.SAMPLING_BOUNDS` 
 server's own limits (prompts × n, stop strings, logit_bias entries, max_tokens) from `ApiConfig`.
 
 Unknown fields are ignored, as OpenAI-compatible servers commonly do; our extension fields
-(`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `session_id`)
-sit beside OpenAI's in the same body.
+(`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `session_id`,
+`priority`) sit beside OpenAI's in the same body.
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ class SamplingFields(Schema):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     session_id: SessionId | None = None
+    priority: int = Field(default=0, ge=-(2 ** 31), le=2 ** 31 - 1)   # within the tenant, lower first
 
     @field_validator("logit_bias")
     @classmethod

@@ -157,11 +157,11 @@ async def respond(request: Request, stream: bool, shaper, gens, firsts):
 
 
 def fan_out(base_id: str, prompts: list[list[int]], params: list, n: int, tenant: str,
-            session: str | None) -> list[GenerationRequest]:
+            session: str | None, priority: int = 0) -> list[GenerationRequest]:
     """One engine request per choice (choice index = prompt index * n + i), ids `<id>-<index>`
     when there are several; only choice 0 continues the session, the others are independent."""
     total = len(prompts) * n
     return [GenerationRequest(base_id if total == 1 else f"{base_id}-{index}", prompts[index // n],
-                              params[index // n], tenant, session if index == 0 else None)
+                              params[index // n], tenant, session if index == 0 else None, priority)
             for index in range(total)]
 

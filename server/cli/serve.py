@@ -67,6 +67,9 @@ def add_parser(subparsers) -> None:
     _add(e, "--max-num-seqs", "most sequences in one batch", int, defaults_engine.max_num_seqs)
     _add(e, "--max-num-batched-tokens", "token budget of one step", int, defaults_engine.max_num_batched_tokens)
     _add(e, "--max-waiting-requests", "queue length before 429", int, defaults_engine.max_waiting_requests)
+    _add(e, "--max-waiting-per-tenant", "requests one API key may have waiting before its own 429 (default: half "
+         "of --max-waiting-requests); waiting requests are served round robin across keys", int,
+         defaults_engine.max_waiting_per_tenant)
     _add(e, "--max-sessions", "most sessions kept", int, defaults_engine.max_sessions)
     _add(e, "--session-ttl", "seconds an idle session keeps its cache", float, defaults_engine.session_idle_ttl_s)
     _add(e, "--max-session-pinned-fraction", "share of the cache sessions may pin", float,
@@ -127,6 +130,8 @@ def _check(args) -> None:
                           ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}")
+    if args.max_waiting_per_tenant is not None and args.max_waiting_per_tenant < 1:
+        raise ValueError("--max-waiting-per-tenant must be at least 1")
     if args.default_max_tokens is not None and args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
     if args.session_ttl <= 0:
@@ -143,7 +148,8 @@ def config_from_args(args) -> ServerConfig:
                               cuda_graphs=args.cuda_graphs),
         engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            max_waiting_requests=args.max_waiting_requests, max_sessions=args.max_sessions,
+                            max_waiting_requests=args.max_waiting_requests,
+                            max_waiting_per_tenant=args.max_waiting_per_tenant, max_sessions=args.max_sessions,
                             session_idle_ttl_s=args.session_ttl,
                             max_session_pinned_fraction=args.max_session_pinned_fraction),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),

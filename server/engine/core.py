@@ -28,7 +28,7 @@ from server.engine.errors import CacheTooSmallError, ContextLengthError, Invalid
 from server.engine.output import OutputProcessor
 from server.engine.results import EngineObserver, RequestOutput
 from server.engine.request import GenerationRequest
-from server.engine.sampler import Sampler, SamplingRow, make_generator
+from server.engine.sampler import NO_TOKEN, Sampler, SamplingRow, make_generator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.executor.runner import ModelRunner
@@ -95,6 +95,11 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if num_waiting >= self.config.max_waiting_requests:
             raise QueueFullError(f"{num_waiting} requests are already waiting")
+        # with API keys each key is a tenant with its own limit; without them ("") the one tenant is the
+        # whole server, which the global limit bounds
+        tenant_limit = self.config.waiting_per_tenant_limit
+        if request.tenant and self.num_waiting_of(request.tenant) >= tenant_limit:
+            raise QueueFullError(f"this tenant already has {tenant_limit} requests waiting")
         seq = Sequence(request, emit)
         params = request.params
         if params.seed is not None and not params.greedy:
@@ -102,6 +107,12 @@ class EngineCore:
         self.output.start(seq)
         self.requests[request.request_id] = seq
         return seq
+
+    def num_waiting_of(self, tenant: str) -> int:
+        """The tenant's admitted requests not yet running (queued, or still in the engine's inbox);
+        any thread may ask (it reads a snapshot of the request table)."""
+        return sum(1 for seq in list(self.requests.values())
+                   if seq.status is SequenceStatus.WAITING and seq.request.tenant == tenant)
 
     # ---- the loop's calls -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -149,33 +160,63 @@ class EngineCore:
         try:
             block_size = self.kv.block_size
             logits = self.runner.execute([c.sequence_chunk(block_size) for c in out.chunks])  # [N, V]
-            rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
-                                c.seq.generator, self.eos_token_ids) for c in sampling]
-            sampled = self.sampler(logits, rows) if rows else None
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
             log.exception("engine step failed: %s", exc)
             with self.lock:
                 for chunk in out.chunks:
                     self.finish(chunk.seq, "error", error=f"internal error during generation: {exc}")
             return False
+        rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
+                            c.seq.generator, self.eos_token_ids) for c in sampling]
+        sampled = self._sample(logits, rows)
         self.observer.on_step(out.num_tokens)
         with self.lock:
             for chunk in out.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
                 self.scheduler.register_full_blocks(chunk.seq)
-            if sampled is not None:
-                for chunk, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
-                    last = self.output.append_token(chunk.seq, token, logprob)
-                    if last is not None:
-                        self.finish(chunk.seq, last.finish_reason, last=last)
+            for chunk, (token, logprob, error) in zip(sampling, sampled):
+                if error is not None:
+                    self.finish(chunk.seq, "error", error=error)
+                    continue
+                last = self.output.append_token(chunk.seq, token, logprob)
+                if last is not None:
+                    self.finish(chunk.seq, last.finish_reason, last=last)
         return True
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, object, str | None]]:
+        """(token, logprob, error) per row. One row's failure stays that row's: the batch is sampled
+        at once, and only if that raises is each row sampled on its own, so that a request whose
+        parameters break sampling fails alone instead of failing its batch neighbours. A row with
+        nothing to sample from (NaN or no finite logit) gets an error, never a token."""
+        if not rows:
+            return []
+        try:
+            out = self.sampler(logits, rows)
+            return [self._checked(token, logprob) for token, logprob in zip(out.token_ids, out.logprobs)]
+        except Exception as exc:  # noqa: BLE001 - find the rows that fail, serve the others
+            log.warning("sampling a batch of %d failed (%s); sampling its rows one by one", len(rows), exc)
+        results = []
+        for i, row in enumerate(rows):
+            try:
+                one = self.sampler(logits[i:i + 1], [row])
+                results.append(self._checked(one.token_ids[0], one.logprobs[0]))
+            except Exception as exc:  # noqa: BLE001
+                results.append((NO_TOKEN, None, f"internal error while sampling: {exc}"))
+        return results
+
+    @staticmethod
+    def _checked(token: int, logprob) -> tuple[int, object, str | None]:
+        if token == NO_TOKEN:
+            return NO_TOKEN, None, ("the model's logits for this request had no finite value to sample from "
+                                    "(NaN, or -inf everywhere)")
+        return token, logprob, None
 
     def _fail_unschedulable(self) -> None:
         """Nothing could be scheduled although requests wait: the head of the queue cannot get cache
         blocks even with nothing running. Fail it rather than spin."""
         with self.lock:
             if not self.scheduler.running and self.scheduler.waiting:
-                seq = self.scheduler.waiting[0]
+                seq = self.scheduler.waiting.peek()
                 self.finish(seq, "error", error="the request does not fit in the free KV cache")
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None, last: RequestOutput | None = None) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from server.engine.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+# temperatures below this are greedy: dividing logits by a tiny positive temperature overflows to inf
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def ending_token_ids(self, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
         """The token ids that end this request: its `stop_token_ids`, and the model's end-of-sequence
@@ -128,4 +130,5 @@ class GenerationRequest:
     params: SamplingParams
     tenant: str = ""
     session_id: str | None = None
+    priority: int = 0                   # within a tenant, lower first (tenants take turns regardless)
     arrival_time: float = field(default_factory=time.monotonic)

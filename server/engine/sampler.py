@@ -69,8 +69,12 @@ class SamplingRow:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]                      # NO_TOKEN for a row nothing could be sampled from
     logprobs: list[TokenLogprob | None]       # None for rows that did not ask for logprobs
+
+
+# the token id of a row whose logits left nothing to sample (NaN, or no finite value): its request fails
+NO_TOKEN = -1
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -121,11 +125,11 @@ def filtered_weights(logits: torch.Tensor, rows: list[SamplingRow],
     Greedy rows are treated as temperature 1. `max_candidates`: see `_top_p_thresholds`."""
     device, vocab = logits.device, logits.shape[1]
     params = [r.params for r in rows]
-    table = torch.tensor([[p.temperature if p.temperature > 0 else 1.0,
+    table = torch.tensor([[1.0 if p.greedy else p.temperature,
                            min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p] for p in params],
                          dtype=torch.float32).to(device)                                      # [N, 4]
     temperature, top_k, top_p, min_p = table.split(1, dim=1)                                 # [N, 1] each
-    scaled = logits / temperature if any(p.temperature not in (0.0, 1.0) for p in params) else logits
+    scaled = logits / temperature if any(not p.greedy and p.temperature != 1.0 for p in params) else logits
     if any(0 < p.top_k < vocab for p in params):
         k_max = max(p.top_k for p in params if 0 < p.top_k < vocab)
         kth = scaled.topk(k_max, dim=-1).values.gather(1, (top_k.long() - 1).clamp_max(k_max - 1))  # [N, 1]
@@ -182,10 +186,22 @@ class Sampler:
                 tokens = self._exponential_race(weights, rows)
             if any(greedy):
                 tokens = torch.where(torch.tensor(greedy).to(device), adjusted.argmax(-1), tokens)
+        tokens = self._only_valid(adjusted, tokens)                                           # [N]
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not wanted:
             return SamplerOutput(tokens.tolist(), [None] * len(rows))
         return self._with_logprobs(raw, tokens, rows, wanted)
+
+    @staticmethod
+    def _only_valid(adjusted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [N] with NO_TOKEN for the rows that had nothing to sample from: a NaN anywhere in
+        the row, no finite logit, or a token that is not a finite-logit id of the vocabulary (what a
+        NaN or infinite weight makes of a draw). No host sync: one `where` on the device."""
+        vocab = adjusted.shape[1]
+        in_range = (tokens >= 0) & (tokens < vocab)                                           # [N]
+        chosen = adjusted.gather(1, tokens.clamp(0, vocab - 1)[:, None])[:, 0]                # [N]
+        valid = in_range & ~torch.isnan(adjusted).any(-1) & torch.isfinite(chosen)
+        return torch.where(valid, tokens, torch.full_like(tokens, NO_TOKEN))
 
     @staticmethod
     def _uniform(rows: list[SamplingRow], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -221,7 +237,7 @@ class Sampler:
         logp = torch.log_softmax(raw[idx], dim=-1)                                            # [W, V]
         k = min(vocab, max(rows[i].params.logprobs for i in wanted))
         top_values, top_ids = logp.topk(k, dim=-1)                                            # [W, k]
-        chosen = logp.gather(1, tokens[idx].unsqueeze(1))                                     # [W, 1]
+        chosen = logp.gather(1, tokens[idx].clamp_min(0).unsqueeze(1))                        # [W, 1]
         packed = torch.cat([tokens.float(), chosen[:, 0], top_ids.float().flatten(), top_values.flatten()])
         host = packed.tolist()                                                                # one transfer
         token_ids = [int(t) for t in host[:n]]

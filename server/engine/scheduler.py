@@ -2,8 +2,9 @@
 
 Each step every running request advances `num_computed_tokens` toward `num_tokens` within the token
 budget (`max_num_batched_tokens`) and `max_num_seqs`: decodes take one token, prefills take what is
-left of the budget (chunked prefill). Running requests go first, oldest first; then waiting ones,
-first come first served. When blocks run out (the KV manager has already evicted session pins, least
+left of the budget (chunked prefill). Running requests go first, oldest first; then waiting ones, the
+tenants taking turns (`server.engine.waiting.WaitingQueue`: round robin across tenants, lower
+`priority` first within one). When blocks run out (the KV manager has already evicted session pins, least
 recently used first), the newest running request is preempted: its blocks are released (they stay
 in the prefix cache until evicted), it goes back to the front of the queue and later resumes with
 prefix reuse.
@@ -14,12 +15,12 @@ full blocks, freeing and pinning. The scheduler never edits a block table.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from model.cache.batch import SequenceChunk
 from model.cache.kv_manager import KVCacheManager
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.waiting import WaitingQueue
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -87,14 +88,14 @@ class Scheduler:
             index += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             if seq.num_computed_tokens == 0:
                 self._reuse_cached_prefix(seq, out)
             num = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq.blocks, seq.num_computed_tokens, num):
                 self._release_blocks(seq)
                 break
-            self.waiting.popleft()
+            self.waiting.pop_head()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))

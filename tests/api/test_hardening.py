@@ -221,3 +221,12 @@ def test_incomplete_request_heads_are_closed_while_normal_requests_are_served(mo
                 sock.close()
         assert closed == 500
         assert time.monotonic() < deadline
+
+
+# ---- sampling never fails the batch ---------------------------------------------------------------
+def test_a_tiny_temperature_with_penalties_is_served(server):
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}],
+            "temperature": 3.7e-171, "presence_penalty": -1.8, "max_tokens": 4}
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("length", "stop")

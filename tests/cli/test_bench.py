@@ -16,7 +16,7 @@ from model.config import preset
 from model.registry import build_model, output_head_weight
 from server.cli.bench.engine_bench import decode_step_seconds
 from server.cli.bench.memory import cache_bytes_read, weight_bytes_touched
-from server.config import EngineConfig
+from server.config import ApiConfig, EngineConfig
 from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint
 
 
@@ -125,3 +125,18 @@ def test_bench_serve_measures_levels_and_sessions_and_records_them(model_dir, tm
     table = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "| customllm | 1 | " in table and "| customllm | 3 | " in table
     assert "- session turn 2: TTFT" in table
+
+
+def test_bench_fairness_keeps_tenant_a_served_while_b_floods(model_dir, tmp_path):
+
+    engine = EngineConfig(kv_cache_memory_gib=0.02, max_num_seqs=4, max_waiting_requests=32)
+    with InProcessServer(model_dir, api=ApiConfig(api_keys=("key-a", "key-b")), engine_config=engine) as server:
+        result = run_bench(tmp_path, "fairness", "--url", server.url, "--key-a", "key-a", "--key-b", "key-b",
+                           "--requests", "6", "--max-tokens", "4", "--flood-concurrency", "6",
+                           "--flood-prompts", "8", "--flood-max-tokens", "8", "--out", str(tmp_path / "f.json"),
+                           "--record")
+        summary = json.loads((tmp_path / "f.json").read_text())
+    assert summary["alone"]["success_rate"] == 1.0 and summary["flooded"]["success_rate"] == 1.0
+    assert sum(summary["flood_responses"].values()) >= 6           # every one of B's loops got answers
+    assert "### bench fairness" in (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert result.returncode == 0

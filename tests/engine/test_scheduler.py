@@ -73,7 +73,7 @@ def test_preemption_of_newest_and_resume_with_prefix_reuse():
     while not out.preempted:
         out = run_step(sched)
     assert [s.request_id for s in out.preempted] == ["new"]
-    assert sched.waiting[0] is new and new.num_computed_tokens == 0 and new.block_ids == []
+    assert sched.waiting.peek() is new and new.num_computed_tokens == 0 and new.block_ids == []
     assert sched.num_preemptions == 1
     sched.finish(old)
     sched.check_integrity()

@@ -78,6 +78,20 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     serve.set_defaults(func=run_serve)
 
+    fair = kinds.add_parser("fairness", help="one tenant floods, another's requests must still succeed promptly",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fair.add_argument("--url", default="http://127.0.0.1:8000", help="a server started with two or more --api-key")
+    fair.add_argument("--key-a", required=True, help="tenant A's key (the one measured)")
+    fair.add_argument("--key-b", required=True, help="tenant B's key (the flood)")
+    fair.add_argument("--requests", type=int, default=20, help="tenant A's requests per phase, one at a time")
+    fair.add_argument("--max-tokens", type=int, default=16, help="tenant A's max_tokens")
+    fair.add_argument("--flood-concurrency", type=int, default=16, help="tenant B's requests in flight")
+    fair.add_argument("--flood-prompts", type=int, default=16, help="prompts in each of tenant B's requests")
+    fair.add_argument("--flood-max-tokens", type=int, default=16, help="max_tokens of tenant B's requests")
+    fair.add_argument("--out", default=None, help="JSON result file")
+    fair.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    fair.set_defaults(func=run_fairness)
+
 
 def _write(result: dict, out: str | None) -> None:
     text = json.dumps(result, indent=2)
@@ -210,5 +224,25 @@ def run_serve(args) -> int:
         for turn, row in result["ours"].get("sessions", {}).items():
             lines.append(f"- session turn {turn}: TTFT {row['ttft_session_s'] * 1e3:.0f} ms cached vs "
                          f"{row['ttft_cold_s'] * 1e3:.0f} ms cold = {row['ratio']:.2f}× ({row['cached_tokens']:.0f} cached tokens)")
+        _record(lines)
+    return 0
+
+
+def run_fairness(args) -> int:
+    from server.cli.bench.fairness_bench import bench_fairness
+    result = {"machine": machine_description(), "command": "customllm " + " ".join(sys.argv[1:])}
+    result.update(bench_fairness(args.url, args.key_a, args.key_b, args.requests, args.max_tokens,
+                                 args.flood_concurrency, args.flood_prompts, args.flood_max_tokens))
+    _write(result, args.out)
+    if args.record:
+        alone, flooded = result["alone"], result["flooded"]
+        lines = [f"### bench fairness — {time.strftime('%Y-%m-%d')} — {result['machine']}", f"`{result['command']}`",
+                 "", "| tenant A | success | latency p50 ms | p90 ms |", "|---|---|---|---|",
+                 f"| alone | {alone['success_rate']:.0%} | {alone['latency_s']['p50'] * 1e3:.0f} | "
+                 f"{alone['latency_s']['p90'] * 1e3:.0f} |",
+                 f"| while B floods | {flooded['success_rate']:.0%} | {flooded['latency_s']['p50'] * 1e3:.0f} | "
+                 f"{flooded['latency_s']['p90'] * 1e3:.0f} |", "",
+                 f"- p50 under the flood / alone = {result['p50_ratio']:.2f}× (target ≤ 3×); B's responses: "
+                 f"{result['flood_responses']}"]
         _record(lines)
     return 0
