@@ -26,11 +26,16 @@ def make_cache(config, num_blocks: int = 64, block_size: int = 4, dtype=torch.fl
 
 
 def paged_logits_chunked(model, cache: KVCache, sequences: list[list[int]], chunk_size: int,
-                         first_block: int = 0, prefix_len: int = 0) -> list[torch.Tensor]:
+                         first_block: int = 0, prefix_len: int = 0, release_behind_window: bool = False
+                         ) -> list[torch.Tensor]:
     """Run `sequences` through forward_paged, all interleaved in the same steps, each advancing by up
     to `chunk_size` tokens per step; returns logits [len(seq), V] per sequence. Positions below
     `prefix_len` are assumed to be in the cache already (a prefix hit) and are not recomputed.
-    Blocks are laid out consecutively per sequence starting at `first_block`."""
+    Blocks are laid out consecutively per sequence starting at `first_block`. The model's sliding
+    window, if it has one, is passed to PagedBatch.build; `release_behind_window`: blocks wholly
+    before every key a step's queries may see are given up, as a runner may: -1 in the block table,
+    and their rows overwritten with large garbage that must never be read."""
+    window = getattr(model.config, "sliding_window", None)
     bs = cache.block_size
     tables, next_block = [], first_block
     for seq in sequences:
@@ -39,14 +44,23 @@ def paged_logits_chunked(model, cache: KVCache, sequences: list[list[int]], chun
         next_block += n
     done = [prefix_len] * len(sequences)
     out = [[] for _ in sequences]
+    garbage = torch.Generator().manual_seed(0)
     while any(d < len(s) for d, s in zip(done, sequences)):
         chunks, owners = [], []
         for i, seq in enumerate(sequences):
             if done[i] < len(seq):
                 end = min(len(seq), done[i] + chunk_size)
-                chunks.append(SequenceChunk(seq[done[i]:end], done[i], tables[i][: -(-end // bs)]))
+                table = tables[i][: -(-end // bs)]
+                if release_behind_window and window is not None:
+                    gone = max(0, done[i] - window) // bs        # blocks below the first visible key
+                    for block in table[:gone]:
+                        for layer in cache.layers:
+                            layer[block * bs:(block + 1) * bs] = 1e3 * torch.randn(bs, layer.shape[1],
+                                                                                   generator=garbage)
+                    table = [-1] * gone + table[gone:]
+                chunks.append(SequenceChunk(seq[done[i]:end], done[i], table))
                 owners.append((i, end))
-        batch = PagedBatch.build(chunks, bs)
+        batch = PagedBatch.build(chunks, bs, window=window)
         batch.logits_index = torch.arange(batch.token_ids.shape[0])  # every position's logits
         logits = model.forward_paged(batch, cache.layers)
         start = 0

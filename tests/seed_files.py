@@ -2,6 +2,9 @@
 library as their training code calls it), since the seeds publish no files we could ship."""
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -42,3 +45,26 @@ def write_bengali_bpe(path: Path) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(path))
     return path
+
+
+# SmartLLM's `config.ModelConfig` (its trainer pickles an instance into the checkpoint): fields, defaults
+SMART_LLM_MODEL_CONFIG = {
+    "vocab_size": 32000, "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2, "d_ff": 1024,
+    "max_seq_len": 1024, "dropout": 0.1, "use_rotary_embeddings": True, "use_mixture_of_experts": True,
+    "num_experts": 4, "num_experts_per_token": 2, "load_balancing_weight": 0.01, "sliding_window_size": 128,
+    "router_z_loss_weight": 0.001, "use_flash_attention": True, "use_sliding_window_attention": True,
+    "use_rezero": True, "layer_drop_prob": 0.05, "use_gradient_checkpointing": True,
+}
+
+
+def install_seed_config_module(monkeypatch, fields: dict) -> types.ModuleType:
+    """A module named `config` holding a `ModelConfig` dataclass with these fields (name → default),
+    importable as `config.ModelConfig`, as the seed's trainer pickles it."""
+    module = types.ModuleType("config")
+    model_config = dataclasses.make_dataclass(
+        "ModelConfig", [(name, type(default), dataclasses.field(default=default)) for name, default in fields.items()])
+    model_config.__module__ = "config"
+    model_config.__qualname__ = "ModelConfig"
+    module.ModelConfig = model_config
+    monkeypatch.setitem(sys.modules, "config", module)
+    return module

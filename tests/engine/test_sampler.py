@@ -34,37 +34,13 @@ def softmax_over(z: list[float], kept: set[int]) -> dict[int, float]:
     return {i: v / total for i, v in e.items()}
 
 
-def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> dict[int, float]:
-    """token → probability of the distribution sampled from, by the rules in server/sampler.py:
+def reference_with_margin(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> tuple[dict[int, float], float]:
+    """token → probability of the distribution sampled from, by the rules in server/engine/sampler.py:
     top-k keeps logits ≥ the k-th largest; top-p keeps tokens at least as probable as the first one
     (most probable first) at which the cumulative probability of the top-k distribution reaches
-    top_p; min-p keeps p ≥ min_p · max p of the top-p distribution. Renormalised after each."""
-    z = [float(v) / temperature for v in logits]
-    kept = set(range(len(z)))
-    if 0 < top_k < len(z):
-        kth = sorted(z, reverse=True)[top_k - 1]
-        kept = {i for i in kept if z[i] >= kth}
-    p = softmax_over(z, kept)
-    if top_p < 1.0:
-        cumulative, threshold = 0.0, None
-        for i in sorted(kept, key=lambda i: -p[i]):
-            cumulative += p[i]
-            if cumulative >= top_p:
-                threshold = p[i]
-                break
-        if threshold is not None:
-            kept = {i for i in kept if p[i] >= threshold}
-        p = softmax_over(z, kept)
-    if min_p > 0.0:
-        top = max(p.values())
-        kept = {i for i in kept if p[i] >= min_p * top}
-        p = softmax_over(z, kept)
-    return p
-
-
-def reference_margin(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> float:
-    """How far the reference's top-p and min-p decisions are from a boundary (float32 may flip a
-    decision closer than ~1e-6)."""
+    top_p; min-p keeps p ≥ min_p · max p of the top-p distribution. Renormalised after each. And
+    how far its top-p and min-p decisions are from a boundary (float32 may flip a decision closer
+    than ~1e-6)."""
     z = [float(v) / temperature for v in logits]
     kept = set(range(len(z)))
     if 0 < top_k < len(z):
@@ -73,17 +49,30 @@ def reference_margin(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> 
     p = softmax_over(z, kept)
     margin = 1.0
     if top_p < 1.0:
-        cumulative = 0.0
+        cumulative, threshold = 0.0, None
         for i in sorted(kept, key=lambda i: -p[i]):
             cumulative += p[i]
             margin = min(margin, abs(cumulative - top_p))
             if cumulative >= top_p:
+                threshold = p[i]
                 break
-        p = reference(logits, temperature, top_k, top_p)
+        if threshold is not None:
+            kept = {i for i in kept if p[i] >= threshold}
+        p = softmax_over(z, kept)
     if min_p > 0.0:
         top = max(p.values())
         margin = min([margin] + [abs(q - min_p * top) for q in p.values()])
-    return margin
+        kept = {i for i in kept if p[i] >= min_p * top}
+        p = softmax_over(z, kept)
+    return p, margin
+
+
+def reference(logits, **params) -> dict[int, float]:
+    return reference_with_margin(logits, **params)[0]
+
+
+def reference_margin(logits, **params) -> float:
+    return reference_with_margin(logits, **params)[1]
 
 
 def as_vector(p: dict[int, float], vocab: int) -> torch.Tensor:

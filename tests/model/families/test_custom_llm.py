@@ -41,25 +41,19 @@ def test_state_dict_keys_are_the_seeds():
     assert not any("rotary" in k for k in keys)
 
 
+@pytest.mark.parametrize("form, seed", [("naive-full", 3), ("absorbed-paged", 4)])
 @pytest.mark.parametrize("cfg,std,length", [(TINY, 0.15, 37), (REAL_2_LAYERS, 0.05, 12)],
                          ids=["tiny", "973m-dims-2-layers"])
-def test_full_forward_matches_oracle(cfg, std, length):
-    model = perturbed_model(cfg, seed=3, std=std)
-    ids = torch.randint(0, cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(5)).tolist()
+def test_both_forms_match_the_oracle(form, seed, cfg, std, length):
+    """The naive full forward (per-head K/V expanded) and the absorbed paged one (latent cache rows)."""
+    model = perturbed_model(cfg, seed=seed, std=std)
+    ids = torch.randint(0, cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(seed + 2)).tolist()
     expected = oracle_logits(model.state_dict(), cfg, ids)
     with torch.no_grad():
-        got = model.forward_full(torch.tensor([ids]))[0]
-    assert rel_err(got, expected) <= 1e-5
-
-
-@pytest.mark.parametrize("cfg,std,length", [(TINY, 0.15, 37), (REAL_2_LAYERS, 0.05, 12)],
-                         ids=["tiny", "973m-dims-2-layers"])
-def test_absorbed_paged_forward_matches_oracle(cfg, std, length):
-    model = perturbed_model(cfg, seed=4, std=std)
-    ids = torch.randint(0, cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(6)).tolist()
-    expected = oracle_logits(model.state_dict(), cfg, ids)
-    with torch.no_grad():
-        got = paged_logits_chunked(model, make_cache(cfg, block_size=4), [ids], chunk_size=length)[0]
+        if form == "naive-full":
+            got = model.forward_full(torch.tensor([ids]))[0]
+        else:
+            got = paged_logits_chunked(model, make_cache(cfg, block_size=4), [ids], chunk_size=length)[0]
     assert rel_err(got, expected) <= 1e-5
 
 

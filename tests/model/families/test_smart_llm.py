@@ -2,19 +2,15 @@
 paged, chunked, batched, windowed forward over [K | V] rows equals the oracle at every position."""
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from model.config import config_from_json, preset
-from model.cache.batch import PagedBatch, SequenceChunk
 from model.registry import build_model
 from model.families.smart_llm import SmartLLMConfig, SmartLLMForCausalLM
-from tests.helpers import make_cache, perturbed_model
+from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
 from tests.oracles.smart_llm_oracle import oracle_logits
+from tests.seed_files import SMART_LLM_MODEL_CONFIG, install_seed_config_module
 
 TINY = preset("smart-llm-tiny")
 BLOCK = 4
@@ -41,43 +37,7 @@ def sequences(count: int, seed: int, vocab: int, longest: int = 40) -> list[list
 
 @torch.no_grad()
 def paged_logits(model, cache, seqs, chunk_size, prefix_len=0, release=False):
-    """Like tests.helpers.paged_logits_chunked, with the model's window passed to PagedBatch.build.
-    `release`: blocks wholly before every key a step's queries may see are given up, as a runner may:
-    -1 in the block table, and their rows overwritten with large garbage that must never be read."""
-    window = model.config.sliding_window
-    bs = cache.block_size
-    tables, next_block = [], 0
-    for seq in seqs:
-        n = -(-len(seq) // bs)
-        tables.append(list(range(next_block, next_block + n)))
-        next_block += n
-    done = [prefix_len] * len(seqs)
-    out = [[] for _ in seqs]
-    g = torch.Generator().manual_seed(0)
-    while any(d < len(s) for d, s in zip(done, seqs)):
-        chunks, owners = [], []
-        for i, seq in enumerate(seqs):
-            if done[i] < len(seq):
-                end = min(len(seq), done[i] + chunk_size)
-                table = tables[i][: -(-end // bs)]
-                if release and window is not None:
-                    gone = max(0, done[i] - window) // bs        # blocks below the first visible key
-                    for b in table[:gone]:
-                        for layer in cache.layers:
-                            layer[b * bs:(b + 1) * bs] = 1e3 * torch.randn(bs, layer.shape[1], generator=g)
-                    table = [-1] * gone + table[gone:]
-                chunks.append(SequenceChunk(seq[done[i]:end], done[i], table))
-                owners.append((i, end))
-        batch = PagedBatch.build(chunks, bs, window=window)
-        batch.logits_index = torch.arange(batch.token_ids.shape[0])
-        logits = model.forward_paged(batch, cache.layers)
-        start = 0
-        for (i, end), chunk in zip(owners, chunks):
-            n = len(chunk.token_ids)
-            out[i].append(logits[start:start + n])
-            start += n
-            done[i] = end
-    return [torch.cat(o) for o in out]
+    return paged_logits_chunked(model, cache, seqs, chunk_size, prefix_len=prefix_len, release_behind_window=release)
 
 
 VARIANTS = {  # name → overrides of smart-llm-tiny (4 heads)
@@ -274,36 +234,8 @@ def test_rezero_alphas_scale_the_sublayers():
 
 @pytest.fixture
 def seed_config_module(monkeypatch):
-    """A module named `config` with the seed's ModelConfig dataclass, as its trainer pickles it."""
-    module = types.ModuleType("config")
-
-    @dataclass
-    class ModelConfig:
-        vocab_size: int = 32000
-        d_model: int = 512
-        n_layers: int = 8
-        n_heads: int = 8
-        n_kv_heads: int = 2
-        d_ff: int = 1024
-        max_seq_len: int = 1024
-        dropout: float = 0.1
-        use_rotary_embeddings: bool = True
-        use_mixture_of_experts: bool = True
-        num_experts: int = 4
-        num_experts_per_token: int = 2
-        load_balancing_weight: float = 0.01
-        sliding_window_size: int = 128
-        router_z_loss_weight: float = 0.001
-        use_flash_attention: bool = True
-        use_sliding_window_attention: bool = True
-        use_rezero: bool = True
-        layer_drop_prob: float = 0.05
-        use_gradient_checkpointing: bool = True
-    ModelConfig.__module__ = "config"
-    ModelConfig.__qualname__ = "ModelConfig"
-    module.ModelConfig = ModelConfig
-    monkeypatch.setitem(sys.modules, "config", module)
-    return module
+    """The seed's ModelConfig dataclass in a module named `config`, as SmartLLM's trainer pickles it."""
+    return install_seed_config_module(monkeypatch, SMART_LLM_MODEL_CONFIG)
 
 
 def test_seed_checkpoint_with_pickled_config_loads(tmp_path, seed_config_module):

@@ -3,8 +3,6 @@ clear message; pickles carrying code are refused; allow-listed config stand-ins 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +14,7 @@ from model.config import preset
 from model.loading.loader import load_model
 from model.loading.state_dict import CheckpointError
 from tests.helpers import perturbed_model
+from tests.seed_files import install_seed_config_module
 
 TINY = preset("custom-llm-tiny")
 
@@ -139,18 +138,8 @@ def test_pickle_carrying_code_is_refused(tmp_path, state):
 
 @pytest.fixture
 def seed_config_module(monkeypatch):
-    """A module named `config` with a ModelConfig dataclass, as SmartLLM's trainer pickles it."""
-    module = types.ModuleType("config")
-
-    @dataclass
-    class ModelConfig:
-        n_heads: int = 8
-        sliding_window_size: int = 128
-    ModelConfig.__module__ = "config"
-    ModelConfig.__qualname__ = "ModelConfig"
-    module.ModelConfig = ModelConfig
-    monkeypatch.setitem(sys.modules, "config", module)
-    return module
+    """A ModelConfig dataclass in a module named `config`, as SmartLLM's trainer pickles it."""
+    return install_seed_config_module(monkeypatch, {"n_heads": 8, "sliding_window_size": 128})
 
 
 def test_allow_listed_config_is_read_through_a_stand_in(tmp_path, state, seed_config_module):

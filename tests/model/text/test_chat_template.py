@@ -6,7 +6,7 @@ import pytest
 
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import load_tokenizer
-from tests.default_model import default_gguf_path, hf_offline
+from tests.default_model import default_gguf_path
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -39,14 +39,6 @@ ASSISTANT:{% endif %}"""
 @pytest.fixture(scope="module")
 def template():
     return ChatTemplate(load_tokenizer(default_gguf_path()).chat_template)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    hf_offline()
-    transformers = pytest.importorskip("transformers")
-    path = default_gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

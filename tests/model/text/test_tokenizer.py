@@ -16,7 +16,7 @@ import pytest
 
 from model.text.protocol import Tokenizer as TokenizerProtocol
 from model.text.tokenizer import TextTokenizer, load_tokenizer
-from tests.default_model import default_gguf_path, hf_offline
+from tests.default_model import default_gguf_path
 
 BASE = [
     # English and punctuation
@@ -67,11 +67,8 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def theirs():
-    hf_offline()
-    transformers = pytest.importorskip("transformers")
-    path = default_gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def theirs(hf_tokenizer):
+    return hf_tokenizer
 
 
 def test_corpus_is_varied():
