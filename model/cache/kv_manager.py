@@ -141,6 +141,8 @@ class KVCacheManager:
             self.sessions.evict_for_pressure(len(rows))
         blocks = self.pool.allocate(min(len(rows), self.pool.num_free_blocks))
         self._save_evicted()
+        if not blocks:
+            return
         self.tiers.install(blocks, rows[:len(blocks)])
         for block, block_hash in zip(blocks, hashes):
             self.pool.cache_block(block, block_hash)
