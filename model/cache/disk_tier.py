@@ -26,44 +26,25 @@ continue. Nothing here raises to the engine.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from model.cache import block_file
+from model.cache import block_file, session_manifest
 from model.cache.fingerprint import ModelFingerprint
+from model.cache.session_manifest import SessionManifest, manifest_name, tenant_tag
 
 log = logging.getLogger("customllm.kv_disk")
 BLOCK_SUFFIX, MANIFEST_SUFFIX, TMP_SUFFIX = ".kvb", ".json", ".tmp"
 STALE_TMP_S = 3600.0          # a temporary file this old was left by a killed writer
 Rows = torch.Tensor           # one block's rows, [num_layers, block_size, row_width], on the CPU
-
-
-@dataclass(frozen=True)
-class SessionManifest:
-    session_id: str
-    num_tokens: int
-    block_hashes: tuple[bytes, ...]
-    last_used: float          # wall clock
-
-
-def _tenant_tag(tenant: str) -> str:
-    return hashlib.blake2b(tenant.encode(), digest_size=8, person=b"customllm-tnt").hexdigest()
-
-
-def _session_name(tenant: str, session_id: str) -> str:
-    key = tenant.encode() + b"\0" + session_id.encode()
-    return hashlib.blake2b(key, digest_size=16, person=b"customllm-ses").hexdigest()
 
 
 class DiskTier:
@@ -173,24 +154,24 @@ class DiskTier:
         if not self.writable or not block_hashes:
             return
         manifest = SessionManifest(session_id, num_tokens, tuple(block_hashes), time.time())
-        name = _session_name(tenant, session_id)
+        name = manifest_name(tenant, session_id)
         with self._lock:
-            self._manifests[name] = (_tenant_tag(tenant), manifest)
+            self._manifests[name] = (tenant_tag(tenant), manifest)
             self._queued_manifests[name] = self._queued_manifests.get(name, 0) + 1
-        self._queue.put(("manifest", name, _tenant_tag(tenant), manifest))
+        self._queue.put(("manifest", name, tenant_tag(tenant), manifest))
 
     def session(self, tenant: str, session_id: str) -> SessionManifest | None:
-        name = _session_name(tenant, session_id)
+        name = manifest_name(tenant, session_id)
         entry = self._manifests.get(name)
         if entry is None and self.readable:
-            entry = self._load_manifest(self.sessions_dir / (name + MANIFEST_SUFFIX))
+            entry = session_manifest.load(self.sessions_dir / (name + MANIFEST_SUFFIX))
             if entry is not None and entry[1].session_id == session_id:
                 with self._lock:
                     self._manifests[name] = entry
-        return entry[1] if entry is not None and entry[0] == _tenant_tag(tenant) else None
+        return entry[1] if entry is not None and entry[0] == tenant_tag(tenant) else None
 
     def sessions(self, tenant: str) -> list[SessionManifest]:
-        tag = _tenant_tag(tenant)
+        tag = tenant_tag(tenant)
         with self._lock:
             found = [m for t, m in self._manifests.values() if t == tag]
         return sorted(found, key=lambda m: m.last_used)
@@ -199,7 +180,7 @@ class DiskTier:
         """Forget a session on disk: its manifest and its block files (`hashes` and the manifest's),
         except those in `keep` or in another session's manifest. True if a manifest was there."""
         manifest = self.session(tenant, session_id)
-        name = _session_name(tenant, session_id)
+        name = manifest_name(tenant, session_id)
         with self._lock:
             self._manifests.pop(name, None)
         doomed = set(hashes) | set(manifest.block_hashes if manifest else ())
@@ -253,11 +234,10 @@ class DiskTier:
                         self._pending_bytes -= rows.nbytes
         elif kind == "manifest":
             _, name, tag, m = op
-            body = json.dumps({"format": 1, "tenant": tag, "session_id": m.session_id, "num_tokens": m.num_tokens,
-                               "blocks": [h.hex() for h in m.block_hashes], "last_used": m.last_used})
+            body = session_manifest.encode(tag, m)
             try:
                 if self.writable and self._manifests.get(name, (None, None))[1] is m:
-                    self._write_file(str(self.sessions_dir / (name + MANIFEST_SUFFIX)), (body.encode(),))
+                    self._write_file(str(self.sessions_dir / (name + MANIFEST_SUFFIX)), (body,))
             finally:
                 with self._lock:
                     left = self._queued_manifests.pop(name) - 1
@@ -378,7 +358,7 @@ class DiskTier:
             known = dict(self._manifests)
         manifests = {}
         for name, path in seen_manifests.items():
-            entry = known.get(name) or self._load_manifest(Path(path))
+            entry = known.get(name) or session_manifest.load(Path(path))
             if entry is not None:
                 manifests[name] = entry
         with self._lock:
@@ -394,18 +374,6 @@ class DiskTier:
             return [Path(e.path) for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
         except OSError:
             return []
-
-    def _load_manifest(self, path: Path) -> tuple[str, SessionManifest] | None:
-        try:
-            data = json.loads(path.read_bytes()[:1 << 22])
-            manifest = SessionManifest(str(data["session_id"]), int(data["num_tokens"]),
-                                       tuple(bytes.fromhex(h) for h in data["blocks"]), float(data["last_used"]))
-            return (str(data["tenant"]), manifest) if manifest.block_hashes else None
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("disk tier: skipping session file %s (%s)", path, exc)
-            return None
 
     # ---- faults and events --------------------------------------------------------------------
     def _invalid(self, path: str, reason: str, detail: str) -> None:

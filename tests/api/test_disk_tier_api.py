@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import ApiConfig, EngineConfig
-from tests.api.http import metric, post, scrape
+from tests.api.http import metric, post
 from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, StepGate, subprocess_server
 
 KEYS = ("alice-key", "bob-key")

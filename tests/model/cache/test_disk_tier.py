@@ -322,3 +322,20 @@ def test_the_fingerprint_follows_weights_dtype_and_layout():
     assert ModelFingerprint.of(model, torch.bfloat16, 16).digest != base.digest
     assert ModelFingerprint.of(model, torch.float32, 32).digest != base.digest
     assert len({base.name, ModelFingerprint.of(model, torch.float32, 32).name}) == 2
+
+
+def test_an_unreadable_session_file_is_skipped_with_a_log_line(tmp_path, caplog):
+    disk = tier(tmp_path)
+    disk.write([(block_hash(0), rows(0))])
+    disk.write_session("t", "s", 5, [block_hash(0)])
+    disk.flush()
+    [path] = list(disk.sessions_dir.iterdir())
+    for garbage in (b"{not json", b'{"format": 99}', b'{"format": 1, "blocks": "zz"}'):
+        path.write_bytes(garbage)
+        with caplog.at_level(logging.WARNING, logger="customllm.kv_disk"):
+            other = tier(tmp_path)
+        assert other.session("t", "s") is None and other.sessions("t") == []
+        assert "skipping session file" in caplog.text
+        caplog.clear()
+        other.close()
+    disk.close()
