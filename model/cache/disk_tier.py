@@ -64,7 +64,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()          # path -> bytes, least recently used first
         self._used = 0
-        self._pending: dict[bytes, Rows] = {}                     # queued blocks, readable until written
+        self._pending: dict[bytes, tuple[Rows, Callable | None]] = {}   # queued: readable until written
         self._pending_bytes = 0
         self._manifests: dict[str, tuple[str, SessionManifest]] = {}   # name -> (tenant tag, manifest)
         self._queued_manifests: dict[str, int] = {}                     # name -> writes queued
@@ -107,7 +107,7 @@ class DiskTier:
             self._event("dropped_writes", len(new))
             return
         for h, rows in new:
-            self._pending[h] = rows
+            self._pending[h] = (rows, ready)
         self._pending_bytes += size
         self._queue.put(("blocks", new, ready))
 
@@ -120,9 +120,11 @@ class DiskTier:
         """The rows of a block, or None (not there, or an invalid file: logged, counted, removed)."""
         if not self.readable:
             return None
-        rows = self._pending.get(block_hash)
-        if rows is not None:
-            return rows
+        pending = self._pending.get(block_hash)
+        if pending is not None:
+            if pending[1] is not None:
+                pending[1]()
+            return pending[0]
         path = self.block_path(block_hash)
         try:
             with open(path, "rb") as f:
@@ -205,12 +207,11 @@ class DiskTier:
         while True:
             try:
                 op = self._queue.get(timeout=self.rescan_s)
-            except queue.Empty:
-                op = ("scan",)
-            if op is None:
-                return
-            try:
+                if op is None:
+                    return
                 self._do(op)
+            except queue.Empty:
+                pass
             except Exception as exc:  # noqa: BLE001 - the writer must never die
                 log.exception("disk tier: %s failed: %s", op[0], exc)
             if time.monotonic() - last_scan >= self.rescan_s:
@@ -259,8 +260,6 @@ class DiskTier:
                 self._utime(path)
         elif kind == "barrier":
             op[1].set()
-        elif kind == "scan":
-            self._rescan()
 
     def _write_file(self, path: str, parts: tuple) -> None:
         size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)

@@ -7,12 +7,15 @@ the disk. On the CPU the pool itself is host memory, so the tier is off unless a
 
 Plain LRU bounded in bytes; entries are the rows `[num_layers, block_size, row_width]` a save copied
 out (views of the save's batch buffer: the bound counts the rows, and a batch's buffer is freed once
-its last block is evicted). Thread-safe: the engine thread puts, the restore thread gets.
+its last block is evicted), with what to call before the host reads them (`ready`: the device copy
+that fills them may still be in flight; `get` waits for it). Thread-safe: the engine thread puts, the
+restore thread gets.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -22,7 +25,8 @@ class HostTier:
         if max_bytes <= 0:
             raise ValueError("the host tier needs a positive size")
         self.max_bytes = max_bytes
-        self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()   # hash -> rows [L, B, W], LRU first
+        # hash -> (rows [L, B, W], ready or None), least recently used first
+        self._blocks: OrderedDict[bytes, tuple[torch.Tensor, Callable[[], None] | None]] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
 
@@ -36,7 +40,7 @@ class HostTier:
     def contains(self, block_hash: bytes) -> bool:
         return block_hash in self._blocks
 
-    def put(self, block_hash: bytes, rows: torch.Tensor) -> None:
+    def put(self, block_hash: bytes, rows: torch.Tensor, ready: Callable[[], None] | None = None) -> None:
         """Keep a block's rows (most recently used), evicting the least recently used to fit; a block
         larger than the whole tier is not kept."""
         size = rows.nbytes
@@ -45,24 +49,28 @@ class HostTier:
         with self._lock:
             old = self._blocks.pop(block_hash, None)
             if old is not None:
-                self._used -= old.nbytes
+                self._used -= old[0].nbytes
             while self._blocks and self._used + size > self.max_bytes:
-                _, evicted = self._blocks.popitem(last=False)
+                _, (evicted, _) = self._blocks.popitem(last=False)
                 self._used -= evicted.nbytes
-            self._blocks[block_hash] = rows
+            self._blocks[block_hash] = (rows, ready)
             self._used += size
 
     def get(self, block_hash: bytes) -> torch.Tensor | None:
-        """A block's rows (marked most recently used), or None."""
+        """A block's rows (marked most recently used, their copy finished), or None."""
         with self._lock:
-            rows = self._blocks.get(block_hash)
-            if rows is not None:
-                self._blocks.move_to_end(block_hash)
-            return rows
+            entry = self._blocks.get(block_hash)
+            if entry is None:
+                return None
+            self._blocks.move_to_end(block_hash)
+        rows, ready = entry
+        if ready is not None:
+            ready()
+        return rows
 
     def discard(self, block_hashes) -> None:
         with self._lock:
             for block_hash in block_hashes:
-                rows = self._blocks.pop(block_hash, None)
-                if rows is not None:
-                    self._used -= rows.nbytes
+                entry = self._blocks.pop(block_hash, None)
+                if entry is not None:
+                    self._used -= entry[0].nbytes

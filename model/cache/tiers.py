@@ -121,7 +121,7 @@ class CacheTiers:
         blocks = [(h, rows[:, i]) for i, (_, h) in enumerate(todo)]      # each [L, B, W]
         if self.host is not None:
             for h, block_rows in blocks:
-                self.host.put(h, block_rows)
+                self.host.put(h, block_rows, ready)
         if self.disk is not None:
             self.disk.write(blocks, ready)
 

@@ -339,3 +339,26 @@ def test_an_unreadable_session_file_is_skipped_with_a_log_line(tmp_path, caplog)
         caplog.clear()
         other.close()
     disk.close()
+
+
+def test_rows_still_being_copied_are_waited_for_before_any_read(tmp_path):
+    """On a GPU a save's rows arrive in pinned memory asynchronously: the writer, a read of a queued
+    block and the host tier all call `ready` before touching them."""
+    import threading
+
+    from model.cache.host_tier import HostTier
+    calls, gate = [], threading.Event()
+
+    def ready():
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "kv-disk-writer":
+            assert gate.wait(30)                       # the copy is slow: the block stays queued
+    disk = tier(tmp_path)
+    disk.write([(block_hash(0), rows(0))], ready=ready)
+    assert torch.equal(disk.read(block_hash(0)), rows(0)) and threading.current_thread().name in calls
+    gate.set()
+    assert disk.flush() and "kv-disk-writer" in calls and Path(disk.block_path(block_hash(0))).exists()
+    host = HostTier(1 << 20)
+    host.put(block_hash(1), rows(1), ready=lambda: calls.append("host"))
+    assert torch.equal(host.get(block_hash(1)), rows(1)) and calls[-1] == "host"
+    disk.close()
