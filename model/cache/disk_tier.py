@@ -6,11 +6,9 @@ Layout (`root` is `--kv-disk-dir`; it may be shared by replicas):
     root/<fingerprint name>/sessions/<key hex>.json       one session: its tokens and block hashes
 
 Files are content-addressed: a block's name is its chained prefix hash (tenant-salted), in the
-directory of the model fingerprint that computed it, so no other model, dtype or layout ever opens
-it (and the header says so again). Every file is written to a temporary name (0600, in the same
-directory) and renamed into place, so a reader, or a server killed mid-write, never sees half a file;
-the CRC-32 in each block file catches what rename cannot (a disk that lost data). Directories are
-0700.
+directory of the model fingerprint that computed it (the header says so again). Every file is written
+to a temporary name (0600) and renamed into place, so a reader, or a server killed mid-write, never
+sees half a file; each block file's CRC-32 catches what rename cannot. Directories are 0700.
 
 Writes happen on one background thread (`write`, `write_session` and `delete_session` only queue
 work; at most `max_pending_bytes` of rows wait, more are dropped and counted). Before each write
@@ -21,8 +19,7 @@ skipped with one log line and a metric, and removed. Reads and rewrites refresh 
 LRU order other replicas and later processes see; the index of sizes is rebuilt from the directory
 every `rescan_s` seconds (and at start), which is how a replica learns of the others' files.
 
-A write that fails (disk full, read-only, permissions) turns writing off with one warning; reads
-continue. Nothing here raises to the engine.
+A failed write (disk full, read-only, permissions) turns writing off with one warning; reads go on.
 """
 from __future__ import annotations
 
@@ -94,6 +91,11 @@ class DiskTier:
     def probe(self, block_hash: bytes) -> bool:
         """`contains`, else whether the file exists (written by another replica since the last scan)."""
         return self.readable and (self.contains(block_hash) or os.path.exists(self.block_path(block_hash)))
+
+    def written(self, block_hash: bytes, look: bool = False) -> bool:
+        """Its file is written (not only queued): as far as this process knows, or as the directory says."""
+        path = self.block_path(block_hash)
+        return path in self._lru or (look and self.readable and os.path.exists(path))
 
     # ---- blocks -------------------------------------------------------------------------------
     def write(self, blocks: list[tuple[bytes, Rows]], ready: Callable[[], None] | None = None) -> None:
@@ -326,19 +328,15 @@ class DiskTier:
             self._event("write_error")
 
     def _rescan(self) -> None:
-        """Rebuild the size index (LRU by mtime) of every block and manifest file under the root;
-        learn the sessions other replicas wrote, drop manifests whose first block is gone, and remove
-        temporary files that a killed writer left."""
+        """Rebuild the size index (LRU by mtime) of every block and manifest file under the root, learn
+        the sessions other replicas wrote, drop those whose first block is gone, remove stale temporaries."""
         if not self.readable:
             return
         found: list[tuple[float, str, int]] = []
         now = time.time()
-        for directory in [d for d in self._subdirs(self.root)] + [d / "sessions" for d in self._subdirs(self.root)]:
-            try:
-                entries = list(os.scandir(directory))
-            except OSError:
-                continue
-            for entry in entries:
+        subdirs = self._subdirs(self.root)
+        for directory in subdirs + [d / "sessions" for d in subdirs]:
+            for entry in self._entries(directory):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -368,11 +366,14 @@ class DiskTier:
                 self._remove(seen_manifests[name])
 
     @staticmethod
-    def _subdirs(root: Path) -> list[Path]:
+    def _entries(directory: Path) -> list[os.DirEntry]:
         try:
-            return [Path(e.path) for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+            return list(os.scandir(directory))
         except OSError:
             return []
+
+    def _subdirs(self, root: Path) -> list[Path]:
+        return [Path(e.path) for e in self._entries(root) if e.is_dir(follow_symlinks=False)]
 
     # ---- faults and events --------------------------------------------------------------------
     def _invalid(self, path: str, reason: str, detail: str) -> None:

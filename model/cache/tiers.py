@@ -216,11 +216,10 @@ class CacheTiers:
         return self.disk.sessions(tenant) if self.disk is not None else []
 
     def blocks_on_disk(self, hashes: list[bytes], probe: bool = False) -> int:
-        """How many of `hashes`, from the first, are on disk without a gap: as far as this process
-        knows, or (`probe`) also looking for files other replicas wrote."""
+        """How many of `hashes`, from the first, have their files written (not only queued) without a
+        gap: as far as this process knows, or (`probe`) as the directory says."""
         count = 0
-        found = None if self.disk is None else self.disk.probe if probe else self.disk.contains
-        while found is not None and count < len(hashes) and found(hashes[count]):
+        while self.disk is not None and count < len(hashes) and self.disk.written(hashes[count], probe):
             count += 1
         return count
 

@@ -356,8 +356,10 @@ def test_rows_still_being_copied_are_waited_for_before_any_read(tmp_path):
     disk = tier(tmp_path)
     disk.write([(block_hash(0), rows(0))], ready=ready)
     assert torch.equal(disk.read(block_hash(0)), rows(0)) and threading.current_thread().name in calls
+    assert disk.contains(block_hash(0)) and not disk.written(block_hash(0), look=True)   # queued, not written
     gate.set()
     assert disk.flush() and "kv-disk-writer" in calls and Path(disk.block_path(block_hash(0))).exists()
+    assert disk.written(block_hash(0))
     host = HostTier(1 << 20)
     host.put(block_hash(1), rows(1), ready=lambda: calls.append("host"))
     assert torch.equal(host.get(block_hash(1)), rows(1)) and calls[-1] == "host"
