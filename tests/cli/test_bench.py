@@ -133,7 +133,7 @@ def test_bench_disk_tier_restarts_its_servers_and_records_both_figures(model_dir
     serve = f"--model {model_dir} --tokenizer {builtin_model_path()} --kv-cache-memory 0.02"
     result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "disk-tier", "--serve-args", serve,
                              "--sessions", "2", "--prompt-tokens", "120", "--output-len", "6", "--streams", "2",
-                             "--requests", "3", "--input-len", "8", "--decode-output-len", "6", "--rounds", "1",
+                             "--requests", "3", "--input-len", "40", "--decode-output-len", "6", "--rounds", "1",
                              "--out", str(out), "--record"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -82,14 +82,14 @@ def add_parser(subparsers) -> None:
                             "and decode tok/s with the tier on vs off (starts its own servers)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     disk.add_argument("--serve-args", default="", help="extra `customllm serve` arguments, e.g. '--dtype mixed'")
-    disk.add_argument("--sessions", type=int, default=3, help="sessions timed across the restart")
+    disk.add_argument("--sessions", type=int, default=5, help="sessions timed across the restart")
     disk.add_argument("--prompt-tokens", type=int, default=1500, help="prompt tokens of each session's first turn")
     disk.add_argument("--output-len", type=int, default=16, help="max_tokens of the session turns")
     disk.add_argument("--streams", type=int, default=16, help="concurrent streams of the decode comparison")
-    disk.add_argument("--requests", type=int, default=48, help="requests per decode run (each in its own session)")
+    disk.add_argument("--requests", type=int, default=32, help="requests per decode run (each in its own session)")
     disk.add_argument("--input-len", type=int, default=64, help="prompt words of the decode requests")
     disk.add_argument("--decode-output-len", type=int, default=64, help="max_tokens of the decode requests")
-    disk.add_argument("--rounds", type=int, default=2, help="pairs of decode runs (ABBA: off, on, on, off, ...)")
+    disk.add_argument("--rounds", type=int, default=4, help="pairs of decode runs (ABBA: off, on, on, off, ...)")
     disk.add_argument("--skip", default="", help="comma list of restart,decode to leave out")
     disk.add_argument("--out", default=None, help="JSON result file")
     disk.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
@@ -247,21 +247,21 @@ def run_disk_tier(args) -> int:
         if "restart" in result:
             r = result["restart"]
             lines += ["| session | turn-1 prompt | turn-2 prompt | cached after restart | TTFT warm ms | TTFT cold ms "
-                      "| same answer |", "|---|---|---|---|---|---|---|"]
+                      "| same answer | load |", "|---|---|---|---|---|---|---|---|"]
             lines += [f"| {row['session']} | {row['turn1_prompt_tokens']} | {row['turn2_prompt_tokens']} | "
                       f"{row['cached_tokens']} | {row['ttft_warm_s'] * 1e3:.0f} | {row['ttft_cold_s'] * 1e3:.0f} | "
-                      f"{'yes' if row['same_answer'] else 'NO'} |" for row in r["sessions"]]
+                      f"{'yes' if row['same_answer'] else 'NO'} | {row['load_after']:.2f} |" for row in r["sessions"]]
             lines.append(f"- turn-2 TTFT after SIGKILL + restart: {r['ttft_warm_s'] * 1e3:.0f} ms vs "
                          f"{r['ttft_cold_s'] * 1e3:.0f} ms cold = **{r['ratio']:.2f}×** (medians)")
         if "decode" in result:
             d = result["decode"]
-            lines += ["", "| run | tier | output tok/s | TPOT p50 ms | tier bytes written | errors |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["", "| run | tier | output tok/s | TPOT p50 ms | tier bytes written | errors | load |",
+                      "|---|---|---|---|---|---|---|"]
             lines += [f"| {i + 1} | {'on' if run['tier'] else 'off'} | {run['output_tokens_per_s']:.1f} | "
-                      f"{run['tpot_p50_s'] * 1e3:.1f} | {run['tier_written_bytes'] / 2**20:.0f} MiB | {run['errors']} |"
-                      for i, run in enumerate(d["runs"])]
+                      f"{run['tpot_p50_s'] * 1e3:.1f} | {run['tier_written_bytes'] / 2**20:.0f} MiB | {run['errors']} | "
+                      f"{run['load_after']:.2f} |" for i, run in enumerate(d["runs"])]
             lines.append(f"- decode at {args.streams} streams, sessions written: tier on "
-                         f"{d['tier_on_tokens_per_s']:.1f} vs off {d['tier_off_tokens_per_s']:.1f} tok/s = "
-                         f"**{d['on_over_off']:.3f}×**")
+                         f"{d['tier_on_tokens_per_s']:.1f} vs off {d['tier_off_tokens_per_s']:.1f} tok/s (means) = "
+                         f"**{d['on_over_off']:.3f}×** (medians: {d['median_on_over_off']:.3f}×)")
         _record(lines)
     return 0

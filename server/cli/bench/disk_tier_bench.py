@@ -8,8 +8,9 @@ send the same prompt cold).
   token, streamed) against the identical prompt sent by the other tenant (cold), alternating which
   goes first; the answers must be equal.
 - Decode: `--streams` concurrent streams, every request in a session of its own (so each finished
-  turn is written to disk), with the tier off and on, in ABBA order over `--rounds` pairs; output
-  tokens/s and time per output token, and the bytes the tier wrote meanwhile.
+  turn is written to disk), on two servers started together, the tier off and on, measured one at a
+  time in ABBA order over `--rounds` pairs; output tokens/s and time per output token, and the bytes
+  the tier wrote meanwhile.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -159,7 +160,7 @@ def bench_restart(serve_args: list[str], directory: Path, log: Path, sessions: i
                          "blocks_on_disk_before_kill": on_disk[i]["blocks"]["disk"],
                          "cached_tokens": timed[0]["cached_tokens"], "cold_cached_tokens": timed[1]["cached_tokens"],
                          "ttft_warm_s": timed[0]["ttft_s"], "ttft_cold_s": timed[1]["ttft_s"],
-                         "same_answer": timed[0]["text"] == timed[1]["text"]})
+                         "same_answer": timed[0]["text"] == timed[1]["text"], "load_after": os.getloadavg()[0]})
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     warm = statistics.median(r["ttft_warm_s"] for r in rows)
     cold = statistics.median(r["ttft_cold_s"] for r in rows)
@@ -193,23 +194,33 @@ async def _decode_level(url: str, streams: int, requests: int, input_words: int,
 
 def bench_decode(serve_args: list[str], log: Path, streams: int, requests: int, input_words: int, output_len: int,
                  rounds: int) -> dict:
-    """ABBA over `rounds` pairs: tier off, on, on, off, ..."""
+    """Two servers up at once, the tier off and on, measured one at a time in ABBA order (off, on, on,
+    off, ...) so that whatever else loads the machine meets both alike; the idle one waits on an
+    event and uses no CPU."""
     runs = []
-    order = [tier_on for r in range(rounds) for tier_on in ((False, True) if r % 2 == 0 else (True, False))]
-    for i, tier_on in enumerate(order):
-        with tempfile.TemporaryDirectory(prefix="customllm-bench-kv-") as directory:
-            args = (["--kv-disk-dir", directory] if tier_on else []) + serve_args
-            with started_server(args, log) as (process, url):
-                asyncio.run(_decode_level(url, streams, streams, 8, 8, seed=1000 + i))          # warm up
-                level = asyncio.run(_decode_level(url, streams, requests, input_words, output_len, seed=i))
-                metrics = httpx.get(f"{url}/metrics", timeout=10).text
-            written = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                          if line.startswith("customllm_kv_tier_written_bytes_total"))
-            runs.append({"tier": tier_on, **level, "tier_written_bytes": written})
+    with tempfile.TemporaryDirectory(prefix="customllm-bench-kv-") as directory, ExitStack() as servers:
+        urls = {False: servers.enter_context(started_server(serve_args, log))[1],
+                True: servers.enter_context(started_server(["--kv-disk-dir", directory, *serve_args], log))[1]}
+        for tier_on, url in urls.items():
+            asyncio.run(_decode_level(url, streams, streams, 8, 8, seed=1000 + tier_on))        # warm up
+        order = [tier_on for r in range(rounds) for tier_on in ((False, True) if r % 2 == 0 else (True, False))]
+        for i, tier_on in enumerate(order):
+            written_before = _tier_written(urls[tier_on])
+            time.sleep(0.5)                       # the other server's threads are idle by now
+            level = asyncio.run(_decode_level(urls[tier_on], streams, requests, input_words, output_len, seed=i))
+            runs.append({"tier": tier_on, **level, "tier_written_bytes": _tier_written(urls[tier_on]) - written_before,
+                         "load_after": os.getloadavg()[0]})
     on = [r["output_tokens_per_s"] for r in runs if r["tier"]]
     off = [r["output_tokens_per_s"] for r in runs if not r["tier"]]
     return {"runs": runs, "tier_on_tokens_per_s": statistics.fmean(on), "tier_off_tokens_per_s": statistics.fmean(off),
-            "on_over_off": statistics.fmean(on) / statistics.fmean(off)}
+            "on_over_off": statistics.fmean(on) / statistics.fmean(off),
+            "median_on_over_off": statistics.median(on) / statistics.median(off)}
+
+
+def _tier_written(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("customllm_kv_tier_written_bytes_total"))
 
 
 def bench_disk_tier(serve_args: list[str], sessions: int, prompt_tokens: int, output_len: int, streams: int,
