@@ -41,7 +41,10 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # hadolint ignore=DL3006
 FROM runtime-${VARIANT} AS runtime
 COPY --from=build /opt/venv /opt/venv
-RUN useradd --create-home --uid 10001 --user-group customllm
+# /var/cache/customllm: where --kv-disk-dir points in the compose stack and on Kubernetes; owned by the
+# server's user so that a named volume mounted there starts with that owner
+RUN useradd --create-home --uid 10001 --user-group customllm \
+    && install -d -o 10001 -g 10001 -m 0700 /var/cache/customllm
 USER 10001
 WORKDIR /home/customllm
 # every `customllm serve` flag is also a CUSTOMLLM_* variable (CUSTOMLLM_MODEL, CUSTOMLLM_DTYPE,

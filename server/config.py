@@ -33,6 +33,9 @@ class EngineConfig:
     max_sessions: int = 1024
     session_idle_ttl_s: float = 1800.0
     max_session_pinned_fraction: float = 0.5
+    kv_disk_dir: str | None = None             # a disk tier for cache blocks and sessions (None: off)
+    kv_disk_gib: float = 10.0                  # its size bound
+    kv_host_gib: float = 0.0                   # a host-memory tier between the pool and the disk (0: off)
 
     @property
     def waiting_per_tenant_limit(self) -> int:

@@ -51,6 +51,9 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_evictions = 0
         self._num_cached_free = 0
+        # (block, hash) of each cached block `allocate` evicts, while a slower tier wants them (its
+        # rows are intact until the allocating request's step writes them); None: not recorded
+        self.evicted: list[tuple[int, bytes]] | None = None
 
     # ---- hashing --------------------------------------------------------------------------------
     @staticmethod
@@ -153,6 +156,8 @@ class BlockPool:
         for _ in range(count):
             block, _ = self.free_queue.popitem(last=False)
             if self.block_hashes[block] is not None:
+                if self.evicted is not None:
+                    self.evicted.append((block, self.block_hashes[block]))
                 self._num_cached_free -= 1
                 self._unhash(block)
                 self.num_evictions += 1
@@ -188,6 +193,19 @@ class BlockPool:
         self.cached.setdefault(block_hash, {})[block_id] = None
         if self.ref_counts[block_id] == 0:
             self._num_cached_free += 1
+
+    def forget(self, block_ids: Iterable[int]) -> int:
+        """Drop the cached prefix of those blocks nothing references (they go to the head of the free
+        queue, like blocks that were never cached); referenced ones keep it. Returns how many."""
+        forgotten = 0
+        for block in block_ids:
+            self._check_id(block)
+            if self.ref_counts[block] == 0 and self.block_hashes[block] is not None:
+                self._unhash(block)
+                self._num_cached_free -= 1
+                self.free_queue.move_to_end(block, last=False)
+                forgotten += 1
+        return forgotten
 
     def block_hash_of(self, block_id: int) -> bytes | None:
         return self.block_hashes[block_id]

@@ -6,8 +6,13 @@ The KV manager (`model.cache.kv_manager`) creates and changes it; everything els
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from model.cache.block_pool import RELEASED
+
+if TYPE_CHECKING:
+    from model.cache.sessions import SessionTurn
+    from model.cache.tiers import RestoreTicket
 
 
 @dataclass
@@ -17,11 +22,16 @@ class BlockTable:
 
     `block_hashes[i]` is the chained hash of full block i; it depends only on the tokens, so it
     survives a preemption (the table's blocks are freed, the hashes are not recomputed).
-    `block_ids[:num_registered]` carry their hash in the pool (the ones not `RELEASED`)."""
+    `block_ids[:num_registered]` carry their hash in the pool (the ones not `RELEASED`).
+
+    `restore` is the read of the request's next blocks from a slower tier while the request waits;
+    `session_turn` marks a request of a session in flight (see `SessionTable.begin_turn`)."""
 
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    restore: "RestoreTicket | None" = None
+    session_turn: "SessionTurn | None" = None
 
     def held(self) -> list[int]:
         """The blocks this table actually holds a reference on."""

@@ -7,6 +7,10 @@ session id): a tenant never sees or touches another tenant's sessions. Pins are 
 release, after an idle TTL, when a cap is exceeded (number of sessions, fraction of the pool) and
 under cache pressure, least recently used first; running requests hold their own references, so
 their blocks are never taken.
+
+A turn in flight is counted (`begin_turn` when its request is queued, `end_turn` when it finishes):
+a release while turns of the session are in flight marks them, so that none of them pins the
+session again when it ends — a deleted session stays deleted.
 """
 from __future__ import annotations
 
@@ -26,6 +30,15 @@ class SessionInfo:
     bytes: int
     last_used: float                # wall-clock seconds since the epoch (time.time())
     last_used_monotonic: float      # the table's clock, which the idle TTL is measured with
+    cached_tokens: int = 0          # tokens whose cache is kept (pinned blocks, or blocks on disk)
+    num_disk_blocks: int = 0        # of its blocks, those on disk (a slower tier), when there is one
+
+
+@dataclass(frozen=True)
+class SessionTurn:
+    """A request of a session in flight, and how many releases of the session it had seen."""
+    key: tuple[str, str]
+    releases_seen: int
 
 
 @dataclass
@@ -60,6 +73,7 @@ class SessionTable:
         self.num_evictions = 0
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()   # LRU first
         self._pins_per_block: dict[int, int] = {}                               # block → pins holding it
+        self._turns: dict[tuple[str, str], list[int]] = {}       # key → [turns in flight, releases since]
 
     # ---- gauges ---------------------------------------------------------------------------------
     @property
@@ -73,7 +87,8 @@ class SessionTable:
 
     @property
     def num_cached_tokens(self) -> int:
-        return sum(s.num_tokens for s in self._sessions.values())
+        """Tokens whose cache the pins hold (whole blocks)."""
+        return sum(len(s.block_ids) for s in self._sessions.values()) * self.pool.block_size
 
     def holders(self) -> list[list[int]]:
         """One block list per pin, for `BlockPool.check_integrity`."""
@@ -121,11 +136,36 @@ class SessionTable:
         return True
 
     def release(self, tenant: str, session_id: str) -> bool:
-        """Drop this tenant's session; its blocks stay in the prefix cache until evicted."""
-        if (tenant, session_id) not in self._sessions:
-            return False
-        self._drop((tenant, session_id), evicted=False)
+        """Drop this tenant's session; its blocks stay in the prefix cache until evicted. Turns of it
+        in flight will not pin it again. False if there was neither a pin nor a turn in flight."""
+        key = (tenant, session_id)
+        turns = self._turns.get(key)
+        if turns is not None:
+            turns[1] += 1
+        if key not in self._sessions:
+            return turns is not None
+        self._drop(key, evicted=False)
         return True
+
+    def begin_turn(self, tenant: str, session_id: str) -> SessionTurn:
+        """A request of this session was queued."""
+        turns = self._turns.setdefault((tenant, session_id), [0, 0])
+        turns[0] += 1
+        return SessionTurn((tenant, session_id), turns[1])
+
+    def end_turn(self, turn: SessionTurn) -> bool:
+        """The request finished: True unless the session was released since it began (then it must
+        not be pinned again)."""
+        turns = self._turns[turn.key]
+        turns[0] -= 1
+        if not turns[0]:
+            del self._turns[turn.key]
+        return turns[1] == turn.releases_seen
+
+    def blocks_of(self, tenant: str, session_id: str) -> list[int] | None:
+        """The blocks a session's pin holds (None without a pin); does not mark it used."""
+        session = self._sessions.get((tenant, session_id))
+        return list(session.block_ids) if session is not None else None
 
     def list(self, tenant: str) -> list[SessionInfo]:
         """This tenant's sessions, least recently used first (does not mark them used)."""
@@ -173,4 +213,4 @@ class SessionTable:
         # bytes the pin holds: its blocks (with a sliding window, fewer than its tokens need)
         held_bytes = len(session.block_ids) * self.pool.block_size * self.bytes_per_token
         return SessionInfo(session_id, session.num_tokens, len(session.block_ids), held_bytes, session.last_used_wall,
-                           session.last_used_monotonic)
+                           session.last_used_monotonic, len(session.block_ids) * self.pool.block_size)

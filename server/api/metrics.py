@@ -29,8 +29,8 @@ class Metrics:
         def counter(name, text, labels=()):
             return Counter(f"{p}_{name}", text, MODEL + tuple(labels), registry=r)
 
-        def histogram(name, text, buckets):
-            return Histogram(f"{p}_{name}", text, MODEL, registry=r, buckets=buckets)
+        def histogram(name, text, buckets, labels=()):
+            return Histogram(f"{p}_{name}", text, MODEL + tuple(labels), registry=r, buckets=buckets)
 
         self.requests_running = gauge("requests_running", "Requests in the running batch")
         self.requests_waiting = gauge("requests_waiting", "Requests waiting to be scheduled")
@@ -56,6 +56,18 @@ class Metrics:
                                                LENGTH_BUCKETS)
         self.request_generation_tokens = histogram("request_generation_tokens",
                                                    "Generated length of finished requests", LENGTH_BUCKETS)
+        # cache tiers below the pool (--kv-disk-dir, --kv-host-gib); `tier` is host or disk
+        self.tier_hits = counter("kv_tier_hit_blocks", "Cache blocks restored from a tier", ["tier"])
+        self.tier_misses = counter("kv_tier_misses", "Pool misses whose next block no tier held")
+        self.tier_read = counter("kv_tier_read_bytes", "Bytes of cache blocks read from disk", ["tier"])
+        self.tier_written = counter("kv_tier_written_bytes", "Bytes of cache blocks and sessions written", ["tier"])
+        self.tier_invalid = counter("kv_tier_invalid_files", "Tier files skipped as invalid", ["tier", "reason"])
+        self.tier_write_errors = counter("kv_tier_write_errors", "Tier write failures (writing then stops)",
+                                         ["tier"])
+        self.tier_dropped = counter("kv_tier_dropped_writes", "Blocks not written: queue or tier full", ["tier"])
+        self.tier_restore = histogram("kv_tier_restore_seconds", "Time to read a restored run of blocks",
+                                      LATENCY_BUCKETS)
+        self.tier_bytes_used = Gauge(f"{p}_kv_tier_used_bytes", "Bytes a tier holds", MODEL + ("tier",), registry=r)
 
     def bind_engine(self, engine) -> None:
         """Gauges read from the engine at scrape time, under the engine's model name."""
@@ -67,6 +79,8 @@ class Metrics:
         self.sessions_active.labels(name).set_function(lambda: engine.num_sessions)
         self.session_cached_tokens.labels(name).set_function(lambda: engine.session_cached_tokens)
         self.engine_alive.labels(name).set_function(lambda: 1.0 if engine.alive else 0.0)
+        for tier in ("host", "disk"):
+            self.tier_bytes_used.labels(name, tier).set_function(lambda tier=tier: engine.kv.tier_bytes_used(tier))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -106,3 +120,23 @@ class Metrics:
 
     def on_session_evicted(self) -> None:
         self.session_evictions.labels(self.model_name).inc()
+
+    def on_tier_event(self, tier: str, event: str, amount: float = 1.0, reason: str = "") -> None:
+        """From the cache tiers' threads (model/cache/tiers.py, disk_tier.py)."""
+        name = self.model_name
+        if event == "hit_blocks":
+            self.tier_hits.labels(name, tier).inc(amount)
+        elif event == "misses":
+            self.tier_misses.labels(name).inc(amount)
+        elif event == "read_bytes":
+            self.tier_read.labels(name, tier).inc(amount)
+        elif event == "written_bytes":
+            self.tier_written.labels(name, tier).inc(amount)
+        elif event == "restore_seconds":
+            self.tier_restore.labels(name).observe(amount)
+        elif event == "invalid_files":
+            self.tier_invalid.labels(name, tier, reason).inc(amount)
+        elif event == "write_error":
+            self.tier_write_errors.labels(name, tier).inc(amount)
+        elif event == "dropped_writes":
+            self.tier_dropped.labels(name, tier).inc(amount)

@@ -27,8 +27,12 @@ def model_card(name: str, max_context: int) -> dict:
 
 
 def session_body(info) -> dict:
-    return {"id": info.session_id, "object": "session", "num_tokens": info.num_tokens, "bytes": info.bytes,
-            "last_used": info.last_used}
+    """`num_tokens`: the conversation's tokens at its last turn; `cached_tokens`: those whose cache a
+    next turn finds; `blocks`: where that cache is (pool: pinned in memory, disk: files of a disk tier);
+    `bytes`: pool memory the pin holds."""
+    return {"id": info.session_id, "object": "session", "num_tokens": info.num_tokens,
+            "cached_tokens": info.cached_tokens, "blocks": {"pool": info.num_pinned_blocks, "disk": info.num_disk_blocks},
+            "bytes": info.bytes, "last_used": info.last_used}
 
 
 def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],

@@ -74,6 +74,13 @@ def add_parser(subparsers) -> None:
     _add(e, "--session-ttl", "seconds an idle session keeps its cache", float, defaults_engine.session_idle_ttl_s)
     _add(e, "--max-session-pinned-fraction", "share of the cache sessions may pin", float,
          defaults_engine.max_session_pinned_fraction)
+    _add(e, "--kv-disk-dir", "directory of a disk tier for the KV cache: session pins and evicted prefix "
+         "blocks are written there behind the engine and restored after a restart, or by another replica "
+         "sharing it (default: off)")
+    _add(e, "--kv-disk-gib", "size bound of --kv-disk-dir in GiB (least recently used files go first)", float,
+         defaults_engine.kv_disk_gib)
+    _add(e, "--kv-host-gib", "host-memory tier between the pool and the disk, in GiB (for GPUs; 0 = off)", float,
+         defaults_engine.kv_host_gib)
     a = p.add_argument_group("http")
     _add(a, "--host", "bind address", default=defaults_api.host)
     _add(a, "--port", "port", int, defaults_api.port)
@@ -136,6 +143,8 @@ def _check(args) -> None:
         raise ValueError("--default-max-tokens must be at least 1")
     if args.session_ttl <= 0:
         raise ValueError("--session-ttl must be positive")
+    if args.kv_disk_gib <= 0 or args.kv_host_gib < 0:
+        raise ValueError("--kv-disk-gib must be positive and --kv-host-gib at least 0")
 
 
 def config_from_args(args) -> ServerConfig:
@@ -151,7 +160,9 @@ def config_from_args(args) -> ServerConfig:
                             max_waiting_requests=args.max_waiting_requests,
                             max_waiting_per_tenant=args.max_waiting_per_tenant, max_sessions=args.max_sessions,
                             session_idle_ttl_s=args.session_ttl,
-                            max_session_pinned_fraction=args.max_session_pinned_fraction),
+                            max_session_pinned_fraction=args.max_session_pinned_fraction,
+                            kv_disk_dir=args.kv_disk_dir or None, kv_disk_gib=args.kv_disk_gib,
+                            kv_host_gib=args.kv_host_gib),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,

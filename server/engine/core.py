@@ -23,6 +23,7 @@ from torch import nn
 
 from model.cache.kv_cache import KVCache
 from model.cache.kv_manager import KVCacheManager
+from model.cache.tiers import CacheTiers
 from server.config import EngineConfig
 from server.engine.errors import CacheTooSmallError, ContextLengthError, InvalidRequestError, QueueFullError
 from server.engine.output import OutputProcessor
@@ -51,8 +52,9 @@ class EngineCore:
         self.eos_token_ids = tuple(sorted({t for t in (eos, *stop_token_ids) if t is not None}))
 
         assert decode_graphs is None or decode_graphs.scratch_block == cache.scratch_block
+        tiers = CacheTiers.open(cache, model, config.kv_disk_dir, config.kv_disk_gib, config.kv_host_gib, observer)
         self.kv = KVCacheManager.for_cache(
-            cache, self.window, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
+            cache, self.window, tiers, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
             max_pinned_fraction=config.max_session_pinned_fraction,
             on_session_evicted=lambda: self.observer.on_session_evicted())
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
@@ -150,7 +152,9 @@ class EngineCore:
         for queried, hit in out.prefix_queries:
             self.observer.on_prefix_cache_query(queried, hit)
         if not out.chunks:
-            self._fail_unschedulable()
+            self._fail_unschedulable(out.restoring)
+            if out.restoring:      # nothing to run until a slower cache tier has read their blocks
+                self.kv.wait_for_restores([seq.blocks for seq in out.restoring], timeout=0.05)
             return True
         now = time.monotonic()
         for chunk in out.chunks:
@@ -211,13 +215,13 @@ class EngineCore:
                                     "(NaN, or -inf everywhere)")
         return token, logprob, None
 
-    def _fail_unschedulable(self) -> None:
-        """Nothing could be scheduled although requests wait: the head of the queue cannot get cache
-        blocks even with nothing running. Fail it rather than spin."""
+    def _fail_unschedulable(self, restoring: list[Sequence]) -> None:
+        """Nothing could be scheduled although requests wait: the first one not waiting for a restore
+        cannot get cache blocks even with nothing running. Fail it rather than spin."""
         with self.lock:
-            if not self.scheduler.running and self.scheduler.waiting:
-                seq = self.scheduler.waiting.peek()
-                self.finish(seq, "error", error="the request does not fit in the free KV cache")
+            waiting = [s for s in self.scheduler.waiting if all(s is not r for r in restoring)]
+            if not self.scheduler.running and waiting:
+                self.finish(waiting[0], "error", error="the request does not fit in the free KV cache")
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None, last: RequestOutput | None = None) -> None:
         """Release what the request holds and send its last output (caller holds `lock`)."""
@@ -243,3 +247,7 @@ class EngineCore:
     def check_integrity(self) -> None:
         with self.lock:
             self.scheduler.check_integrity()
+
+    def close(self) -> None:
+        """The loop has stopped: write what the cache tiers still hold queued and stop their threads."""
+        self.kv.close()

@@ -234,6 +234,7 @@ class Engine:
             log.exception("engine loop died: %s", exc)
             self._die(f"engine failure: {exc}")
         finally:
+            self.core.close()
             self._loop_done.set()
             with self._idle:
                 self._idle.notify_all()

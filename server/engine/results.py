@@ -60,6 +60,9 @@ class EngineObserver(Protocol):
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: ...
     def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
     def on_session_evicted(self) -> None: ...
+    # cache tiers (model/cache/tiers.py): hit_blocks, misses, read_bytes, written_bytes, restore_seconds,
+    # invalid_files (reason), write_error, dropped_writes; called from the tiers' threads
+    def on_tier_event(self, tier: str, event: str, amount: float = 1.0, reason: str = "") -> None: ...
 
 
 class NullObserver:
@@ -68,4 +71,5 @@ class NullObserver:
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: pass
     def on_request_finished(self, stats: FinishedRequestStats) -> None: pass
     def on_session_evicted(self) -> None: pass
+    def on_tier_event(self, tier: str, event: str, amount: float = 1.0, reason: str = "") -> None: pass
 

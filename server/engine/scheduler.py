@@ -11,7 +11,8 @@ prefix reuse.
 
 Everything about blocks goes through the KV manager (`model.cache.kv_manager`): taking a cached
 prefix, making room for a chunk, giving back what a sliding window left behind, registering newly
-full blocks, freeing and pinning. The scheduler never edits a block table.
+full blocks, freeing and pinning. The scheduler never edits a block table. A waiting request whose
+cached prefix the manager is still reading from a slower tier is passed over until it is ready.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     prefix_queries: list[tuple[int, int]] = field(default_factory=list)  # (queried, hit) tokens
+    restoring: list[Sequence] = field(default_factory=list)   # waiting while their prefix is read
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +69,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        if seq.request.session_id is not None:
+            self.kv.begin_session_turn(seq.blocks, seq.request.tenant, seq.request.session_id)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -89,8 +93,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting.peek()
-            if seq.num_computed_tokens == 0:
-                self._reuse_cached_prefix(seq, out)
+            if seq.num_computed_tokens == 0 and not self._reuse_cached_prefix(seq, out):
+                out.restoring.append(self.waiting.pop_head())
+                continue
             num = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq.blocks, seq.num_computed_tokens, num):
                 self._release_blocks(seq)
@@ -100,16 +105,22 @@ class Scheduler:
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
+        for seq in reversed(out.restoring):     # back at the head of their tenants' queues
+            self.waiting.appendleft(seq)
         return out
 
-    def _reuse_cached_prefix(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Start from the longest cached prefix of this request's tokens (its tenant's only)."""
+    def _reuse_cached_prefix(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Start from the longest cached prefix of this request's tokens (its tenant's only); False
+        while the KV manager still reads part of it from a slower tier."""
         request = seq.request
-        seq.num_computed_tokens = self.kv.take_cached_prefix(seq.blocks, seq.all_token_ids, request.tenant,
-                                                             request.session_id)
+        cached = self.kv.take_cached_prefix(seq.blocks, seq.all_token_ids, request.tenant, request.session_id)
+        if cached is None:
+            return False
+        seq.num_computed_tokens = cached
         if seq.num_cached_prompt_tokens is None:
             seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, len(seq.prompt_token_ids))
             out.prefix_queries.append((len(seq.prompt_token_ids), seq.num_cached_prompt_tokens))
+        return True
 
     def _make_room(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate for a running request, preempting the newest running ones until it fits.

@@ -128,7 +128,6 @@ def test_bench_serve_measures_levels_and_sessions_and_records_them(model_dir, tm
 
 
 def test_bench_fairness_keeps_tenant_a_served_while_b_floods(model_dir, tmp_path):
-
     engine = EngineConfig(kv_cache_memory_gib=0.02, max_num_seqs=4, max_waiting_requests=32)
     with InProcessServer(model_dir, api=ApiConfig(api_keys=("key-a", "key-b")), engine_config=engine) as server:
         result = run_bench(tmp_path, "fairness", "--url", server.url, "--key-a", "key-a", "--key-b", "key-b",
@@ -140,3 +139,27 @@ def test_bench_fairness_keeps_tenant_a_served_while_b_floods(model_dir, tmp_path
     assert sum(summary["flood_responses"].values()) >= 6           # every one of B's loops got answers
     assert "### bench fairness" in (tmp_path / "docs" / "benchmarks.md").read_text()
     assert result.returncode == 0
+
+
+def test_bench_disk_tier_restarts_its_servers_and_records_both_figures(model_dir, tmp_path):
+    out = tmp_path / "disk.json"
+    (tmp_path / "docs").mkdir()
+    serve = f"--model {model_dir} --tokenizer {builtin_model_path()} --kv-cache-memory 0.02"
+    result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "disk-tier", "--serve-args", serve,
+                             "--sessions", "2", "--prompt-tokens", "120", "--output-len", "6", "--streams", "2",
+                             "--requests", "3", "--input-len", "40", "--decode-output-len", "6", "--rounds", "1",
+                             "--out", str(out), "--record"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    restart = report["restart"]
+    for row in restart["sessions"]:
+        assert row["same_answer"] and row["cold_cached_tokens"] == 0 and row["blocks_on_disk_before_kill"] > 0
+        assert row["cached_tokens"] >= row["turn1_prompt_tokens"] // 16 * 16 > 0
+        assert abs(row["turn1_prompt_tokens"] - 120) <= 20 < row["turn2_prompt_tokens"] - row["turn1_prompt_tokens"]
+    assert restart["ratio"] == pytest.approx(restart["ttft_warm_s"] / restart["ttft_cold_s"])
+    runs = report["decode"]["runs"]
+    assert [run["tier"] for run in runs] == [False, True] and all(run["errors"] == 0 for run in runs)
+    assert runs[0]["tier_written_bytes"] == 0 < runs[1]["tier_written_bytes"]
+    table = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "### bench disk-tier — " in table and "turn-2 TTFT after SIGKILL + restart" in table
+    assert "| restart-1 | " in table and "| 2 | on | " in table and "load average" in table

@@ -176,9 +176,11 @@ def test_compose_stack_shape():
         devices = gpu["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], "one GPU per replica"
         assert "ports" not in cpu and "ports" not in gpu, "replicas are reached through the router"
+    named = set(compose.get("volumes") or {})
     for service in services.values():
         for volume in service.get("volumes", []):
-            assert (DOCKER / volume.split(":")[0]).exists(), volume
+            source = volume.split(":")[0]
+            assert source in named or (DOCKER / source).exists(), volume
     mounts = services["router"]["volumes"]
     assert "./nginx/router.conf:/etc/nginx/conf.d/router.conf:ro" in mounts
     assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in mounts
@@ -187,6 +189,21 @@ def test_compose_stack_shape():
     assert compose_target.upstreams == tuple(f"{name}:8000" for name in replicas)
     scrape = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     assert scrape[0]["dns_sd_configs"][0]["names"] == ["server"] and scrape[0]["dns_sd_configs"][0]["port"] == 8000
+
+
+def test_every_replica_shares_the_kv_disk_volume():
+    """One named volume holds every replica's disk tier, mounted where CUSTOMLLM_KV_DISK_DIR points,
+    at a path the image creates for the server's user."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert "kv-cache" in compose["volumes"]
+    replicas = [name for name in compose["services"] if re.fullmatch(r"server-\d+(-gpu)?", name)]
+    assert len(replicas) >= 4
+    for name in replicas:
+        service = compose["services"][name]
+        directory = service["environment"]["CUSTOMLLM_KV_DISK_DIR"]
+        assert f"kv-cache:{directory}" in service["volumes"], name
+        assert float(service["environment"]["CUSTOMLLM_KV_DISK_GIB"].split(":-")[-1].rstrip("}")) > 0
+    assert f"install -d -o 10001 -g 10001 -m 0700 {directory}" in (ROOT / "Dockerfile").read_text()
 
 
 def test_compose_file_follows_the_compose_spec():
@@ -312,3 +329,36 @@ def test_kubernetes_server_and_router_shape():
     assert image == compose_image
     version = tuple(int(x) for x in re.search(r"nginx:(\d+)\.(\d+)", image).groups())
     assert version >= (1, 28), "`server ... resolve` needs nginx 1.27.3+ (1.28 is the first stable)"
+
+
+def test_kubernetes_replicas_share_a_read_write_many_kv_volume_or_each_have_their_own():
+    docs = k8s_documents()
+    server = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "customllm")
+    pod = server["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == env["CUSTOMLLM_KV_DISK_DIR"])
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim"
+                 and d["metadata"]["name"] == volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and pod["securityContext"]["fsGroup"] == 10001
+    size_gib = int(claim["spec"]["resources"]["requests"]["storage"].removesuffix("Gi"))
+    assert size_gib > float(env["CUSTOMLLM_KV_DISK_GIB"]), "the claim holds the tier's bound and some slack"
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it builds the per-replica overlay)")
+    built = run(kubectl, "kustomize", str(DOCKER / "k8s-per-replica-kv"))
+    assert built.returncode == 0, built.stderr
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(built.stdout)
+        f.flush()
+        validate = run(tool("kubernetes-validate"), "--strict", f.name)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    overlay = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert not [d for d in overlay if d["kind"] == "PersistentVolumeClaim"]
+    replica = next(d for d in overlay if d["kind"] == "StatefulSet")
+    assert mount["name"] not in [v["name"] for v in replica["spec"]["template"]["spec"].get("volumes", [])]
+    [template] = replica["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == mount["name"] and template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert mount in replica["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]

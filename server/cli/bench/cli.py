@@ -1,4 +1,4 @@
-"""`customllm bench engine|serve`: benchmarks as commands. Each prints a table, writes JSON and
+"""`customllm bench engine|serve|disk-tier`: benchmarks as commands. Each prints a table, writes JSON and
 can append its figures to docs/benchmarks.md (`--record`)."""
 from __future__ import annotations
 
@@ -91,6 +91,23 @@ def add_parser(subparsers) -> None:
     fair.add_argument("--out", default=None, help="JSON result file")
     fair.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     fair.set_defaults(func=run_fairness)
+
+    disk = kinds.add_parser("disk-tier", help="the disk tier: a session's next turn after SIGKILL + restart vs cold, "
+                            "and decode tok/s with the tier on vs off (starts its own servers)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    disk.add_argument("--serve-args", default="", help="extra `customllm serve` arguments, e.g. '--dtype mixed'")
+    disk.add_argument("--sessions", type=int, default=5, help="sessions timed across the restart")
+    disk.add_argument("--prompt-tokens", type=int, default=1500, help="prompt tokens of each session's first turn")
+    disk.add_argument("--output-len", type=int, default=16, help="max_tokens of the session turns")
+    disk.add_argument("--streams", type=int, default=16, help="concurrent streams of the decode comparison")
+    disk.add_argument("--requests", type=int, default=32, help="requests per decode run (each in its own session)")
+    disk.add_argument("--input-len", type=int, default=64, help="prompt words of the decode requests")
+    disk.add_argument("--decode-output-len", type=int, default=64, help="max_tokens of the decode requests")
+    disk.add_argument("--rounds", type=int, default=4, help="pairs of decode runs (ABBA: off, on, on, off, ...)")
+    disk.add_argument("--skip", default="", help="comma list of restart,decode to leave out")
+    disk.add_argument("--out", default=None, help="JSON result file")
+    disk.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    disk.set_defaults(func=run_disk_tier)
 
 
 def _write(result: dict, out: str | None) -> None:
@@ -244,5 +261,41 @@ def run_fairness(args) -> int:
                  f"{flooded['latency_s']['p90'] * 1e3:.0f} |", "",
                  f"- p50 under the flood / alone = {result['p50_ratio']:.2f}× (target ≤ 3×); B's responses: "
                  f"{result['flood_responses']}"]
+        _record(lines)
+    return 0
+
+
+def run_disk_tier(args) -> int:
+    import shlex
+
+    from server.cli.bench.disk_tier_bench import bench_disk_tier
+    result = {"machine": machine_description(), "command": "customllm " + shlex.join(sys.argv[1:])}
+    result.update(bench_disk_tier(shlex.split(args.serve_args), args.sessions, args.prompt_tokens, args.output_len,
+                                  args.streams, args.requests, args.input_len, args.decode_output_len, args.rounds,
+                                  tuple(k for k in args.skip.split(",") if k)))
+    _write(result, args.out)
+    if args.record:
+        load = "load average {:.2f} before, {:.2f} after".format(result["load_before"][0], result["load_after"][0])
+        lines = [f"### bench disk-tier — {time.strftime('%Y-%m-%d')} — {result['machine']}", f"`{result['command']}` "
+                 f"({load})", ""]
+        if "restart" in result:
+            r = result["restart"]
+            lines += ["| session | turn-1 prompt | turn-2 prompt | cached after restart | TTFT warm ms | TTFT cold ms "
+                      "| same answer | load |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {row['session']} | {row['turn1_prompt_tokens']} | {row['turn2_prompt_tokens']} | "
+                      f"{row['cached_tokens']} | {row['ttft_warm_s'] * 1e3:.0f} | {row['ttft_cold_s'] * 1e3:.0f} | "
+                      f"{'yes' if row['same_answer'] else 'NO'} | {row['load_after']:.2f} |" for row in r["sessions"]]
+            lines.append(f"- turn-2 TTFT after SIGKILL + restart: {r['ttft_warm_s'] * 1e3:.0f} ms vs "
+                         f"{r['ttft_cold_s'] * 1e3:.0f} ms cold = **{r['ratio']:.2f}×** (medians)")
+        if "decode" in result:
+            d = result["decode"]
+            lines += ["", "| run | tier | output tok/s | TPOT p50 ms | tier bytes written | errors | load |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {i + 1} | {'on' if run['tier'] else 'off'} | {run['output_tokens_per_s']:.1f} | "
+                      f"{run['tpot_p50_s'] * 1e3:.1f} | {run['tier_written_bytes'] / 2**20:.0f} MiB | {run['errors']} | "
+                      f"{run['load_after']:.2f} |" for i, run in enumerate(d["runs"])]
+            lines.append(f"- decode at {args.streams} streams, sessions written: tier on "
+                         f"{d['tier_on_tokens_per_s']:.1f} vs off {d['tier_off_tokens_per_s']:.1f} tok/s (means) = "
+                         f"**{d['on_over_off']:.3f}×** (medians: {d['median_on_over_off']:.3f}×)")
         _record(lines)
     return 0
