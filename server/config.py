@@ -32,6 +32,7 @@ class EngineConfig:
     max_sessions: int = 1024
     session_idle_ttl_s: float = 1800.0
     max_session_pinned_fraction: float = 0.5
+    grammar_cache_size: int = 256              # compiled grammars kept (LRU by schema text)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ApiConfig:
     default_max_tokens: int | None = None      # None: 512 for chat, 16 for completions (within the context)
     public_docs: bool = False                  # /docs, /redoc, /openapi.json without an API key
     header_timeout_s: float = 10.0             # a request's line and headers must arrive within this
+    grammar_compile_timeout_s: float = 10.0    # a structured-output grammar must compile within this
     shutdown_grace_s: float = 30.0
     log_requests: bool = True
 

@@ -150,7 +150,7 @@ class EngineCore:
             block_size = self.kv.block_size
             logits = self.runner.execute([c.sequence_chunk(block_size) for c in out.chunks])  # [N, V]
             rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
-                                c.seq.generator, self.eos_token_ids) for c in sampling]
+                                c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in sampling]
             sampled = self.sampler(logits, rows) if rows else None
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
             log.exception("engine step failed: %s", exc)
