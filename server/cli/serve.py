@@ -71,6 +71,8 @@ def add_parser(subparsers) -> None:
     _add(e, "--session-ttl", "seconds an idle session keeps its cache", float, defaults_engine.session_idle_ttl_s)
     _add(e, "--max-session-pinned-fraction", "share of the cache sessions may pin", float,
          defaults_engine.max_session_pinned_fraction)
+    _add(e, "--grammar-cache-size", "compiled structured-output grammars kept (LRU by schema)", int,
+         defaults_engine.grammar_cache_size)
     a = p.add_argument_group("http")
     _add(a, "--host", "bind address", default=defaults_api.host)
     _add(a, "--port", "port", int, defaults_api.port)
@@ -93,6 +95,9 @@ def add_parser(subparsers) -> None:
          defaults_api.shutdown_grace_s)
     _add(a, "--header-timeout", "seconds a client has to send a request's line and headers (slow or stalled "
          "clients are disconnected)", float, defaults_api.header_timeout_s)
+    _add(a, "--grammar-compile-timeout", "seconds a structured-output grammar (JSON schema, regex, grammar, tool "
+         "arguments) may take to compile before the request is refused with a 400", float,
+         defaults_api.grammar_compile_timeout_s)
     _add(a, "--public-docs", "serve /docs, /redoc and /openapi.json without an API key", bool, defaults_api.public_docs)
     _add(a, "--log-requests", "log one line per HTTP request", bool, defaults_api.log_requests)
     _add(a, "--log-level", "logging level", default="info")
@@ -124,13 +129,16 @@ def _check(args) -> None:
     for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_sequences_per_request", 1),
                           ("max_stop_strings", 0), ("max_stop_chars", 1), ("max_logit_bias", 0), ("max_tokens_limit", 1),
                           ("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
-                          ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0)):
+                          ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0),
+                          ("grammar_cache_size", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}")
     if args.default_max_tokens is not None and args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
     if args.session_ttl <= 0:
         raise ValueError("--session-ttl must be positive")
+    if args.grammar_compile_timeout <= 0:
+        raise ValueError("--grammar-compile-timeout must be positive")
 
 
 def config_from_args(args) -> ServerConfig:
@@ -145,7 +153,8 @@ def config_from_args(args) -> ServerConfig:
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests, max_sessions=args.max_sessions,
                             session_idle_ttl_s=args.session_ttl,
-                            max_session_pinned_fraction=args.max_session_pinned_fraction),
+                            max_session_pinned_fraction=args.max_session_pinned_fraction,
+                            grammar_cache_size=args.grammar_cache_size),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,
@@ -153,6 +162,7 @@ def config_from_args(args) -> ServerConfig:
                       max_logit_bias=args.max_logit_bias, max_tokens_limit=args.max_tokens_limit,
                       default_max_tokens=args.default_max_tokens, shutdown_grace_s=args.shutdown_grace,
                       header_timeout_s=args.header_timeout, public_docs=args.public_docs,
+                      grammar_compile_timeout_s=args.grammar_compile_timeout,
                       log_requests=args.log_requests))
 
 
