@@ -27,7 +27,7 @@ from server.api.metrics import Metrics
 from server.api.chat import prepare_chat
 from server.api.prompts import encode, render_chat, resolve_max_tokens
 from server.api.responses import ChatShaper, CompletionShaper, model_card, new_id, session_body
-from server.api.responses_api import STATELESS, ResponsesRequest
+from server.api.responses_api import STATELESS, ResponsesRequest, responses_error
 from server.api.responses_events import ResponsesShaper, response_events
 from server.api.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                 check_messages, valid_session_id)
@@ -207,11 +207,13 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
                         eng=Depends(running)):
         check_model(eng, body.model)
         session = session_of(request, body.session_id)
-        chat_body = body.to_chat()
-        chat = await until_disconnect(request, prepare_chat(eng, chat_body, api, None))
-        base_id = new_id("resp")
-        gens, firsts = await until_disconnect(request, submit_all(
-            eng, fan_out(base_id, [chat.prompt_ids], [chat.params], 1, tenant, session), "input"))
+        try:
+            chat = await until_disconnect(request, prepare_chat(eng, body.to_chat(), api, None))
+            base_id = new_id("resp")
+            gens, firsts = await until_disconnect(request, submit_all(
+                eng, fan_out(base_id, [chat.prompt_ids], [chat.params], 1, tenant, session), "input"))
+        except ApiError as exc:
+            raise responses_error(exc) from None
         shaper = ResponsesShaper(base_id, eng.model_name, body, chat.tools, len(chat.prompt_ids))
         if body.stream:
             return response_events(shaper, gens[0], firsts[0])

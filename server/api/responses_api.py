@@ -32,6 +32,23 @@ REFUSED_FIELDS = (
 )
 
 
+# a chat field named in an error → the Responses field the client sent
+RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+                    "response_format": "text.format", "reasoning_effort": "reasoning"}
+
+
+def responses_error(exc: ApiError) -> ApiError:
+    """An error of the chat path, naming the Responses field instead of the chat one."""
+    param = exc.param
+    if param is not None:
+        head, _, rest = param.partition(".")
+        param = RESPONSES_PARAMS.get(head, head) + (f".{rest}" if rest else "")
+    message = exc.message
+    if exc.param and message.startswith(f"{exc.param}:"):
+        message = f"{param}:{message[len(exc.param) + 1:]}"
+    return ApiError(exc.status, message, param, exc.code, exc.headers)
+
+
 class InputText(Schema):
     type: Literal["input_text", "output_text", "text"]
     text: Text

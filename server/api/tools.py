@@ -159,7 +159,8 @@ class ParsedCall:
 class ToolCallParser:
     """Splits streamed output text into content and tool calls. `feed(text)` returns the new events,
     ("content", str) or ("call", ParsedCall); text that may still become `<tool_call>` is held back,
-    and so is whitespace, which is dropped if the message ends with calls. A block that is not a
+    and so is trailing whitespace, which is dropped when a call follows or the message ends with
+    calls (so the same text gives the same content streamed or whole). A block that is not a
     call of a known function stays content. Without `parallel`, calls after the first are dropped."""
 
     def __init__(self, names: set[str], parallel: bool = True):
@@ -171,13 +172,14 @@ class ToolCallParser:
         self.blank = ""          # whitespace held back
 
     def _content(self, text: str, events: list) -> None:
+        """Emit content, holding back its trailing whitespace (dropped if a call follows)."""
         if not text:
             return
-        if not text.strip():
-            self.blank += text
-            return
-        events.append(("content", self.blank + text))
-        self.blank = ""
+        body = text.rstrip()
+        if body:
+            events.append(("content", self.blank + body))
+            self.blank = ""
+        self.blank += text[len(body):]
 
     def _call(self, body: str, events: list) -> None:
         call = self._parse(body)

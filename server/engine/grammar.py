@@ -53,7 +53,11 @@ class GrammarSpec:
 
 
 class _VocabularyView:
-    """What `llguidance.TokenizerWrapper` reads: token bytes, special ids, an encoder."""
+    """What `llguidance.TokenizerWrapper` reads: token bytes, special ids, and an encoder, which
+    llguidance uses to turn text the grammar forces into tokens. The encoder must give tokens
+    whose bytes are that text: the tokenizer's own encoding when it does (no special token, no
+    `<unk>`, no normalizer change), else the longest-match tokenization over the byte view (as
+    far as the vocabulary can spell the text)."""
 
     def __init__(self, tokenizer, tokens: list[bytes], special_ids, eos_id: int | None):
         self._tokenizer = tokenizer
@@ -61,11 +65,39 @@ class _VocabularyView:
         self.special_token_ids = sorted(special_ids)
         self.eos_token_id = eos_id
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        self._special = frozenset(special_ids)
+        self._by_bytes: dict[bytes, int] | None = None
 
     def __call__(self, text) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return [t for t in self._tokenizer.encode(text) if 0 <= t < len(self.tokens)]
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        try:
+            ids = self._tokenizer.encode(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            ids = None
+        if ids is not None and all(0 <= i < len(self.tokens) and i not in self._special for i in ids) \
+                and b"".join(self.tokens[i] for i in ids) == data:
+            return ids
+        return self._longest_match(data)
+
+    def _longest_match(self, data: bytes) -> list[int]:
+        if self._by_bytes is None:
+            by_bytes: dict[bytes, int] = {}
+            for token_id, token in enumerate(self.tokens):
+                if token and token_id not in self._special:
+                    by_bytes.setdefault(token, token_id)
+            self._by_bytes = by_bytes
+        longest = max(map(len, self._by_bytes), default=0)
+        ids, at = [], 0
+        while at < len(data):
+            for size in range(min(longest, len(data) - at), 0, -1):
+                token_id = self._by_bytes.get(data[at:at + size])
+                if token_id is not None:
+                    ids.append(token_id)
+                    at += size
+                    break
+            else:
+                return ids              # the vocabulary cannot spell the rest
+        return ids
 
 
 class Grammar:
@@ -84,14 +116,20 @@ class Grammar:
 
 class GrammarState:
     """One request's position in its grammar. Call `next_mask` for the packed mask of the token to
-    sample ([words] int32, bit j of word i = token 32 i + j allowed), then `advance` with it."""
+    sample ([words] int32, bit j of word i = token 32 i + j allowed), then `advance` with it.
+
+    The matcher is only touched on the engine thread, and never while its next mask is being
+    computed in the background (llguidance holds it then): `done` and `error` are plain fields
+    updated by `advance` and `next_mask`. An llguidance failure becomes `error`, never an exception
+    in the engine loop."""
 
     def __init__(self, matcher: llg.LLMatcher, compiler: "GrammarCompiler"):
         self.matcher = matcher
         self.words = compiler.mask_words
         self._executor = compiler.mask_executor
         self._pending: Future | None = None
-        self.error: str | None = None
+        self.done = False                   # complete: nothing may follow
+        self.error: str | None = None       # a dead end (or an llguidance failure)
 
     def _compute(self) -> np.ndarray:
         mask = np.zeros(self.words, dtype=np.int32)
@@ -100,31 +138,38 @@ class GrammarState:
 
     def prefetch(self) -> None:
         """Start computing the next mask in the background."""
-        if self._pending is None and not self.matcher.is_stopped():
+        if self._pending is None and not (self.done or self.error):
             self._pending = self._executor.submit(self._compute)
 
-    def next_mask(self) -> np.ndarray:
-        """[words] int32: the tokens allowed next. When the grammar reached a dead end (no token of
-        the vocabulary continues it) only end-of-sequence is allowed and `error` says why."""
+    def _settle(self) -> np.ndarray | None:
+        """The background mask, once computed (None if none was pending)."""
         pending, self._pending = self._pending, None
-        mask = pending.result() if pending is not None else self._compute()
-        if self.matcher.is_error():
-            self.error = f"the grammar cannot continue: {_reason(self.matcher.get_error())}"
-        return mask
+        return pending.result() if pending is not None else None
+
+    def next_mask(self) -> np.ndarray:
+        """[words] int32: the tokens allowed next. At a dead end (no token of the vocabulary
+        continues the grammar) only end-of-sequence is allowed and `error` says why."""
+        try:
+            mask = self._settle()
+            if mask is None:
+                mask = self._compute()
+            if self.matcher.is_error() and self.error is None:
+                self.error = f"the grammar cannot continue: {_reason(self.matcher.get_error())}"
+            return mask
+        except Exception as exc:  # noqa: BLE001 - an llguidance failure ends this request, not the engine
+            self.error = f"the grammar failed: {exc}"
+            return np.full(self.words, -1, dtype=np.int32)
 
     def advance(self, token: int) -> None:
         """Consume a sampled token and start on the next mask."""
-        if self._pending is not None:          # the mask of a step whose sample was discarded
-            self._pending.result()
-            self._pending = None
-        if not self.matcher.consume_token(token) and self.error is None:
-            self.error = f"the grammar cannot continue: {_reason(self.matcher.get_error())}"
+        try:
+            self._settle()                  # a mask still in flight (its sample may have been discarded)
+            if not self.matcher.consume_token(token) and self.error is None:
+                self.error = f"the grammar cannot continue: {_reason(self.matcher.get_error())}"
+            self.done = self.matcher.is_stopped()
+        except Exception as exc:  # noqa: BLE001 - see next_mask
+            self.error = f"the grammar failed: {exc}"
         self.prefetch()
-
-    @property
-    def done(self) -> bool:
-        """Nothing can follow: the grammar is complete (or broken, then `error` is set)."""
-        return self.matcher.is_stopped()
 
 
 class GrammarCompiler:
@@ -170,6 +215,8 @@ class GrammarCompiler:
         if matcher.is_error():
             raise GrammarError(_reason(matcher.get_error()))
         first = np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)
+        if matcher.is_error() and "NoExtension" in matcher.get_error():
+            raise GrammarError("no token of this model's vocabulary can start this grammar")
         if matcher.is_error():
             raise GrammarError(_reason(matcher.get_error()))
         if not first.any():
@@ -210,5 +257,7 @@ def grammar_text(spec: GrammarSpec) -> str:
 def _reason(message: str, limit: int = 600) -> str:
     """llguidance's error without the parser state and grammar it appends, on one line."""
     message = message.split("<state>")[0].split("<grammar>")[0]
+    if message.strip().startswith("NoExtension"):
+        return "no token of this model's vocabulary continues it"
     reason = " ".join(message.split()) or "invalid grammar"
     return reason if len(reason) <= limit else reason[:limit] + "…"
