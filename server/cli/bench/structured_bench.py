@@ -70,8 +70,12 @@ async def _answers(engine, samples: int, temperature: float, max_tokens: int, se
             row["valid"] = True
         except (ValueError, jsonschema.ValidationError) as exc:
             row["why"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        done.append(row["valid"])
+        if len(done) % 20 == 0:
+            log.info("%d answers, %d valid", len(done), sum(done))
         return row
 
+    done: list[bool] = []
     jobs = [(name, prompt, schema, sample) for name, prompt, schema in SCHEMAS for sample in range(samples)]
     return await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
 
