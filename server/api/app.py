@@ -33,6 +33,7 @@ from server.api.schemas import (ChatCompletionRequest, CompletionRequest, Detoke
                                 check_messages, valid_session_id)
 from server.api.streaming import collect, fan_out, respond, submit_all, until_disconnect
 from server.api.structured import compile_grammar, structured_outputs_spec
+from server.api.tools import ToolPlan, template_messages
 from server.config import ApiConfig
 
 log = logging.getLogger("customllm.api")
@@ -132,8 +133,9 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
             raise ApiError(400, "give exactly one of `prompt` and `messages`", param="prompt")
         if body.messages is not None:
             check_messages(body.messages)
-        text = body.prompt if body.prompt is not None else render_chat(
-            eng, [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt)
+        text = body.prompt if body.prompt is not None else render_chat(eng, template_messages(
+            body.messages, ToolPlan([], "none"), eng.chat_template is not None and eng.chat_template.takes("tools")),
+            body.add_generation_prompt)
         tokens = await encode(eng, text, "prompt" if body.prompt is not None else "messages")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": eng.max_context}
 

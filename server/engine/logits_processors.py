@@ -112,19 +112,20 @@ class MinTokens:
         return logits
 
 
-def unpack_token_mask(packed: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[N, W] int32 packed masks (bit j of word i: token 32 i + j) → [N, vocab] bool, on packed's device."""
+def unpack_token_mask(packed: torch.Tensor, vocab: int, allowed: bool = True) -> torch.Tensor:
+    """[N, W] int32 packed masks (bit j of word i: token 32 i + j) → [N, vocab] bool, on packed's
+    device: the allowed tokens, or with `allowed=False` the others."""
     shifts = torch.arange(32, dtype=torch.int32, device=packed.device)                       # [32]
     bits = (packed.unsqueeze(-1) >> shifts) & 1                                               # [N, W, 32]
-    return bits.flatten(1)[:, :vocab].bool()                                                  # [N, V]
+    return (bits if allowed else bits == 0).flatten(1)[:, :vocab].bool()                      # [N, V]
 
 
 class GrammarMask:
     """Structured outputs: each constrained row keeps only the tokens its grammar allows next. The
     packed masks of those rows ([G, V / 32] int32, computed on the host by llguidance, usually
-    already in the background) cross to the device in one transfer and are unpacked there. A row
-    whose every allowed token an earlier processor set to -inf samples uniformly among the allowed
-    ones rather than from nothing."""
+    already in the background) cross to the device in one transfer and are unpacked there; the
+    other tokens are set to -inf in place. A row whose `min_tokens` mask may have removed every
+    token its grammar allows samples uniformly among those rather than from nothing."""
 
     def wants(self, row: "SamplingRow") -> bool:
         return row.grammar is not None
@@ -135,18 +136,20 @@ class GrammarMask:
         packed = torch.from_numpy(np.stack([rows[i].grammar.next_mask() for i in index]))   # [G, W] host
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        allowed = unpack_token_mask(packed.to(device), vocab)                                 # [G, V]
+        banned = unpack_token_mask(packed.to(device), vocab, allowed=False)                   # [G, V]
         whole = len(index) == len(rows)
-        picked = logits if whole else logits[torch.tensor(index, device=device)]              # [G, V]
-        masked = picked.masked_fill(~allowed, float("-inf"))
-        stranded = masked.amax(-1, keepdim=True) == float("-inf")                            # [G, 1]
-        masked = torch.where(stranded & allowed, torch.zeros_like(masked), masked)
-        if whole:
-            return masked
-        logits[torch.tensor(index, device=device)] = masked
+        rows_at = None if whole else torch.tensor(index, device=device)
+        picked = logits if whole else logits[rows_at]                                         # [G, V]
+        picked.masked_fill_(banned, float("-inf"))
+        if any(_MIN_TOKENS.wants(rows[i]) for i in index):
+            stranded = picked.amax(-1, keepdim=True) == float("-inf")                        # [G, 1]
+            picked.masked_fill_(stranded & ~banned, 0.0)
+        if not whole:
+            logits[rows_at] = picked
         return logits
 
 
+_MIN_TOKENS = MinTokens()
 PENALTIES: tuple[LogitsProcessor, ...] = (RepetitionPenalty(), PresenceFrequencyPenalty(), LogitBias())
 DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (*PENALTIES, MinTokens(), GrammarMask())
 

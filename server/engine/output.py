@@ -53,8 +53,10 @@ class OutputProcessor:
             text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push([token]))
             if stopped_by_string:
                 finish_reason = "stop"
-        if grammar is not None and finish_reason is None and (grammar.done or grammar.error):
-            finish_reason = "error" if grammar.error else "stop"
+        if grammar is not None and grammar.error:
+            finish_reason = "error"             # a dead end: even the end-of-sequence it allowed is no answer
+        elif grammar is not None and grammar.done and finish_reason is None:
+            finish_reason = "stop"
         if finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
                                       or seq.num_tokens >= self.max_context):
             finish_reason = "length"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,7 +15,7 @@ import torch
 from model.config import preset
 from model.text.seed_tokenizers import CharFallbackTokenizer, smart_bpe_tokenizer
 from model.text.token_bytes import NoByteView, token_bytes
-from model.text.tokenizer import TextTokenizer, load_tokenizer
+from model.text.tokenizer import load_tokenizer
 from server.api.structured import json_spec
 from server.engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from server.engine.logits_processors import GrammarMask, MinTokens, apply_logits_processors, unpack_token_mask
@@ -175,6 +174,25 @@ def test_a_constrained_request_cut_by_max_tokens_returns_what_it_generated_with_
         (outputs, text, tokens), = _generate(engine, grammar, n=1, max_tokens=5)
         assert outputs[-1].finish_reason == "length" and len(tokens) == 5
         assert text.startswith('{"name": "'[:len(text)]) and outputs[-1].error is None
+    finally:
+        engine.stop()
+
+
+def test_a_grammar_the_vocabulary_cannot_finish_ends_the_request_with_an_error():
+    """SmartLLM's character file has no "€": after "a" the grammar is at a dead end."""
+    from server.engine.engine import Engine
+    from server.config import EngineConfig
+    from tests.helpers import make_cache, perturbed_model
+
+    config = preset("smart-llm-tiny").replace(vocab_size=263)
+    engine = Engine(perturbed_model(config, std=0.2), make_cache(config, 64, 4), char_tokenizer(),
+                    EngineConfig(block_size=4), model_name="t")
+    engine.start()
+    try:
+        grammar = engine.grammars.compile(GrammarSpec("choice", json.dumps(["a€"])))
+        (outputs, text, _), = _generate(engine, grammar, n=1, max_tokens=10)
+        assert outputs[-1].finish_reason == "error" and "cannot continue" in outputs[-1].error
+        assert text == "a"
     finally:
         engine.stop()
 
