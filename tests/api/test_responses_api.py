@@ -105,3 +105,22 @@ def test_what_a_stateless_text_server_refuses(long_server, body, param):
     stored = httpx.get(f"{long_server.url}/v1/responses/resp_123", timeout=10)
     assert_openai_error(stored, 404)
     assert "stateless" in stored.json()["error"]["message"]
+
+
+def test_the_clients_stream_helpers_accumulate_our_events(long_server, long_client):
+    """`responses.stream` and `chat.completions.stream` rebuild the final objects from the events
+    and chunks, which needs their shapes and order to be OpenAI's."""
+    name = long_server.engine.model_name
+    with long_client.responses.stream(model=name, input="Weather?", tools=[TOOL], tool_choice="required",
+                                      max_output_tokens=120, temperature=1.0) as stream:
+        final = stream.get_final_response()
+    assert final.output and all(item.type == "function_call" for item in final.output)
+    with long_client.responses.stream(model=name, input="Rate this.", text_format=Answer, max_output_tokens=120) as s:
+        assert isinstance(s.get_final_response().output_parsed, Answer)
+    chat_tools = [{"type": "function", "function": {"name": TOOL["name"], "parameters": TOOL["parameters"],
+                                                    "strict": True}}]
+    with long_client.chat.completions.stream(model=name, messages=[{"role": "user", "content": "Weather?"}],
+                                             tools=chat_tools, tool_choice="required", max_tokens=120) as stream:
+        completion = stream.get_final_completion()
+    calls = completion.choices[0].message.tool_calls
+    assert calls and calls[0].function.parsed_arguments["city"] is not None
