@@ -78,8 +78,9 @@ class ToolPlan:
         return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools]
 
     def grammar_spec(self) -> GrammarSpec | None:
-        """The Lark grammar for "required" and a named function: the calls, each naming one of the
-        allowed functions, its arguments following that function's parameter schema."""
+        """The Lark grammar for "required" and a named function: the calls (one for a named function
+        or without `parallel`), each naming an allowed function, its arguments following that
+        function's parameter schema."""
         if self.choice not in ("required", "named"):
             return None
         functions = [t.function for t in self.tools if self.choice == "required" or t.function.name == self.named]
@@ -92,7 +93,8 @@ class ToolPlan:
             rules.append(f"fn_{index}: {json.dumps(head)} args_{index} {json.dumps('}' + chr(10) + CLOSE)}")
             rules.append(f"args_{index}: %json {json.dumps(schema)}")
         calls = " | ".join(f"fn_{i}" for i in range(len(functions)))
-        start = 'start: call ("\\n" call)*' if self.parallel else "start: call"
+        several = self.parallel and self.choice == "required"      # a named function is called once, as OpenAI
+        start = 'start: call ("\\n" call)*' if several else "start: call"
         return GrammarSpec("lark", "\n".join([start, f"call: {calls}", *rules]))
 
     def finish_reason(self, reason: str | None, has_calls: bool) -> str | None:

@@ -95,6 +95,8 @@ def test_the_forcing_grammar_accepts_the_format_and_names_only_allowed_functions
              call_text("get_time", {}) + "\n" + call_text("get_time", {}))]:
         lark = grammar_text(plan.grammar_spec())
         assert _matches(lark, good) and not _matches(lark, bad), (plan, good, bad)
+    named = grammar_text(ToolPlan(two, "named", "get_time").grammar_spec())
+    assert not _matches(named, call_text("get_time", {}) + "\n" + call_text("get_time", {}))   # once, as OpenAI
 
 
 def _matches(grammar: str, text: str) -> bool:
