@@ -139,7 +139,10 @@ class GrammarState:
     def prefetch(self) -> None:
         """Start computing the next mask in the background."""
         if self._pending is None and not (self.done or self.error):
-            self._pending = self._executor.submit(self._compute)
+            try:
+                self._pending = self._executor.submit(self._compute)
+            except RuntimeError:            # the engine is stopping: next_mask computes it then
+                self._pending = None
 
     def _settle(self) -> np.ndarray | None:
         """The background mask, once computed (None if none was pending)."""

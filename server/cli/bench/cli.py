@@ -65,12 +65,15 @@ def add_parser(subparsers) -> None:
     structured = kinds.add_parser("structured", help="JSON-schema outputs: compile times and validity of sampled "
                                   "answers for ten schemas", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     structured.add_argument("--model", default=None, help="checkpoint or .gguf (default: the built-in model)")
+    structured.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
     structured.add_argument("--dtype", default="auto", help="as `serve --dtype`")
     structured.add_argument("--samples", type=int, default=20, help="answers per schema")
     structured.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     structured.add_argument("--max-tokens", type=int, default=512, help="max_tokens of each answer (the chat default)")
     structured.add_argument("--compile-rounds", type=int, default=20, help="times each schema is compiled from scratch")
     structured.add_argument("--max-num-seqs", type=int, default=32, help="most answers decoded together")
+    structured.add_argument("--max-string-length", type=int, default=None,
+                            help="give string schemas without maxLength this one (free text of a small model)")
     structured.add_argument("--out", default=None, help="JSON result file (with every answer)")
     structured.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     structured.set_defaults(func=run_structured)
@@ -150,8 +153,8 @@ def run_engine(args) -> int:
 def run_structured(args) -> int:
     from server.cli.bench.structured_bench import bench_structured
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = bench_structured(args.model, args.dtype, args.samples, args.temperature, args.max_tokens,
-                              args.compile_rounds, args.max_num_seqs)
+    result = bench_structured(args.model, args.tokenizer, args.dtype, args.samples, args.temperature,
+                              args.max_tokens, args.compile_rounds, args.max_num_seqs, args.max_string_length)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     _write(result, args.out)
@@ -159,7 +162,7 @@ def run_structured(args) -> int:
         compile_ = result["compile"]
         lines = [f"### bench structured — {time.strftime('%Y-%m-%d')} — {result['machine']}",
                  f"`{result['command']}` — {result['model']}, {result['dtype']}, temperature {result['temperature']}, "
-                 f"max_tokens {result['max_tokens']}", "",
+                 f"max_tokens {result['max_tokens']}, string maxLength added: {result['max_string_length']}", "",
                  f"- valid (parses and validates against its schema): **{result['valid']} / {result['total']}** "
                  f"({result['wall_s']:.0f} s, {result['mean_tokens']:.0f} tokens per answer on average; finish "
                  "reasons " + ", ".join(f"{k} {v}" for k, v in result["finish_reasons"].items()) + ")",

@@ -129,35 +129,52 @@ def _time_to_first_token(engine, prompt_len: int) -> dict:
 
 def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int, output_len: int,
              bandwidth: float, grammar=None) -> dict:
+    """Per batch size: the median decode step. With a grammar, unconstrained and constrained runs
+    alternate plain, json, json, plain (drift in the machine's load cancels out) and each mode's
+    steps are pooled."""
     torch_device = engine.device
     cache_dtype_bytes = engine.cache.layers[0].element_size()
     rows = []
-    for batch_size, constrained in [(b, c) for b in batch_sizes for c in ((False, True) if grammar else (False,))]:
-        log.info("batch %d%s: %d prompt tokens, %d new tokens each", batch_size, " (json schema)" if constrained else "",
-                 context_len, output_len)
-        timer.take()
-        started = time.perf_counter()
-        asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size,
-                               grammar=grammar if constrained else None))
-        wall = time.perf_counter() - started
-        durations = decode_step_seconds(timer.take(), batch_size)
-        if not durations:
-            raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
-                             "or --kv-cache-memory (or use a schema with longer answers)")
-        step = statistics.median(durations)
-        mean_context = context_len + output_len // 2
-        bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
-                          + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
-        floor_step = bytes_per_step / bandwidth
-        rows.append({
-            "batch_size": batch_size, "json_schema": constrained, "decode_tokens_per_s": batch_size / step,
-            "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
-            "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
-            "fraction_of_bandwidth_floor": floor_step / step,
-        })
-        log.info("batch %d: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
-                 batch_size / step, step * 1e3, floor_step * 1e3, 100 * floor_step / step)
+    order = (False, True, True, False) if grammar else (False,)
+    for batch_size in batch_sizes:
+        pooled: dict[bool, list[float]] = {False: [], True: []}
+        walls: dict[bool, float] = {False: 0.0, True: 0.0}
+        for run, constrained in enumerate(order):
+            log.info("batch %d%s: %d prompt tokens, %d new tokens each", batch_size,
+                     " (json schema)" if constrained else "", context_len, output_len)
+            timer.take()
+            started = time.perf_counter()
+            asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size * 10 + run,
+                                   grammar=grammar if constrained else None))
+            walls[constrained] += time.perf_counter() - started
+            pooled[constrained] += decode_step_seconds(timer.take(), batch_size)
+        for constrained in sorted(set(order)):
+            rows.append(_row(engine, batch_size, constrained, pooled[constrained], walls[constrained], context_len,
+                             output_len, bandwidth, cache_dtype_bytes))
     return {"model": engine.model_name, "device": str(torch_device),
             "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
             "output_len": output_len, "threads": torch.get_num_threads(),
             "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
+
+
+def _row(engine, batch_size: int, constrained: bool, durations: list[float], wall: float, context_len: int,
+         output_len: int, bandwidth: float, cache_dtype_bytes: int) -> dict:
+    if not durations:
+        raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
+                         "or --kv-cache-memory (or use a schema with longer answers)")
+    step = statistics.median(durations)
+    mean_context = context_len + output_len // 2
+    bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
+                      + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
+    floor_step = bytes_per_step / bandwidth
+    row = {
+        "batch_size": batch_size, "json_schema": constrained, "decode_tokens_per_s": batch_size / step,
+        "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
+        "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
+        "fraction_of_bandwidth_floor": floor_step / step,
+    }
+    log.info("batch %d%s: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
+             " (json schema)" if constrained else "", batch_size / step, step * 1e3, floor_step * 1e3,
+             100 * floor_step / step)
+    return row
+

@@ -6,7 +6,10 @@
 - Validity: `samples` chat answers per schema at `temperature` through the real engine (all at
   once, continuous batching), each constrained by its schema as the API would (`json_spec`): the
   share that parses as JSON and validates against the schema as given (`jsonschema`), and why the
-  others did not (finish reason, error).
+  others did not (finish reason, error). A small model sampled at temperature 1 can ramble inside
+  a free-text string until `max_tokens` cuts it: `max_string_length` gives every string without a
+  `maxLength` one (as schemas for small models often do); validity is still checked against the
+  schemas as written.
 """
 from __future__ import annotations
 
@@ -27,6 +30,21 @@ from server.engine.request import GenerationRequest, SamplingParams
 from server.executor.build import build_engine
 
 log = logging.getLogger("customllm.bench")
+
+
+def cap_strings(schema, limit: int | None):
+    """A copy of `schema` whose string schemas without `maxLength` (and without a pattern, enum or
+    const, which shape them already) get `maxLength: limit` (None: unchanged)."""
+    if limit is None:
+        return schema
+    if isinstance(schema, list):
+        return [cap_strings(s, limit) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: cap_strings(v, limit) if isinstance(v, (dict, list)) else v for k, v in schema.items()}
+    if out.get("type") == "string" and not any(k in out for k in ("maxLength", "pattern", "enum", "const")):
+        out["maxLength"] = limit
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -55,10 +73,11 @@ def compile_times(engine, rounds: int) -> dict:
             "median_ms_per_schema": {name: statistics.median(times) * 1e3 for name, times in per_schema.items()}}
 
 
-async def _answers(engine, samples: int, temperature: float, max_tokens: int, seed: int) -> list[dict]:
+async def _answers(engine, samples: int, temperature: float, max_tokens: int, seed: int,
+                   max_string_length: int | None) -> list[dict]:
     async def one(index: int, name: str, prompt: str, schema: dict, sample: int) -> dict:
         text = engine.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        grammar = engine.grammars.compile(json_spec(schema))
+        grammar = engine.grammars.compile(json_spec(cap_strings(schema, max_string_length)))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + index, grammar=grammar)
         request = GenerationRequest(f"structured-{name}-{sample}", engine.tokenizer.encode(text), params)
         outputs = [out async for out in engine.generate(request)]
@@ -80,14 +99,16 @@ async def _answers(engine, samples: int, temperature: float, max_tokens: int, se
     return await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
 
 
-def bench_structured(model: str | None, dtype: str, samples: int, temperature: float, max_tokens: int,
-                     rounds: int, max_num_seqs: int, seed: int = 0) -> dict:
-    engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, dtype=dtype),
+def bench_structured(model: str | None, tokenizer: str | None, dtype: str, samples: int, temperature: float,
+                     max_tokens: int, rounds: int, max_num_seqs: int, max_string_length: int | None = None,
+                     seed: int = 0) -> dict:
+    engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, tokenizer=tokenizer, dtype=dtype),
                                        engine=EngineConfig(max_num_seqs=max_num_seqs,
                                                            max_waiting_requests=samples * len(SCHEMAS) + 1)),
                           start=False)
     result: dict = {"model": engine.model_name, "dtype": str(engine.cache.dtype).removeprefix("torch."),
-                    "samples_per_schema": samples, "temperature": temperature, "max_tokens": max_tokens}
+                    "samples_per_schema": samples, "temperature": temperature, "max_tokens": max_tokens,
+                    "max_string_length": max_string_length}
     errors: list[BaseException] = []
 
     def drive() -> None:
@@ -97,7 +118,7 @@ def bench_structured(model: str | None, dtype: str, samples: int, temperature: f
             result["compile"] = compile_times(engine, rounds)
             log.info("compile: p50 %.2f ms, p99 %.2f ms", result["compile"]["p50_ms"], result["compile"]["p99_ms"])
             started = time.perf_counter()
-            rows = asyncio.run(_answers(engine, samples, temperature, max_tokens, seed))
+            rows = asyncio.run(_answers(engine, samples, temperature, max_tokens, seed, max_string_length))
             result["wall_s"] = time.perf_counter() - started
             result["answers"] = rows
             result["valid"] = sum(r["valid"] for r in rows)
