@@ -253,7 +253,7 @@ def grammar_text(spec: GrammarSpec) -> str:
         return llg.LLMatcher.grammar_from_lark(spec.source)
     except GrammarError:
         raise
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a client's grammar text makes llguidance raise is a 400
         raise GrammarError(_reason(str(exc))) from None
 
 
