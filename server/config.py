@@ -36,6 +36,7 @@ class EngineConfig:
     kv_disk_dir: str | None = None             # a disk tier for cache blocks and sessions (None: off)
     kv_disk_gib: float = 10.0                  # its size bound
     kv_host_gib: float = 0.0                   # a host-memory tier between the pool and the disk (0: off)
+    grammar_cache_size: int = 256              # compiled grammars kept (LRU by schema text)
 
     @property
     def waiting_per_tenant_limit(self) -> int:
@@ -62,6 +63,7 @@ class ApiConfig:
     default_max_tokens: int | None = None      # None: 512 for chat, 16 for completions (within the context)
     public_docs: bool = False                  # /docs, /redoc, /openapi.json without an API key
     header_timeout_s: float = 10.0             # a request's line and headers must arrive within this
+    grammar_compile_timeout_s: float = 10.0    # a structured-output grammar must compile within this
     shutdown_grace_s: float = 30.0
     log_requests: bool = True
 

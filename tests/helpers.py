@@ -89,6 +89,10 @@ class ByteTokenizer:
         data = bytes(i for i in ids if 0 < i < 256 or (i == 0 and not skip_special_tokens))
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of each id, for grammars: byte i for 0 < i < 256, none for the others."""
+        return [bytes([i]) if 0 < i < 256 else b"" for i in range(self.vocab_size)]
+
 
 def tiny_engine(config=None, num_blocks: int = 256, block_size: int = 4, seed: int = 11, std: float = 0.15,
                 observer=None, prepare_model=None, start: bool = True, **engine_overrides):

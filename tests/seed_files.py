@@ -21,15 +21,19 @@ BENGALI = ["আমি বাংলায় গান গাই।<eos>", "ব�
            "তুমি কেমন আছো? আমি ভালো আছি।<eos>"]
 
 
-def write_smart_bpe(path: Path) -> Path:
+def write_smart_bpe(path: Path, all_bytes: bool = False) -> Path:
     """A tiny BPE trained as SmartLLM's SmartBPETokenizer.train_from_texts does: NFD, lowercase,
-    strip accents; ByteLevel then single digits; no decoder, no post-processor; its 7 specials first."""
+    strip accents; ByteLevel then single digits; no decoder, no post-processor; its 7 specials first.
+    `all_bytes`: every byte in the vocabulary (as a real corpus would give), not only those of the
+    few training lines."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(),
                                                        pre_tokenizers.Digits(individual_digits=True)])
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIALS), min_frequency=2)
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if all_bytes else []
+    trainer = trainers.BpeTrainer(vocab_size=300 + len(alphabet), special_tokens=list(SPECIALS), min_frequency=2,
+                                  initial_alphabet=alphabet)
     tokenizer.train_from_iterator(ENGLISH * 5, trainer)
     tokenizer.save(str(path))
     return path

@@ -12,6 +12,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -82,9 +83,15 @@ class ChatTemplate:
         self.source = source
         self.defaults = defaults
         try:
-            self.template = _environment().from_string(source)
+            environment = _environment()
+            self.template = environment.from_string(source)
+            self.variables = frozenset(jinja2.meta.find_undeclared_variables(environment.parse(source)))
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template does not compile: {exc}") from None
+
+    def takes(self, variable: str) -> bool:
+        """Whether the template reads this variable (e.g. `tools`, `reasoning_effort`), given or not."""
+        return variable in self.variables
 
     @classmethod
     def from_file(cls, path: str | Path, **defaults: Any) -> "ChatTemplate":

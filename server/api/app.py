@@ -24,11 +24,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.api.errors import ApiError, quoted
 from server.api.http_guard import HttpMiddleware, authenticator, install_error_handlers
 from server.api.metrics import Metrics
+from server.api.chat import prepare_chat
 from server.api.prompts import encode, render_chat, resolve_max_tokens
 from server.api.responses import ChatShaper, CompletionShaper, model_card, new_id, session_body
+from server.api.responses_api import STATELESS, ResponsesRequest, responses_error
+from server.api.responses_events import ResponsesShaper, response_events
 from server.api.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                 check_messages, valid_session_id)
-from server.api.streaming import fan_out, respond, submit_all, until_disconnect
+from server.api.streaming import collect, fan_out, respond, submit_all, until_disconnect
+from server.api.structured import compile_grammar, structured_outputs_spec
+from server.api.tools import ToolPlan, template_messages
 from server.config import ApiConfig
 
 log = logging.getLogger("customllm.api")
@@ -37,7 +42,7 @@ VERSION = "0.1.0"
 UNSUPPORTED_ROUTES = ("/v1/embeddings", "/v1/moderations", "/v1/images/{rest:path}", "/v1/audio/{rest:path}",
                       "/v1/files", "/v1/files/{rest:path}", "/v1/fine_tuning/{rest:path}", "/v1/batches",
                       "/v1/batches/{rest:path}", "/v1/assistants", "/v1/threads", "/v1/vector_stores",
-                      "/v1/responses", "/v1/realtime/{rest:path}")
+                      "/v1/realtime/{rest:path}")
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -128,8 +133,9 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
             raise ApiError(400, "give exactly one of `prompt` and `messages`", param="prompt")
         if body.messages is not None:
             check_messages(body.messages)
-        text = body.prompt if body.prompt is not None else render_chat(
-            eng, [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt)
+        text = body.prompt if body.prompt is not None else render_chat(eng, template_messages(
+            body.messages, ToolPlan([], "none"), eng.chat_template is not None and eng.chat_template.takes("tools")),
+            body.add_generation_prompt)
         tokens = await encode(eng, text, "prompt" if body.prompt is not None else "messages")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": eng.max_context}
 
@@ -170,7 +176,9 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         session = session_of(request, body.session_id)
         if session is not None and len(prompt_ids) > 1:
             raise ApiError(400, "a session continues one conversation: send one prompt", param="session_id")
-        params = [body.sampling_params(resolve_max_tokens(body, len(ids), eng, api), body.logprobs)
+        grammar = await until_disconnect(request, compile_grammar(
+            eng, structured_outputs_spec(body.structured_outputs), api.grammar_compile_timeout_s, "structured_outputs"))
+        params = [body.sampling_params(resolve_max_tokens(body, len(ids), eng, api), body.logprobs, grammar)
                   for ids in prompt_ids]
         base_id = new_id("cmpl")
         gens, firsts = await until_disconnect(request, submit_all(
@@ -185,23 +193,47 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of),
                                eng=Depends(running)):
         check_model(eng, body.model)
-        body.check(api)
-        prompt_ids = await encode(eng, render_chat(eng, body.template_messages(), body.add_generation_prompt),
-                                  "messages")
         session = session_of(request, body.session_id)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(resolve_max_tokens(body, len(prompt_ids), eng, api), logprobs)
+        chat = await until_disconnect(request, prepare_chat(eng, body, api, logprobs))
         base_id = new_id("chatcmpl")
         gens, firsts = await until_disconnect(request, submit_all(
-            eng, fan_out(base_id, [prompt_ids], [params], body.n, tenant, session, body.priority), body.prompt_param))
-        shaper = ChatShaper(base_id, eng.model_name, token_texter(eng), len(prompt_ids), body.include_usage,
-                            body.logprobs)
+            eng, fan_out(base_id, [chat.prompt_ids], [chat.params], body.n, tenant, session, body.priority),
+            body.prompt_param))
+        shaper = ChatShaper(base_id, eng.model_name, token_texter(eng), len(chat.prompt_ids), body.include_usage,
+                            body.logprobs, tools=chat.tools)
         return await respond(request, body.stream, shaper, gens, firsts)
+
+    # ---- /v1/responses (stateless) --------------------------------------------------------------
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request, tenant: str = Depends(tenant_of),
+                        eng=Depends(running)):
+        check_model(eng, body.model)
+        session = session_of(request, body.session_id)
+        try:
+            chat = await until_disconnect(request, prepare_chat(eng, body.to_chat(), api, None))
+            base_id = new_id("resp")
+            gens, firsts = await until_disconnect(request, submit_all(
+                eng, fan_out(base_id, [chat.prompt_ids], [chat.params], 1, tenant, session), "input"))
+        except ApiError as exc:
+            raise responses_error(exc) from None
+        shaper = ResponsesShaper(base_id, eng.model_name, body, chat.tools, len(chat.prompt_ids))
+        if body.stream:
+            return response_events(shaper, gens[0], firsts[0])
+        outputs = (await until_disconnect(request, collect(gens, firsts)))[0]
+        if outputs[-1].finish_reason == "error":
+            raise ApiError(500, outputs[-1].error or "generation failed", code="generation_failed")
+        return shaper.response(outputs)
+
+    @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    async def stored_response(rest: str, tenant: str = Depends(tenant_of)):
+        raise ApiError(404, f"{STATELESS}: there is no stored response to retrieve, cancel or delete",
+                       code="response_not_found")
 
     # ---- known, not served ----------------------------------------------------------------------
     async def not_served(request: Request):
-        raise ApiError(404, f"{request.url.path} is not served: this server generates text (completions and chat "
-                            "completions) only", code="unsupported_endpoint")
+        raise ApiError(404, f"{request.url.path} is not served: this server generates text (completions, chat "
+                            "completions and stateless responses) only", code="unsupported_endpoint")
 
     for route in UNSUPPORTED_ROUTES:
         app.add_api_route(route, not_served, methods=["GET", "POST", "DELETE"], include_in_schema=False)

@@ -39,12 +39,13 @@ def max_prompt_chars(engine) -> int:
     return engine.max_context * max_token_chars(engine.tokenizer) * NORMALIZER_SLACK
 
 
-def render_chat(engine, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(engine, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
+    """The prompt text; `extra` are template variables (tools, reasoning_effort)."""
     if engine.chat_template is None:
         raise ApiError(400, "this model has no chat template: start the server with --chat-template FILE, "
                             "or use /v1/completions", param="messages", code="no_chat_template")
     try:
-        return engine.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return engine.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from None
 

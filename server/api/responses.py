@@ -125,12 +125,44 @@ class CompletionShaper(_Shaper):
         return {**self.head, "choices": choices, "usage": self.usage([o[-1] for o in per_choice])}
 
 
+def tool_call_body(call) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 class ChatShaper(_Shaper):
+    """Chat bodies and chunks. With a tool plan (`server/api/tools.py`) each choice's text goes
+    through its own tool-call parser: content deltas as they come, each call as two
+    `delta.tool_calls` chunks (id, type and name with empty arguments, then the arguments), and the
+    finish reason "tool_calls" when the model called tools."""
+
     response_object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tools=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()
+        self.plan = tools if tools is not None and tools.active else None
+        self.parsers: dict = {}
+
+    def _deltas(self, index: int, out: RequestOutput) -> list[dict]:
+        if self.plan is None:
+            return [{"content": out.text}] if out.text else []
+        parser = self.parsers.setdefault(index, self.plan.parser())
+        events = parser.feed(out.text) + (parser.finish() if out.finished else [])
+        deltas = []
+        for kind, value in events:
+            if kind == "content":
+                deltas.append({"content": value})
+                continue
+            k = parser.calls.index(value)
+            deltas.append({"tool_calls": [{"index": k, "id": value.id, "type": "function",
+                                           "function": {"name": value.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": k, "function": {"arguments": value.arguments}}]})
+        return deltas
+
+    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+        if self.plan is None or reason is None:
+            return reason
+        return self.plan.finish_reason(reason, bool(self.parsers[index].calls))
 
     def chunks(self, index: int, out: RequestOutput) -> list[dict]:
         chunks = []
@@ -138,15 +170,35 @@ class ChatShaper(_Shaper):
             self.started.add(index)
             chunks.append(self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": None, "finish_reason": None}]))
-        if out.text or out.finished or out.logprobs:
-            logprobs = chat_logprobs(list(out.logprobs or ()), self.token_text) if self.logprobs else None
-            chunks.append(self.chunk([{"index": index, "delta": {"content": out.text} if out.text else {},
-                                       "logprobs": logprobs, "finish_reason": out.finish_reason}]))
+        deltas = self._deltas(index, out)
+        if not deltas and (out.finished or out.logprobs):
+            deltas = [{}]
+        logprobs = chat_logprobs(list(out.logprobs or ()), self.token_text) if self.logprobs else None
+        finish_reason = self._finish_reason(index, out.finish_reason)
+        for j, delta in enumerate(deltas):
+            last = j == len(deltas) - 1
+            chunks.append(self.chunk([{"index": index, "delta": delta, "logprobs": logprobs if last else None,
+                                       "finish_reason": finish_reason if last else None}]))
         return chunks
 
+    def message(self, index: int, outputs: list[RequestOutput]) -> tuple[dict, str | None]:
+        """The choice's message and finish reason."""
+        text = "".join(o.text for o in outputs)
+        if self.plan is None:
+            return {"role": "assistant", "content": text}, outputs[-1].finish_reason
+        parser = self.parsers[index] = self.plan.parser()
+        events = parser.feed(text) + parser.finish()
+        content = "".join(value for kind, value in events if kind == "content")
+        message = {"role": "assistant", "content": content or None if parser.calls else content}
+        if parser.calls:
+            message["tool_calls"] = [tool_call_body(c) for c in parser.calls]
+        return message, self._finish_reason(index, outputs[-1].finish_reason)
+
     def response(self, per_choice: list[list[RequestOutput]]) -> dict:
-        choices = [{"index": index, "message": {"role": "assistant", "content": "".join(o.text for o in outputs)},
-                    "logprobs": chat_logprobs(_entries(outputs), self.token_text) if self.logprobs else None,
-                    "finish_reason": outputs[-1].finish_reason}
-                   for index, outputs in enumerate(per_choice)]
+        choices = []
+        for index, outputs in enumerate(per_choice):
+            message, finish_reason = self.message(index, outputs)
+            choices.append({"index": index, "message": message,
+                            "logprobs": chat_logprobs(_entries(outputs), self.token_text) if self.logprobs else None,
+                            "finish_reason": finish_reason})
         return {**self.head, "choices": choices, "usage": self.usage([o[-1] for o in per_choice])}

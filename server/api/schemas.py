@@ -7,16 +7,20 @@ server's own limits (prompts × n, stop strings, logit_bias entries, max_tokens)
 
 Unknown fields are ignored, as OpenAI-compatible servers commonly do; our extension fields
 (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `session_id`,
-`priority`) sit beside OpenAI's in the same body.
+`priority`, vLLM's `structured_outputs`) sit beside OpenAI's in the same body. OpenAI fields this server does
+not act on (audio output, predicted outputs, stored completions, web search, the deprecated
+`functions`) are refused with a 400 naming them rather than dropped (`REFUSED_CHAT_FIELDS`).
 """
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from server.api.errors import ApiError, quoted
+from server.api.schema_types import (ResponseFormat, Schema, StructuredOutputs, Text, Tool, ToolCall, ToolChoice,
+                                     valid_unicode)
 from server.config import ApiConfig
 from server.engine.errors import ContextLengthError
 from server.engine.request import SAMPLING_BOUNDS, SamplingParams
@@ -28,15 +32,6 @@ SESSION_ID_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 
-def valid_unicode(text: str) -> str:
-    """Text that can be encoded as UTF-8: a lone surrogate (`"\\ud800"` in JSON) cannot."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
-    return text
-
-
 def valid_session_id(value: str) -> str:
     """The rule for a session id, wherever it comes from (the `session_id` field, `X-Session-ID`):
     1 to 256 characters, no control characters, valid Unicode."""
@@ -46,19 +41,12 @@ def valid_session_id(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(valid_unicode)]
 SessionId = Annotated[str, AfterValidator(valid_session_id)]
 
 
 def bounded(name: str, default):
     """A field whose range is `SAMPLING_BOUNDS[name]`."""
     return Field(default=default, **SAMPLING_BOUNDS[name].field_constraints())
-
-
-class Schema(BaseModel):
-    """Strict types; unknown fields ignored."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(Schema):
@@ -90,6 +78,7 @@ class SamplingFields(Schema):
     stop_token_ids: list[int] | None = None
     session_id: SessionId | None = None
     priority: int = Field(default=0, ge=-(2 ** 31), le=2 ** 31 - 1)   # within the tenant, lower first
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -154,7 +143,7 @@ class SamplingFields(Schema):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, grammar=None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
@@ -162,7 +151,7 @@ class SamplingFields(Schema):
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
             seed=self.seed, logprobs=logprobs, stop=tuple(self.stop_list()),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens)
+            min_tokens=self.min_tokens, grammar=grammar)
 
 
 class CompletionRequest(SamplingFields):
@@ -220,6 +209,8 @@ class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None       # assistant messages
+    tool_call_id: str | None = None                # tool messages: the call answered
 
     @field_validator("content", mode="before")
     @classmethod
@@ -243,15 +234,27 @@ class ChatMessage(Schema):
 
 
 def check_messages(messages: list[ChatMessage], param: str = "messages") -> None:
-    """A message list that can form a prompt: every message but the assistant's carries content
-    (ApiError(400) naming the first that does not)."""
+    """A message list that can form a prompt: every message but the assistant's carries content, and
+    only assistant messages carry tool calls (ApiError(400) naming the first that does not)."""
     for index, message in enumerate(messages):
         if message.role != "assistant" and message.content is None:
             raise ApiError(400, f"messages[{index}]: a {message.role} message needs content", param=f"{param}.{index}")
+        if message.role != "assistant" and message.tool_calls:
+            raise ApiError(400, f"messages[{index}]: only assistant messages carry tool_calls",
+                           param=f"{param}.{index}.tool_calls")
 
 
-class ResponseFormat(Schema):
-    type: str = "text"
+# OpenAI chat fields that ask for something this server does not do: a 400 naming the field, not a
+# silent drop. (field, refused when, why)
+REFUSED_CHAT_FIELDS = (
+    ("modalities", lambda v: v is not None and "audio" in v, "audio output is not supported: this server generates text"),
+    ("audio", lambda v: v is not None, "audio output is not supported: this server generates text"),
+    ("prediction", lambda v: v is not None, "predicted outputs (speculative decoding from a prediction) are not supported"),
+    ("web_search_options", lambda v: v is not None, "web search is not supported"),
+    ("functions", lambda v: v is not None, "the deprecated `functions` field is not supported: use `tools`"),
+    ("function_call", lambda v: v is not None, "the deprecated `function_call` field is not supported: use `tool_choice`"),
+    ("store", lambda v: v is True, "stored completions are not supported: this server keeps no store"),
+)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -260,8 +263,19 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = bounded("logprobs", None)
     response_format: ResponseFormat | None = None
-    tools: list | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None
     add_generation_prompt: bool = True
+    # refused when given (REFUSED_CHAT_FIELDS)
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    store: bool | None = None
 
     prompt_param: ClassVar[str] = "messages"
 
@@ -271,21 +285,27 @@ class ChatCompletionRequest(SamplingFields):
     def check(self, api: ApiConfig, num_prompts: int = 1) -> None:
         super().check(api, num_prompts)
         check_messages(self.messages)
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server", param="tools")
+        for name, refused, why in REFUSED_CHAT_FIELDS:
+            if refused(getattr(self, name)):
+                raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-
-    def template_messages(self) -> list[dict]:
-        out = []
-        for m in self.messages:
-            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            if m.name:
-                message["name"] = m.name
-            out.append(message)
-        return out
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted and self.structured_outputs is not None:
+            raise ApiError(400, "give one of response_format and structured_outputs", param="structured_outputs")
+        if self.tool_choice is not None and not self.tools:
+            raise ApiError(400, "tool_choice is only allowed when tools are given", param="tool_choice")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "tools: function names must be unique", param="tools")
+        choice = self.tool_choice
+        if not isinstance(choice, str) and choice is not None and choice.function.name not in names:
+            raise ApiError(400, f"tool_choice names the function {quoted(choice.function.name)}, which is not among "
+                                "the tools", param="tool_choice")
+        if self.tools and (choice == "required" or not isinstance(choice, (str, type(None)))) and (
+                formatted or self.structured_outputs is not None):
+            raise ApiError(400, "a required or named tool_choice constrains the output to tool calls: it cannot be "
+                                "combined with response_format or structured_outputs", param="tool_choice")
 
 
 class TokenizeRequest(Schema):

@@ -81,6 +81,8 @@ def add_parser(subparsers) -> None:
          defaults_engine.kv_disk_gib)
     _add(e, "--kv-host-gib", "host-memory tier between the pool and the disk, in GiB (for GPUs; 0 = off)", float,
          defaults_engine.kv_host_gib)
+    _add(e, "--grammar-cache-size", "compiled structured-output grammars kept (LRU by schema)", int,
+         defaults_engine.grammar_cache_size)
     a = p.add_argument_group("http")
     _add(a, "--host", "bind address", default=defaults_api.host)
     _add(a, "--port", "port", int, defaults_api.port)
@@ -103,6 +105,9 @@ def add_parser(subparsers) -> None:
          defaults_api.shutdown_grace_s)
     _add(a, "--header-timeout", "seconds a client has to send a request's line and headers (slow or stalled "
          "clients are disconnected)", float, defaults_api.header_timeout_s)
+    _add(a, "--grammar-compile-timeout", "seconds a structured-output grammar (JSON schema, regex, grammar, tool "
+         "arguments) may take to compile before the request is refused with a 400", float,
+         defaults_api.grammar_compile_timeout_s)
     _add(a, "--public-docs", "serve /docs, /redoc and /openapi.json without an API key", bool, defaults_api.public_docs)
     _add(a, "--log-requests", "log one line per HTTP request", bool, defaults_api.log_requests)
     _add(a, "--log-level", "logging level", default="info")
@@ -134,7 +139,8 @@ def _check(args) -> None:
     for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_sequences_per_request", 1),
                           ("max_stop_strings", 0), ("max_stop_chars", 1), ("max_logit_bias", 0), ("max_tokens_limit", 1),
                           ("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
-                          ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0)):
+                          ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0),
+                          ("grammar_cache_size", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}")
     if args.max_waiting_per_tenant is not None and args.max_waiting_per_tenant < 1:
@@ -145,6 +151,8 @@ def _check(args) -> None:
         raise ValueError("--session-ttl must be positive")
     if args.kv_disk_gib <= 0 or args.kv_host_gib < 0:
         raise ValueError("--kv-disk-gib must be positive and --kv-host-gib at least 0")
+    if args.grammar_compile_timeout <= 0:
+        raise ValueError("--grammar-compile-timeout must be positive")
 
 
 def config_from_args(args) -> ServerConfig:
@@ -162,7 +170,7 @@ def config_from_args(args) -> ServerConfig:
                             session_idle_ttl_s=args.session_ttl,
                             max_session_pinned_fraction=args.max_session_pinned_fraction,
                             kv_disk_dir=args.kv_disk_dir or None, kv_disk_gib=args.kv_disk_gib,
-                            kv_host_gib=args.kv_host_gib),
+                            kv_host_gib=args.kv_host_gib, grammar_cache_size=args.grammar_cache_size),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,
@@ -170,6 +178,7 @@ def config_from_args(args) -> ServerConfig:
                       max_logit_bias=args.max_logit_bias, max_tokens_limit=args.max_tokens_limit,
                       default_max_tokens=args.default_max_tokens, shutdown_grace_s=args.shutdown_grace,
                       header_timeout_s=args.header_timeout, public_docs=args.public_docs,
+                      grammar_compile_timeout_s=args.grammar_compile_timeout,
                       log_requests=args.log_requests))
 
 

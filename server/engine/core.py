@@ -171,7 +171,7 @@ class EngineCore:
                     self.finish(chunk.seq, "error", error=f"internal error during generation: {exc}")
             return False
         rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
-                            c.seq.generator, self.eos_token_ids) for c in sampling]
+                            c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in sampling]
         sampled = self._sample(logits, rows)
         self.observer.on_step(out.num_tokens)
         with self.lock:

@@ -27,6 +27,7 @@ from model.cache.kv_manager import KVCacheManager
 from server.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.errors import EngineDeadError, EngineShuttingDownError
+from server.engine.grammar import GrammarCompiler
 from server.engine.results import EngineObserver, NullObserver, RequestOutput
 from server.engine.request import GenerationRequest
 
@@ -53,6 +54,9 @@ class Engine:
         self.core = EngineCore(model, cache, tokenizer, config, self.device, self.observer,
                                stop_token_ids=stop_token_ids, small_step_model=small_step_model,
                                decode_graphs=decode_graphs)
+        # structured outputs: grammars compiled for this vocabulary, off the loop (server/engine/grammar.py)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.core.eos_token_ids,
+                                        cache_size=config.grammar_cache_size)
 
         self._inbox: deque[tuple[str, object]] = deque()
         self._wakeup = threading.Event()
@@ -127,6 +131,7 @@ class Engine:
     def stop(self) -> None:
         self._stopping = True
         self._wakeup.set()
+        self.grammars.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             # not a thread join: under run_forever the loop's thread (the main one) goes on afterwards
             self._loop_done.wait(timeout=30)

@@ -12,15 +12,17 @@ It is an ordered list of processors. The interface (`LogitsProcessor`):
 
 The default order: repetition penalty (Hugging Face rule, prompt + output tokens) → presence and
 frequency penalties (OpenAI rule, output tokens) → logit_bias (added) → min_tokens (the ids that
-would end the request masked to -inf while it has fewer tokens, whatever the bias). A grammar for structured
-output would be one more processor at the end (its row state: the grammar's position; its work: a
-mask of the allowed tokens), as is any later per-request constraint on the next token.
+would end the request masked to -inf while it has fewer tokens, whatever the bias) → the grammar
+mask of structured outputs (`GrammarMask`: its row state is the request's `GrammarState`,
+server/engine/grammar.py; tokens the grammar does not allow next are set to -inf). Any later
+per-request constraint on the next token is one more processor.
 """
 from __future__ import annotations
 
 import itertools
 from typing import TYPE_CHECKING, Protocol, Sequence
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -110,8 +112,46 @@ class MinTokens:
         return logits
 
 
+def unpack_token_mask(packed: torch.Tensor, vocab: int, allowed: bool = True) -> torch.Tensor:
+    """[N, W] int32 packed masks (bit j of word i: token 32 i + j) → [N, vocab] bool, on packed's
+    device: the allowed tokens, or with `allowed=False` the others."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)                       # [32]
+    bits = (packed.unsqueeze(-1) >> shifts) & 1                                               # [N, W, 32]
+    return (bits if allowed else bits == 0).flatten(1)[:, :vocab].bool()                      # [N, V]
+
+
+class GrammarMask:
+    """Structured outputs: each constrained row keeps only the tokens its grammar allows next. The
+    packed masks of those rows ([G, V / 32] int32, computed on the host by llguidance, usually
+    already in the background) cross to the device in one transfer and are unpacked there; the
+    other tokens are set to -inf in place. A row whose `min_tokens` mask may have removed every
+    token its grammar allows samples uniformly among those rather than from nothing."""
+
+    def wants(self, row: "SamplingRow") -> bool:
+        return row.grammar is not None
+
+    def __call__(self, logits: torch.Tensor, rows: list["SamplingRow"]) -> torch.Tensor:
+        device, vocab = logits.device, logits.shape[1]
+        index = [i for i, r in enumerate(rows) if r.grammar is not None]
+        packed = torch.from_numpy(np.stack([rows[i].grammar.next_mask() for i in index]))   # [G, W] host
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        banned = unpack_token_mask(packed.to(device), vocab, allowed=False)                   # [G, V]
+        whole = len(index) == len(rows)
+        rows_at = None if whole else torch.tensor(index, device=device)
+        picked = logits if whole else logits[rows_at]                                         # [G, V]
+        picked.masked_fill_(banned, float("-inf"))
+        if any(_MIN_TOKENS.wants(rows[i]) for i in index):
+            stranded = picked.amax(-1, keepdim=True) == float("-inf")                        # [G, 1]
+            picked.masked_fill_(stranded & ~banned, 0.0)
+        if not whole:
+            logits[rows_at] = picked
+        return logits
+
+
+_MIN_TOKENS = MinTokens()
 PENALTIES: tuple[LogitsProcessor, ...] = (RepetitionPenalty(), PresenceFrequencyPenalty(), LogitBias())
-DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (*PENALTIES, MinTokens())
+DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (*PENALTIES, MinTokens(), GrammarMask())
 
 
 def apply_logits_processors(logits: torch.Tensor, rows: list["SamplingRow"],

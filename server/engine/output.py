@@ -5,8 +5,11 @@ the text goes through the request's stop-string matcher (`stops.py`, which holds
 still become a stop string). The request ends with "stop" on one of its ending tokens (its
 `stop_token_ids`, and the model's end-of-sequence ids unless `ignore_eos`) once `min_tokens` came
 before it (the sampler masks those ids until then), or on a stop string; and with "length" at
-`max_tokens` or the model's context. At the end, the held-back text is released and the last
-output carries the usage; the observer gets the request's timings.
+`max_tokens` or the model's context. A constrained request's grammar state advances on every token
+but its ending ones; the request ends with "stop" as soon as its grammar is complete (nothing may
+follow: no extra step for the end-of-sequence token), and with "error" if its grammar reached a dead
+end (no token of the vocabulary continues it). At the end, the held-back text is released and the
+last output carries the usage; the observer gets the request's timings.
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ class OutputProcessor:
         self.observer = observer
 
     def start(self, seq: Sequence) -> None:
-        """Give a new request its detokenizer and stop-string matcher."""
+        """Give a new request its detokenizer, stop-string matcher and grammar state."""
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
         seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
+        if seq.request.params.grammar is not None:
+            seq.grammar = seq.request.params.grammar.start()
 
     def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
         """Append a sampled token. A delta that does not end the request is emitted here (None comes
@@ -38,13 +43,20 @@ class OutputProcessor:
         seq.record_token_time()
         finish_reason = None
         text, stopped_by_string = "", False
+        grammar = seq.grammar
         if (token in params.ending_token_ids(self.eos_token_ids)
                 and len(seq.output_token_ids) > params.min_tokens):
             finish_reason = "stop"
         else:
+            if grammar is not None:
+                grammar.advance(token)
             text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push([token]))
             if stopped_by_string:
                 finish_reason = "stop"
+        if grammar is not None and grammar.error:
+            finish_reason = "error"             # a dead end: even the end-of-sequence it allowed is no answer
+        elif grammar is not None and grammar.done and finish_reason is None:
+            finish_reason = "stop"
         if finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
                                       or seq.num_tokens >= self.max_context):
             finish_reason = "length"
@@ -57,7 +69,8 @@ class OutputProcessor:
             else:
                 text += seq.stop_matcher.flush()
         logprobs = (logprob,) if params.logprobs is not None and logprob is not None else None
-        delta = RequestOutput(seq.request_id, text, (token,), logprobs, finish_reason)
+        error = grammar.error if grammar is not None and finish_reason == "error" else None
+        delta = RequestOutput(seq.request_id, text, (token,), logprobs, finish_reason, error)
         if finish_reason is None:
             seq.emit(delta)
             return None
@@ -70,6 +83,7 @@ class OutputProcessor:
         cached = seq.num_cached_prompt_tokens or 0
         usage = Usage(len(seq.prompt_token_ids), len(seq.output_token_ids), cached)
         text, token_ids, logprobs = (last.text, last.token_ids, last.logprobs) if last is not None else ("", (), None)
+        error = error or (last.error if last is not None else None)
         seq.emit(RequestOutput(seq.request_id, text, token_ids, logprobs, reason, error, usage))
         now = time.monotonic()
         arrival = seq.request.arrival_time

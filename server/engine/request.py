@@ -72,7 +72,10 @@ class SamplingParams:
 
     `min_tokens`: the ids that would end the request (`ending_token_ids`: end-of-sequence and
     `stop_token_ids`) cannot be sampled until that many tokens were generated, as in vLLM. Stop
-    strings still apply meanwhile (recent vLLM holds them back until min_tokens as well)."""
+    strings still apply meanwhile (recent vLLM holds them back until min_tokens as well).
+
+    `grammar`: a compiled `server.engine.grammar.Grammar` the output must follow (compiled before
+    admission, off the engine loop); each sequence gets its own state from it."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -89,6 +92,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    grammar: object | None = field(default=None, compare=False)   # a compiled Grammar (structured output)
 
     @property
     def greedy(self) -> bool:

@@ -1,8 +1,8 @@
 """Batched sampling with per-row parameters, on the logits' device, in float32.
 
 Order (per row): the logits processors (`logits_processors.py`: repetition penalty, presence and
-frequency penalties, logit_bias, the min_tokens mask, each batched over the rows; a structured-output
-grammar will be one more) → temperature → top-k → top-p → min-p → sample. Greedy rows (temperature
+frequency penalties, logit_bias, the min_tokens mask, the structured-output grammar mask, each
+batched over the rows) → temperature → top-k → top-p → min-p → sample. Greedy rows (temperature
 0) take the argmax of the processed logits (lowest id on ties); top-k/top-p/min-p do not apply to them.
 
 Filters keep every token tied with the boundary token, so the kept set depends on values only,
@@ -57,14 +57,16 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 @dataclass
 class SamplingRow:
-    """One row of the logits: its request's parameters, tokens so far, generator when seeded, and
-    the model's end-of-sequence ids (masked before `min_tokens`)."""
+    """One row of the logits: its request's parameters, tokens so far, generator when seeded, the
+    model's end-of-sequence ids (masked before `min_tokens`) and its grammar state when its output
+    is constrained (server/engine/grammar.py)."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     eos_token_ids: tuple[int, ...] = ()
+    grammar: object | None = None
 
 
 @dataclass

@@ -35,6 +35,7 @@ class Sequence:
     generator: torch.Generator | None = None
     detokenizer: object | None = None
     stop_matcher: object | None = None
+    grammar: object | None = None                            # GrammarState of a constrained output
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

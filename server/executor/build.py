@@ -101,6 +101,9 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
     if mcfg.chat_template:
         template_source = Path(mcfg.chat_template).read_text()
     chat_template = ChatTemplate(template_source, **special_token_texts(tokenizer)) if template_source else None
+    if chat_template is not None and chat_template.takes("tools") and "<tool_call>" not in template_source:
+        log.warning("the chat template takes tools but does not mention <tool_call>: tool calls are parsed in the "
+                    "Hermes format (docs/structured-outputs.md), which this model may not write")
     name = mcfg.served_model_name or (BUILTIN_NAME if mcfg.model is None else path.stem if path.is_file() else path.name)
     log.info("model %s ready in %.1f s: %s parameters", name, time.monotonic() - started,
              f"{sum(p.numel() for p in model.parameters()):,}")

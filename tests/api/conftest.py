@@ -1,6 +1,6 @@
 """Fixtures of the API tests: one tiny random CustomLLM checkpoint and a real uvicorn server over it
-(per test module), and an `openai` client for it. Modules that need another model define their own
-`server`."""
+(per test module), and an `openai` client for it; `long_server` is one with a longer context, shared
+by the whole session. Modules that need another model define their own `server`."""
 from __future__ import annotations
 
 import openai
@@ -23,3 +23,17 @@ def server(model_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def long_server(tmp_path_factory):
+    """The tiny model with a 1,024-token context (tool definitions make long prompts), shared by the
+    structured-output, tools and responses tests; constraints hold whatever its random weights."""
+    model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-long"), 0, "max_context=1024")
+    with InProcessServer(model_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def long_client(long_server):
+    return openai.OpenAI(base_url=f"{long_server.url}/v1", api_key="none", max_retries=0)

@@ -228,7 +228,8 @@ def test_generation_limits_and_unsupported_combinations_are_400(server, monkeypa
     assert_openai_error(post(server, "/v1/completions", {"prompt": "x", "stop": ["a"] * 9}), 400, "stop")
     assert_openai_error(post(server, "/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}), 400,
                         "stop_token_ids")
-    assert_openai_error(post(server, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), 400, "tools")
+    assert_openai_error(post(server, "/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), 400,
+                        "tools.0.function")
     assert_openai_error(post(server, "/v1/chat/completions", {**chat, "messages": [{"role": "wizard"}]}), 400,
                         "messages.0.role")
     monkeypatch.setattr(server.engine, "chat_template", None)

@@ -1,4 +1,4 @@
-"""`customllm bench engine|serve` as commands, on the tiny model: they drive the real engine and a
+"""`customllm bench engine|structured|serve` as commands, on the tiny model: they drive the real engine and a
 real server, write their JSON and append their tables with `--record`. No figure is asserted
 (performance is measured by these commands, not tested); what is checked is that they run, that
 their results hang together, and the byte counts behind the floors."""
@@ -15,6 +15,7 @@ from model.loading.builtin import builtin_model_path
 from model.config import preset
 from model.registry import build_model, output_head_weight
 from server.cli.bench.engine_bench import decode_step_seconds
+from server.cli.bench.structured_bench import cap_strings
 from server.cli.bench.memory import cache_bytes_read, weight_bytes_touched
 from server.config import ApiConfig, EngineConfig
 from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint
@@ -104,6 +105,41 @@ def test_bench_engine_writes_consistent_results_and_records_them(model_dir, tmp_
     assert "| prompt tokens | time to first token ms | prefill tok/s |" in table and "| 40 | " in table
     assert "### bench engine — " in table and "`customllm bench engine --model" in table
     assert "| 1 | " in table and "| 3 | " in table
+
+
+def test_bench_engine_with_a_json_schema_runs_both_modes_in_one_sitting(model_dir, tmp_path):
+    out = tmp_path / "engine.json"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "array", "minItems": 30, "items": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 9}}))
+    run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(builtin_model_path()),
+              "--batch-sizes", "1,2", "--context-len", "8", "--output-len", "8", "--kv-cache-memory", "0.02",
+              "--threads", "1", "--json-schema", str(schema), "--out", str(out), "--record")
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch_size"], r["json_schema"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
+    assert all(r["steps_measured"] >= 2 for r in rows)        # two runs of each mode pooled
+    table = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| 2 (json schema) | " in table and "- batch 2: json schema / unconstrained decode tok/s = " in table
+
+
+def test_bench_structured_validates_what_it_generates(model_dir, tmp_path):
+    assert cap_strings({"anyOf": [{"type": "string"}, {"type": "string", "enum": ["a"]},
+                                  {"type": "string", "pattern": "^a$"}]}, 5) == {
+        "anyOf": [{"type": "string", "maxLength": 5}, {"type": "string", "enum": ["a"]},
+                  {"type": "string", "pattern": "^a$"}]}
+    out = tmp_path / "structured.json"
+    (tmp_path / "docs").mkdir()
+    result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "structured", "--model", str(model_dir),
+                             "--tokenizer", str(builtin_model_path()), "--samples", "1", "--compile-rounds", "2",
+                             "--max-tokens", "150", "--max-string-length", "12", "--out", str(out), "--record"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode in (0, 1), result.stderr[-3000:]          # 1: not every answer was valid
+    figures = json.loads(out.read_text())
+    assert figures["total"] == 10 and figures["compile"]["p50_ms"] > 0
+    assert result.returncode == (figures["valid"] != 10)
+    for answer in figures["answers"]:           # the random model may be cut by max_tokens, never invalid
+        assert answer["valid"] or answer["finish_reason"] == "length", answer
+    assert "valid (parses and validates against its schema)" in (tmp_path / "docs" / "benchmarks.md").read_text()
 
 
 def test_bench_serve_measures_levels_and_sessions_and_records_them(model_dir, tmp_path):

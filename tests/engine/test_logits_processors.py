@@ -60,9 +60,9 @@ def test_processors_run_in_order_after_the_defaults_and_logprobs_stay_raw():
     assert out.logprobs[1].top[0][0] == 1               # the raw distribution's best, banned or not
 
 
-def test_the_default_order_is_penalties_then_bias_then_the_min_tokens_mask():
+def test_the_default_order_is_penalties_then_bias_then_the_min_tokens_mask_then_the_grammar():
     assert [type(p).__name__ for p in DEFAULT_PROCESSORS] == ["RepetitionPenalty", "PresenceFrequencyPenalty",
-                                                               "LogitBias", "MinTokens"]
+                                                               "LogitBias", "MinTokens", "GrammarMask"]
 
 
 # ---- min_tokens ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""`customllm bench engine|serve|disk-tier`: benchmarks as commands. Each prints a table, writes JSON and
-can append its figures to docs/benchmarks.md (`--record`)."""
+"""`customllm bench engine|structured|serve|fairness|disk-tier`: benchmarks as commands. Each prints a
+table, writes JSON and can append its figures to docs/benchmarks.md (`--record`)."""
 from __future__ import annotations
 
 import argparse
@@ -55,10 +55,28 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--prefill-lens", type=_ints, default=[],
                         help="also time the first token of one prompt of each of these lengths")
     engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    engine.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="also run every batch size with each row constrained by this JSON schema (same sitting)")
     engine.add_argument("--peers", default="", help="comma list of transformers,llama-cpp (built-in GGUF only)")
     engine.add_argument("--out", default=None, help="JSON result file")
     engine.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     engine.set_defaults(func=run_engine)
+
+    structured = kinds.add_parser("structured", help="JSON-schema outputs: compile times and validity of sampled "
+                                  "answers for ten schemas", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    structured.add_argument("--model", default=None, help="checkpoint or .gguf (default: the built-in model)")
+    structured.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
+    structured.add_argument("--dtype", default="auto", help="as `serve --dtype`")
+    structured.add_argument("--samples", type=int, default=20, help="answers per schema")
+    structured.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    structured.add_argument("--max-tokens", type=int, default=512, help="max_tokens of each answer (the chat default)")
+    structured.add_argument("--compile-rounds", type=int, default=20, help="times each schema is compiled from scratch")
+    structured.add_argument("--max-num-seqs", type=int, default=32, help="most answers decoded together")
+    structured.add_argument("--max-string-length", type=int, default=None,
+                            help="give string schemas without maxLength this one (free text of a small model)")
+    structured.add_argument("--out", default=None, help="JSON result file (with every answer)")
+    structured.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    structured.set_defaults(func=run_structured)
 
     serve = kinds.add_parser("serve", help="streaming client against a running server",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,8 +146,10 @@ def _record(lines: list[str]) -> None:
 def run_engine(args) -> int:
     from server.cli.bench.engine_bench import bench_engine
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    schema = Path(args.json_schema).read_text() if args.json_schema else None
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
-                          args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens)
+                          args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
+                          schema)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]
@@ -140,10 +160,17 @@ def run_engine(args) -> int:
         lines = [f"### bench engine — {time.strftime('%Y-%m-%d')} — {result['machine']}",
                  f"`{result['command']}` — {result['model']}, {result['dtype']}, context {args.context_len}",
                  "", "| batch | decode tok/s | step ms | floor ms | fraction of floor |", "|---|---|---|---|---|"]
-        lines += [f"| {r['batch_size']} | {r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
+        lines += [f"| {r['batch_size']}{' (json schema)' if r.get('json_schema') else ''} | "
+                  f"{r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
                   f"{r['floor_step_ms']:.2f} | {r['fraction_of_bandwidth_floor']:.2f} |" for r in result["results"]]
+        plain = {r["batch_size"]: r for r in result["results"] if not r.get("json_schema")}
+        for r in result["results"]:
+            if r.get("json_schema"):
+                lines.append(f"- batch {r['batch_size']}: json schema / unconstrained decode tok/s = "
+                             f"{r['decode_tokens_per_s'] / plain[r['batch_size']]['decode_tokens_per_s']:.3f} "
+                             f"({r['steps_measured']} vs {plain[r['batch_size']]['steps_measured']} steps measured)")
         for peer in result.get("peers", []):
-            ours = next(r for r in result["results"] if r["batch_size"] == peer["batch_size"])
+            ours = next(r for r in result["results"] if r["batch_size"] == peer["batch_size"] and not r.get("json_schema"))
             lines.append(f"| {peer['batch_size']} ({peer['name']}) | {peer['decode_tokens_per_s']:.1f} | | | "
                          f"ours/peer = {ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}× |")
         if result["prefill"]:
@@ -152,6 +179,31 @@ def run_engine(args) -> int:
                       for r in result["prefill"]]
         _record(lines)
     return 0
+
+
+def run_structured(args) -> int:
+    from server.cli.bench.structured_bench import bench_structured
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = bench_structured(args.model, args.tokenizer, args.dtype, args.samples, args.temperature,
+                              args.max_tokens, args.compile_rounds, args.max_num_seqs, args.max_string_length)
+    result["machine"] = machine_description()
+    result["command"] = "customllm " + " ".join(sys.argv[1:])
+    _write(result, args.out)
+    if args.record:
+        compile_ = result["compile"]
+        lines = [f"### bench structured — {time.strftime('%Y-%m-%d')} — {result['machine']}",
+                 f"`{result['command']}` — {result['model']}, {result['dtype']}, temperature {result['temperature']}, "
+                 f"max_tokens {result['max_tokens']}, string maxLength added: {result['max_string_length']}", "",
+                 f"- valid (parses and validates against its schema): **{result['valid']} / {result['total']}** "
+                 f"({result['wall_s']:.0f} s, {result['mean_tokens']:.0f} tokens per answer on average; finish "
+                 "reasons " + ", ".join(f"{k} {v}" for k, v in result["finish_reasons"].items()) + ")",
+                 "- per schema: " + ", ".join(f"{k} {v}/{result['samples_per_schema']}"
+                                               for k, v in result["per_schema"].items()),
+                 f"- compile from scratch ({compile_['rounds']} rounds × 10 schemas): p50 {compile_['p50_ms']:.2f} ms, "
+                 f"p99 {compile_['p99_ms']:.2f} ms, max {compile_['max_ms']:.2f} ms; the vocabulary view, once per "
+                 f"engine: {compile_['vocabulary_view_ms']:.0f} ms"]
+        _record(lines)
+    return 0 if result["valid"] == result["total"] else 1
 
 
 def run_engine_peers(args, peers: list[str]) -> list[dict]:

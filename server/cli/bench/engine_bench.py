@@ -4,10 +4,16 @@ For each batch size B: B requests with `--context-len` prompt tokens decode `--o
 greedily through the real engine (scheduler, runner, sampler). Decode tokens/s comes from the
 duration of the pure-decode steps (B tokens each). Each step must move the weights it touches plus
 the cache rows it reads; divided by the machine's measured copy bandwidth that gives the floor.
+
+With `--json-schema FILE` every batch size runs twice in the same sitting, unconstrained and with
+every row constrained by the schema (the grammar mask in the sampler, the grammar state advancing
+per token): the cost of structured outputs. The schema should produce answers longer than
+`--output-len` (e.g. an array with `minItems`), or rows finish early and fewer steps are measured.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import statistics
@@ -47,14 +53,16 @@ def decode_step_seconds(steps: list[tuple[float, int]], batch_size: int) -> list
     return [t1 - t0 for (t0, n0), (t1, n1) in zip(steps, steps[1:]) if n0 == batch_size and n1 == batch_size]
 
 
-async def _run_batch(engine, batch_size: int, context_len: int, output_len: int, seed: int) -> None:
+async def _run_batch(engine, batch_size: int, context_len: int, output_len: int, seed: int,
+                     grammar=None) -> None:
     rng = random.Random(seed)
     vocab = engine.vocab_size
+    tag = "json" if grammar is not None else "plain"
 
     async def one(i: int) -> None:
         prompt = [rng.randrange(3, vocab) for _ in range(context_len)]
-        request = GenerationRequest(f"bench-{batch_size}-{i}", prompt,
-                                    SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+        request = GenerationRequest(f"bench-{tag}-{batch_size}-{i}", prompt, SamplingParams(
+            max_tokens=output_len, temperature=0.0, ignore_eos=True, grammar=grammar))
         async for _ in engine.generate(request):
             pass
 
@@ -63,7 +71,7 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
-                 threads: int | None = None, prefill_lens: list[int] = ()) -> dict:
+                 threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     timer = StepTimer()
@@ -84,7 +92,13 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
         try:
             if not engine.wait_started(timeout=60):
                 raise RuntimeError("the engine loop did not start")
-            result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth))
+            grammar = None
+            if json_schema is not None:
+                from server.api.structured import json_spec
+                started = time.perf_counter()
+                grammar = engine.grammars.compile(json_spec(json.loads(json_schema)))
+                log.info("schema compiled in %.1f ms (vocabulary view included)", (time.perf_counter() - started) * 1e3)
+            result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth, grammar))
             result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
@@ -114,34 +128,53 @@ def _time_to_first_token(engine, prompt_len: int) -> dict:
 
 
 def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int, output_len: int,
-             bandwidth: float) -> dict:
+             bandwidth: float, grammar=None) -> dict:
+    """Per batch size: the median decode step. With a grammar, unconstrained and constrained runs
+    alternate plain, json, json, plain (drift in the machine's load cancels out) and each mode's
+    steps are pooled."""
     torch_device = engine.device
     cache_dtype_bytes = engine.cache.layers[0].element_size()
     rows = []
+    order = (False, True, True, False) if grammar else (False,)
     for batch_size in batch_sizes:
-        log.info("batch %d: %d prompt tokens, %d new tokens each", batch_size, context_len, output_len)
-        timer.take()
-        started = time.perf_counter()
-        asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size))
-        wall = time.perf_counter() - started
-        durations = decode_step_seconds(timer.take(), batch_size)
-        if not durations:
-            raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
-                             "or --kv-cache-memory")
-        step = statistics.median(durations)
-        mean_context = context_len + output_len // 2
-        bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
-                          + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
-        floor_step = bytes_per_step / bandwidth
-        rows.append({
-            "batch_size": batch_size, "decode_tokens_per_s": batch_size / step,
-            "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
-            "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
-            "fraction_of_bandwidth_floor": floor_step / step,
-        })
-        log.info("batch %d: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
-                 batch_size / step, step * 1e3, floor_step * 1e3, 100 * floor_step / step)
+        pooled: dict[bool, list[float]] = {False: [], True: []}
+        walls: dict[bool, float] = {False: 0.0, True: 0.0}
+        for run, constrained in enumerate(order):
+            log.info("batch %d%s: %d prompt tokens, %d new tokens each", batch_size,
+                     " (json schema)" if constrained else "", context_len, output_len)
+            timer.take()
+            started = time.perf_counter()
+            asyncio.run(_run_batch(engine, batch_size, context_len, output_len, seed=batch_size * 10 + run,
+                                   grammar=grammar if constrained else None))
+            walls[constrained] += time.perf_counter() - started
+            pooled[constrained] += decode_step_seconds(timer.take(), batch_size)
+        for constrained in sorted(set(order)):
+            rows.append(_row(engine, batch_size, constrained, pooled[constrained], walls[constrained], context_len,
+                             output_len, bandwidth, cache_dtype_bytes))
     return {"model": engine.model_name, "device": str(torch_device),
             "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
             "output_len": output_len, "threads": torch.get_num_threads(),
             "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
+
+
+def _row(engine, batch_size: int, constrained: bool, durations: list[float], wall: float, context_len: int,
+         output_len: int, bandwidth: float, cache_dtype_bytes: int) -> dict:
+    if not durations:
+        raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
+                         "or --kv-cache-memory (or use a schema with longer answers)")
+    step = statistics.median(durations)
+    mean_context = context_len + output_len // 2
+    bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
+                      + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
+    floor_step = bytes_per_step / bandwidth
+    row = {
+        "batch_size": batch_size, "json_schema": constrained, "decode_tokens_per_s": batch_size / step,
+        "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
+        "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
+        "fraction_of_bandwidth_floor": floor_step / step,
+    }
+    log.info("batch %d%s: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
+             " (json schema)" if constrained else "", batch_size / step, step * 1e3, floor_step * 1e3,
+             100 * floor_step / step)
+    return row
+
