@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
     engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     engine.add_argument("--dtype", default="auto", help="as `serve --dtype`")
+    engine.add_argument("--quantization", default="auto", choices=("auto", "none", "int8", "int4"),
+                        help="as `serve --quantization`")
     engine.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16, 64], help="comma-separated decode batch sizes")
     engine.add_argument("--context-len", type=int, default=128, help="prompt tokens of each sequence")
     engine.add_argument("--output-len", type=int, default=32, help="tokens decoded per sequence")
@@ -112,7 +114,8 @@ def run_engine(args) -> int:
     from server.cli.bench.engine_bench import bench_engine
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
-                          args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens)
+                          args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
+                          quantization=args.quantization)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]
@@ -121,7 +124,8 @@ def run_engine(args) -> int:
     _write(result, args.out)
     if args.record:
         lines = [f"### bench engine — {time.strftime('%Y-%m-%d')} — {result['machine']}",
-                 f"`{result['command']}` — {result['model']}, {result['dtype']}, context {args.context_len}",
+                 f"`{result['command']}` — {result['model']}, {result['dtype']} activations, weights "
+                 f"{result['weights']}, context {args.context_len}",
                  "", "| batch | decode tok/s | step ms | floor ms | fraction of floor |", "|---|---|---|---|---|"]
         lines += [f"| {r['batch_size']} | {r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
                   f"{r['floor_step_ms']:.2f} | {r['fraction_of_bandwidth_floor']:.2f} |" for r in result["results"]]

@@ -63,7 +63,7 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
-                 threads: int | None = None, prefill_lens: list[int] = ()) -> dict:
+                 threads: int | None = None, prefill_lens: list[int] = (), quantization: str = "auto") -> dict:
     if threads:
         torch.set_num_threads(threads)
     timer = StepTimer()
@@ -71,7 +71,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
     engine_config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(2048, context_len),
                                  kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
-                                                             device=device, dtype=dtype),
+                                                             device=device, dtype=dtype,
+                                                             quantization=quantization),
                                        engine=engine_config), observer=timer, start=False)
     result: dict = {}
     errors: list[BaseException] = []
@@ -141,7 +142,9 @@ def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int,
         })
         log.info("batch %d: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
                  batch_size / step, step * 1e3, floor_step * 1e3, 100 * floor_step / step)
+    from model.layers.kernel_choice import describe_formats
     return {"model": engine.model_name, "device": str(torch_device),
-            "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
+            "dtype": str(engine.cache.dtype).removeprefix("torch."), "weights": describe_formats(engine.model),
+            "context_len": context_len,
             "output_len": output_len, "threads": torch.get_num_threads(),
             "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
