@@ -26,11 +26,12 @@ def make_cache(config, num_blocks: int = 64, block_size: int = 4, dtype=torch.fl
 
 
 def paged_logits_chunked(model, cache: KVCache, sequences: list[list[int]], chunk_size: int,
-                         first_block: int = 0, prefix_len: int = 0) -> list[torch.Tensor]:
+                         first_block: int = 0, prefix_len: int = 0, window: int | None = None) -> list[torch.Tensor]:
     """Run `sequences` through forward_paged, all interleaved in the same steps, each advancing by up
     to `chunk_size` tokens per step; returns logits [len(seq), V] per sequence. Positions below
     `prefix_len` are assumed to be in the cache already (a prefix hit) and are not recomputed.
-    Blocks are laid out consecutively per sequence starting at `first_block`."""
+    Blocks are laid out consecutively per sequence starting at `first_block`; `window` is the
+    model's sliding window, as the runner passes it."""
     bs = cache.block_size
     tables, next_block = [], first_block
     for seq in sequences:
@@ -46,7 +47,7 @@ def paged_logits_chunked(model, cache: KVCache, sequences: list[list[int]], chun
                 end = min(len(seq), done[i] + chunk_size)
                 chunks.append(SequenceChunk(seq[done[i]:end], done[i], tables[i][: -(-end // bs)]))
                 owners.append((i, end))
-        batch = PagedBatch.build(chunks, bs)
+        batch = PagedBatch.build(chunks, bs, window=window)
         batch.logits_index = torch.arange(batch.token_ids.shape[0])  # every position's logits
         logits = model.forward_paged(batch, cache.layers)
         start = 0

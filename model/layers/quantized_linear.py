@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers.linear import Linear, use_column_major_
-from model.layers.quantize import (GROUP, INT4, INT8, QuantizedWeight, dequantize_int4_packed, pack_int4, pack_int8,
-                                   quantize)
+from model.layers.quantize import (GROUP, INT4, INT8, QuantizedWeight, dequantize_int4_packed, head_kind, pack_int4,
+                                   pack_int8, quantize)
 
 FLOAT32, BFLOAT16 = "float32", "bfloat16"
 FORMATS = (FLOAT32, BFLOAT16, INT8, INT4)
@@ -220,18 +220,19 @@ def tied_head_table(model: nn.Module) -> torch.Tensor | None:
 def quantize_model(model: nn.Module, kind: str) -> int:
     """Quantize every float Linear of `model` whose shape allows it to `kind` at load (int4: groups
     of 32 columns; int8: per output row), and a tied output head into a Linear of its own (`lm_head`,
-    which the family's forward then uses; the embedding table stays float for look-ups). Returns
-    how many matrices were quantized."""
+    which the family's forward then uses; the embedding table stays float for look-ups). The output
+    head takes int8 when the layers take int4 (`quantize.head_kind`). Returns how many matrices were
+    quantized."""
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear) and not isinstance(module, QuantizedLinear):
-            quantized = quantize_linear(module, kind)
+            quantized = quantize_linear(module, head_kind(kind) if name == "lm_head" else kind)
             if quantized is not module:
                 replace_module(model, name, quantized)
                 count += 1
-    table = tied_head_table(model)
-    if table is not None and format_supported(kind, *table.shape):
-        model.lm_head = QuantizedLinear.from_weight(quantize(table, kind), None, kind, kind, dtype=table.dtype)
+    table, head = tied_head_table(model), head_kind(kind)
+    if table is not None and format_supported(head, *table.shape):
+        model.lm_head = QuantizedLinear.from_weight(quantize(table, head), None, head, head, dtype=table.dtype)
         count += 1
     return count
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.families.llama import FusedProjections, LlamaConfig, LlamaForCausalLM, join_fused_weights
-from model.layers.quantize import INT8, QuantizedWeight, quantize
+from model.layers.quantize import INT8, QuantizedWeight, head_kind, quantize
 from model.layers.quantized_linear import QuantizedLinear, replace_module
 from model.loading.gguf_quant import gguf_quantized, kept_kind
 from model.text.tokenizer import TextTokenizer
@@ -246,6 +246,8 @@ def gguf_state_dict(reader, config: LlamaConfig, dtype: torch.dtype,
         heads = config.num_heads if kind == "attn_q" else config.num_kv_heads if kind == "attn_k" else None
         keep = kept_kind(tensor.tensor_type.name, quantization) if _projection(key) else None
         tied = key == "model.embed_tokens.weight"
+        if keep is not None and quantization != "auto" and (tied or key == "lm_head.weight"):
+            keep = head_kind(keep)                        # asked for int4: the head as int8 (the file's own: as is)
         if keep is not None and (not tied or config.tie_word_embeddings):
             codes = gguf_quantized(tensor, keep, lambda: dequantise(tensor, torch.float32))
             if heads is not None:

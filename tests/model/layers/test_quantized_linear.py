@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from model.config import preset
 from model.layers.linear import Linear
-from model.layers.quantize import (GROUP, QuantizedWeight, dequantize_int4_packed, pack_int4, quantize, quantize_int4,
-                                   quantize_int8, unpack_int4_codes)
+from model.layers.quantize import (GROUP, QuantizedWeight, dequantize_int4_packed, head_kind, pack_int4, quantize,
+                                   quantize_int4, quantize_int8, unpack_int4_codes)
 from model.layers.quantized_linear import (BFLOAT16, FLOAT32, INT4, INT8, QuantizedLinear, format_bytes,
                                            format_supported, quantize_model, quantized_head, tied_head_table)
 from tests.helpers import perturbed_model
@@ -118,16 +118,22 @@ def test_dense_weight_is_cached_and_float32_copies_are_shared():
 @pytest.mark.parametrize("kind", [INT4, INT8])
 @pytest.mark.parametrize("name", PRESETS)
 def test_quantize_model_takes_every_projection_it_can(name, kind):
+    """Every Linear whose shape the kernel takes, and a tied head; the output head as int8 when the
+    layers are int4 (head_kind); MoE routers (fewer than 16 outputs) stay float."""
     model = perturbed_model(preset(name), seed=1)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    eligible = [m for m in linears if format_supported(kind, m.out_features, m.in_features)]
-    tied = tied_head_table(model)
-    count = quantize_model(model, kind)
-    assert count == len(eligible) + (tied is not None)
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(quantized) == count and all(m.values == kind and m.formats == (kind,) for m in quantized)
+    head_name = "lm_head" if hasattr(model, "lm_head") else None
+    eligible = [n for n, m in model.named_modules() if isinstance(m, Linear)
+                and format_supported(head_kind(kind) if n == head_name else kind, m.out_features, m.in_features)]
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    assert quantized_head(model) == format_supported(kind, vocab, hidden)  # (ShomsherLLM-tiny's d 36: not int4)
+    tied = tied_head_table(model) is not None and format_supported(head_kind(kind), vocab, hidden)
+    count = quantize_model(model, kind)
+    assert count == len(eligible) + tied
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantized) == count
+    for n, m in quantized.items():
+        values = head_kind(kind) if n == "lm_head" else kind
+        assert m.values == values and m.formats == (values,), n
+    assert quantized_head(model) == format_supported(head_kind(kind), vocab, hidden)   # (ShomsherLLM-tiny: d 36)
     routers = [m for m in model.modules() if isinstance(m, Linear) and m.out_features < 16]
     assert all(not isinstance(m, QuantizedLinear) for m in routers)
     ids = torch.tensor([[5, 70, 263, 9, 120, 44]])
@@ -140,6 +146,7 @@ def test_a_tied_head_gets_a_quantized_linear_and_the_table_stays_float():
     table = model.model.embed_tokens.weight
     quantize_model(model, INT4)
     assert isinstance(model.lm_head, QuantizedLinear) and model.model.embed_tokens.weight is table
+    assert model.lm_head.values == INT8 and model.model.layers[0].mlp.down_proj.values == INT4
     assert table.dtype == torch.float32 and tied_head_table(model) is None
     h = torch.randn(3, 64)
     expected = F.linear(h, model.lm_head.dense_weight())

@@ -84,6 +84,9 @@ def test_kept_codes_hold_the_files_values_in_our_row_order(tiny, tmp_path, qtype
         elif codes.kind == INT4:
             assert torch.equal(codes.dequantize(), exact[key]), key
     assert set(kept.state_dict) == {k for k in exact if k not in kept.quantized}
+    as_int4 = load_gguf(path, quantization="int4").quantized
+    assert as_int4["lm_head.weight"].kind == INT8                               # heads never below int8
+    assert {w.kind for k, w in as_int4.items() if k != "lm_head.weight"} == {INT4}
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
