@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from model.config import BaseModelConfig
+from model.layers.quantize import head_kind
 from model.layers.linear import Linear
 from model.layers.quantized_linear import (FLOAT32, QuantizedLinear, format_bytes, format_supported, quantized_head,
                                            tied_head_table)
@@ -45,7 +46,8 @@ def weight_bytes_touched(model: nn.Module, batch_size: int, quantization: str | 
     expected number touched (each token picks top_k of its E experts uniformly at random). A
     `QuantizedLinear` reads its weight in the format it uses for that many rows (an expert: for the
     rows it expects). `quantization` ("none", "int8", "int4") counts every Linear, and a tied head,
-    as if the model were held that way instead (`customllm weights inspect`)."""
+    as if the model were held that way instead (`customllm weights inspect`; heads as
+    `quantize_model` holds them: never below int8)."""
     head = None if quantized_head(model) else output_head_weight(model)
     read_fraction: dict[int, float] = {}              # id(parameter or Linear) -> fraction of it read
     rows: dict[int, int] = {}                         # id(Linear) -> rows it multiplies per step
@@ -69,12 +71,13 @@ def weight_bytes_touched(model: nn.Module, batch_size: int, quantization: str | 
         if not isinstance(module, Linear):
             continue
         if quantization is not None:
-            total += _hypothetical_bytes(module.out_features, module.in_features, quantization) \
+            kind = head_kind(quantization) if module is getattr(model, "lm_head", None) else quantization
+            total += _hypothetical_bytes(module.out_features, module.in_features, kind) \
                 * read_fraction.get(id(module), 1.0)
         elif isinstance(module, QuantizedLinear):
             total += module.weight_bytes(rows.get(id(module), batch_size)) * read_fraction.get(id(module), 1.0)
     if quantization is not None and table is not None:
-        total += _hypothetical_bytes(*table.shape, quantization)
+        total += _hypothetical_bytes(*table.shape, head_kind(quantization))
         if quantization != "none":                    # a quantized copy is the head; the table is looked up
             total += min(batch_size, table.shape[0]) * table.shape[1] * 4
     return round(total)
