@@ -192,6 +192,8 @@ def run(args) -> int:
 
     setup_logging(args.log_level)
     config = config_from_args(args)
+    from server.executor.threads import configure_threads
+    configure_threads()
     api = config.api
     metrics = Metrics()
     app = create_app(None, api, metrics)

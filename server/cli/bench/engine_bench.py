@@ -64,8 +64,8 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
                  threads: int | None = None, prefill_lens: list[int] = (), quantization: str = "auto") -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+    from server.executor.threads import configure_threads
+    configure_threads(threads)
     timer = StepTimer()
     max_batch = max(batch_sizes)
     engine_config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(2048, context_len),
