@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+
 
 @dataclass(frozen=True)
 class ModelLoadConfig:
@@ -16,7 +18,8 @@ class ModelLoadConfig:
     byte_level_decoder: bool = False  # SmartLLM's BPE file: decode to readable text, not the seed's
     chat_template: str | None = None  # jinja file overriding the model's template
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"               # auto | float32 | bfloat16 | float16 | mixed
+    dtype: str = "auto"               # auto (CPU: fastest measured) | float32 | bfloat16 | float16 | mixed
+    quantization: str = "auto"        # auto (a GGUF's own, when dtype is auto) | none | int8 | int4
     served_model_name: str | None = None
     decode_attention: str = "auto"    # auto | torch | triton (decode steps' attention)
     cuda_graphs: bool = True          # decode steps replayed from CUDA graphs where the model allows

@@ -3,7 +3,9 @@ look at the engine) or as a `customllm serve` subprocess (for signals). Readines
 polling /health, never by fixed sleeps.
 
 The engine every API test runs is the real one over `custom-llm-tiny` (random weights, the SmolLM2
-vocabulary and tokenizer): `tiny_server_config` is the one place that chooses it.
+vocabulary and tokenizer), in exact float32 (`--dtype float32`: the API tests compare outputs across
+batches and requests, which `--dtype auto`'s measured bfloat16/int4 formats would not keep equal):
+`tiny_server_config` and `subprocess_server` are the places that choose it.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def tiny_server_config(model_dir: Path, api: ApiConfig | None = None,
                        engine: EngineConfig | None = None, tokenizer: Path | None = None) -> ServerConfig:
     """The tiny model's server settings; `tokenizer` defaults to the built-in model's (SmolLM2's)."""
     tokenizer = tokenizer or builtin_model_path()
-    return ServerConfig(model=ModelLoadConfig(model=str(model_dir), tokenizer=str(tokenizer)),
+    return ServerConfig(model=ModelLoadConfig(model=str(model_dir), tokenizer=str(tokenizer), dtype="float32"),
                         engine=engine or EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16),
                         api=api or ApiConfig())
 
@@ -158,7 +160,8 @@ def subprocess_server(model_dir: Path, *extra: str, env: dict | None = None, sta
     """`customllm serve` over `model_dir`; yields once /health answers one of `statuses`."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--tokenizer",
-           str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", str(TEST_KV_CACHE_GIB), *extra]
+           str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", str(TEST_KV_CACHE_GIB),
+           "--dtype", "float32", *extra]
     process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

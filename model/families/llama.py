@@ -240,7 +240,14 @@ class LlamaForCausalLM(nn.Module):
         return bool(_ROTARY_BUFFER.search(key))
 
     def head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.dense_weight()
+        return self.lm_head.dense_weight() if "lm_head" in self._modules else self.model.embed_tokens.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d] (normed) → [..., V]: through `lm_head` when there is one (an untied head, or a
+        quantized copy of the tied one: model/layers/quantized_linear.py), else the embedding table."""
+        if "lm_head" in self._modules:
+            return self.lm_head(h)
+        return F.linear(h, self.model.embed_tokens.weight)
 
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] → logits [B, T, V]."""
@@ -249,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             h = h + layer.self_attn.forward_full(layer.input_layernorm(h), rope)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return F.linear(self.model.norm(h), self.head_weight())                            # [B, T, V]
+        return self.logits(self.model.norm(h))                                              # [B, T, V]
 
     def forward_paged(self, batch: PagedBatch, cache: list[torch.Tensor]) -> torch.Tensor:
         """One step over the paged cache (one [S, 2*KV*hd] tensor per layer) → logits [N, V] for
@@ -259,7 +266,7 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache_layer in zip(self.model.layers, cache):
             h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return F.linear(self.model.norm(h[batch.logits_index]), self.head_weight())         # [N, V]
+        return self.logits(self.model.norm(h[batch.logits_index]))                          # [N, V]
 
 
 FAMILY = FamilyRecord(

@@ -19,19 +19,23 @@ import torch
 from torch import nn
 
 from model.layers.linear import Linear, use_column_major_
+from model.layers.quantized_linear import QuantizedLinear, quantized_head
 from model.registry import output_head_weight
 
 
 def _linears(model: nn.Module) -> list[Linear]:
-    return [module for module in model.modules() if isinstance(module, Linear)]
+    """The float `Linear`s (a QuantizedLinear keeps its weights in its kernel's layout)."""
+    return [module for module in model.modules() if isinstance(module, Linear)
+            and not isinstance(module, QuantizedLinear)]
 
 
 def linear_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Every matrix the model multiplies through `F.linear`: each `Linear`'s weight and the output
-    head (which may be the embedding table), each once."""
+    """Every float matrix the model multiplies through `F.linear`: each float `Linear`'s weight and
+    the output head (which may be the embedding table) unless it is quantized, each once."""
     found = {id(weight): weight for weight in (linear.dense_weight() for linear in _linears(model))}
-    head = output_head_weight(model)
-    found[id(head)] = head
+    if not quantized_head(model):
+        head = output_head_weight(model)
+        found[id(head)] = head
     return list(found.values())
 
 
@@ -45,6 +49,8 @@ def use_column_major_weights(model: nn.Module) -> int:
         if id(weight) not in seen:
             seen.add(id(weight))
             moved += linear.use_column_major()
+    if quantized_head(model):
+        return moved
     head = output_head_weight(model)
     if id(head) not in seen:
         moved += use_column_major_(head)

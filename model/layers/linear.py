@@ -10,13 +10,12 @@ API the rest of the model uses instead of reaching into `.weight`:
   [E, out, in] expert weights) hold the weight from now on, so no second copy is kept;
 - `use_column_major()`: the CPU float32 layout of model/layers/cpu_layout.py, for this weight.
 
-How a quantized Linear would plug in: a subclass (say `QuantizedLinear(Linear)`) that holds packed
-weights and scales instead of the float `weight` parameter, with their own state-dict keys;
-`forward` runs the quantized matmul; `dense_weight()` dequantizes to the activations' dtype (so
-the MLA absorption and the sync-free expert stacks keep working, at the cost of a dense copy while
-they use it); `keep_weight_in` keeps its packed weights (the stacked copy is then extra memory);
-`use_column_major` returns False (its layout is the kernel's). A family's module tree is unchanged:
-it is built with `Linear` and a loader could swap each one for the quantized class.
+The quantized Linear plugs in as a subclass: `QuantizedLinear` (model/layers/quantized_linear.py)
+holds packed int4/int8 (or bfloat16) weights and scales as buffers instead of the float `weight`
+parameter; `forward` runs the kernel on bfloat16 activations and returns the model's dtype;
+`dense_weight()` dequantizes once and caches (so the MLA absorption and the expert stacks keep
+working); `keep_weight_in` keeps its packed weights; `use_column_major` returns False. A family's
+module tree is unchanged: it is built with `Linear`, and loading swaps each one it quantizes.
 """
 from __future__ import annotations
 

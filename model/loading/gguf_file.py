@@ -1,6 +1,10 @@
-"""GGUF files of the Llama family: metadata → `LlamaConfig`, tensors dequantised to the serving dtype
-under our (Hugging Face) parameter names, the q/k row permutation undone, and the tokenizer and chat
-template from the metadata.
+"""GGUF files of the Llama family: metadata → `LlamaConfig`, tensors under our (Hugging Face) parameter
+names with the q/k row permutation undone, and the tokenizer and chat template from the metadata.
+
+Tensors are dequantised to the serving dtype, or, with `quantization` other than "none", the
+projections' quantized tensors are kept as int4/int8 codes (model/loading/gguf_quant.py: Q4_0/Q4_1
+exactly) and built into `QuantizedLinear`s; a tied head quantized that way gets a Linear of its own
+while the embedding table stays float for look-ups.
 
 `load_gguf(path)` gives the pieces (`GGUFModel`: config, state dict, tokenizer, template, metadata);
 `load_gguf_model(path)` also builds the module and moves the weights into it.
@@ -17,8 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from model.families.llama import LlamaConfig, LlamaForCausalLM, join_fused_weights
+from model.families.llama import FusedProjections, LlamaConfig, LlamaForCausalLM, join_fused_weights
+from model.layers.quantize import INT8, QuantizedWeight, head_kind, quantize
+from model.layers.quantized_linear import QuantizedLinear, replace_module
+from model.loading.gguf_quant import gguf_quantized, kept_kind
 from model.text.tokenizer import TextTokenizer
 
 log = logging.getLogger("customllm.gguf")
@@ -52,6 +60,8 @@ class GGUFModel:
     metadata: dict[str, Any]
     name: str
     model: LlamaForCausalLM | None = field(default=None, repr=False)
+    # projection weights kept as int4/int8 codes, by parameter name (a tied head as "lm_head.weight")
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
 
     @cached_property
     def tokenizer(self) -> TextTokenizer:
@@ -74,12 +84,23 @@ class GGUFModel:
 
         started = time.monotonic()
         model = build_model(self.config, device="meta")
-        check_keys(model, self.state_dict, source=self.path.name)
+        quantized, self.quantized = self.quantized, {}
+        tied_head = quantized.pop("lm_head.weight", None) if self.config.tie_word_embeddings else None
+        check_keys(model, {**self.state_dict, **quantized}, source=self.path.name)
         state, self.state_dict = self.state_dict, {}
         join_fused_weights(model, state)
+        _join_fused_quantized(model, quantized, state)
+        dtype = next(iter(state.values())).dtype
+        for key, weight in quantized.items():
+            replace_module(model, key.removesuffix(".weight"), QuantizedLinear.holding(weight, dtype=dtype))
+        if tied_head is not None:
+            model.lm_head = QuantizedLinear.holding(tied_head, dtype=dtype)
         for key in state:
             state[key] = state[key].to(device)
-        model.load_state_dict(state, strict=True, assign=True)
+        held = tuple(key.removesuffix("weight") for key in quantized) + (("lm_head.",) if tied_head else ())
+        result = model.load_state_dict(state, strict=False, assign=True)
+        missing = [key for key in result.missing_keys if not key.startswith(held)]
+        assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
         self.model = model.eval()
         log.info("gguf %s: model on %s in %.1f s", self.path.name, device, time.monotonic() - started)
         return self.model
@@ -176,9 +197,42 @@ def dequantise(tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(array.reshape(shape)).to(dtype)
 
 
-def gguf_state_dict(reader, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor under our parameter name, dequantised one at a time straight to `dtype`."""
+def _join_fused_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight],
+                          state: dict[str, torch.Tensor]) -> None:
+    """q/k/v and gate/up of `quantized` joined into the fused weights, in place. Parts of different
+    kinds are joined as int8 (int4 parts requantized); a part held as float makes them all float."""
+    for name, module in model.named_modules():
+        if not isinstance(module, FusedProjections):
+            continue
+        prefix = f"{name}." if name else ""
+        for fused, parts in module.FUSED.items():
+            keys = [prefix + part + ".weight" for part in parts]
+            if not any(key in quantized for key in keys):
+                continue
+            if not all(key in quantized for key in keys):
+                dtype = next(state[key] for key in keys if key in state).dtype
+                state[prefix + fused + ".weight"] = torch.cat(
+                    [state.pop(k) if k in state else quantized.pop(k).dequantize(dtype) for k in keys])
+                continue
+            weights = [quantized.pop(key) for key in keys]
+            if len({w.kind for w in weights}) > 1:
+                weights = [w if w.kind == INT8 else quantize(w.dequantize(), INT8) for w in weights]
+            quantized[prefix + fused + ".weight"] = QuantizedWeight.cat(weights)
+
+
+def _projection(key: str) -> bool:
+    """Whether a parameter is the weight of a Linear (a quantizable projection) or the tied head."""
+    return key.endswith(("_proj.weight", "lm_head.weight", "embed_tokens.weight"))
+
+
+def gguf_state_dict(reader, config: LlamaConfig, dtype: torch.dtype,
+                    quantization: str = "none") -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """Every tensor under our parameter name, dequantised one at a time straight to `dtype`, except
+    the projections' quantized tensors that `quantization` keeps as codes (`gguf_quant.kept_kind`),
+    given in the second dict. A tied head (`token_embd`) kept so is in both: float for the embedding,
+    codes under "lm_head.weight"."""
     state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}
     for tensor in reader.tensors:
         name = tensor.name
         if name in GLOBAL_TENSORS:
@@ -189,18 +243,30 @@ def gguf_state_dict(reader, config: LlamaConfig, dtype: torch.dtype) -> dict[str
             key = f"model.layers.{index}.{LAYER_TENSORS[kind]}.weight"
         else:
             raise ValueError(f"GGUF tensor {name} has no place in a Llama model")
+        heads = config.num_heads if kind == "attn_q" else config.num_kv_heads if kind == "attn_k" else None
+        keep = kept_kind(tensor.tensor_type.name, quantization) if _projection(key) else None
+        tied = key == "model.embed_tokens.weight"
+        if keep is not None and quantization != "auto" and (tied or key == "lm_head.weight"):
+            keep = head_kind(keep)                        # asked for int4: the head as int8 (the file's own: as is)
+        if keep is not None and (not tied or config.tie_word_embeddings):
+            codes = gguf_quantized(tensor, keep, lambda: dequantise(tensor, torch.float32))
+            if heads is not None:
+                codes = codes.select_rows(unpermute_rows(torch.arange(codes.shape[0])[:, None], heads)[:, 0])
+            quantized["lm_head.weight" if tied else key] = codes
+            if not tied:
+                continue
         weight = dequantise(tensor, dtype)
-        if kind == "attn_q":
-            weight = unpermute_rows(weight, config.num_heads)
-        elif kind == "attn_k":
-            weight = unpermute_rows(weight, config.num_kv_heads)
+        if heads is not None:
+            weight = unpermute_rows(weight, heads)
         state[key] = weight
-    return state
+    return state, quantized
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
-    """Read a Llama-family GGUF: config, dequantised state dict in `dtype`, tokenizer metadata,
-    chat template and a metadata summary. Raises ValueError for what this server cannot run."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str = "none") -> GGUFModel:
+    """Read a Llama-family GGUF: config, state dict in `dtype` (and the quantized projections that
+    `quantization` keeps: "none", "auto" for each type's nearest kernel codes, "int4", "int8"),
+    tokenizer metadata, chat template and a metadata summary. Raises ValueError for what this
+    server cannot run."""
     from gguf import GGUFReader
 
     path = Path(path)
@@ -217,17 +283,22 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
     log.info("gguf %s: llama, %d layers, d %d, %d heads / %d kv heads, vocab %d, %s", path.name,
              config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size,
              ", ".join(f"{n} {k}" for k, n in metadata["tensor_types"].items()))
-    state = gguf_state_dict(reader, config, dtype)
-    log.info("gguf %s: %d tensors dequantised to %s in %.1f s", path.name, len(state),
-             str(dtype).removeprefix("torch."), time.monotonic() - started)
+    state, quantized = gguf_state_dict(reader, config, dtype, quantization)
+    log.info("gguf %s: %d tensors dequantised to %s, %d kept quantized (%s) in %.1f s", path.name, len(state),
+             str(dtype).removeprefix("torch."), len(quantized),
+             ", ".join(f"{n} {k}" for k, n in Counter(w.kind for w in quantized.values()).items()) or "none",
+             time.monotonic() - started)
     tokenizer_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
     name = str(fields.get("general.name") or path.stem)
-    return GGUFModel(path, config, state, tokenizer_fields, fields.get("tokenizer.chat_template"), metadata, name)
+    return GGUFModel(path, config, state, tokenizer_fields, fields.get("tokenizer.chat_template"), metadata, name,
+                     quantized=quantized)
 
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> GGUFModel:
+                    device: torch.device | str = "cpu", quantization: str = "none") -> GGUFModel:
     """`load_gguf` and `build_model` in one: the returned object's `.model` is ready (eval mode)."""
-    loaded = load_gguf(path, dtype)
+    if quantization != "none" and torch.device(device).type != "cpu":
+        raise ValueError("quantized GGUF weights run in CPU kernels; use --quantization none on CUDA")
+    loaded = load_gguf(path, dtype, quantization)
     loaded.build_model(device)
     return loaded

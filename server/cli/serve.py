@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from server.config import ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
+from server.config import QUANTIZATIONS, ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
 
 log = logging.getLogger("customllm.serve")
 ENV_PREFIX = "CUSTOMLLM_"
@@ -55,7 +55,12 @@ def add_parser(subparsers) -> None:
     _add(m, "--chat-template", "jinja chat template file overriding the model's")
     _add(m, "--served-model-name", "model id reported by the API")
     _add(m, "--device", "auto, cpu, cuda or cuda:N", default="auto")
-    _add(m, "--dtype", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, or mixed (CPU: float16 for 1-2 token steps, bfloat16 for larger)", default="auto")
+    _add(m, "--dtype", "auto (bfloat16 on CUDA; on a CPU float32 activations with each weight in the format "
+         "measured fastest on this machine: float32, bfloat16 or a GGUF's int4/int8), float32 (exact), bfloat16, "
+         "float16, or mixed (CPU: float16 for 1-2 token steps, bfloat16 for larger)", default="auto")
+    _add(m, "--quantization", "weights held quantized on a CPU: auto (a GGUF's own Q4_0/Q4_1 as int4, Q8_0 and "
+         "others requantized, when --dtype is auto; float checkpoints stay float), none (dequantized to --dtype), "
+         "int8 (per output row) or int4 (groups of 32), quantizing float checkpoints at load", default="auto")
     _add(m, "--decode-attention", "attention of decode steps: auto (the family's Triton paged kernel on CUDA when "
          "triton is installed: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
          "torch, or triton", default="auto")
@@ -134,6 +139,8 @@ def _check(args) -> None:
         raise ValueError(f"--port {args.port}: must be in [1, 65535]")
     if args.preset and args.model and args.model.endswith(".gguf"):
         raise ValueError("--preset does not apply to a GGUF file, which carries its own configuration")
+    if args.quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization {args.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if args.header_timeout <= 0:
         raise ValueError("--header-timeout must be positive")
     for flag, minimum in (("max_body_bytes", 1), ("max_n", 1), ("max_sequences_per_request", 1),
@@ -161,6 +168,7 @@ def config_from_args(args) -> ServerConfig:
         model=ModelLoadConfig(model=args.model, preset=args.preset, tokenizer=args.tokenizer,
                               byte_level_decoder=args.byte_level_decoder,
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
+                              quantization=args.quantization,
                               served_model_name=args.served_model_name, decode_attention=args.decode_attention,
                               cuda_graphs=args.cuda_graphs),
         engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
@@ -204,6 +212,8 @@ def run(args) -> int:
 
     setup_logging(args.log_level)
     config = config_from_args(args)
+    from server.executor.threads import configure_threads
+    configure_threads()
     api = config.api
     metrics = Metrics()
     app = create_app(None, api, metrics)

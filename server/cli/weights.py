@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     init.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field (e.g. --set vocab_size=49152)")
     init.set_defaults(func=run_init)
-    inspect = actions.add_parser("inspect", help="architecture, parameters, dtype, cache bytes per token")
+    inspect = actions.add_parser("inspect", help="architecture, parameters, dtype, cache bytes per token, weight "
+                                 "bytes one decode step reads (as stored, none, int8, int4)")
     inspect.add_argument("path")
     inspect.add_argument("--preset", default=None)
     inspect.set_defaults(func=run_inspect)
@@ -84,9 +85,9 @@ def run_inspect(args) -> int:
     path = Path(args.path)
     if path.suffix == ".gguf":
         from model.loading.gguf_file import load_gguf_model
-        loaded = load_gguf_model(path)
+        loaded = load_gguf_model(path, quantization="auto")
         model, config, warnings = loaded.model, loaded.config, []
-        dtypes = Counter({"gguf (dequantised to float32)": 1})
+        dtypes = Counter(loaded.metadata["tensor_types"])
     else:
         from model.loading.checkpoint import read_checkpoint
         stored = read_checkpoint(path).state_dict
@@ -94,7 +95,11 @@ def run_inspect(args) -> int:
         main_dtype = max(dtypes, key=dtypes.get)
         loaded = load_model(path, preset=args.preset, dtype=getattr(torch, main_dtype))
         model, config, warnings = loaded.model, loaded.config, loaded.warnings
-    params = sum(p.numel() for p in model.parameters())
+    from model.layers.quantized_linear import QuantizedLinear
+    from server.cli.bench.memory import weight_bytes_touched
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear)
+        and not (m is getattr(model, "lm_head", None) and config.to_dict().get("tie_word_embeddings")))
     print(f"architecture: {config.family}")
     print(f"config: {json.dumps(config.to_dict())}")
     print(f"parameters: {params:,}")
@@ -102,6 +107,10 @@ def run_inspect(args) -> int:
     print(f"cache row per token per layer: {config.cache_row_width} values")
     for name in ("bfloat16", "float32"):
         print(f"cache bytes per token ({name}): {config.cache_bytes_per_token(dtype_bytes(parse_dtype(name))):,}")
+    print("weight bytes per token (one decode step of one sequence reads):")
+    stored = "GGUF quantized tensors kept (--quantization auto)" if path.suffix == ".gguf" else "as stored"
+    for name, quantization in ((stored, None), ("none (float32)", "none"), ("int8", "int8"), ("int4", "int4")):
+        print(f"  {name}: {weight_bytes_touched(model, 1, quantization):,}")
     for warning in warnings:
         print(f"warning: {warning}")
     return 0

@@ -36,7 +36,8 @@ MIXED = "mixed"   # CPU: float16 weights for 1-2 token steps, bfloat16 weights a
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype of the weights (and, but for `mixed`, of the cache)."""
+    """The dtype of the activations and the cache (and of the weights, but for `mixed` and, on a CPU,
+    `auto`, whose weights take the formats measured fastest: `weight_format_mode`)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == MIXED:
@@ -46,6 +47,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: choose one of auto, {MIXED}, {', '.join(sorted(DTYPES))}")
     return parse_dtype(name)
+
+
+def resolve_quantization(name: str, dtype_name: str, device: torch.device) -> str:
+    """What the weights are held as: "auto" (keep a GGUF's quantized tensors as int4/int8 codes) only
+    with `--dtype auto` on a CPU, so that an explicit dtype (float32 above all) stays exact; "none";
+    or "int8"/"int4" (CPU kernels)."""
+    if name == "auto":
+        return "auto" if dtype_name == "auto" and device.type == "cpu" else "none"
+    if name in ("int8", "int4"):
+        if device.type != "cpu":
+            raise ValueError(f"--quantization {name} runs in CPU kernels; use none on {device.type}")
+        if dtype_name == MIXED:
+            raise ValueError(f"--quantization {name} does not combine with --dtype {MIXED}; use --dtype auto")
+    elif name != "none":
+        raise ValueError(f"--quantization {name!r}: choose auto, none, int8 or int4")
+    return name
+
+
+def weight_format_mode(dtype_name: str, quantization: str, device: torch.device) -> str:
+    """How model.layers.kernel_choice stores the Linears: "measured" (every format the values allow,
+    timed) for `--dtype auto` on a CPU, "lean" (quantized weights in their kernel's format only) when
+    `--quantization int8|int4` is asked for, "exact" (as loaded) otherwise."""
+    if device.type != "cpu" or dtype_name != "auto":
+        return "exact"
+    return "lean" if quantization in ("int8", "int4") else "measured"
 
 
 def kv_cache_budget_bytes(gib: float | None, device: torch.device) -> int:
@@ -72,8 +98,10 @@ def special_token_texts(tokenizer) -> dict[str, str]:
     return texts
 
 
-def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, chat template source or None, model name)."""
+def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: torch.dtype,
+                             quantization: str = "none"):
+    """(model, tokenizer, chat template source or None, model name); the weights quantized as
+    `quantization` says (`resolve_quantization`)."""
     from model.text.chat_template import ChatTemplate
     from model.text.tokenizer import load_tokenizer
 
@@ -84,7 +112,7 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
     template_source = None
     if path.suffix == ".gguf":
         from model.loading.gguf_file import load_gguf_model
-        loaded = load_gguf_model(path, dtype=dtype, device=device)
+        loaded = load_gguf_model(path, dtype=dtype, device=device, quantization=quantization)
         model, template_source = loaded.model, loaded.chat_template
         tokenizer = load_tokenizer(mcfg.tokenizer, mcfg.byte_level_decoder) if mcfg.tokenizer else loaded.tokenizer
     else:
@@ -98,6 +126,12 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
             raise ValueError(f"{path}: no tokenizer beside the checkpoint; pass --tokenizer PATH")
         tokenizer = load_tokenizer(tokenizer_source, mcfg.byte_level_decoder)
         template_source = getattr(tokenizer, "chat_template", None) or getattr(loaded, "chat_template", None)
+    if quantization in ("int8", "int4"):
+        from model.layers.quantized_linear import quantize_model
+        started_quantizing = time.monotonic()
+        count = quantize_model(model, quantization)
+        log.info("quantized %d weight matrices to %s in %.1f s", count, quantization,
+                 time.monotonic() - started_quantizing)
     if mcfg.chat_template:
         template_source = Path(mcfg.chat_template).read_text()
     chat_template = ChatTemplate(template_source, **special_token_texts(tokenizer)) if template_source else None
@@ -134,13 +168,16 @@ def resolve_decode_attention(choice: str, device: torch.device) -> str:
 def build_engine(config: ServerConfig, observer: EngineObserver | None = None, start: bool = True) -> Engine:
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
+    quantization = resolve_quantization(config.model.quantization, config.model.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tokenizer, chat_template, name = load_model_and_tokenizer(config, device, dtype)
+    model, tokenizer, chat_template, name = load_model_and_tokenizer(config, device, dtype, quantization)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
     from model.layers.cpu_layout import use_column_major_weights
+    from model.layers.kernel_choice import choose_formats
+    choose_formats(model, weight_format_mode(config.model.dtype, quantization, device))
     moved = use_column_major_weights(model)       # float32 CPU weights only
     if moved:
         log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)

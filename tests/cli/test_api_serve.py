@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
 
 def serve_command(model_dir, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--tokenizer",
-            str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", "0.02", *extra]
+            str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", "0.02", "--dtype", "float32", *extra]
 
 
 def test_a_port_in_use_fails_at_once_before_loading_the_model(model_dir):

@@ -34,6 +34,11 @@ def test_init_then_inspect(initialised, capsys):
     assert f"cache row per token per layer: {config.cache_row_width} values" in printed
     assert f"cache bytes per token (bfloat16): {config.cache_bytes_per_token(2):,}" in printed
     assert json.loads(printed.split("config: ", 1)[1].splitlines()[0])["num_layers"] == config.num_layers
+    per_token = {line.split(":")[0].strip(): int(line.split(":")[1].replace(",", ""))
+                 for line in printed.split("weight bytes per token", 1)[1].splitlines()[1:5]}
+    assert set(per_token) == {"as stored", "none (float32)", "int8", "int4"}
+    none, int8, int4 = per_token["none (float32)"], per_token["int8"], per_token["int4"]
+    assert per_token["as stored"] == none > int8 and none >= int4   # (ShomsherLLM-tiny's d 36 takes no int4)
 
 
 def test_a_mismatched_checkpoint_is_named_key_by_key(initialised, tmp_path):

@@ -101,7 +101,7 @@ class Replica:
 def start_replica(model_dir: Path, host: str, port: int, log: Path) -> Replica:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--tokenizer",
            str(builtin_model_path()), "--host", host, "--port", str(port), "--kv-cache-memory",
-           str(TEST_KV_CACHE_GIB), "--block-size", "16"]
+           str(TEST_KV_CACHE_GIB), "--block-size", "16", "--dtype", "float32"]
     # one thread each: two replicas (and nginx, and Prometheus) share a small CI machine, and OpenMP
     # teams that outnumber the cores stall one another
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
     engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     engine.add_argument("--dtype", default="auto", help="as `serve --dtype`")
+    engine.add_argument("--quantization", default="auto", choices=("auto", "none", "int8", "int4"),
+                        help="as `serve --quantization`")
     engine.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16, 64], help="comma-separated decode batch sizes")
     engine.add_argument("--context-len", type=int, default=128, help="prompt tokens of each sequence")
     engine.add_argument("--output-len", type=int, default=32, help="tokens decoded per sequence")
@@ -149,7 +151,7 @@ def run_engine(args) -> int:
     schema = Path(args.json_schema).read_text() if args.json_schema else None
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
                           args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
-                          schema)
+                          schema, quantization=args.quantization)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]
@@ -158,7 +160,8 @@ def run_engine(args) -> int:
     _write(result, args.out)
     if args.record:
         lines = [f"### bench engine — {time.strftime('%Y-%m-%d')} — {result['machine']}",
-                 f"`{result['command']}` — {result['model']}, {result['dtype']}, context {args.context_len}",
+                 f"`{result['command']}` — {result['model']}, {result['dtype']} activations, weights "
+                 f"{result['weights']}, context {args.context_len}",
                  "", "| batch | decode tok/s | step ms | floor ms | fraction of floor |", "|---|---|---|---|---|"]
         lines += [f"| {r['batch_size']}{' (json schema)' if r.get('json_schema') else ''} | "
                   f"{r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "

@@ -71,15 +71,17 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
-                 threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+                 threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
+                 quantization: str = "auto") -> dict:
+    from server.executor.threads import configure_threads
+    configure_threads(threads)
     timer = StepTimer()
     max_batch = max(batch_sizes)
     engine_config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(2048, context_len),
                                  kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
-                                                             device=device, dtype=dtype),
+                                                             device=device, dtype=dtype,
+                                                             quantization=quantization),
                                        engine=engine_config), observer=timer, start=False)
     result: dict = {}
     errors: list[BaseException] = []
@@ -151,8 +153,10 @@ def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int,
         for constrained in sorted(set(order)):
             rows.append(_row(engine, batch_size, constrained, pooled[constrained], walls[constrained], context_len,
                              output_len, bandwidth, cache_dtype_bytes))
+    from model.layers.kernel_choice import describe_formats
     return {"model": engine.model_name, "device": str(torch_device),
-            "dtype": str(engine.cache.dtype).removeprefix("torch."), "context_len": context_len,
+            "dtype": str(engine.cache.dtype).removeprefix("torch."), "weights": describe_formats(engine.model),
+            "context_len": context_len,
             "output_len": output_len, "threads": torch.get_num_threads(),
             "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
 

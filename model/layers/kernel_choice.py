@@ -1,0 +1,210 @@
+"""The format each Linear is stored and multiplied in, chosen by timing the candidates on this machine.
+
+CPUs differ: on an AMD EPYC with AVX512-BF16 a bfloat16 GEMM over 16 rows is 2-3× faster than
+float32 and the int4 kernel is the fastest for one row; on an Intel Xeon without native bfloat16
+float32 wins at 16 rows. So at load, for every distinct (values, out, in) of the model, each
+candidate format (model/layers/quantized_linear.py: float32, bfloat16, int8, int4, as the weight's
+values allow) is timed over 1 and 16 rows of the real shape (random weights, a few dozen
+milliseconds each, best of several runs), and each Linear takes
+- one format for both when one is within 10 % of the fastest at 1 and at 16 rows (one copy), else
+- the fastest at 1 row for steps of ≤ SMALL_ROWS rows and the fastest at 16 rows for the others
+  (two copies of the weight: e.g. int4 for one stream and bfloat16 for batches and prefill).
+
+Timings are cached per CPU model, torch version and thread count in
+`~/.cache/customllm/kernel-timings.json` (`$CUSTOMLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/customllm`),
+so later loads on the same machine measure nothing. Delete the file to measure again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.layers.linear import Linear
+from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight
+from model.layers.quantized_linear import (FLOAT, FLOAT32, SMALL_ROWS, QuantizedLinear, format_supported,
+                                           formats_for, replace_module, tied_head_table)
+
+log = logging.getLogger("customllm.kernels")
+
+ROWS = (1, 16)                  # the rows timed: one stream, a batch of decode steps
+TIMING_SECONDS = 0.03           # time spent on one (format, rows) beyond its first runs
+ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at both row counts wins
+TIMINGS_FILE = "kernel-timings.json"
+
+# how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in their kernel's
+# format only (no dense copy) and measures float32 / bfloat16 for the float ones; "measured" times
+# every format the values allow
+MODES = ("exact", "lean", "measured")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CUSTOMLLM_CACHE_DIR"):
+        return Path(os.environ["CUSTOMLLM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "customllm"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What timings are valid for: the CPU model, torch version and thread count."""
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def shape_key(values: str, out_features: int, in_features: int) -> str:
+    return f"{values}:{out_features}x{in_features}"
+
+
+def time_format(fmt: str, values: str, out_features: int, in_features: int,
+                seconds: float = TIMING_SECONDS) -> list[float]:
+    """Best seconds of one product over each of ROWS rows by a [out, in] layer of `values` stored as
+    `fmt` (random weights of that shape)."""
+    generator = torch.Generator().manual_seed(0)
+    layer = QuantizedLinear.from_weight(_placeholder(values, out_features, in_features), None, fmt, fmt)
+    found = []
+    with torch.inference_mode():
+        for rows in ROWS:
+            x = torch.randn(rows, in_features, generator=generator)
+            layer(x)                                                      # first call: allocation
+            best, runs, deadline = float("inf"), 0, time.perf_counter() + seconds
+            while runs < 2 or (time.perf_counter() < deadline and runs < 100):
+                started = time.perf_counter()
+                layer(x)
+                best = min(best, time.perf_counter() - started)
+                runs += 1
+            found.append(best)
+    return found
+
+
+def _placeholder(values: str, out_features: int, in_features: int) -> torch.Tensor | QuantizedWeight:
+    """A weight of that shape and those values, cheap to make (the kernels' speed does not depend on
+    the values)."""
+    if values == FLOAT:
+        return torch.full((out_features, in_features), 0.01)
+    codes = torch.arange(out_features * in_features).remainder_(15).view(out_features, in_features)
+    if values == INT4:
+        scale = torch.full((out_features, in_features // GROUP), 0.01)
+        return QuantizedWeight(INT4, codes.to(torch.uint8), scale, -8 * scale)
+    return QuantizedWeight(INT8, (codes - 7).to(torch.int8), torch.full((out_features, 1), 0.01), None)
+
+
+class Timings:
+    """The JSON cache: {machine key: {shape key: {format: [seconds at each of ROWS]}}}."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / TIMINGS_FILE
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        self.machine = self.data.setdefault(machine_key(), {})
+        self.changed = False
+
+    def get(self, values: str, out_features: int, in_features: int, fmt: str) -> list[float]:
+        entry = self.machine.setdefault(shape_key(values, out_features, in_features), {})
+        if fmt not in entry:
+            entry[fmt] = time_format(fmt, values, out_features, in_features)
+            self.changed = True
+        return entry[fmt]
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path)
+        except OSError as exc:                                             # a read-only home: measure next time
+            log.warning("cannot cache kernel timings in %s: %s", self.path, exc)
+
+
+def pick(times: dict[str, list[float]]) -> tuple[str, str]:
+    """(small-step format, large-step format) from {format: [seconds at 1 row, at 16 rows]}."""
+    best = [min(t[i] for t in times.values()) for i in range(len(ROWS))]
+    single = [f for f, t in times.items() if all(t[i] <= ONE_COPY_SLACK * best[i] for i in range(len(ROWS)))]
+    if single:
+        fmt = min(single, key=lambda f: sum(times[f][i] / best[i] for i in range(len(ROWS))))
+        return fmt, fmt
+    return min(times, key=lambda f: times[f][0]), min(times, key=lambda f: times[f][-1])
+
+
+def candidates(values: str, out_features: int, in_features: int, mode: str) -> tuple[str, ...]:
+    """The formats a [out, in] weight of `values` may take: its kernel's alone in "lean" mode (when
+    the shape allows it), else every format that holds those values."""
+    options = tuple(f for f in formats_for(values) if format_supported(f, out_features, in_features))
+    return (values,) if mode == "lean" and values in options else options
+
+
+def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) -> Counter:
+    """Store every Linear of `model` (and a tied head, as a Linear of its own when it moves off
+    float32) in the formats measured fastest under `mode` (see MODES). Returns a count of the
+    (small, large) formats chosen, for the log."""
+    if mode not in MODES:
+        raise ValueError(f"unknown format mode {mode!r}; choose one of {', '.join(MODES)}")
+    chosen: Counter = Counter()
+    if mode == "exact":
+        return chosen
+    timings = timings or Timings()
+    started = time.monotonic()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    table = tied_head_table(model)
+    if table is not None and table.dtype == torch.float32:
+        layers.append(("lm_head", None))
+    for name, layer in layers:
+        out_features, in_features = table.shape if layer is None else (layer.out_features, layer.in_features)
+        values = layer.values if isinstance(layer, QuantizedLinear) else FLOAT
+        if layer is not None and not isinstance(layer, QuantizedLinear) and layer.weight.dtype != torch.float32:
+            continue                                                       # a 16-bit model: not ours to move
+        options = candidates(values, out_features, in_features, mode)
+        if len(options) == 1:
+            small = large = options[0]
+        else:
+            small, large = pick({f: timings.get(values, out_features, in_features, f) for f in options})
+        chosen[(values, small, large)] += 1
+        if layer is None:
+            if (small, large) != (FLOAT32, FLOAT32):
+                model.lm_head = QuantizedLinear.from_weight(table, None, small, large)
+        elif isinstance(layer, QuantizedLinear):
+            if (small, large) != (layer.small_format, layer.large_format):
+                replace_module(model, name, layer.with_formats(small, large))
+        elif (small, large) != (FLOAT32, FLOAT32):
+            replace_module(model, name, QuantizedLinear.from_weight(layer.weight, layer.bias, small, large))
+    timings.save()
+    log.info("weight formats (%s, %.1f s, timings in %s): %s", mode, time.monotonic() - started, timings.path,
+             _describe(chosen))
+    return chosen
+
+
+def _describe(counts: Counter) -> str:
+    return ", ".join(f"{n} × {v} as {s}" + ("" if s == l else f" (≤ {SMALL_ROWS} rows) / {l}")
+                     for (v, s, l), n in sorted(counts.items())) or "none"
+
+
+def describe_formats(model: nn.Module) -> str:
+    """How the model's Linears are held, e.g. "120 × int4 as int4 (≤ 4 rows) / bfloat16, 1 × int8 as
+    int8" (float32 Linears as "float as float32")."""
+    counts: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            counts[(module.values, module.small_format, module.large_format)] += 1
+        elif isinstance(module, Linear):
+            fmt = str(module.weight.dtype).removeprefix("torch.")
+            counts[(FLOAT, fmt, fmt)] += 1
+    return _describe(counts)

@@ -1,0 +1,242 @@
+"""`QuantizedLinear`: the one Linear (model/layers/linear.py) with its weight held in the packed form
+of a fast CPU kernel instead of a float32 matrix.
+
+A weight has *values* (what it was rounded to: "float", "int8" or "int4", see
+model/layers/quantize.py) and one or two *formats* (how it is stored and multiplied):
+
+| format   | storage                                       | product                                      |
+|----------|-----------------------------------------------|----------------------------------------------|
+| float32  | [out, in] float32, column-major (cpu_layout)  | `F.linear`                                   |
+| bfloat16 | [out, in] bfloat16                            | `F.linear` on bfloat16 activations           |
+| int8     | int8 [out, in] + bfloat16 scale per row       | `_weight_int8pack_mm`, bfloat16 activations  |
+| int4     | packed uint8 [out, in/2] + bfloat16 (scale, zero) per 32 columns | `_weight_int4pack_mm_for_cpu` |
+
+`small_format` serves steps of at most SMALL_ROWS rows (one or a few decode tokens), `large_format`
+every bigger one (decode batches, prefill chunks); model/layers/kernel_choice.py picks both per shape
+by timing them on the machine. Activations are converted at the boundary: the layer takes and returns
+the model's dtype (float32), so norms, softmax, the cache and the logits never see bfloat16.
+
+`dense_weight()` dequantizes once and caches the [out, in] matrix (the absorbed latent attention
+splits it per head); `keep_weight_in` keeps the packed weights (a stacked expert copy is extra
+memory); `use_column_major` is False (the layout is the kernel's or already column-major).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.layers.linear import Linear, use_column_major_
+from model.layers.quantize import (GROUP, INT4, INT8, QuantizedWeight, dequantize_int4_packed, head_kind, pack_int4,
+                                   pack_int8, quantize)
+
+FLOAT32, BFLOAT16 = "float32", "bfloat16"
+FORMATS = (FLOAT32, BFLOAT16, INT8, INT4)
+FLOAT = "float"                 # the values of a weight that was never quantized
+SMALL_ROWS = 4                  # steps of at most this many rows take the small-step format
+MIN_QUANTIZED_OUT = 16          # narrower Linears (MoE routers: a few experts) keep float weights
+
+_BUFFERS = {FLOAT32: ("weight_f32",), BFLOAT16: ("weight_bf16",), INT8: ("weight_int8", "scales_int8"),
+            INT4: ("weight_int4", "scale_zeros_int4")}
+
+
+def format_supported(fmt: str, out_features: int, in_features: int) -> bool:
+    """Whether a [out, in] weight can be stored in `fmt` (the kernels' shape rules: int4 needs
+    out % 16 and in % 32, int8 in % 16; narrow layers stay float)."""
+    if fmt in (FLOAT32, BFLOAT16):
+        return True
+    if out_features < MIN_QUANTIZED_OUT:
+        return False
+    if fmt == INT4:
+        return out_features % 16 == 0 and in_features % GROUP == 0
+    if fmt == INT8:
+        return in_features % 16 == 0
+    raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def format_bytes(fmt: str, out_features: int, in_features: int) -> int:
+    """Bytes a [out, in] weight takes (and a product reads) in `fmt`."""
+    n, k = out_features, in_features
+    return {FLOAT32: 4 * n * k, BFLOAT16: 2 * n * k, INT8: n * k + 2 * n,
+            INT4: n * k // 2 + (k // GROUP) * n * 2 * 2}[fmt]
+
+
+def formats_for(values: str) -> tuple[str, ...]:
+    """The formats that hold weights of these values: their own kernel's, and dense copies."""
+    return {FLOAT: (FLOAT32, BFLOAT16), INT8: (INT8, BFLOAT16, FLOAT32), INT4: (INT4, BFLOAT16, FLOAT32)}[values]
+
+
+class QuantizedLinear(Linear):
+    """`y = x W^T + b` with W held in one or two formats (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, values: str, small_format: str, large_format: str,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.values, self.small_format, self.large_format = values, small_format, large_format
+        self.dtype = dtype              # the model's: what forward returns and dense_weight gives
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(dtype),
+                                                                              requires_grad=False))
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, small_format: str,
+                    large_format: str, dtype: torch.dtype = torch.float32) -> "QuantizedLinear":
+        """A layer over `weight` (float [out, in], or quantized codes) stored in the two formats; an
+        int4 or int8 format needs weights of those values (quantize first: `quantize_linear`)."""
+        values = weight.kind if isinstance(weight, QuantizedWeight) else FLOAT
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, values, small_format, large_format, bias, dtype)
+        for fmt in dict.fromkeys((small_format, large_format)):
+            if fmt not in formats_for(values) or not format_supported(fmt, out_features, in_features):
+                raise ValueError(f"a [{out_features}, {in_features}] weight of {values} values cannot be stored as {fmt}")
+            if fmt == INT4:
+                tensors = pack_int4(weight)
+            elif fmt == INT8:
+                tensors = pack_int8(weight)
+            else:
+                dense = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight.detach()
+                tensors = (dense.to(torch.float32 if fmt == FLOAT32 else torch.bfloat16).contiguous(),)
+                if fmt == FLOAT32:
+                    use_column_major_(tensors[0])
+            for name, tensor in zip(_BUFFERS[fmt], tensors):
+                layer.register_buffer(name, tensor)
+        return layer
+
+    @classmethod
+    def holding(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> "QuantizedLinear":
+        """A layer over quantized codes in their own kernel's format, or, where the shape does not
+        allow that kernel, as a float32 matrix of the very same values."""
+        fmt = weight.kind if format_supported(weight.kind, *weight.shape) else FLOAT32
+        return cls.from_weight(weight, bias, fmt, fmt, dtype)
+
+    def with_formats(self, small_format: str, large_format: str) -> "QuantizedLinear":
+        """The same weights in other formats: packed ones are shared, dense ones made from
+        `dense_weight()` (so a copy of int4 values holds exactly what the int4 product used)."""
+        layer = QuantizedLinear(self.in_features, self.out_features, self.values, small_format, large_format,
+                                self.bias, self.dtype)
+        for fmt in dict.fromkeys((small_format, large_format)):
+            if fmt in self.formats:
+                for name in _BUFFERS[fmt]:
+                    layer.register_buffer(name, getattr(self, name))
+            elif fmt in (FLOAT32, BFLOAT16) and fmt in formats_for(self.values):
+                dense = self.dense_weight().to(torch.float32 if fmt == FLOAT32 else torch.bfloat16).contiguous()
+                if fmt == FLOAT32:
+                    use_column_major_(dense)
+                layer.register_buffer(_BUFFERS[fmt][0], dense)
+            else:
+                raise ValueError(f"{self.values} values held as {'/'.join(self.formats)} cannot become {fmt}")
+        return layer
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.small_format, self.large_format)))
+
+    def format_for(self, rows: int) -> str:
+        return self.small_format if rows <= SMALL_ROWS else self.large_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → [..., out] in x's dtype."""
+        flat = x.reshape(-1, self.in_features)                                        # [M, in]
+        fmt = self.format_for(flat.shape[0])
+        if fmt == FLOAT32:
+            y = F.linear(flat.to(self.weight_f32.dtype), self.weight_f32)
+        elif fmt == BFLOAT16:
+            y = F.linear(flat.to(torch.bfloat16), self.weight_bf16)
+        elif flat.shape[0] == 0:
+            y = flat.new_zeros(0, self.out_features)
+        elif fmt == INT8:
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.weight_int8,
+                                                   self.scales_int8)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.weight_int4,
+                                                           GROUP, self.scale_zeros_int4)
+        y = y.to(x.dtype)                                                              # [M, out]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [out, in] in the model's dtype: the values the products multiply by, dequantized once
+        and cached (the float32 copy itself when the layer keeps one)."""
+        if FLOAT32 in self.formats and self.dtype == torch.float32:
+            return self.weight_f32
+        if self._dense is None:
+            if INT4 in self.formats:
+                dense = dequantize_int4_packed(self.weight_int4, self.scale_zeros_int4, self.out_features,
+                                               self.in_features)
+            elif INT8 in self.formats:
+                dense = self.weight_int8.float() * self.scales_int8.float()[:, None]
+            else:
+                dense = getattr(self, _BUFFERS[self.small_format][0]).float()
+            self._dense = dense.to(self.dtype)
+        return self._dense
+
+    def keep_weight_in(self, storage: torch.Tensor) -> None:
+        """The packed weights stay where they are (a stacked copy of the experts is extra memory)."""
+        assert tuple(storage.shape) == (self.out_features, self.in_features)
+
+    def use_column_major(self) -> bool:
+        return False
+
+    def weight_bytes(self, rows: int) -> int:
+        """Bytes of weight a product over `rows` rows reads."""
+        return format_bytes(self.format_for(rows), self.out_features, self.in_features)
+
+    def stored_bytes(self) -> int:
+        return sum(format_bytes(fmt, self.out_features, self.in_features) for fmt in self.formats)
+
+    def extra_repr(self) -> str:
+        formats = self.small_format if self.small_format == self.large_format else \
+            f"{self.small_format} (≤ {SMALL_ROWS} rows) / {self.large_format}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, values={self.values}, " \
+               f"format={formats}, bias={self.bias is not None}"
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_linear(linear: Linear, kind: str) -> Linear:
+    """`linear` with its weight quantized to `kind` (int4 or int8), stored in that kernel's format;
+    the layer itself when its shape cannot be (it keeps float weights)."""
+    if isinstance(linear, QuantizedLinear) or not format_supported(kind, linear.out_features, linear.in_features):
+        return linear
+    weight = linear.dense_weight()
+    return QuantizedLinear.from_weight(quantize(weight, kind), linear.bias, kind, kind, dtype=weight.dtype)
+
+
+def tied_head_table(model: nn.Module) -> torch.Tensor | None:
+    """The embedding table a tied head multiplies by when no Linear of the model holds the head
+    (Llama's `head_weight()` without an `lm_head`); None otherwise."""
+    if hasattr(model, "head_weight") and not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return model.head_weight()
+    return None
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, kind: str) -> int:
+    """Quantize every float Linear of `model` whose shape allows it to `kind` at load (int4: groups
+    of 32 columns; int8: per output row), and a tied output head into a Linear of its own (`lm_head`,
+    which the family's forward then uses; the embedding table stays float for look-ups). The output
+    head takes int8 when the layers take int4 (`quantize.head_kind`). Returns how many matrices were
+    quantized."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear) and not isinstance(module, QuantizedLinear):
+            quantized = quantize_linear(module, head_kind(kind) if name == "lm_head" else kind)
+            if quantized is not module:
+                replace_module(model, name, quantized)
+                count += 1
+    table, head = tied_head_table(model), head_kind(kind)
+    if table is not None and format_supported(head, *table.shape):
+        model.lm_head = QuantizedLinear.from_weight(quantize(table, head), None, head, head, dtype=table.dtype)
+        count += 1
+    return count
+
+
+def quantized_head(model: nn.Module) -> bool:
+    """Whether the model's output head is a QuantizedLinear (its float matrix is then not kept)."""
+    return isinstance(getattr(model, "lm_head", None), QuantizedLinear)

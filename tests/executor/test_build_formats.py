@@ -1,0 +1,82 @@
+"""How `build_engine` turns `--dtype` and `--quantization` into weights (server/executor/build.py):
+exact float32 one flag away, `--quantization int8|int4` quantizing a float checkpoint at load in its
+kernel's format only, `--dtype auto` on a CPU taking the formats measured fastest; the flag and its
+environment variable."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.layers.linear import Linear
+from model.layers.quantized_linear import QuantizedLinear
+from server.cli.main import build_parser
+from server.cli.serve import config_from_args
+from server.config import ModelLoadConfig
+from server.executor.build import build_engine, resolve_quantization, weight_format_mode
+from tests.api_server import make_tiny_checkpoint, tiny_server_config
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_quantization_resolves_per_dtype_and_device():
+    assert resolve_quantization("auto", "auto", CPU) == "auto"
+    assert resolve_quantization("auto", "float32", CPU) == "none"            # exact float32 stays exact
+    assert resolve_quantization("auto", "auto", CUDA) == "none"
+    assert resolve_quantization("int4", "float32", CPU) == "int4"
+    with pytest.raises(ValueError, match="CPU kernels"):
+        resolve_quantization("int8", "auto", CUDA)
+    with pytest.raises(ValueError, match="does not combine with --dtype mixed"):
+        resolve_quantization("int4", "mixed", CPU)
+    with pytest.raises(ValueError, match="choose auto, none, int8 or int4"):
+        resolve_quantization("int3", "auto", CPU)
+    assert weight_format_mode("auto", "auto", CPU) == "measured"
+    assert weight_format_mode("auto", "int4", CPU) == "lean"
+    assert weight_format_mode("float32", "int4", CPU) == "exact"
+    assert weight_format_mode("auto", "none", CUDA) == "exact"
+
+
+def test_serve_flag_and_environment(monkeypatch):
+    args = build_parser().parse_args(["serve", "--quantization", "int4"])
+    assert config_from_args(args).model.quantization == "int4"
+    assert ModelLoadConfig().quantization == "auto" and ModelLoadConfig().dtype == "auto"
+    monkeypatch.setenv("CUSTOMLLM_QUANTIZATION", "int8")
+    assert config_from_args(build_parser().parse_args(["serve"])).model.quantization == "int8"
+    with pytest.raises(ValueError, match="--quantization 'int3'"):
+        config_from_args(build_parser().parse_args(["serve", "--quantization", "int3"]))
+
+
+def _engine(tmp_path, **model_fields):
+    config = tiny_server_config(make_tiny_checkpoint(tmp_path))
+    config = config.__class__(model=ModelLoadConfig(**{**config.model.__dict__, **model_fields}),
+                              engine=config.engine, api=config.api)
+    return build_engine(config, start=False)
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def test_float32_is_exact(tmp_path):
+    model = _engine(tmp_path, dtype="float32").model
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert all(m.weight.dtype == torch.float32 for m in _linears(model))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantization_flag_quantizes_a_float_checkpoint(tmp_path, kind):
+    engine = _engine(tmp_path, dtype="auto", quantization=kind)
+    quantized = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear) and m.values == kind]
+    assert quantized and all(m.formats == (kind,) for m in quantized)          # lean: the kernel's format only
+    assert engine.cache.dtype == torch.float32                                  # activations and cache float32
+    with torch.no_grad():
+        assert torch.isfinite(engine.model.forward_full(torch.tensor([[5, 70, 263, 9]]))).all()
+
+
+def test_auto_takes_measured_formats(tmp_path):
+    """Which format wins depends on the machine; every Linear is float32 or a measured format of
+    float values, and the model still computes."""
+    engine = _engine(tmp_path, dtype="auto")
+    for m in _linears(engine.model):
+        assert not isinstance(m, QuantizedLinear) or (m.values == "float" and set(m.formats) <= {"float32", "bfloat16"})
+    with torch.no_grad():
+        assert torch.isfinite(engine.model.forward_full(torch.tensor([[5, 70, 263, 9]]))).all()

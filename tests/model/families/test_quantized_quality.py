@@ -1,0 +1,116 @@
+"""Quantized outputs are checked, not assumed: the built-in model (SmolLM2-135M-Instruct, its Q4_1
+GGUF) on a fixed English text (tests/data/perplexity_text.txt, 464 tokens) has a perplexity within
+1 % of the float32 path over the same GGUF weights, held as
+- int4 from the Q4_1 tensors (exactly the file's values; bfloat16 activations) and an int8 head
+  (requantized from its Q8_0): what `--dtype auto` keeps;
+- the same values in bfloat16 copies (what `--dtype auto` multiplies steps of more than 4 rows by
+  where bfloat16 measures faster);
+- int8 everywhere (`--quantization int8`).
+Greedy agreement with float32 is measured both teacher-forced (the top token at every position of
+the text) and free-running (tokens generated one decode step at a time through the paged cache).
+The figures of one run are in docs/benchmarks.md; the bounds here are looser than those figures."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.cache.batch import PagedBatch, SequenceChunk
+from model.layers.quantized_linear import BFLOAT16, INT4, INT8, QuantizedLinear, quantize_model, replace_module
+from model.loading.gguf_file import load_gguf_model
+from tests.default_model import default_gguf_path
+from tests.helpers import make_cache
+
+TEXT = Path(__file__).resolve().parents[2] / "data" / "perplexity_text.txt"
+PROMPTS = ["The lighthouse keeper opened the door and",
+           "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def float32():
+    return load_gguf_model(default_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def text_ids(float32):
+    ids = float32.tokenizer.encode(TEXT.read_text())
+    assert 400 <= len(ids) <= 600
+    return torch.tensor([ids])
+
+
+def text_nll(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean negative log-likelihood of the text's next tokens, and the top token at every position."""
+    with torch.inference_mode():
+        logits = model.forward_full(ids)[0].float()                                  # [T, V]
+    nll = -torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).mean()
+    return float(nll), logits.argmax(-1)
+
+
+def greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens through forward_paged: the prompt as one chunk, then one-row decode steps."""
+    cache = make_cache(model.config, num_blocks=8, block_size=16)
+    table, tokens, start, out = list(range(8)), list(prompt), 0, []
+    with torch.inference_mode():
+        for _ in range(steps):
+            chunk = tokens[start:]
+            batch = PagedBatch.build([SequenceChunk(chunk, start, table[: -(-len(tokens) // 16)])], 16)
+            token = int(model.forward_paged(batch, cache.layers)[-1].argmax())
+            start = len(tokens)
+            tokens.append(token)
+            out.append(token)
+    return out
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy runs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture(scope="module")
+def reference(float32, text_ids):
+    """float32's text NLL, top tokens and greedy continuations of PROMPTS."""
+    nll, top = text_nll(float32.model, text_ids)
+    runs = [greedy(float32.model, float32.tokenizer.encode(p), STEPS) for p in PROMPTS]
+    return nll, top, runs
+
+
+@pytest.fixture(scope="module")
+def kept():
+    """The file's own quantization, as `--dtype auto` keeps it: int4 layers, int8 head."""
+    return load_gguf_model(default_gguf_path(), quantization="auto").model
+
+
+def variant_model(variant: str, kept, float32):
+    if variant == "auto":
+        return kept
+    if variant == "auto-bf16-copies":
+        model = copy.deepcopy(kept)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                replace_module(model, name, module.with_formats(module.small_format, BFLOAT16))
+        return model
+    model = copy.deepcopy(float32.model)         # the values `--quantization int8` loads: Q4_1 and Q8_0 requantized
+    quantize_model(model, INT8)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["auto", "auto-bf16-copies", "int8"])
+def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, reference, variant):
+    model = variant_model(variant, kept, float32)
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 120 and {m.values for m in layers} == ({INT8} if variant == "int8" else {INT4})
+    assert model.lm_head.values == INT8
+    base_nll, base_top, expected = reference
+    nll, top = text_nll(model, text_ids)
+    ratio = math.exp(nll - base_nll)
+    forced = float((top == base_top).float().mean())
+    equal = [agreement(e, greedy(model, float32.tokenizer.encode(p), STEPS)) for p, e in zip(PROMPTS, expected)]
+    print(f"{variant}: perplexity {math.exp(nll):.3f} vs float32 {math.exp(base_nll):.3f} (× {ratio:.4f}); "
+          f"top-1 agreement {forced:.3f}; greedy tokens equal before the first difference {equal} of {STEPS}")
+    assert 0.99 <= ratio <= 1.01
+    assert forced >= 0.9
+    assert equal[-1] >= 7                          # "The capital of France is Paris." (a wide margin)

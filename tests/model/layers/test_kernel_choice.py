@@ -1,0 +1,114 @@
+"""Formats chosen by measuring (model/layers/kernel_choice.py): the rule that picks one or two formats
+from timings, the candidates each kind of values allows, the JSON cache per machine, and models
+rebuilt in the chosen formats computing the same values. Timings are faked where the choice is
+asserted: which format is fastest depends on the machine (no test asserts a speed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.config import preset
+from model.layers import kernel_choice
+from model.layers.kernel_choice import (ROWS, Timings, candidates, choose_formats, describe_formats, machine_key,
+                                        pick, time_format)
+from model.layers.linear import Linear
+from model.layers.quantized_linear import BFLOAT16, FLOAT32, INT4, INT8, QuantizedLinear, quantize_model
+from tests.helpers import perturbed_model
+
+
+def test_one_format_when_it_is_near_the_fastest_at_both_row_counts():
+    assert pick({INT4: [1.0, 10.0], BFLOAT16: [1.05, 9.5], FLOAT32: [2.0, 30.0]}) == (BFLOAT16, BFLOAT16)
+    assert pick({INT4: [1.0, 10.0], BFLOAT16: [2.0, 5.0]}) == (INT4, BFLOAT16)         # two copies pay
+    assert pick({FLOAT32: [1.0, 1.0]}) == (FLOAT32, FLOAT32)
+    assert len(ROWS) == 2 and ROWS[0] == 1
+
+
+def test_candidates_follow_the_values_and_the_shapes():
+    assert candidates("float", 64, 64, "measured") == (FLOAT32, BFLOAT16)
+    assert candidates(INT4, 64, 64, "measured") == (INT4, BFLOAT16, FLOAT32)
+    assert candidates(INT4, 64, 64, "lean") == (INT4,)
+    assert candidates(INT4, 264, 64, "lean") == (BFLOAT16, FLOAT32)          # the kernel cannot take 264 rows
+    assert candidates(INT8, 7, 64, "measured") == (BFLOAT16, FLOAT32)
+    assert candidates("float", 64, 64, "lean") == (FLOAT32, BFLOAT16)
+
+
+def test_time_format_measures_every_format():
+    for fmt, values in ((FLOAT32, "float"), (BFLOAT16, "float"), (INT8, INT8), (INT4, INT4), (BFLOAT16, INT4)):
+        seconds = time_format(fmt, values, 64, 128, seconds=0.001)
+        assert len(seconds) == len(ROWS) and all(0 < s < 1 for s in seconds)
+
+
+def test_timings_are_cached_per_machine(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernel_choice, "time_format", lambda fmt, values, n, k: calls.append(fmt) or [1e-4, 2e-4])
+    path = tmp_path / "timings.json"
+    timings = Timings(path)
+    assert timings.get(INT4, 64, 128, INT4) == [1e-4, 2e-4] and calls == [INT4]
+    timings.save()
+    saved = json.loads(path.read_text())
+    assert saved[machine_key()] == {"int4:64x128": {"int4": [1e-4, 2e-4]}}
+    again = Timings(path)
+    assert again.get(INT4, 64, 128, INT4) == [1e-4, 2e-4] and calls == [INT4]      # read, not measured
+    path.write_text("not json")
+    assert Timings(path).data == {machine_key(): {}}                                   # a damaged file: start over
+
+
+def fake_timings(monkeypatch, tmp_path, table: dict[str, list[float]]) -> Timings:
+    monkeypatch.setattr(kernel_choice, "time_format", lambda fmt, values, n, k: table[fmt])
+    return Timings(tmp_path / "timings.json")
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "custom-llm-tiny"])
+def test_chosen_formats_compute_the_same_values(name, monkeypatch, tmp_path):
+    """int4 fastest for one row, bfloat16 for 16 (as on the AMD EPYC): int4 layers gain a bfloat16
+    copy for larger steps, float layers move to bfloat16, and every layer's dense weight is the
+    values it held before."""
+    timings = fake_timings(monkeypatch, tmp_path, {INT4: [1.0, 10.0], BFLOAT16: [2.0, 4.0], FLOAT32: [3.0, 20.0],
+                                                  INT8: [1.5, 12.0]})
+    model = perturbed_model(preset(name), seed=1)
+    quantize_model(model, INT4)
+    before = {n: m.dense_weight().clone() for n, m in model.named_modules() if isinstance(m, Linear)}
+    ids = torch.tensor([[5, 70, 263, 9, 120, 44]])
+    with torch.no_grad():
+        expected = model.forward_full(ids)
+    chosen = choose_formats(model, "measured", timings)
+    assert chosen[(INT4, INT4, BFLOAT16)] > 0
+    for n, m in model.named_modules():
+        if not isinstance(m, Linear):
+            continue
+        if isinstance(m, QuantizedLinear) and m.values == INT4:
+            assert (m.small_format, m.large_format) == (INT4, BFLOAT16)
+        float_to_bf16 = isinstance(m, QuantizedLinear) and m.values == "float"   # held as bfloat16 now
+        held = before[n].bfloat16().float() if float_to_bf16 else before[n]
+        torch.testing.assert_close(m.dense_weight(), held, rtol=0, atol=0)
+    with torch.no_grad():
+        got = model.forward_full(ids)                          # 6 rows: the bfloat16 copies
+    assert float((got - expected).abs().max()) <= 0.03 * float(expected.abs().max())
+    assert "as int4 (≤ 4 rows) / bfloat16" in describe_formats(model)
+
+
+def test_lean_mode_keeps_quantized_layers_alone_and_exact_changes_nothing(monkeypatch, tmp_path):
+    timings = fake_timings(monkeypatch, tmp_path, {INT4: [9.0, 9.0], BFLOAT16: [1.0, 1.0], FLOAT32: [3.0, 3.0]})
+    model = perturbed_model(preset("llama-tiny"), seed=1)
+    assert not choose_formats(model, "exact", timings)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    quantize_model(model, INT4)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    choose_formats(model, "lean", timings)
+    assert all(model.get_submodule(n) is m for n, m in layers.items())
+    with pytest.raises(ValueError, match="unknown format mode"):
+        choose_formats(model, "fastest", timings)
+
+
+def test_a_tied_float_head_moves_to_a_linear_of_its_own(monkeypatch, tmp_path):
+    timings = fake_timings(monkeypatch, tmp_path, {BFLOAT16: [1.0, 1.0], FLOAT32: [3.0, 3.0]})
+    model = perturbed_model(preset("llama-tiny").replace(tie_word_embeddings=True), seed=1)
+    h = torch.randn(2, 64)
+    with torch.no_grad():
+        expected = model.logits(h)
+        choose_formats(model, "measured", timings)
+        assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.formats == (BFLOAT16,)
+        assert model.model.embed_tokens.weight.dtype == torch.float32
+        assert float((model.logits(h) - expected).abs().max()) <= 0.02 * float(expected.abs().max())
