@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 from model.cache.fingerprint import FORMAT_VERSION
@@ -50,8 +51,11 @@ def encode(rows: torch.Tensor, fingerprint: bytes, block_hash: bytes) -> tuple[b
     """(header, payload, trailer) of a block file for `rows` [num_layers, block_size, row_width] (CPU).
     The payload is a view of the rows' memory: keep `rows` alive until it is written."""
     num_layers, block_size, row_width = rows.shape
-    rows = rows.contiguous()
-    payload = memoryview(rows.reshape(-1).view(torch.uint8).numpy())          # [L * B * W * elem]
+    # the bytes of each row are contiguous ([..., W] with stride 1), the block as a whole may not be: numpy
+    # makes it contiguous, because a torch copy here, on the writer thread, would start an OpenMP team of
+    # its own that spins against the engine thread's on the same cores
+    raw = rows.view(torch.uint8).numpy()                                      # [L, B, W * elem], strided
+    payload = memoryview(np.ascontiguousarray(raw).reshape(-1))              # [L * B * W * elem]
     header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, fingerprint, block_hash, num_layers, block_size, row_width,
                          rows.element_size(), payload.nbytes)
     crc = zlib.crc32(payload, zlib.crc32(header))
