@@ -33,7 +33,8 @@ class OutputProcessor:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
         seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
         if seq.request.params.grammar is not None:
-            seq.grammar = seq.request.params.grammar.start()
+            budget = min(seq.request.params.max_tokens, self.max_context - len(seq.prompt_token_ids))
+            seq.grammar = seq.request.params.grammar.start(budget)     # wraps up within it (grammar.py)
 
     def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
         """Append a sampled token. A delta that does not end the request is emitted here (None comes
