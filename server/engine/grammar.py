@@ -51,7 +51,8 @@ WRAP_UP_MARGIN = 16
 # last one measured (plus the margin), and every WRAP_UP_EVERY steps before that
 WRAP_UP_WINDOW = 32
 WRAP_UP_EVERY = 8
-# a rollout longer than this is given up (the distance is then unknown and nothing is narrowed)
+# a rollout longer than this, or than the budget left, is given up (the distance is then unknown and
+# nothing is narrowed: the answer cannot be completed in time, or the grammar is too long to tell)
 ROLLOUT_LIMIT = 256
 # the rollout takes tokens of the same preferred kind at most this many times in a row, then tries the
 # other kinds until it makes progress (a pattern or format may accept `}` or `0` forever, e.g. an
@@ -202,7 +203,7 @@ class GrammarState:
             return                                  # restarted on every step could repeat its start)
         if not self._due(left):
             return
-        path = closing_path(self.matcher, self._compiler.closers())
+        path = closing_path(self.matcher, self._compiler.closers(), min(ROLLOUT_LIMIT, left))
         self.closing_distance, self._measured_at = (len(path) if path is not None else None), self.consumed
         if path is None:
             return
@@ -374,7 +375,7 @@ def closing_path(matcher: llg.LLMatcher, candidates: list[tuple[int, int]],
         if probe.is_error():
             return None
         if probe.is_stopped() or probe.is_accepting():
-            return path
+            return path if len(path) <= limit else None
         forced = probe.compute_ff_tokens()
         taken = probe.try_consume_tokens(forced) if forced else 0
         if taken:
