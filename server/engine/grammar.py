@@ -206,6 +206,11 @@ class GrammarState:
         path = closing_path(self.matcher, self._compiler.closers(), min(ROLLOUT_LIMIT, left))
         self.closing_distance, self._measured_at = (len(path) if path is not None else None), self.consumed
         if path is None:
+            if left <= ROLLOUT_LIMIT:
+                # no completion found within the tokens left: none will be later either (each token
+                # shortens the shortest completion by at most one, as it shortens the budget), so
+                # stop looking; the answer will be cut at max_tokens
+                self.budget = None
             return
         if not self.wrapping_up and left <= len(path) + WRAP_UP_MARGIN:
             self.wrapping_up = True
