@@ -40,6 +40,7 @@ class EngineConfig:
     kv_disk_gib: float = 10.0                  # its size bound
     kv_host_gib: float = 0.0                   # a host-memory tier between the pool and the disk (0: off)
     grammar_cache_size: int = 256              # compiled grammars kept (LRU by schema text)
+    grammar_wrap_up: bool = True               # constrained answers steered to complete within max_tokens
 
     @property
     def waiting_per_tenant_limit(self) -> int:

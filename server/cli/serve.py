@@ -88,6 +88,9 @@ def add_parser(subparsers) -> None:
          defaults_engine.kv_host_gib)
     _add(e, "--grammar-cache-size", "compiled structured-output grammars kept (LRU by schema)", int,
          defaults_engine.grammar_cache_size)
+    _add(e, "--grammar-wrap-up", "near the end of max_tokens, steer a constrained answer (JSON schema, regex, "
+         "grammar, forced tool call) to its shortest completion so that it ends complete", bool,
+         defaults_engine.grammar_wrap_up)
     a = p.add_argument_group("http")
     _add(a, "--host", "bind address", default=defaults_api.host)
     _add(a, "--port", "port", int, defaults_api.port)
@@ -178,7 +181,8 @@ def config_from_args(args) -> ServerConfig:
                             session_idle_ttl_s=args.session_ttl,
                             max_session_pinned_fraction=args.max_session_pinned_fraction,
                             kv_disk_dir=args.kv_disk_dir or None, kv_disk_gib=args.kv_disk_gib,
-                            kv_host_gib=args.kv_host_gib, grammar_cache_size=args.grammar_cache_size),
+                            kv_host_gib=args.kv_host_gib, grammar_cache_size=args.grammar_cache_size,
+                            grammar_wrap_up=args.grammar_wrap_up),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,

@@ -56,7 +56,7 @@ class Engine:
                                decode_graphs=decode_graphs)
         # structured outputs: grammars compiled for this vocabulary, off the loop (server/engine/grammar.py)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.core.eos_token_ids,
-                                        cache_size=config.grammar_cache_size)
+                                        cache_size=config.grammar_cache_size, wrap_up=config.grammar_wrap_up)
 
         self._inbox: deque[tuple[str, object]] = deque()
         self._wakeup = threading.Event()

@@ -16,10 +16,20 @@ per-request grammar state that says which tokens may come next.
 
 JSON is generated without free whitespace (`", "` and `": "` separators): with it, a sampled model
 can fill its whole budget with blanks.
+
+Wrap-up: a request's state knows its token budget (`max_tokens`, within the context). Near the end
+of it, the background computation also works out how many tokens the shortest way it knows to
+complete the grammar takes (`closing_path`: a greedy rollout on a copy of the matcher that prefers
+tokens which end the current string, number, array or object, and takes the tokens the grammar
+forces). Once the budget left is no more than that distance plus `WRAP_UP_MARGIN`, the state is in
+wrap-up for the rest of the request: its mask keeps only the next token of that path (always one
+the grammar allows), so the document is complete within the budget and the request ends with
+"stop". `GrammarCompiler(wrap_up=False)` (`customllm serve --no-grammar-wrap-up`) turns it off.
 """
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +44,29 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 GRAMMAR_KINDS = ("json_schema", "regex", "choice", "grammar", "lark")
 DEFAULT_CACHE_SIZE = 256
 MASK_THREADS = 2
+# wrap-up: enter it when the budget left is at most the closing distance plus this many tokens (room
+# for one sampled token that opens more to close, e.g. `", ` before a required key, or a new item)
+WRAP_UP_MARGIN = 16
+# the closing distance is recomputed on every step once the budget left is within this much of the
+# last one measured (plus the margin), and every WRAP_UP_EVERY steps before that
+WRAP_UP_WINDOW = 32
+WRAP_UP_EVERY = 8
+# a rollout longer than this, or than the budget left, is given up (the distance is then unknown and
+# nothing is narrowed: the answer cannot be completed in time, or the grammar is too long to tell)
+ROLLOUT_LIMIT = 256
+# the rollout takes tokens of the same preferred kind at most this many times in a row, then tries the
+# other kinds until it makes progress (a pattern or format may accept `}` or `0` forever, e.g. an
+# e-mail's local part)
+ROLLOUT_REPEATS = 4
+# what the rollout tries, in this order, when the grammar forces nothing: tokens that close a string
+# (and possibly the arrays and objects around it); inside a string that cannot end yet (a pattern or
+# format), `@` and `a`; tokens that close arrays and objects; then single characters that move a
+# document on (the next item or property, a number, a nested object or array). Failing all, the
+# grammar's allowed token of lowest id.
+QUOTE_CLOSER = re.compile(rb'""?[\]}]*')
+BRACKET_CLOSER = re.compile(rb'[\]}]+')
+TEXT_STEPPERS = (b"@", b"a")
+STEPPERS = (b",", b"1", b"0", b".", b"{", b"[")
 
 
 class GrammarError(ValueError):
@@ -108,8 +141,9 @@ class Grammar:
         self._template = template
         self._compiler = compiler
 
-    def start(self) -> "GrammarState":
-        state = GrammarState(self._template.deep_copy(), self._compiler)
+    def start(self, budget: int | None = None) -> "GrammarState":
+        """A new request's state; `budget`: the most tokens it may generate (None: no wrap-up)."""
+        state = GrammarState(self._template.deep_copy(), self._compiler, budget)
         state.prefetch()
         return state
 
@@ -121,20 +155,82 @@ class GrammarState:
     The matcher is only touched on the engine thread, and never while its next mask is being
     computed in the background (llguidance holds it then): `done` and `error` are plain fields
     updated by `advance` and `next_mask`. An llguidance failure becomes `error`, never an exception
-    in the engine loop."""
+    in the engine loop.
 
-    def __init__(self, matcher: llg.LLMatcher, compiler: "GrammarCompiler"):
+    With a `budget` (and the compiler's `wrap_up` on), the background computation also measures the
+    closing distance near the end of the budget and, once in wrap-up (`wrapping_up`), narrows the
+    mask to the next token of the closing path (see the module's docstring)."""
+
+    def __init__(self, matcher: llg.LLMatcher, compiler: "GrammarCompiler", budget: int | None = None):
         self.matcher = matcher
         self.words = compiler.mask_words
         self._executor = compiler.mask_executor
+        self._compiler = compiler
         self._pending: Future | None = None
         self.done = False                   # complete: nothing may follow
         self.error: str | None = None       # a dead end (or an llguidance failure)
+        self.budget = budget if compiler.wrap_up else None
+        self.consumed = 0                   # tokens advanced over
+        self.wrapping_up = False            # sticky: the mask follows the closing path
+        self.closing_distance: int | None = None   # last measured (None: not yet, or unknown)
+        self._path: list[int] = []                  # in wrap-up: the closing path from here
+        self._measured_at: int | None = None        # `consumed` when it was measured
 
     def _compute(self) -> np.ndarray:
         mask = np.zeros(self.words, dtype=np.int32)
         self.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        if self.budget is not None:
+            self._wrap_up(mask)
         return mask
+
+    def _due(self, left: int) -> bool:
+        """Whether to measure the closing distance now, with `left` tokens of the budget left."""
+        if self.wrapping_up or self._measured_at is None:
+            return True
+        if self.closing_distance is None:       # unknown last time: try again now and then
+            return self.consumed - self._measured_at >= WRAP_UP_EVERY
+        return (left <= self.closing_distance + WRAP_UP_MARGIN + WRAP_UP_WINDOW
+                or self.consumed - self._measured_at >= WRAP_UP_EVERY)
+
+    def _wrap_up(self, mask: np.ndarray) -> None:
+        """Measure the closing distance when due; in wrap-up, narrow `mask` (in place) to the next
+        token of the closing path. Runs where `_compute` runs (the matcher is not shared then)."""
+        left = self.budget - self.consumed
+        if left <= 0 or self.matcher.is_stopped() or self.matcher.is_error():
+            return
+        if self.wrapping_up and self._path and _allowed(mask, self._path[0]):
+            self._narrow(mask, self._path[:1])      # the path is followed, not recomputed (a rollout
+            return                                  # restarted on every step could repeat its start)
+        if not self._due(left):
+            return
+        path = closing_path(self.matcher, self._compiler.closers(), min(ROLLOUT_LIMIT, left))
+        self.closing_distance, self._measured_at = (len(path) if path is not None else None), self.consumed
+        if path is None:
+            if left <= ROLLOUT_LIMIT:
+                # no completion found within the tokens left: none will be later either (each token
+                # shortens the shortest completion by at most one, as it shortens the budget), so
+                # stop looking; the answer will be cut at max_tokens
+                self.budget = None
+            return
+        if not self.wrapping_up and left <= len(path) + WRAP_UP_MARGIN:
+            self.wrapping_up = True
+        if not self.wrapping_up:
+            return
+        if path:
+            keep, self._path = path[:1], path
+        else:                                   # complete already: only the end-of-sequence ids
+            keep = [t for t in self._compiler.eos_token_ids if _allowed(mask, t)]
+        self._narrow(mask, keep)
+
+    @staticmethod
+    def _narrow(mask: np.ndarray, keep: list[int]) -> None:
+        """Keep only the tokens of `keep` that `mask` allows (in place); never empty a mask."""
+        words = mask.view(np.uint32)
+        narrowed = np.zeros_like(words)
+        for token in keep:
+            narrowed[token >> 5] |= np.uint32(1 << (token & 31)) & words[token >> 5]
+        if narrowed.any():
+            words[:] = narrowed
 
     def prefetch(self) -> None:
         """Start computing the next mask in the background."""
@@ -167,6 +263,9 @@ class GrammarState:
         """Consume a sampled token and start on the next mask."""
         try:
             self._settle()                  # a mask still in flight (its sample may have been discarded)
+            self.consumed += 1
+            if self._path:                  # on the closing path, or off it (then it is recomputed)
+                self._path = self._path[1:] if token == self._path[0] else []
             if not self.matcher.consume_token(token) and self.error is None:
                 self.error = f"the grammar cannot continue: {_reason(self.matcher.get_error())}"
             self.done = self.matcher.is_stopped()
@@ -180,8 +279,9 @@ class GrammarCompiler:
     width of its logits), `eos_token_ids` the ids the grammar allows once it is complete."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...], cache_size: int = DEFAULT_CACHE_SIZE,
-                 compile_threads: int = 2):
+                 compile_threads: int = 2, wrap_up: bool = True):
         self.tokenizer = tokenizer
+        self.wrap_up = wrap_up                  # budget-aware wrap-up of constrained requests
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(t for t in eos_token_ids if 0 <= t < vocab_size)
         self.mask_words = (vocab_size + 31) // 32
@@ -191,6 +291,7 @@ class GrammarCompiler:
         self.mask_executor = ThreadPoolExecutor(MASK_THREADS, thread_name_prefix="grammar-mask")
         self._lock = threading.Lock()
         self._vocabulary: llg.LLTokenizer | None = None
+        self._closers: list[tuple[int, int]] | None = None
         self._cache: OrderedDict[GrammarSpec, Grammar] = OrderedDict()
 
     def vocabulary(self) -> llg.LLTokenizer:
@@ -205,7 +306,14 @@ class GrammarCompiler:
                 eos = self.eos_token_ids[0] if self.eos_token_ids else None
                 wrapper = llg.TokenizerWrapper(_VocabularyView(self.tokenizer, tokens, view.special_ids, eos))
                 self._vocabulary = llg.LLTokenizer(wrapper, eos_token=list(self.eos_token_ids) or None)
+                self._closers = rollout_candidates(tokens, view.special_ids)
             return self._vocabulary
+
+    def closers(self) -> list[tuple[int, int]]:
+        """(kind, token id) pairs the closing rollout tries, in order (`rollout_candidates`)."""
+        if self._closers is None:
+            self.vocabulary()
+        return self._closers
 
     def compile(self, spec: GrammarSpec) -> Grammar:
         """The compiled grammar (from the cache when the same spec was compiled before)."""
@@ -234,6 +342,80 @@ class GrammarCompiler:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.mask_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def rollout_candidates(tokens: list[bytes], special_ids) -> list[tuple[int, int]]:
+    """The (kind, token id) pairs `closing_path` tries, in order: tokens that close a string (kind
+    0), the `TEXT_STEPPERS`, tokens that close arrays and objects, then the `STEPPERS` (each of
+    those its own kind; single tokens the vocabulary has)."""
+    special = frozenset(special_ids)
+    normal = [(t, data) for t, data in enumerate(tokens) if data and t not in special]
+    # an empty string first (`""`: a string value in one token, never valid inside a string), then
+    # the closing quote with the brackets after it, longest first
+    quotes = sorted((t for t, data in normal if QUOTE_CLOSER.fullmatch(data)),
+                    key=lambda t: (not tokens[t].startswith(b'""'), -len(tokens[t]), t))
+    brackets = sorted((t for t, data in normal if BRACKET_CLOSER.fullmatch(data)), key=lambda t: (-len(tokens[t]), t))
+    by_bytes = {}
+    for t, data in normal:
+        by_bytes.setdefault(data, t)
+    text = [by_bytes[b] for b in TEXT_STEPPERS if b in by_bytes]
+    steppers = [by_bytes[b] for b in STEPPERS if b in by_bytes]
+    return ([(0, t) for t in quotes] + [(1 + i, t) for i, t in enumerate(text)]
+            + [(1 + len(text), t) for t in brackets] + [(2 + len(text) + i, t) for i, t in enumerate(steppers)])
+
+
+def closing_path(matcher: llg.LLMatcher, candidates: list[tuple[int, int]],
+                 limit: int = ROLLOUT_LIMIT) -> list[int] | None:
+    """The tokens of a short way to complete the grammar from `matcher`'s state ([] when it is
+    complete already, None when none was found within `limit` tokens), found greedily on a copy
+    (`matcher` is not changed): the tokens the grammar forces, else the first of `candidates` it
+    allows (a kind taken `ROLLOUT_REPEATS` times in a row is skipped until a forced token or a
+    closed string), else its allowed token of
+    lowest id. Every token of the path is one the grammar allowed at that point."""
+    probe = matcher.deep_copy()
+    path: list[int] = []
+    kind, repeats = None, 0
+    stalled: set[int] = set()       # kinds taken ROLLOUT_REPEATS times in a row since the last progress
+    while len(path) <= limit:
+        if probe.is_error():
+            return None
+        if probe.is_stopped() or probe.is_accepting():
+            return path if len(path) <= limit else None
+        forced = probe.compute_ff_tokens()
+        taken = probe.try_consume_tokens(forced) if forced else 0
+        if taken:
+            path += forced[:taken]
+            kind, repeats = None, 0
+            stalled.clear()
+            continue
+        for candidate_kind, token in candidates:
+            if candidate_kind in stalled:
+                continue
+            if probe.try_consume_tokens([token]) == 1:
+                break
+        else:
+            candidate_kind = -1
+            token = _lowest_allowed(probe)
+            if token is None or not probe.consume_token(token):
+                return None
+        repeats = repeats + 1 if candidate_kind == kind else 1
+        kind = candidate_kind
+        if candidate_kind == 0:     # a string closed: progress
+            stalled.clear()
+        elif repeats >= ROLLOUT_REPEATS and candidate_kind >= 0:
+            stalled.add(candidate_kind)
+        path.append(token)
+    return None
+
+
+def _lowest_allowed(matcher: llg.LLMatcher) -> int | None:
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    allowed = np.flatnonzero(bits)
+    return int(allowed[0]) if len(allowed) else None
+
+
+def _allowed(mask: np.ndarray, token: int) -> bool:
+    return bool((int(mask.view(np.uint32)[token >> 5]) >> (token & 31)) & 1)
 
 
 def grammar_text(spec: GrammarSpec) -> str:

@@ -8,7 +8,9 @@ before it (the sampler masks those ids until then), or on a stop string; and wit
 `max_tokens` or the model's context. A constrained request's grammar state advances on every token
 but its ending ones; the request ends with "stop" as soon as its grammar is complete (nothing may
 follow: no extra step for the end-of-sequence token), and with "error" if its grammar reached a dead
-end (no token of the vocabulary continues it). At the end, the held-back text is released and the
+end (no token of the vocabulary continues it). Its grammar state gets the request's budget
+(`max_tokens`, within the context) and steers the document to completion before it (the wrap-up,
+grammar.py). At the end, the held-back text is released and the
 last output carries the usage; the observer gets the request's timings.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ class OutputProcessor:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
         seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
         if seq.request.params.grammar is not None:
-            seq.grammar = seq.request.params.grammar.start()
+            budget = min(seq.request.params.max_tokens, self.max_context - len(seq.prompt_token_ids))
+            seq.grammar = seq.request.params.grammar.start(budget)     # wraps up within it (grammar.py)
 
     def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
         """Append a sampled token. A delta that does not end the request is emitted here (None comes

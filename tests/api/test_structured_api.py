@@ -1,8 +1,8 @@
 """Structured outputs through a real server (the tiny random model with SmolLM2's tokenizer): the
 official client's `chat.completions.parse` with a Pydantic model, `response_format` json_object and
 json_schema, vLLM's `structured_outputs` on chat and completions, streaming, n > 1, answers cut by
-max_tokens, 400s that name an unsupported schema or a compile that takes too long (while the engine
-keeps serving), and the fields refused by name."""
+max_tokens and free text wrapped up within a small max_tokens, 400s that name an unsupported schema
+or a compile that takes too long (while the engine keeps serving), and the fields refused by name."""
 from __future__ import annotations
 
 import json
@@ -156,3 +156,18 @@ def test_a_slow_compile_is_a_400_and_never_stalls_the_engine(model_dir, monkeypa
         assert_openai_error(results["slow"], 400, "structured_outputs")
         assert "did not compile within 0.5 s" in results["slow"].json()["error"]["message"]
         server.settle()
+
+
+FREE_TEXT = {"type": "object", "properties": {"title": {"type": "string"}, "summary": {"type": "string"},
+                                               "rating": {"type": "number"}}, "required": ["title", "summary", "rating"]}
+
+
+def test_a_free_text_answer_with_a_small_max_tokens_is_wrapped_up_complete_and_valid(long_server):
+    """The random model never ends its free text by itself: the wrap-up closes the document within
+    max_tokens, and the answer says "stop"."""
+    for seed in range(3):
+        answer = chat(long_server, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": FREE_TEXT}},
+                      max_tokens=40, temperature=1.0, seed=seed).json()
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] <= 40, answer
+        jsonschema.validate(json.loads(choice["message"]["content"]), FREE_TEXT)

@@ -1,7 +1,9 @@
 """Grammar-constrained decoding (server/engine/grammar.py, the GrammarMask processor, output
 processing): the byte view of every tokenizer the server loads, compile errors that name the
 problem, the mask applied to constrained rows only, and constrained generation through the engine of
-every family, whose outputs always validate whatever the (random) weights."""
+every family, whose outputs always validate whatever the (random) weights; the wrap-up near the end
+of max_tokens (a subset of the grammar's mask, answers that finish valid within a small budget,
+closing paths for the bench schemas)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +11,7 @@ import json
 import random
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
@@ -222,3 +225,117 @@ def test_the_real_tokenizers_under_a_grammar(tmp_path):
                 jsonschema.validate(json.loads(text), schema)
         finally:
             engine.stop()
+
+
+# Wrap-up (GrammarState with a budget): near the end of max_tokens the mask follows a closing path.
+FREE_TEXT = {"type": "object", "properties": {
+    "title": {"type": "string"}, "notes": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    "score": {"type": "number"}}, "required": ["title", "notes", "score"]}
+
+
+def _allowed_ids(mask) -> set[int]:
+    return set(np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")).tolist())
+
+
+def test_a_mask_in_wrap_up_is_a_subset_of_the_grammars_and_completes_the_document_within_the_budget():
+    vocab, budget = 512, 90
+    compiler = GrammarCompiler(ByteTokenizer(vocab), vocab, (0,))
+    grammar = compiler.compile(json_spec(FREE_TEXT))
+    free, budgeted = grammar.start(), grammar.start(budget)
+    text, narrowed_steps = b"", 0
+    rambling = iter(b'{"title": "a long title that never seems to end, as small models write')
+    while not budgeted.done:
+        assert len(text) < budget, text
+        wide, narrow = _allowed_ids(free.next_mask()), _allowed_ids(budgeted.next_mask())
+        assert narrow and narrow <= wide                         # it only ever narrows the grammar's mask
+        if budgeted.wrapping_up:
+            narrowed_steps += 1
+            assert len(narrow) == 1
+            token = min(narrow)
+        else:
+            assert narrow == wide                                # untouched before the wrap-up
+            token = next(rambling)
+            assert token in wide
+        free.advance(token)
+        budgeted.advance(token)
+        text += bytes([token])
+        assert budgeted.error is None
+    assert narrowed_steps > 0 and len(text) <= budget
+    document = json.loads(text)
+    jsonschema.validate(document, FREE_TEXT)
+    assert document["title"].startswith("a long title")         # what was written before is kept
+    compiler.close()
+
+
+def test_without_a_budget_or_with_wrap_up_off_the_mask_is_never_narrowed():
+    vocab = 512
+    for compiler, budget in ((GrammarCompiler(ByteTokenizer(vocab), vocab, (0,)), None),
+                             (GrammarCompiler(ByteTokenizer(vocab), vocab, (0,), wrap_up=False), 20)):
+        grammar = compiler.compile(json_spec(FREE_TEXT))
+        reference, state = grammar.start(), grammar.start(budget)
+        for token in b'{"title": "words and more words and more words':
+            assert np.array_equal(state.next_mask(), reference.next_mask())
+            state.advance(token)
+            reference.advance(token)
+        assert not state.wrapping_up
+        compiler.close()
+
+
+def test_an_unconstrained_row_is_untouched_beside_a_row_in_wrap_up():
+    vocab = 512
+    compiler = GrammarCompiler(ByteTokenizer(vocab), vocab, (0,))
+    grammar = compiler.compile(json_spec(FREE_TEXT))
+    state = grammar.start(budget=45)      # 32 tokens left after the prefix: the closing distance (26) + the margin covers it
+    for token in b'{"title": "ab':
+        state.advance(token)
+    plain = SamplingRow(SamplingParams(), [1], [], eos_token_ids=(0,))
+    constrained = SamplingRow(SamplingParams(grammar=grammar), [1], [], eos_token_ids=(0,), grammar=state)
+    logits = torch.randn(2, vocab)
+    out = apply_logits_processors(logits, [plain, constrained])
+    assert state.wrapping_up
+    assert torch.equal(out[0], logits[0])
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [ord('"')]   # the string is closed first
+    compiler.close()
+
+
+def test_a_closing_path_completes_every_bench_schema_from_random_prefixes():
+    """On the built-in tokenizer, from random valid prefixes of the ten `bench structured` schemas."""
+    from server.cli.bench.schemas import SCHEMAS
+    from server.engine.grammar import closing_path
+
+    tokenizer = load_tokenizer(default_gguf_path())
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, (tokenizer.token_to_id("<|im_end|>"),))
+    rng = random.Random(3)
+    for name, _, schema in SCHEMAS:
+        grammar = compiler.compile(json_spec(schema))
+        for _ in range(8):
+            state = grammar.start()
+            ids = []
+            for _ in range(rng.randrange(60)):
+                allowed = sorted(_allowed_ids(state.next_mask()) - set(compiler.eos_token_ids))
+                if state.done or not allowed:
+                    break
+                ids.append(rng.choice(allowed))
+                state.advance(ids[-1])
+            if state.done:
+                continue
+            path = closing_path(state.matcher, compiler.closers())
+            assert path is not None, (name, tokenizer.decode(ids))
+            jsonschema.validate(json.loads(tokenizer.decode(ids + path)), schema)
+    compiler.close()
+
+
+def _generate_free_text(wrap_up: bool, max_tokens: int):
+    engine = tiny_engine(num_blocks=256, grammar_wrap_up=wrap_up)
+    try:
+        return _generate(engine, engine.grammars.compile(json_spec(FREE_TEXT)), n=6, max_tokens=max_tokens)
+    finally:
+        engine.stop()
+
+
+def test_constrained_answers_with_free_text_and_a_small_max_tokens_finish_valid():
+    for outputs, text, tokens in _generate_free_text(True, 70):
+        assert outputs[-1].finish_reason == "stop" and len(tokens) <= 70, (outputs[-1], text)
+        jsonschema.validate(json.loads(text), FREE_TEXT)
+    # the same requests without the wrap-up: the random model's free text runs into max_tokens
+    assert any(outputs[-1].finish_reason == "length" for outputs, _, _ in _generate_free_text(False, 70))

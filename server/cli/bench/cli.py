@@ -76,6 +76,8 @@ def add_parser(subparsers) -> None:
     structured.add_argument("--max-num-seqs", type=int, default=32, help="most answers decoded together")
     structured.add_argument("--max-string-length", type=int, default=None,
                             help="give string schemas without maxLength this one (free text of a small model)")
+    structured.add_argument("--wrap-up", action=argparse.BooleanOptionalAction, default=True,
+                            help="the server's budget-aware wrap-up of constrained answers (serve --grammar-wrap-up)")
     structured.add_argument("--out", default=None, help="JSON result file (with every answer)")
     structured.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     structured.set_defaults(func=run_structured)
@@ -185,10 +187,11 @@ def run_engine(args) -> int:
 
 
 def run_structured(args) -> int:
-    from server.cli.bench.structured_bench import bench_structured
+    from server.cli.bench.structured_bench import WRAP_UP_REPORT, bench_structured
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = bench_structured(args.model, args.tokenizer, args.dtype, args.samples, args.temperature,
-                              args.max_tokens, args.compile_rounds, args.max_num_seqs, args.max_string_length)
+                              args.max_tokens, args.compile_rounds, args.max_num_seqs, args.max_string_length,
+                              wrap_up=args.wrap_up)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     _write(result, args.out)
@@ -196,10 +199,13 @@ def run_structured(args) -> int:
         compile_ = result["compile"]
         lines = [f"### bench structured — {time.strftime('%Y-%m-%d')} — {result['machine']}",
                  f"`{result['command']}` — {result['model']}, {result['dtype']}, temperature {result['temperature']}, "
-                 f"max_tokens {result['max_tokens']}, string maxLength added: {result['max_string_length']}", "",
+                 f"max_tokens {result['max_tokens']}, string maxLength added: {result['max_string_length']}, "
+                 f"wrap-up {'on' if result['wrap_up'] else 'off'}", "",
                  f"- valid (parses and validates against its schema): **{result['valid']} / {result['total']}** "
                  f"({result['wall_s']:.0f} s, {result['mean_tokens']:.0f} tokens per answer on average; finish "
                  "reasons " + ", ".join(f"{k} {v}" for k, v in result["finish_reasons"].items()) + ")",
+                 f"- answers completed by the wrap-up (ended within {WRAP_UP_REPORT} tokens of max_tokens): "
+                 f"{result['wrapped_up']}",
                  "- per schema: " + ", ".join(f"{k} {v}/{result['samples_per_schema']}"
                                                for k, v in result["per_schema"].items()),
                  f"- compile from scratch ({compile_['rounds']} rounds × 10 schemas): p50 {compile_['p50_ms']:.2f} ms, "

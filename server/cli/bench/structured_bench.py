@@ -9,7 +9,10 @@
   others did not (finish reason, error). A small model sampled at temperature 1 can ramble inside
   a free-text string until `max_tokens` cuts it: `max_string_length` gives every string without a
   `maxLength` one (as schemas for small models often do); validity is still checked against the
-  schemas as written.
+  schemas as written. `wrap_up` is the server's budget-aware wrap-up (`serve --grammar-wrap-up`,
+  docs/structured-outputs.md); `wrapped_up` counts the answers it completed (those that ended
+  "stop" within `WRAP_UP_REPORT` tokens of `max_tokens`: a finished answer that long was steered to
+  its end).
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ import jsonschema
 from server.api.structured import json_spec
 from server.cli.bench.schemas import SCHEMAS
 from server.config import EngineConfig, ModelLoadConfig, ServerConfig
-from server.engine.grammar import GrammarCompiler
+from server.engine.grammar import WRAP_UP_MARGIN, GrammarCompiler
 from server.engine.request import GenerationRequest, SamplingParams
 from server.executor.build import build_engine
 
 log = logging.getLogger("customllm.bench")
+WRAP_UP_REPORT = WRAP_UP_MARGIN + 1
 
 
 def cap_strings(schema, limit: int | None):
@@ -101,14 +105,14 @@ async def _answers(engine, samples: int, temperature: float, max_tokens: int, se
 
 def bench_structured(model: str | None, tokenizer: str | None, dtype: str, samples: int, temperature: float,
                      max_tokens: int, rounds: int, max_num_seqs: int, max_string_length: int | None = None,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, wrap_up: bool = True) -> dict:
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, tokenizer=tokenizer, dtype=dtype),
-                                       engine=EngineConfig(max_num_seqs=max_num_seqs,
+                                       engine=EngineConfig(max_num_seqs=max_num_seqs, grammar_wrap_up=wrap_up,
                                                            max_waiting_requests=samples * len(SCHEMAS) + 1)),
                           start=False)
     result: dict = {"model": engine.model_name, "dtype": str(engine.cache.dtype).removeprefix("torch."),
                     "samples_per_schema": samples, "temperature": temperature, "max_tokens": max_tokens,
-                    "max_string_length": max_string_length}
+                    "max_string_length": max_string_length, "wrap_up": wrap_up}
     errors: list[BaseException] = []
 
     def drive() -> None:
@@ -126,6 +130,8 @@ def bench_structured(model: str | None, tokenizer: str | None, dtype: str, sampl
             result["per_schema"] = {name: sum(r["valid"] for r in rows if r["schema"] == name) for name, _, _ in SCHEMAS}
             result["finish_reasons"] = {reason: sum(r["finish_reason"] == reason for r in rows)
                                         for reason in sorted({r["finish_reason"] for r in rows})}
+            result["wrapped_up"] = sum(r["finish_reason"] == "stop" and r["tokens"] > max_tokens - WRAP_UP_REPORT
+                                       for r in rows)
             result["mean_tokens"] = statistics.mean(r["tokens"] for r in rows)
             log.info("valid: %d / %d in %.0f s", result["valid"], result["total"], result["wall_s"])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
