@@ -62,8 +62,9 @@ def add_parser(subparsers) -> None:
          "others requantized, when --dtype is auto; float checkpoints stay float), none (dequantized to --dtype), "
          "int8 (per output row) or int4 (groups of 32), quantizing float checkpoints at load", default="auto")
     _add(m, "--decode-attention", "attention of decode steps: auto (the family's Triton paged kernel on CUDA when "
-         "triton is installed: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
-         "torch, or triton", default="auto")
+         "triton is installed, on the CPU a C kernel that reads the paged cache in place when a C compiler is "
+         "there: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
+         "torch (gather each context), triton, or cpu", default="auto")
     _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (models whose decode attention runs in "
          "the Triton kernel; every family but ShomsherLLM)", bool, True)
     e = p.add_argument_group("engine")
