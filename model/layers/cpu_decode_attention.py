@@ -44,7 +44,15 @@ def available() -> bool:
 def _paged_decode(q: torch.Tensor, cache_layer: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, block_size: int, offsets, a_w: int, b_w: int, v_w: int,
                   scale: float, window: int | None) -> torch.Tensor:
-    """q [B, H, a_w + b_w] → [B, H, v_w] float32; `offsets` = (a_off, b_off, v_off), [H] int64 each."""
+    """q [B, H, a_w + b_w] → [B, H, v_w] float32; `offsets` = (a_off, b_off, v_off), [H] int64 each.
+    Inside torch.compile the call goes through the registered op (one opaque node of the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.customllm.paged_decode(q.float(), cache_layer, block_tables, context_lens, *offsets,
+                                                block_size, a_w, b_w, v_w, scale, -1 if window is None else window)
+    return _call(q, cache_layer, block_tables, context_lens, block_size, offsets, a_w, b_w, v_w, scale, window)
+
+
+def _call(q, cache_layer, block_tables, context_lens, block_size, offsets, a_w, b_w, v_w, scale, window):
     num_seqs, heads, _ = q.shape
     q = q.float()
     if q.stride(-1) != 1:
@@ -63,6 +71,19 @@ def _paged_decode(q: torch.Tensor, cache_layer: torch.Tensor, block_tables: torc
     if status != 0:
         raise MemoryError("paged_decode: no memory for the scores")
     return out
+
+
+@torch.library.custom_op("customllm::paged_decode", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, cache_layer: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, a_off: torch.Tensor, b_off: torch.Tensor, v_off: torch.Tensor,
+                     block_size: int, a_w: int, b_w: int, v_w: int, scale: float, window: int) -> torch.Tensor:
+    return _call(q, cache_layer, block_tables, context_lens, block_size, (a_off, b_off, v_off), a_w, b_w, v_w, scale,
+                 None if window < 0 else window)
+
+
+@_paged_decode_op.register_fake
+def _(q, cache_layer, block_tables, context_lens, a_off, b_off, v_off, block_size, a_w, b_w, v_w, scale, window):
+    return q.new_empty(q.shape[0], q.shape[1], v_w, dtype=torch.float32)                  # [B, H, v_w]
 
 
 def _gqa_offsets(heads: int, kv_heads: int, head_dim: int):

@@ -196,3 +196,20 @@ def test_a_source_that_does_not_compile_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("CUSTOMLLM_CACHE_DIR", str(tmp_path / "cache"))
     assert native.load("broken") is None
+
+
+def test_the_kernel_is_one_node_of_a_compiled_graph():
+    """Under torch.compile the kernel is the registered op `customllm::paged_decode` (no graph break:
+    fullgraph), with the eager call's values."""
+    gen = torch.Generator().manual_seed(4)
+    lens, block_size = [9, 3], 4
+    tables, num_blocks = random_tables(lens, block_size, None, gen)
+    cache = torch.randn(num_blocks * block_size, 2 * 2 * 8, generator=gen)
+    q = torch.randn(2, 4, 8, generator=gen)
+    args = (cache, tables, torch.tensor(lens), block_size, 2, 0.5)
+
+    def step(q):
+        return cpu_attention.cpu_paged_gqa_decode(q * 2, *args) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q), step(q))
