@@ -23,6 +23,7 @@ class ModelLoadConfig:
     served_model_name: str | None = None
     decode_attention: str = "auto"    # auto | torch | triton | cpu (decode steps' attention)
     cuda_graphs: bool = True          # decode steps replayed from CUDA graphs where the model allows
+    compile_decode: bool = False      # CPU: decode steps through torch.compile, one graph per batch bucket
 
 
 @dataclass(frozen=True)

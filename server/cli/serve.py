@@ -67,6 +67,10 @@ def add_parser(subparsers) -> None:
          "torch (gather each context), triton, or cpu", default="auto")
     _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (models whose decode attention runs in "
          "the Triton kernel; every family but ShomsherLLM)", bool, True)
+    _add(m, "--compile-decode", "on the CPU, run decode steps through torch.compile (inductor), compiled at start-up "
+         "for each batch-size bucket up to --max-num-seqs (minutes on 2 cores; later starts read inductor's cache); "
+         "models whose decode attention runs in the CPU kernel and whose MoE routes without host syncs (the Llama "
+         "family, SmartLLM without routed experts)", bool, False)
     e = p.add_argument_group("engine")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
@@ -171,7 +175,7 @@ def config_from_args(args) -> ServerConfig:
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
                               quantization=args.quantization,
                               served_model_name=args.served_model_name, decode_attention=args.decode_attention,
-                              cuda_graphs=args.cuda_graphs),
+                              cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode),
         engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests,

@@ -215,6 +215,12 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if device.type == "cuda" and config.model.cuda_graphs and kernel_layers:
         from server.executor.decode_graphs import make_decode_graphs
         decode_graphs = make_decode_graphs(model, cache, config.engine.max_num_seqs, capture=True)
+    if config.model.compile_decode:
+        if device.type != "cpu" or small_step_model is not None:
+            log.warning("--compile-decode is for the CPU without --dtype mixed: decode steps run eagerly")
+        else:
+            from server.executor.compiled_decode import make_compiled_decode
+            decode_graphs = make_compiled_decode(model, cache, config.engine.max_num_seqs)
     engine = Engine(model, cache, tokenizer, config.engine, model_name=name, chat_template=chat_template,
                     device=device, observer=observer,
                     stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),
