@@ -31,7 +31,8 @@ def gqa_reference(q, cache, tables, lens, block_size, kv_heads, scale, window=No
     out = torch.zeros(num_seqs, heads, dim, dtype=torch.float64)
     for b in range(num_seqs):
         rows = rows_of(cache, tables, lens, b, block_size, window)
-        keys, values = rows[:, : kv_heads * dim].view(-1, kv_heads, dim), rows[:, kv_heads * dim:].view(-1, kv_heads, dim)
+        keys = rows[:, : kv_heads * dim].view(-1, kv_heads, dim)                     # [K, KV, hd]
+        values = rows[:, kv_heads * dim:].view(-1, kv_heads, dim)                   # [K, KV, hd]
         for h in range(heads):
             kv = h // (heads // kv_heads)
             out[b, h] = torch.softmax(keys[:, kv] @ q[b, h].double() * scale, 0) @ values[:, kv]
