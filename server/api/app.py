@@ -21,7 +21,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.errors import ApiError, quoted
+from server.api.errors import ApiError, api_error_from, quoted
+from server.engine.errors import QueueFullError
 from server.api.http_guard import HttpMiddleware, authenticator, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.chat import prepare_chat
@@ -72,6 +73,13 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         if name is not None and name != eng.model_name:
             raise ApiError(404, f"The model {quoted(name)} does not exist; this server serves {quoted(eng.model_name)}",
                            param="model", code="model_not_found")
+
+    def room_for(eng, tenant: str, count: int) -> None:
+        """429 before any tokenizing when the queue (or this tenant's share of it) is already full."""
+        try:
+            eng.check_room(tenant, count)
+        except QueueFullError as exc:
+            raise api_error_from(exc) from None
 
     def session_of(request: Request, body_session: str | None) -> str | None:
         """The session named by the body or the X-Session-ID header, checked by the same rule."""
@@ -172,6 +180,7 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
         check_model(eng, body.model)
         prompts = body.prompts()
         body.check(api, len(prompts))
+        room_for(eng, tenant, len(prompts) * body.n)
         prompt_ids = [list(p) if isinstance(p, list) else await encode(eng, p, "prompt") for p in prompts]
         session = session_of(request, body.session_id)
         if session is not None and len(prompt_ids) > 1:
@@ -193,6 +202,7 @@ def create_app(engine, api: ApiConfig, metrics: Metrics) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of),
                                eng=Depends(running)):
         check_model(eng, body.model)
+        room_for(eng, tenant, body.n)
         session = session_of(request, body.session_id)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         chat = await until_disconnect(request, prepare_chat(eng, body, api, logprobs))

@@ -26,7 +26,7 @@ from model.cache.kv_cache import KVCache
 from model.cache.kv_manager import KVCacheManager
 from server.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.errors import EngineDeadError, EngineShuttingDownError
+from server.engine.errors import EngineDeadError, EngineShuttingDownError, QueueFullError
 from server.engine.grammar import GrammarCompiler
 from server.engine.results import EngineObserver, NullObserver, RequestOutput
 from server.engine.request import GenerationRequest
@@ -164,6 +164,15 @@ class Engine:
 
     def kv_tokens_held_at_most(self, total_tokens: int) -> int:
         return self.core.kv_tokens_held_at_most(total_tokens)
+
+    def check_room(self, tenant: str, count: int) -> None:
+        """QueueFullError now if `count` more requests of `tenant` would be refused at admission: a
+        flood's refusals then cost no tokenizing or engine work. (Admission still decides.)"""
+        if self.num_waiting + count > self.core.config.max_waiting_requests:
+            raise QueueFullError(f"{self.num_waiting} requests are already waiting")
+        limit = self.core.config.waiting_per_tenant_limit
+        if tenant and self.core.num_waiting_of(tenant) + count > limit:
+            raise QueueFullError(f"this tenant already has requests waiting, and at most {limit} may wait")
 
     def submit(self, request: GenerationRequest, emit) -> None:
         """Queue a request whose outputs go to `emit(RequestOutput)` (called on the engine thread)."""

@@ -7,7 +7,9 @@ tenants taking turns (`server.engine.waiting.WaitingQueue`: round robin across t
 `priority` first within one). When blocks run out (the KV manager has already evicted session pins, least
 recently used first), the newest running request is preempted: its blocks are released (they stay
 in the prefix cache until evicted), it goes back to the front of the queue and later resumes with
-prefix reuse.
+prefix reuse. A full batch also makes room for a tenant that waits with nothing running: the newest
+request of a tenant holding more than its fair share of `max_num_seqs` yields its slot (it resumes
+later, from its cached prefix), so one tenant's flood cannot keep another out of the batch.
 
 Everything about blocks goes through the KV manager (`model.cache.kv_manager`): taking a cached
 prefix, making room for a chunk, giving back what a sliding window left behind, registering newly
@@ -16,6 +18,7 @@ cached prefix the manager is still reading from a slower tier is passed over unt
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from model.cache.batch import SequenceChunk
@@ -79,6 +82,8 @@ class Scheduler:
     # ---- one step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._yield_slots_to_waiting_tenants(out)
+        yielded = len(out.preempted)
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
@@ -91,7 +96,8 @@ class Scheduler:
             budget -= num
             index += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and len(out.preempted) == yielded):        # no admission while blocks ran short
             seq = self.waiting.peek()
             if seq.num_computed_tokens == 0 and not self._reuse_cached_prefix(seq, out):
                 out.restoring.append(self.waiting.pop_head())
@@ -108,6 +114,25 @@ class Scheduler:
         for seq in reversed(out.restoring):     # back at the head of their tenants' queues
             self.waiting.appendleft(seq)
         return out
+
+    def _yield_slots_to_waiting_tenants(self, out: SchedulerOutput) -> None:
+        """A full batch makes room for tenants that wait with nothing running: for each, the newest
+        running request of the tenant holding the most slots goes back to waiting, if that tenant holds
+        more than its fair share (`max_num_seqs` over the tenants with work). So one tenant's flood
+        cannot keep another waiting for a slot for as long as its own requests take to finish; the
+        request that yields resumes later from its cached prefix."""
+        if len(self.running) < self.max_num_seqs or not self.waiting:
+            return
+        slots = Counter(seq.request.tenant for seq in self.running)
+        starved = [tenant for tenant in self.waiting.tenants() if tenant not in slots]
+        fair_share = max(1, self.max_num_seqs // len(set(slots) | set(self.waiting.tenants())))
+        for _ in starved:
+            heaviest, held = slots.most_common(1)[0]
+            if held <= fair_share:
+                return
+            victim = next(seq for seq in reversed(self.running) if seq.request.tenant == heaviest)
+            self._preempt(victim, out, yielded=True)
+            slots[heaviest] -= 1
 
     def _reuse_cached_prefix(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Start from the longest cached prefix of this request's tokens (its tenant's only); False
@@ -132,12 +157,14 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, yielded: bool = False) -> None:
+        """Back to waiting, first of its tenant's; it resumes next unless it `yielded` its slot to
+        another tenant (then its tenant keeps its place in the turn order)."""
         self.running.remove(seq)
         self._release_blocks(seq)
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.appendleft(seq, resume_next=not yielded)
         self.num_preemptions += 1
         out.preempted.append(seq)
 

@@ -9,7 +9,8 @@ then arrival order.
 
 A preempted request goes back ahead of its tenant's requests of the same priority, and its tenant
 to the very front of the turn order, so it resumes next, as it did in the plain FIFO queue this
-replaces.
+replaces; a request that yielded its slot to another tenant (the scheduler's fair share) keeps its
+tenant's place in the turn order instead.
 """
 from __future__ import annotations
 
@@ -59,13 +60,23 @@ class WaitingQueue:
         if len(self._queues[seq.request.tenant]) == 1:
             self._fresh.append(seq.request.tenant)
 
-    def appendleft(self, seq: Sequence) -> None:
-        """A preempted request: first of its tenant's of its priority, and its tenant's turn comes next."""
+    def appendleft(self, seq: Sequence, resume_next: bool = True) -> None:
+        """A preempted request: first of its tenant's of its priority, and its tenant's turn comes next
+        (`resume_next`), or, for a request that yielded its slot to another tenant, where its tenant's
+        turn already was (the back of the order if it had nothing else waiting)."""
         tenant = seq.request.tenant
         first = min((key[1] for key, _ in self._queues.get(tenant, ())), default=0)
+        had_turn = tenant in self._queues
         self._insert(seq, (seq.request.priority, first - 1))
-        self._leave_turns(tenant)
-        self._fresh.appendleft(tenant)
+        if resume_next:
+            self._leave_turns(tenant)
+            self._fresh.appendleft(tenant)
+        elif not had_turn:
+            self._served.append(tenant)
+
+    def tenants(self) -> list[str]:
+        """The tenants with requests waiting, in turn order."""
+        return list(self._fresh) + list(self._served)
 
     def peek(self) -> Sequence | None:
         """The request the scheduler should try next."""

@@ -295,6 +295,19 @@ def test_full_queue_is_429_with_retry_after(model_dir):
                       '{reason="queue_full"}') == 1
 
 
+def test_a_tenant_over_its_waiting_share_is_429_before_tokenizing(model_dir, monkeypatch):
+    engine = EngineConfig(kv_cache_memory_gib=0.01, max_waiting_requests=8, max_waiting_per_tenant=2)
+    with InProcessServer(model_dir, api=ApiConfig(api_keys=("key-a",)), engine_config=engine) as s:
+        monkeypatch.setattr(s.engine.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a refusal"))
+        response = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["x", "y", "z"], "max_tokens": 2},
+                              headers={"Authorization": "Bearer key-a"}, timeout=60)
+        assert_openai_error(response, 429)
+        assert "at most 2 may wait" in response.json()["error"]["message"]
+        response = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                              "n": 3, "max_tokens": 2}, headers={"Authorization": "Bearer key-a"}, timeout=60)
+        assert_openai_error(response, 429)
+
+
 def test_dead_engine_is_503(model_dir):
     with InProcessServer(model_dir) as s:
         s.engine.stop()

@@ -172,6 +172,8 @@ def test_bench_fairness_keeps_tenant_a_served_while_b_floods(model_dir, tmp_path
                            "--record")
         summary = json.loads((tmp_path / "f.json").read_text())
     assert summary["alone"]["success_rate"] == 1.0 and summary["flooded"]["success_rate"] == 1.0
+    for phase in ("alone", "flooded"):
+        assert 0 < summary[phase]["first_token_s"]["p50"] <= summary[phase]["latency_s"]["p50"]
     assert sum(summary["flood_responses"].values()) >= 6           # every one of B's loops got answers
     assert "### bench fairness" in (tmp_path / "docs" / "benchmarks.md").read_text()
     assert result.returncode == 0

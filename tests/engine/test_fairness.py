@@ -1,6 +1,7 @@
 """Tenants take turns in the waiting queue, lower priority first within a tenant, preempted requests
 resume first; one tenant's flood is capped by its own waiting limit, so another tenant is admitted
-and scheduled within one turn."""
+and scheduled within one turn; a full batch yields a slot to a tenant with nothing running when
+another tenant holds more than its fair share."""
 from __future__ import annotations
 
 import threading
@@ -73,6 +74,50 @@ def test_the_scheduler_admits_another_tenant_within_one_turn_of_a_flood():
     out = run_step(sched)
     assert a in [c.seq for c in out.chunks]           # A's turn comes before B's 18 others
     sched.check_integrity()
+
+
+def test_a_full_batch_yields_a_slot_to_a_tenant_with_nothing_running():
+    sched = make_scheduler(num_blocks=64, max_seqs=4, budget=64)
+    flood = [seq(f"b{i}", "B") for i in range(8)]
+    for s in flood:
+        sched.add(s)
+    run_step(sched)                                   # b0..b3 hold every slot
+    a = seq("a", "A")
+    sched.add(a)
+    out = run_step(sched)                             # no B request has finished
+    assert a in [c.seq for c in out.chunks]
+    assert out.preempted == [flood[3]]                # B's newest running request yielded
+    assert [s.request_id for s in sched.running] == ["b0", "b1", "b2", "a"]
+    assert flood[3].num_computed_tokens == 0 and flood[3].num_preemptions == 1
+    assert sched.waiting.peek() is flood[3]           # first of B's waiting requests
+    run_step(sched)                                   # A now holds its one slot: nothing more yields
+    assert len(sched.running) == 4 and a in sched.running
+    sched.finish(a)
+    out = run_step(sched)
+    assert flood[3] in [c.seq for c in out.chunks]    # the request that yielded resumes first
+    sched.check_integrity()
+
+
+def test_no_slot_is_yielded_by_a_tenant_within_its_fair_share():
+    sched = make_scheduler(num_blocks=64, max_seqs=2, budget=64)
+    b, c = seq("b", "B"), seq("c", "C")
+    sched.add(b)
+    sched.add(c)
+    run_step(sched)
+    sched.add(seq("a", "A"))
+    out = run_step(sched)                             # B and C hold one slot each: A waits its turn
+    assert not out.preempted and sched.running == [b, c]
+
+
+def test_a_request_that_yielded_keeps_its_tenants_place_in_the_turns():
+    queue = WaitingQueue()
+    queue.append(seq("a0", "A"))
+    queue.append(seq("b0", "B"))
+    yielded = seq("c-yielded", "C")
+    queue.appendleft(yielded, resume_next=False)      # C had nothing waiting: it goes last
+    assert queue.tenants() == ["A", "B", "C"]
+    queue.append(seq("c1", "C"))
+    assert drain(queue) == ["a0", "b0", "c-yielded", "c1"]
 
 
 def test_one_tenant_at_its_waiting_limit_leaves_room_for_another():

@@ -312,13 +312,14 @@ def run_fairness(args) -> int:
     if args.record:
         alone, flooded = result["alone"], result["flooded"]
         lines = [f"### bench fairness — {time.strftime('%Y-%m-%d')} — {result['machine']}", f"`{result['command']}`",
-                 "", "| tenant A | success | latency p50 ms | p90 ms |", "|---|---|---|---|",
-                 f"| alone | {alone['success_rate']:.0%} | {alone['latency_s']['p50'] * 1e3:.0f} | "
-                 f"{alone['latency_s']['p90'] * 1e3:.0f} |",
-                 f"| while B floods | {flooded['success_rate']:.0%} | {flooded['latency_s']['p50'] * 1e3:.0f} | "
-                 f"{flooded['latency_s']['p90'] * 1e3:.0f} |", "",
-                 f"- p50 under the flood / alone = {result['p50_ratio']:.2f}× (target ≤ 3×); B's responses: "
-                 f"{result['flood_responses']}"]
+                 "", "| tenant A | success | latency p50 ms | p90 ms | first token p50 ms | p90 ms |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {phase['success_rate']:.0%} | {phase['latency_s']['p50'] * 1e3:.0f} | "
+                  f"{phase['latency_s']['p90'] * 1e3:.0f} | {phase['first_token_s']['p50'] * 1e3:.0f} | "
+                  f"{phase['first_token_s']['p90'] * 1e3:.0f} |"
+                  for name, phase in (("alone", alone), ("while B floods", flooded))]
+        lines += ["", f"- p50 under the flood / alone = {result['p50_ratio']:.2f}× (target ≤ 3×); B's responses: "
+                  f"{result['flood_responses']}"]
         _record(lines)
     return 0
 
