@@ -21,8 +21,9 @@ class ModelLoadConfig:
     dtype: str = "auto"               # auto (CPU: fastest measured) | float32 | bfloat16 | float16 | mixed
     quantization: str = "auto"        # auto (a GGUF's own, when dtype is auto) | none | int8 | int4
     served_model_name: str | None = None
-    decode_attention: str = "auto"    # auto | torch | triton (decode steps' attention)
+    decode_attention: str = "auto"    # auto | torch | triton | cpu (decode steps' attention)
     cuda_graphs: bool = True          # decode steps replayed from CUDA graphs where the model allows
+    compile_decode: bool = False      # CPU: decode steps through torch.compile, one graph per batch bucket
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,15 @@ def add_parser(subparsers) -> None:
          "others requantized, when --dtype is auto; float checkpoints stay float), none (dequantized to --dtype), "
          "int8 (per output row) or int4 (groups of 32), quantizing float checkpoints at load", default="auto")
     _add(m, "--decode-attention", "attention of decode steps: auto (the family's Triton paged kernel on CUDA when "
-         "triton is installed: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
-         "torch, or triton", default="auto")
+         "triton is installed, on the CPU a C kernel that reads the paged cache in place when a C compiler is "
+         "there: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
+         "torch (gather each context), triton, or cpu", default="auto")
     _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (models whose decode attention runs in "
          "the Triton kernel; every family but ShomsherLLM)", bool, True)
+    _add(m, "--compile-decode", "on the CPU, run decode steps through torch.compile (inductor), compiled at start-up "
+         "for each batch-size bucket up to --max-num-seqs (minutes on 2 cores; later starts read inductor's cache); "
+         "models whose decode attention runs in the CPU kernel and whose MoE routes without host syncs (the Llama "
+         "family, SmartLLM without routed experts)", bool, False)
     e = p.add_argument_group("engine")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
@@ -173,7 +178,7 @@ def config_from_args(args) -> ServerConfig:
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
                               quantization=args.quantization,
                               served_model_name=args.served_model_name, decode_attention=args.decode_attention,
-                              cuda_graphs=args.cuda_graphs),
+                              cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode),
         engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests,

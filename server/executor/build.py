@@ -145,11 +145,22 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
 
 
 def resolve_decode_attention(choice: str, device: torch.device) -> str:
-    """"torch" or "triton": auto takes the kernel on CUDA when triton imports; on the CPU the kernel
-    runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"--decode-attention must be auto, torch or triton, not {choice!r}")
+    """"torch", "triton" or "cpu": auto takes the Triton kernel on CUDA when triton imports, and on
+    the CPU the C kernel that reads the paged cache in place (model/layers/cpu_decode_attention.py)
+    when it builds here; the Triton kernel runs on the CPU only in Triton's interpreter
+    (TRITON_INTERPRET=1, for tests)."""
+    if choice not in ("auto", "torch", "triton", "cpu"):
+        raise ValueError(f"--decode-attention must be auto, torch, triton or cpu, not {choice!r}")
     if choice == "torch":
+        return "torch"
+    if choice == "cpu" or (choice == "auto" and device.type == "cpu"):
+        from model.layers.cpu_decode_attention import available as cpu_kernel_available
+        if device.type != "cpu":
+            raise ValueError("--decode-attention cpu runs on the CPU")
+        if cpu_kernel_available():
+            return "cpu"
+        if choice == "cpu":
+            raise ValueError("--decode-attention cpu needs a C compiler (cc, gcc or $CC) to build its kernel")
         return "torch"
     try:
         import triton  # noqa: F401
@@ -182,10 +193,16 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if moved:
         log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)
     kernel_layers = 0
-    if resolve_decode_attention(config.model.decode_attention, device) == "triton":
+    decode_attention = resolve_decode_attention(config.model.decode_attention, device)
+    if decode_attention == "triton":
         from model.kernels import use_triton_decode_attention
         kernel_layers = use_triton_decode_attention(model)
         log.info("decode attention: Triton paged decode kernel in %d layers", kernel_layers)
+    elif decode_attention == "cpu":
+        from model.layers.cpu_decode_attention import use_cpu_decode_attention
+        cpu_layers = use_cpu_decode_attention(model)
+        if cpu_layers:
+            log.info("decode attention: CPU paged decode kernel (cache read in place) in %d layers", cpu_layers)
     small_step_model = None
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)
@@ -198,6 +215,12 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if device.type == "cuda" and config.model.cuda_graphs and kernel_layers:
         from server.executor.decode_graphs import make_decode_graphs
         decode_graphs = make_decode_graphs(model, cache, config.engine.max_num_seqs, capture=True)
+    if config.model.compile_decode:
+        if device.type != "cpu" or small_step_model is not None:
+            log.warning("--compile-decode is for the CPU without --dtype mixed: decode steps run eagerly")
+        else:
+            from server.executor.compiled_decode import make_compiled_decode
+            decode_graphs = make_compiled_decode(model, cache, config.engine.max_num_seqs)
     engine = Engine(model, cache, tokenizer, config.engine, model_name=name, chat_template=chat_template,
                     device=device, observer=observer,
                     stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),

@@ -143,8 +143,13 @@ class DecodeGraphs:
                 return None
             self.graphs[bucket].replay()
             return self.outputs[bucket][:n]
+        return self.run_padded(batch, bucket)[:n]
+
+    def run_padded(self, batch: PagedBatch, bucket: int) -> torch.Tensor:
+        """The eager step over the loaded static buffers → logits [bucket, V] (a subclass may run a
+        compiled one: server/executor/compiled_decode.py)."""
         static = replace(self.static_batch(bucket, batch.window), max_position=batch.max_position)
-        return self.model.forward_paged(static, self.cache.layers)[:n]
+        return self.model.forward_paged(static, self.cache.layers)
 
 
 def make_decode_graphs(model: nn.Module, cache: KVCache, max_num_seqs: int, capture: bool) -> "DecodeGraphs | None":

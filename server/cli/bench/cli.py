@@ -56,6 +56,8 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--kv-cache-memory", type=float, default=None, help="GiB")
     engine.add_argument("--prefill-lens", type=_ints, default=[],
                         help="also time the first token of one prompt of each of these lengths")
+    engine.add_argument("--compile-decode", action="store_true", help="as `serve --compile-decode`")
+    engine.add_argument("--decode-attention", default="auto", help="as `serve --decode-attention`")
     engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     engine.add_argument("--json-schema", default=None, metavar="FILE",
                         help="also run every batch size with each row constrained by this JSON schema (same sitting)")
@@ -153,7 +155,8 @@ def run_engine(args) -> int:
     schema = Path(args.json_schema).read_text() if args.json_schema else None
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
                           args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
-                          schema, quantization=args.quantization)
+                          schema, quantization=args.quantization, compile_decode=args.compile_decode,
+                          decode_attention=args.decode_attention)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]

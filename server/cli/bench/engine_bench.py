@@ -72,7 +72,7 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
                  threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
-                 quantization: str = "auto") -> dict:
+                 quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto") -> dict:
     from server.executor.threads import configure_threads
     configure_threads(threads)
     timer = StepTimer()
@@ -81,7 +81,9 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                                  kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
                                                              device=device, dtype=dtype,
-                                                             quantization=quantization),
+                                                             quantization=quantization,
+                                                             compile_decode=compile_decode,
+                                                             decode_attention=decode_attention),
                                        engine=engine_config), observer=timer, start=False)
     result: dict = {}
     errors: list[BaseException] = []

@@ -1,0 +1,216 @@
+"""The CPU decode-attention kernel (model/layers/cpu_decode_attention.py) that reads the paged cache in
+place: against a float64 reference, against the gather path through every family that has it, and
+its fallback when no compiler is there."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.cache.batch import PagedBatch, SequenceChunk
+from model.config import preset
+from model.layers import cpu_decode_attention as cpu_attention
+from model.layers import native
+from tests.helpers import assert_same_outputs, greedy_outputs_with_and_without, make_cache, paged_logits_chunked
+from tests.helpers import perturbed_model
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler to build the kernel")
+
+
+def rows_of(cache, tables, lens, b, block_size, window):
+    """Sequence b's visible rows [K, W] in float64 (the reference's own gather)."""
+    n = int(lens[b])
+    positions = torch.arange(0 if window is None else max(0, n - 1 - window), n)
+    return cache[tables[b, positions // block_size] * block_size + positions % block_size].double()
+
+
+def gqa_reference(q, cache, tables, lens, block_size, kv_heads, scale, window=None):
+    num_seqs, heads, dim = q.shape
+    out = torch.zeros(num_seqs, heads, dim, dtype=torch.float64)
+    for b in range(num_seqs):
+        rows = rows_of(cache, tables, lens, b, block_size, window)
+        keys = rows[:, : kv_heads * dim].view(-1, kv_heads, dim)                     # [K, KV, hd]
+        values = rows[:, kv_heads * dim:].view(-1, kv_heads, dim)                   # [K, KV, hd]
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            out[b, h] = torch.softmax(keys[:, kv] @ q[b, h].double() * scale, 0) @ values[:, kv]
+    return out
+
+
+def mla_reference(q_latent, q_rope, cache, tables, lens, block_size, scale, window=None):
+    num_seqs, heads, latent = q_latent.shape
+    rope = q_rope.shape[-1]
+    out = torch.zeros(num_seqs, heads, latent, dtype=torch.float64)
+    for b in range(num_seqs):
+        rows = rows_of(cache, tables, lens, b, block_size, window)
+        for h in range(heads):
+            k_rope = rows[:, latent + h * rope: latent + (h + 1) * rope]
+            scores = (rows[:, :latent] @ q_latent[b, h].double() + k_rope @ q_rope[b, h].double()) * scale
+            out[b, h] = torch.softmax(scores, 0) @ rows[:, :latent]
+    return out
+
+
+def random_tables(lens, block_size, window, gen):
+    """Shuffled block tables; with a window, the blocks wholly behind it released (-1) and their rows
+    left as garbage nobody may read."""
+    max_blocks = max(-(-n // block_size) for n in lens) + 1
+    num_blocks = len(lens) * max_blocks + 2
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.long)
+    for b, n in enumerate(lens):
+        used = -(-n // block_size)
+        tables[b, :used] = perm[b * max_blocks: b * max_blocks + used]
+        if window is not None:
+            tables[b, : max(0, n - 1 - window) // block_size] = -1
+    return tables, num_blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 16), (6, 2, 24)])
+def test_gqa_kernel_equals_reference(dtype, window, heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(heads * 7 + dim)
+    lens, block_size = [1, 17, 40, 5], 4
+    tables, num_blocks = random_tables(lens, block_size, window, gen)
+    cache = (3 * torch.randn(num_blocks * block_size, 2 * kv_heads * dim, generator=gen)).to(dtype)
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
+    got = cpu_attention.cpu_paged_gqa_decode(q, cache, tables, torch.tensor(lens), block_size, kv_heads, 0.3, window)
+    want = gqa_reference(q, cache, tables, torch.tensor(lens), block_size, kv_heads, 0.3, window)
+    assert got.dtype == torch.float32 and got.shape == (len(lens), heads, dim)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_mla_kernel_equals_reference(dtype, window):
+    gen = torch.Generator().manual_seed(1)
+    heads, latent, rope, lens, block_size = 3, 24, 8, [9, 1, 30], 4
+    tables, num_blocks = random_tables(lens, block_size, window, gen)
+    cache = torch.randn(num_blocks * block_size, latent + heads * rope, generator=gen).to(dtype)
+    q_latent = torch.randn(len(lens), heads, latent, generator=gen).to(dtype)
+    q_rope = torch.randn(len(lens), heads, rope, generator=gen).to(dtype)
+    got = cpu_attention.cpu_paged_mla_decode(q_latent, q_rope, cache, tables, torch.tensor(lens), block_size, 0.25,
+                                             window)
+    want = mla_reference(q_latent, q_rope, cache, tables, torch.tensor(lens), block_size, 0.25, window)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sequence_gets_the_same_values_in_any_batch():
+    gen = torch.Generator().manual_seed(2)
+    lens, block_size = [23, 7, 12], 4
+    tables, num_blocks = random_tables(lens, block_size, None, gen)
+    cache = torch.randn(num_blocks * block_size, 2 * 2 * 16, generator=gen)
+    q = torch.randn(3, 4, 16, generator=gen)
+    together = cpu_attention.cpu_paged_gqa_decode(q, cache, tables, torch.tensor(lens), block_size, 2, 0.25)
+    alone = cpu_attention.cpu_paged_gqa_decode(q[1:2], cache, tables[1:2], torch.tensor(lens[1:2]), block_size, 2, 0.25)
+    assert torch.equal(together[1:2], alone)
+
+
+FAMILIES = ["llama-tiny", "custom-llm-tiny", "smart-llm-tiny"]
+
+
+def with_cpu_kernel(model):
+    model = copy.deepcopy(model)
+    assert cpu_attention.use_cpu_decode_attention(model) == model.config.num_layers
+    return model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_in_place_decode_equals_the_gather_path(name):
+    """Decode steps (chunk 1: every step after the first token is decode-only) through the kernel give
+    the gather path's logits; SmartLLM's released blocks hold garbage the kernel must not read."""
+    config = preset(name)
+    plain = perturbed_model(config, seed=5, std=0.15)
+    kernel = with_cpu_kernel(plain)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, config.vocab_size, (n,), generator=gen).tolist() for n in (19, 6, 27)]
+    release = getattr(config, "sliding_window", None) is not None
+    want = paged_logits_chunked(plain, make_cache(config, num_blocks=64), seqs, 1, release_behind_window=release)
+    got = paged_logits_chunked(kernel, make_cache(config, num_blocks=64), seqs, 1, release_behind_window=release)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+
+
+class _CacheReads(TorchDispatchMode):
+    """Counts the aten ops, other than the write of the new rows, that take a cache layer."""
+
+    def __init__(self, cache_layers):
+        super().__init__()
+        self.pointers = {layer.data_ptr() for layer in cache_layers}
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if "index_copy" not in str(func) and any(t.data_ptr() in self.pointers for t in tensors):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_a_kernel_decode_step_gathers_no_context(name):
+    """The gather path copies each sequence's context out of the cache (`aten.index`) in every
+    layer; the kernel's step hands the cache to no aten op but the write of its rows."""
+    config = preset(name)
+    plain = perturbed_model(config, seed=5, std=0.15)
+    cache = make_cache(config, num_blocks=16)
+    chunks = [SequenceChunk([3], 9, [0, 1, 2]), SequenceChunk([4], 5, [3, 4])]
+    window = getattr(config, "sliding_window", None)
+    reads = {}
+    for label, model, gather in (("plain", plain, True), ("kernel", with_cpu_kernel(plain), False)):
+        batch = PagedBatch.build(chunks, 4, window=window, with_gather=gather)
+        with _CacheReads(cache.layers) as mode:
+            model.forward_paged(batch, cache.layers)
+        reads[label] = mode.reads
+    assert sum(r.startswith("aten.index.Tensor") for r in reads["plain"]) == config.num_layers
+    assert reads["kernel"] == []
+
+
+def test_engine_outputs_are_the_same_through_the_kernel():
+    prompts = [[5, 9, 2, 7, 1, 3], [8] * 11, [4, 2]]
+    plain, changed = greedy_outputs_with_and_without(preset("llama-tiny"), cpu_attention.use_cpu_decode_attention,
+                                                     prompts)
+    assert_same_outputs(plain, changed)
+
+
+def test_without_a_compiler_the_gather_path_stays(monkeypatch):
+    from server.executor.build import resolve_decode_attention
+    cpu = torch.device("cpu")
+    assert resolve_decode_attention("auto", cpu) == "cpu"
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(cpu_attention, "_function", None)
+    assert native.load("paged_decode") is None and not cpu_attention.available()
+    model = perturbed_model(preset("llama-tiny"))
+    assert cpu_attention.use_cpu_decode_attention(model) == 0
+    assert resolve_decode_attention("auto", cpu) == "torch"
+    with pytest.raises(ValueError, match="C compiler"):
+        resolve_decode_attention("cpu", cpu)
+
+
+def test_a_source_that_does_not_compile_falls_back(monkeypatch, tmp_path):
+    (tmp_path / "broken.c").write_text("int f( {")
+    monkeypatch.setattr(native, "__file__", str(tmp_path / "__init__.py"))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CUSTOMLLM_CACHE_DIR", str(tmp_path / "cache"))
+    assert native.load("broken") is None
+
+
+def test_the_kernel_is_one_node_of_a_compiled_graph():
+    """Under torch.compile the kernel is the registered op `customllm::paged_decode` (no graph break:
+    fullgraph), with the eager call's values."""
+    gen = torch.Generator().manual_seed(4)
+    lens, block_size = [9, 3], 4
+    tables, num_blocks = random_tables(lens, block_size, None, gen)
+    cache = torch.randn(num_blocks * block_size, 2 * 2 * 8, generator=gen)
+    q = torch.randn(2, 4, 8, generator=gen)
+    args = (cache, tables, torch.tensor(lens), block_size, 2, 0.5)
+
+    def step(q):
+        return cpu_attention.cpu_paged_gqa_decode(q * 2, *args) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q), step(q))
