@@ -7,6 +7,8 @@ that sample.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -33,6 +35,10 @@ class ModelRunner:
         self.window = getattr(model.config, "sliding_window", None)
         # decode kernels read the block tables: decode batches then skip the gather-path tensors
         self.decode_kernels = decodes_through_kernels(model)
+        # seconds the last `execute` spent in the forward (batch building excluded); on CUDA the
+        # device is synchronised for it only when `time_forward` is set (benchmarks)
+        self.time_forward = False
+        self.last_forward_s = 0.0
 
     def build_batch(self, chunks: list[SequenceChunk]) -> PagedBatch:
         decode_only = all(len(c.token_ids) == 1 for c in chunks)
@@ -44,6 +50,14 @@ class ModelRunner:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
         in chunk order."""
         batch = self.build_batch(chunks)
+        started = time.perf_counter()
+        logits = self._forward(batch)
+        if self.time_forward and logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        self.last_forward_s = time.perf_counter() - started
+        return logits
+
+    def _forward(self, batch: PagedBatch) -> torch.Tensor:
         if self.decode_graphs is not None:
             logits = self.decode_graphs.run(batch)
             if logits is not None:
