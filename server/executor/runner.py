@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,11 +46,22 @@ class ModelRunner:
         return PagedBatch.build(chunks, self.cache.block_size, self.device, window=self.window,
                                 with_gather=not (decode_only and self.decode_kernels))
 
+    def build_decode_batch(self, token_ids: np.ndarray, positions: np.ndarray, tables: np.ndarray,
+                           needs: np.ndarray) -> PagedBatch:
+        """The batch of a step of one token per sequence whose inputs a persistent batch keeps
+        (`PagedBatch.decode`)."""
+        return PagedBatch.decode(token_ids, positions, tables, needs, self.cache.block_size, self.device,
+                                 window=self.window, with_gather=not self.decode_kernels)
+
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
         in chunk order."""
-        batch = self.build_batch(chunks)
+        return self.execute_batch(self.build_batch(chunks))
+
+    @torch.inference_mode()
+    def execute_batch(self, batch: PagedBatch) -> torch.Tensor:
+        """`execute` of a batch already built."""
         started = time.perf_counter()
         logits = self._forward(batch)
         if self.time_forward and logits.device.type == "cuda":
