@@ -192,7 +192,8 @@ class EngineCore:
             return False
         rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
                             c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in sampling]
-        sampled = self._sample(logits, rows, table)
+        plain = not any(c.seq.request.params.wants_logits_processors for c in sampling)
+        sampled = self._sample(logits, rows, table, plain)
         self.observer.on_step(out.num_tokens)
         with self.lock:
             for chunk in out.chunks:
@@ -209,8 +210,8 @@ class EngineCore:
                     self.finish(chunk.seq, last.finish_reason, last=last)
         return True
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
-                table: torch.Tensor | None = None) -> list[tuple[int, object, str | None]]:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
+                plain: bool = False) -> list[tuple[int, object, str | None]]:
         """(token, logprob, error) per row. One row's failure stays that row's: the batch is sampled
         at once, and only if that raises is each row sampled on its own, so that a request whose
         parameters break sampling fails alone instead of failing its batch neighbours. A row with
@@ -218,7 +219,7 @@ class EngineCore:
         if not rows:
             return []
         try:
-            out = self.sampler(logits, rows, table)
+            out = self.sampler(logits, rows, table, plain)
             return [self._checked(token, logprob) for token, logprob in zip(out.token_ids, out.logprobs)]
         except Exception as exc:  # noqa: BLE001 - find the rows that fail, serve the others
             log.warning("sampling a batch of %d failed (%s); sampling its rows one by one", len(rows), exc)

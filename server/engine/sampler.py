@@ -182,12 +182,15 @@ class Sampler:
         self.method = method
         self.processors = tuple(processors)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None) -> SamplerOutput:
-        """`table`: the rows' [N, 4] `parameter_table`, when the caller keeps it (a persistent batch)."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
+                 plain: bool = False) -> SamplerOutput:
+        """`table`: the rows' [N, 4] `parameter_table`, when the caller keeps it (a persistent batch).
+        `plain`: the caller knows that no row wants any logits processor (no penalty, bias,
+        min_tokens or grammar), so asking each processor about each row is skipped."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "one logits row per sampling row"
         device = logits.device
         raw = logits.float()                                                                  # [N, V]
-        adjusted = apply_logits_processors(raw, rows, self.processors)                       # [N, V]
+        adjusted = raw if plain else apply_logits_processors(raw, rows, self.processors)     # [N, V]
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = adjusted.argmax(-1)                                                      # [N]
