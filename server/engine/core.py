@@ -195,6 +195,7 @@ class EngineCore:
         plain = not any(c.seq.request.params.wants_logits_processors for c in sampling)
         sampled = self._sample(logits, rows, table, plain)
         self.observer.on_step(out.num_tokens)
+        now = time.monotonic()
         with self.lock:
             for chunk in out.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -203,7 +204,7 @@ class EngineCore:
                 if error is not None:
                     self.finish(chunk.seq, "error", error=error)
                     continue
-                last = self.output.append_token(chunk.seq, token, logprob)
+                last = self.output.append_token(chunk.seq, token, logprob, now)
                 if self.batch is not None:
                     self.batch.advance(chunk.seq, token)
                 if last is not None:

@@ -38,12 +38,14 @@ class OutputProcessor:
         if seq.request.params.grammar is not None:
             seq.grammar = seq.request.params.grammar.start()
 
-    def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
-        """Append a sampled token. A delta that does not end the request is emitted here (None comes
-        back); the last one comes back, with its finish reason, for the caller to `finish` with."""
+    def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None,
+                     now: float | None = None) -> RequestOutput | None:
+        """Append a sampled token (`now`: the step's time, read once for all its tokens). A delta that
+        does not end the request is emitted here (None comes back); the last one comes back, with its
+        finish reason, for the caller to `finish` with."""
         params = seq.request.params
         seq.output_token_ids.append(token)
-        seq.record_token_time()
+        seq.record_token_time(now)
         finish_reason = None
         text, stopped_by_string = "", False
         grammar = seq.grammar
