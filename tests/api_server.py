@@ -134,21 +134,23 @@ class StepGate:
         self.released = threading.Event()
         self.aborted: list[str] = []
         self.abort_seen = threading.Event()
-        execute, abort = engine.core.runner.execute, engine.abort
+        # every step's forward goes through execute_batch (prefill steps built from chunks, decode
+        # steps from the persistent batch)
+        execute, abort = engine.core.runner.execute_batch, engine.abort
 
-        def gated_execute(chunks):
+        def gated_execute(batch):
             self.calls += 1
             if self.calls >= self.hold_from and not self.released.is_set():
                 self.holding.set()
                 self.released.wait(timeout=60)
-            return execute(chunks)
+            return execute(batch)
 
         def recorded_abort(request_id: str) -> None:
             abort(request_id)
             self.aborted.append(request_id)
             self.abort_seen.set()
 
-        monkeypatch.setattr(engine.core.runner, "execute", gated_execute)
+        monkeypatch.setattr(engine.core.runner, "execute_batch", gated_execute)
         monkeypatch.setattr(engine, "abort", recorded_abort)
 
     def release(self) -> None:

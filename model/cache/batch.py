@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -70,32 +71,45 @@ class PagedBatch:
         assert chunks, "a step needs at least one sequence"
         lengths = [len(c.token_ids) for c in chunks]
         assert all(n > 0 for n in lengths), "every chunk computes at least one token"
-        num_seqs, max_q = len(chunks), max(lengths)
         max_blocks = max(len(c.block_table) for c in chunks)
         for c in chunks:
             assert len(c.block_table) * block_size >= c.context_len, "block table too short"
-
         token_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(c.start_pos, c.context_len) for c in chunks])
-        tables = torch.full((num_seqs, max_blocks), -1, dtype=torch.long)
+        tables = torch.full((len(chunks), max_blocks), -1, dtype=torch.long)
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
         starts = torch.tensor([c.start_pos for c in chunks])                        # [B]
         lens = torch.tensor(lengths)                                                # [B]
-        flat_starts = torch.cumsum(lens, 0) - lens                                  # [B]
+        needs = torch.tensor([c.needs_logits for c in chunks])
+        return PagedBatch.from_host_tensors(token_ids, starts, lens, tables, needs, block_size, device,
+                                            window=window, with_gather=with_gather)
 
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens)        # [T]
+    @staticmethod
+    def from_host_tensors(token_ids: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor,
+                          needs: torch.Tensor, block_size: int, device: torch.device | str = "cpu",
+                          window: int | None = None, with_gather: bool = True) -> "PagedBatch":
+        """`build` from its inputs as CPU tensors: token_ids [T] (the chunks' tokens one after the
+        other), starts [B] (each chunk's first position), lens [B] (its token count, at least 1),
+        tables [B, MB] (block tables padded with -1, covering each chunk's last position), needs [B]
+        bool (whether it returns logits)."""
+        num_seqs, max_blocks = tables.shape
+        max_q = int(lens.max())
+        flat_starts = torch.cumsum(lens, 0) - lens                                  # [B]
+        if max_q == 1:
+            seq_of_token = torch.arange(num_seqs)                                   # [T]
+            positions = starts.clone()
+        else:
+            seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens)    # [T]
+            positions = starts[seq_of_token] + torch.arange(len(token_ids)) - flat_starts[seq_of_token]
         slot_mapping = (tables[seq_of_token, positions // block_size] * block_size
                         + positions % block_size)                                   # [T]
         assert bool((slot_mapping >= 0).all()), "a new token has no cache block"
 
         ends = starts + lens                                                        # [B]
-        needs = torch.tensor([c.needs_logits for c in chunks])
         logits_index = (flat_starts + lens - 1)[needs]
         put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         kernel_fields = dict(is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
-                             block_size=block_size, window=window,
-                             max_position=max(c.context_len for c in chunks) - 1)
+                             block_size=block_size, window=window, max_position=int(ends.max()) - 1)
         if not with_gather:
             return PagedBatch(put(token_ids), put(positions), put(slot_mapping), None, None, None, None,
                               put(logits_index), **kernel_fields)
@@ -124,7 +138,42 @@ class PagedBatch:
 
         return PagedBatch(put(token_ids), put(positions), put(slot_mapping), put(query_index),
                           put(query_valid), put(context_slots), put(mask), put(logits_index), **kernel_fields,
-                          plain_causal=num_seqs == 1 and chunks[0].start_pos == 0 and window is None)
+                          plain_causal=num_seqs == 1 and int(starts[0]) == 0 and window is None)
+
+    @staticmethod
+    def decode(token_ids: np.ndarray, positions: np.ndarray, tables: np.ndarray, needs: np.ndarray,
+               block_size: int, device: torch.device | str = "cpu", window: int | None = None,
+               with_gather: bool = True) -> "PagedBatch":
+        """`build` of a step in which every sequence computes one token, from host arrays (int64
+        token_ids [B], positions [B], tables [B, MB] padded with -1; bool needs [B]), computed with
+        numpy: the same tensors `build` gives, for a fraction of its per-step cost. The persistent
+        batch (server/engine/input_batch.py) keeps these arrays."""
+        num_seqs, max_blocks = tables.shape
+        rows = np.arange(num_seqs)
+        slot_mapping = tables[rows, positions // block_size] * block_size + positions % block_size
+        assert (slot_mapping >= 0).all(), "a new token has no cache block"
+        ends = positions + 1
+        put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+        kernel_fields = dict(is_decode_only=True, block_tables=put(tables), context_lens=put(ends),
+                             block_size=block_size, window=window, max_position=int(positions.max()))
+        head = (put(token_ids), put(positions), put(slot_mapping))
+        logits_index = put(rows[needs])
+        if not with_gather:
+            return PagedBatch(*head, None, None, None, None, logits_index, **kernel_fields)
+        query_index = rows[:, None].copy()                                           # [B, 1]
+        query_valid = np.ones((num_seqs, 1), dtype=bool)
+        key_start = np.zeros(num_seqs, dtype=np.int64) if window is None else np.maximum(positions - window, 0)
+        num_keys = int((ends - key_start).max())
+        key_pos = key_start[:, None] + np.arange(num_keys)                            # [B, K]
+        key_blocks = np.take_along_axis(tables, np.minimum(key_pos // block_size, max_blocks - 1), 1)
+        context_slots = np.maximum(key_blocks * block_size + key_pos % block_size, 0)
+        mask = key_pos <= positions[:, None]                                          # [B, K]
+        if window is not None:
+            mask &= key_pos >= (positions - window)[:, None]
+        mask &= key_blocks >= 0
+        return PagedBatch(*head, put(query_index), put(query_valid), put(context_slots), put(np.ascontiguousarray(mask[:, None, :])),
+                          logits_index, **kernel_fields, plain_causal=num_seqs == 1 and int(positions[0]) == 0
+                          and window is None)
 
     @property
     def num_seqs(self) -> int:

@@ -1,6 +1,11 @@
 """Running engine requests for the routes: submitting the n choices of a request, racing them
 against the client's disconnect, merging their outputs, and answering as JSON or Server-Sent Events.
-Cancelling a consumer of `Engine.generate` aborts its request before the engine's next step."""
+Cancelling a consumer of `Engine.generate` aborts its request before the engine's next step.
+
+Streams keep up by coalescing: `Engine.generate` already merges the deltas that arrived while its
+consumer was busy, and `merged` merges a choice's deltas that wait in its queue, so a client (or an
+event loop) that lags gets fewer, larger SSE events with the same text, tokens and logprobs instead
+of a growing backlog of one-token events."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +18,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from server.api.http_guard import ClientGone
 from server.api.errors import ApiError, api_error_from, error_body
+from server.engine.engine import merge_outputs
 from server.engine.results import RequestOutput
 from server.engine.request import GenerationRequest
 
@@ -74,8 +80,19 @@ async def submit_all(engine, requests: list[GenerationRequest], prompt_param: st
 
 
 async def merged(gens, firsts) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with their choice index. Leaving early (or
-    being cancelled) aborts the requests not yet finished."""
+    """Outputs of several requests as they come, tagged with their choice index; a choice's outputs
+    that wait together are merged into one. Leaving early (or being cancelled) aborts the requests
+    not yet finished."""
+    if len(gens) == 1:                       # one choice: read it directly, no pump task
+        gen, first = gens[0], firsts[0]
+        try:
+            yield 0, first
+            if not first.finished:
+                async for out in gen:
+                    yield 0, out
+        finally:
+            await gen.aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, gen, first: RequestOutput):
@@ -91,13 +108,24 @@ async def merged(gens, firsts) -> AsyncIterator[tuple[int, RequestOutput]]:
     remaining = len(tasks)
     try:
         while remaining:
-            index, out = await queue.get()
-            remaining -= out.finished
-            yield index, out
+            waiting = [await queue.get()]
+            while not queue.empty():
+                waiting.append(queue.get_nowait())
+            for index, out in _coalesced(waiting):
+                remaining -= out.finished
+                yield index, out
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _coalesced(items: list[tuple[int, RequestOutput]]) -> list[tuple[int, RequestOutput]]:
+    """Each choice's outputs among `items` merged into one, in order of each choice's first."""
+    by_choice: dict[int, list[RequestOutput]] = {}
+    for index, out in items:
+        by_choice.setdefault(index, []).append(out)
+    return [(index, merge_outputs(outs)) for index, outs in by_choice.items()]
 
 
 async def collect(gens, firsts) -> list[list[RequestOutput]]:

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     init.add_argument("--std", type=float, default=0.02, help="standard deviation of the random matrices")
     init.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field (e.g. --set vocab_size=49152)")
+    init.add_argument("--train-tokenizer", type=int, default=None, metavar="N",
+                      help="also train an N-token byte-level BPE tokenizer (ChatML template) into the directory, "
+                      "in about a second, and set vocab_size to N (for benchmarks of the serving path)")
     init.set_defaults(func=run_init)
     inspect = actions.add_parser("inspect", help="architecture, parameters, dtype, cache bytes per token, weight "
                                  "bytes one decode step reads (as stored, none, int8, int4)")
@@ -66,6 +69,8 @@ def run_init(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = preset(args.preset)
     overrides = _parse_overrides(args.set)
+    if args.train_tokenizer is not None:
+        overrides["vocab_size"] = args.train_tokenizer
     if overrides:
         config = config.replace(**overrides)
     started = time.monotonic()
@@ -75,6 +80,12 @@ def run_init(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}/model.safetensors: {config.family}, {params:,} parameters, {args.dtype}, "
           f"seed {args.seed}, {time.monotonic() - started:.1f} s")
+    if args.train_tokenizer is not None:
+        from server.cli.tiny_tokenizer import train_byte_level_bpe
+        trained = time.monotonic()
+        train_byte_level_bpe(args.train_tokenizer, out)
+        print(f"wrote {out}/tokenizer.json: byte-level BPE, {args.train_tokenizer} tokens, "
+              f"{time.monotonic() - trained:.1f} s")
     return 0
 
 

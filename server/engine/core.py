@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,7 @@ from model.cache.kv_manager import KVCacheManager
 from model.cache.tiers import CacheTiers
 from server.config import EngineConfig
 from server.engine.errors import CacheTooSmallError, ContextLengthError, InvalidRequestError, QueueFullError
+from server.engine.input_batch import PersistentBatch
 from server.engine.output import OutputProcessor
 from server.engine.results import EngineObserver, RequestOutput
 from server.engine.request import GenerationRequest
@@ -61,6 +63,10 @@ class EngineCore:
         self.runner = ModelRunner(model, cache, device, small_step_model=small_step_model,
                                   decode_graphs=decode_graphs)
         self.sampler = Sampler()
+        # decode steps take their inputs from the persistent batch (not with a sliding window, whose
+        # tables lose entries behind it; those steps are built from chunks like prefill steps)
+        self.batch = None if self.window is not None else PersistentBatch(
+            config.max_num_seqs, -(-self.max_context // self.kv.block_size) + 1, self.vocab_size)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_context, observer)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.RLock()
@@ -147,7 +153,9 @@ class EngineCore:
         finish with an error)."""
         with self.lock:
             out = self.scheduler.schedule()
-        for _ in out.preempted:
+        for seq in out.preempted:
+            if self.batch is not None:
+                self.batch.release(seq)
             self.observer.on_preemption()
         for queried, hit in out.prefix_queries:
             self.observer.on_prefix_cache_query(queried, hit)
@@ -160,10 +168,22 @@ class EngineCore:
         for chunk in out.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
-        sampling = [c for c in out.chunks if c.completes_prompt]
+        needs = [c.completes_prompt for c in out.chunks]
+        sampling = [c for c, sample in zip(out.chunks, needs) if sample]
+        table = None                            # the sampling rows' parameters, from the persistent batch
         try:
-            block_size = self.kv.block_size
-            logits = self.runner.execute([c.sequence_chunk(block_size) for c in out.chunks])  # [N, V]
+            inputs = None
+            if self.batch is not None and all(c.num_tokens == 1 for c in out.chunks):
+                inputs = self.batch.gather(out.chunks)
+            if inputs is not None:
+                token_ids, positions, tables, rows = inputs
+                needs_a = np.array(needs, dtype=bool)
+                table = self.batch.sampling[torch.from_numpy(rows[needs_a])]
+                logits = self.runner.execute_batch(self.runner.build_decode_batch(token_ids, positions, tables,
+                                                                                  needs_a))          # [N, V]
+            else:
+                block_size = self.kv.block_size
+                logits = self.runner.execute([c.sequence_chunk(block_size) for c in out.chunks])  # [N, V]
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
             log.exception("engine step failed: %s", exc)
             with self.lock:
@@ -172,8 +192,10 @@ class EngineCore:
             return False
         rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
                             c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in sampling]
-        sampled = self._sample(logits, rows)
+        plain = not any(c.seq.request.params.wants_logits_processors for c in sampling)
+        sampled = self._sample(logits, rows, table, plain)
         self.observer.on_step(out.num_tokens)
+        now = time.monotonic()
         with self.lock:
             for chunk in out.chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -182,12 +204,15 @@ class EngineCore:
                 if error is not None:
                     self.finish(chunk.seq, "error", error=error)
                     continue
-                last = self.output.append_token(chunk.seq, token, logprob)
+                last = self.output.append_token(chunk.seq, token, logprob, now)
+                if self.batch is not None:
+                    self.batch.advance(chunk.seq, token)
                 if last is not None:
                     self.finish(chunk.seq, last.finish_reason, last=last)
         return True
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, object, str | None]]:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
+                plain: bool = False) -> list[tuple[int, object, str | None]]:
         """(token, logprob, error) per row. One row's failure stays that row's: the batch is sampled
         at once, and only if that raises is each row sampled on its own, so that a request whose
         parameters break sampling fails alone instead of failing its batch neighbours. A row with
@@ -195,7 +220,7 @@ class EngineCore:
         if not rows:
             return []
         try:
-            out = self.sampler(logits, rows)
+            out = self.sampler(logits, rows, table, plain)
             return [self._checked(token, logprob) for token, logprob in zip(out.token_ids, out.logprobs)]
         except Exception as exc:  # noqa: BLE001 - find the rows that fail, serve the others
             log.warning("sampling a batch of %d failed (%s); sampling its rows one by one", len(rows), exc)
@@ -228,6 +253,8 @@ class EngineCore:
         if seq.status is SequenceStatus.FINISHED:
             return
         self.scheduler.finish(seq)
+        if self.batch is not None:
+            self.batch.release(seq)
         self.requests.pop(seq.request_id, None)
         self.output.finish(seq, reason, error, last)
 

@@ -15,8 +15,17 @@ ends inside a character, the context is dropped and the output decodes on its ow
 For byte-level BPE the concatenation of all deltas equals `tokenizer.decode(output_ids)`. A decoder
 that rewrites earlier text when more follows (a clean-up of spaces before punctuation) can make the
 window's text not start with its prefix's; the new text is then cut by length.
+
+`ByteDetokenizer` is the fast form for tokenizers whose decoding is exactly the concatenation of
+their tokens' bytes read as UTF-8 (a plain ByteLevel decoder: GPT-2-style BPE, the built-in
+model's): a table of each token's bytes and an incremental UTF-8 decoder, so a push costs O(its
+own bytes) with no call into the tokenizer. `byte_view(tokenizer)` says whether one applies and
+`make_detokenizer` picks the form.
 """
 from __future__ import annotations
+
+import codecs
+import json
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 6
@@ -65,3 +74,54 @@ class IncrementalDetokenizer:
         if self._read_offset == len(self._tokens):
             return ""
         return self._advance(hold_incomplete=False)
+
+
+class ByteDetokenizer:
+    """`push(new output token ids) → newly complete text`; `flush() → what is held back`, for a
+    tokenizer whose decoded text is its tokens' bytes as UTF-8 (`byte_view`). Special tokens give no
+    text (skip_special_tokens). An incomplete character is held back; invalid bytes become U+FFFD
+    exactly as decoding the whole output would make them."""
+
+    __slots__ = ("_bytes", "_decoder")
+
+    def __init__(self, view: tuple[bytes, ...]):
+        self._bytes = view
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token_ids: list[int]) -> str:
+        table = self._bytes
+        if len(token_ids) == 1:
+            return self._decoder.decode(table[token_ids[0]])
+        return self._decoder.decode(b"".join(table[t] for t in token_ids))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def byte_view(tokenizer) -> tuple[bytes, ...] | None:
+    """Each token id's bytes (b"" for special tokens) when decoding with skip_special_tokens is
+    exactly their concatenation read as UTF-8 (a tokenizers.json whose decoder is ByteLevel alone);
+    None otherwise (then the window detokenizer is used)."""
+    from model.text.token_bytes import NoByteView, _types, token_bytes
+    from model.text.tokenizer import TextTokenizer
+
+    if not isinstance(tokenizer, TextTokenizer):
+        return None
+    spec = json.loads(tokenizer.tokenizer.to_str())
+    if _types(spec.get("decoder")) != {"ByteLevel"} or spec.get("normalizer") is not None:
+        return None
+    added = tokenizer.tokenizer.get_added_tokens_decoder()
+    if any(not token.special for token in added.values()):
+        return None       # added text tokens decode as their content: leave those to the tokenizer
+    try:
+        view = token_bytes(tokenizer)
+    except NoByteView:
+        return None
+    return tuple(b"" if i in view.special_ids else b for i, b in enumerate(view.tokens))
+
+
+def make_detokenizer(tokenizer, prompt_token_ids: list[int], view: tuple[bytes, ...] | None):
+    """The byte form when `view` (from `byte_view`) is given, else the window form."""
+    if view is not None:
+        return ByteDetokenizer(view)
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids)

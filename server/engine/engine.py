@@ -5,8 +5,10 @@ The work itself is the core's (`core.py`: admission, the request table, `schedul
 sample → update`, output processing through `output.py`). Thread model: the HTTP event loop only
 admits and enqueues (new requests, aborts) and reads gauges; the loop thread drains the inbox and
 runs the core's steps, which mutate the scheduler and KV manager under the core's lock (session
-endpoints take it too). Outputs go back with `loop.call_soon_threadsafe` into a per-request asyncio
-queue. An exception inside a step fails that step's requests and the loop goes on; an exception
+endpoints take it too). Outputs of `generate` streams cross back in batches: what a step (or an
+inbox pass) emitted is handed to each event loop with one `loop.call_soon_threadsafe`, not one per
+token, and lands in the request's `OutputStream`; a consumer that lags finds several deltas there
+and gets them merged into one (text, token ids and logprobs concatenated). An exception inside a step fails that step's requests and the loop goes on; an exception
 outside a step (or repeated step failures) marks the engine dead so /health reports it, and every
 caller gets a final error output instead of hanging.
 """
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from typing import AsyncIterator
 
 import torch
@@ -33,6 +35,54 @@ from server.engine.request import GenerationRequest
 
 log = logging.getLogger("customllm.engine")
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one request as one: text, token ids and logprobs concatenated; the
+    finish reason, error and usage of the last (only the last of a stream may be finished)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    logprobs = None
+    if any(o.logprobs is not None for o in outputs):
+        logprobs = tuple(lp for o in outputs for lp in (o.logprobs or ()))
+    return RequestOutput(last.request_id, "".join(o.text for o in outputs),
+                         tuple(t for o in outputs for t in o.token_ids), logprobs,
+                         last.finish_reason, last.error, last.usage)
+
+
+class OutputStream:
+    """The deltas of one request on its event loop's side. `put` runs on that loop (the engine's
+    batched hand-off calls it); `get` returns everything that arrived since the last `get`, merged."""
+
+    __slots__ = ("loop", "request_id", "_pending", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request_id: str):
+        self.loop = loop
+        self.request_id = request_id
+        self._pending: list[RequestOutput] = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, output: RequestOutput) -> None:
+        self._pending.append(output)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> RequestOutput:
+        while not self._pending:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        pending, self._pending = self._pending, []
+        return merge_outputs(pending)
+
+
+def _deliver(items: list[tuple[OutputStream, RequestOutput]]) -> None:
+    for stream, output in items:
+        stream.put(output)
 
 
 class Engine:
@@ -68,6 +118,9 @@ class Engine:
         self._started = threading.Event()
         self._loop_done = threading.Event()
         self._last_expiry = 0.0
+        # what `generate` streams were sent since the last hand-off (engine thread only)
+        self._outbox: list[tuple[OutputStream, RequestOutput]] = []
+        self._loop_thread_id: int | None = None
 
     # ---- gauges ---------------------------------------------------------------------------------
     @property
@@ -186,20 +239,20 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; the last has `finished`. Leaving the iteration early aborts it."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        stream = OutputStream(asyncio.get_running_loop(), request.request_id)
+        outbox = self._outbox
 
         def emit(output: RequestOutput) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, output)
-            except RuntimeError:  # the caller's event loop is gone
-                self.abort(request.request_id)
+            if threading.get_ident() == self._loop_thread_id:
+                outbox.append((stream, output))         # handed over with the step's other outputs
+            else:
+                self._hand_over([(stream, output)])
 
         self.submit(request, emit)
         finished = False
         try:
             while not finished:
-                output = await queue.get()
+                output = await stream.get()
                 finished = output.finished
                 yield output
         finally:
@@ -224,21 +277,44 @@ class Engine:
         self.core.check_integrity()
 
     # ---- the loop -------------------------------------------------------------------------------
+    def _hand_over(self, items: list[tuple[OutputStream, RequestOutput]]) -> None:
+        """Give streams their outputs: one `call_soon_threadsafe` per event loop. A loop that is gone
+        has its requests aborted."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for item in items:
+            by_loop[item[0].loop].append(item)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the caller's event loop is gone
+                for request_id in {stream.request_id for stream, _ in batch}:
+                    self.abort(request_id)
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            items = self._outbox[:]
+            self._outbox.clear()
+            self._hand_over(items)
+
     def _run(self) -> None:
         # intra-op thread settings are per thread: a new thread would otherwise use the default
         torch.set_num_threads(getattr(self, "_num_threads", torch.get_num_threads()))
+        self._loop_thread_id = threading.get_ident()
         failures = 0
         try:
             while not self._stopping:
                 self._wakeup.clear()
                 self._process_inbox()
                 self._expire_sessions()
+                self._flush_outbox()
                 if not self.core.has_work():
                     with self._idle:
                         self._idle.notify_all()
                     self._wakeup.wait(timeout=1.0)
                     continue
-                if self.core.step():
+                stepped = self.core.step()
+                self._flush_outbox()
+                if stepped:
                     failures = 0
                 else:
                     failures += 1
@@ -248,6 +324,8 @@ class Engine:
             log.exception("engine loop died: %s", exc)
             self._die(f"engine failure: {exc}")
         finally:
+            self._flush_outbox()
+            self._loop_thread_id = None
             self.core.close()
             self._loop_done.set()
             with self._idle:
@@ -256,6 +334,7 @@ class Engine:
     def _die(self, message: str) -> None:
         self._alive = False
         self.core.fail_all(message)
+        self._flush_outbox()
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "barrier":
@@ -269,6 +348,7 @@ class Engine:
             elif kind == "abort":
                 self.core.abort(item)
             elif kind == "barrier":
+                self._flush_outbox()        # what came before the barrier is on its way first
                 item.set()
 
     def _expire_sessions(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import byte_view, make_detokenizer
 from server.engine.results import EngineObserver, FinishedRequestStats, RequestOutput, TokenLogprob, Usage
 from server.engine.sequence import Sequence
 from server.engine.stops import StopStringMatcher
@@ -29,31 +29,35 @@ class OutputProcessor:
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.observer = observer
+        # each token's bytes, when decoding is their concatenation: detokenizing then costs O(new bytes)
+        self.byte_view = byte_view(tokenizer)
 
     def start(self, seq: Sequence) -> None:
-        """Give a new request its detokenizer, stop-string matcher and grammar state."""
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        """Give a new request its detokenizer, stop-string matcher, ending token ids and grammar state."""
+        seq.detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids, self.byte_view)
         seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
+        seq.ending_token_ids = frozenset(seq.request.params.ending_token_ids(self.eos_token_ids))
         if seq.request.params.grammar is not None:
             budget = min(seq.request.params.max_tokens, self.max_context - len(seq.prompt_token_ids))
             seq.grammar = seq.request.params.grammar.start(budget)     # wraps up within it (grammar.py)
 
-    def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput | None:
-        """Append a sampled token. A delta that does not end the request is emitted here (None comes
-        back); the last one comes back, with its finish reason, for the caller to `finish` with."""
+    def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None,
+                     now: float | None = None) -> RequestOutput | None:
+        """Append a sampled token (`now`: the step's time, read once for all its tokens). A delta that
+        does not end the request is emitted here (None comes back); the last one comes back, with its
+        finish reason, for the caller to `finish` with."""
         params = seq.request.params
         seq.output_token_ids.append(token)
-        seq.record_token_time()
+        seq.record_token_time(now)
         finish_reason = None
         text, stopped_by_string = "", False
         grammar = seq.grammar
-        if (token in params.ending_token_ids(self.eos_token_ids)
-                and len(seq.output_token_ids) > params.min_tokens):
+        if token in seq.ending_token_ids and len(seq.output_token_ids) > params.min_tokens:
             finish_reason = "stop"
         else:
             if grammar is not None:
                 grammar.advance(token)
-            text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push([token]))
+            text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push((token,)))
             if stopped_by_string:
                 finish_reason = "stop"
         if grammar is not None and grammar.error:

@@ -98,6 +98,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
+    @property
+    def wants_logits_processors(self) -> bool:
+        """Whether any logits processor may change this request's logits (penalties, logit_bias,
+        min_tokens, a grammar); False lets the sampler skip asking them."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+                or bool(self.logit_bias) or self.min_tokens > 0 or self.grammar is not None)
+
     def ending_token_ids(self, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
         """The token ids that end this request: its `stop_token_ids`, and the model's end-of-sequence
         ids `eos_token_ids` unless `ignore_eos`."""

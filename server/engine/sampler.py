@@ -120,16 +120,28 @@ def _top_p_thresholds(probs: torch.Tensor, top_p: torch.Tensor, max_candidates: 
     return threshold
 
 
+def sampling_row(params: SamplingParams, vocab: int) -> tuple[float, float, float, float]:
+    """(temperature, top-k, top-p, min-p) as the sampler's per-row table holds them: greedy rows
+    with temperature 1, top-k off as `vocab`."""
+    top_k = min(params.top_k, vocab) if params.top_k > 0 else vocab
+    return (1.0 if params.greedy else params.temperature, float(top_k), params.top_p, params.min_p)
+
+
+def parameter_table(rows: list[SamplingRow], vocab: int) -> torch.Tensor:
+    """[N, 4] float32 `sampling_row`s, on the host. The persistent batch keeps these rows from when
+    each request joined (server/engine/input_batch.py)."""
+    return torch.tensor([sampling_row(r.params, vocab) for r in rows], dtype=torch.float32)
+
+
 def filtered_weights(logits: torch.Tensor, rows: list[SamplingRow],
-                     max_candidates: int | None = None) -> torch.Tensor:
+                     max_candidates: int | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
     """Processed float32 logits [N, V] → [N, V] weights proportional to the distribution sampled from
     (0 for the tokens top-k, top-p and min-p remove; not renormalised after top-p and min-p).
-    Greedy rows are treated as temperature 1. `max_candidates`: see `_top_p_thresholds`."""
+    Greedy rows are treated as temperature 1. `max_candidates`: see `_top_p_thresholds`. `table`:
+    the rows' `parameter_table` when the caller keeps it already."""
     device, vocab = logits.device, logits.shape[1]
     params = [r.params for r in rows]
-    table = torch.tensor([[1.0 if p.greedy else p.temperature,
-                           min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p] for p in params],
-                         dtype=torch.float32).to(device)                                      # [N, 4]
+    table = (parameter_table(rows, vocab) if table is None else table).to(device)             # [N, 4]
     temperature, top_k, top_p, min_p = table.split(1, dim=1)                                 # [N, 1] each
     scaled = logits / temperature if any(not p.greedy and p.temperature != 1.0 for p in params) else logits
     if any(0 < p.top_k < vocab for p in params):
@@ -170,17 +182,21 @@ class Sampler:
         self.method = method
         self.processors = tuple(processors)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
+                 plain: bool = False) -> SamplerOutput:
+        """`table`: the rows' [N, 4] `parameter_table`, when the caller keeps it (a persistent batch).
+        `plain`: the caller knows that no row wants any logits processor (no penalty, bias,
+        min_tokens or grammar), so asking each processor about each row is skipped."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "one logits row per sampling row"
         device = logits.device
         raw = logits.float()                                                                  # [N, V]
-        adjusted = apply_logits_processors(raw, rows, self.processors)                       # [N, V]
+        adjusted = raw if plain else apply_logits_processors(raw, rows, self.processors)     # [N, V]
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = adjusted.argmax(-1)                                                      # [N]
         else:
             candidates = self.max_candidates or (DEFAULT_CPU_CANDIDATES if device.type == "cpu" else None)
-            weights = filtered_weights(adjusted, rows, candidates)                            # [N, V]
+            weights = filtered_weights(adjusted, rows, candidates, table)                     # [N, V]
             method = self.method or ("inverse_cdf" if device.type == "cpu" else "exponential_race")
             if method == "inverse_cdf":
                 tokens = self._inverse_cdf(weights, rows)

@@ -85,11 +85,13 @@ class Scheduler:
         self._yield_slots_to_waiting_tenants(out)
         yielded = len(out.preempted)
         budget = self.max_num_batched_tokens
+        windowed = self.kv.window is not None
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            self.kv.release_behind_window(seq.blocks, seq.num_computed_tokens)
+            if windowed:
+                self.kv.release_behind_window(seq.blocks, seq.num_computed_tokens)
             if not self._make_room(seq, num, out):
                 break  # `seq` itself was preempted; everything after it already was
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
@@ -175,6 +177,9 @@ class Scheduler:
     # ---- after the step ------------------------------------------------------------------------
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make the request's newly filled blocks findable by later requests of the same tenant."""
+        table, full = seq.blocks, seq.num_computed_tokens // self.kv.block_size
+        if len(table.block_hashes) >= full and table.num_registered >= min(full, len(table.block_ids)):
+            return                  # nothing new (the KV manager's own conditions, checked here cheaply)
         self.kv.register_full_blocks(seq.blocks, seq.num_computed_tokens, seq.token_slice, seq.request.tenant)
 
     def finish(self, seq: Sequence) -> None:

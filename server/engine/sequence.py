@@ -36,6 +36,7 @@ class Sequence:
     detokenizer: object | None = None
     stop_matcher: object | None = None
     grammar: object | None = None                            # GrammarState of a constrained output
+    ending_token_ids: frozenset[int] = frozenset()           # the ids that end it (output processing)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -7,6 +7,9 @@ that sample.
 """
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,17 +36,40 @@ class ModelRunner:
         self.window = getattr(model.config, "sliding_window", None)
         # decode kernels read the block tables: decode batches then skip the gather-path tensors
         self.decode_kernels = decodes_through_kernels(model)
+        # seconds the last `execute` spent in the forward (batch building excluded); on CUDA the
+        # device is synchronised for it only when `time_forward` is set (benchmarks)
+        self.time_forward = False
+        self.last_forward_s = 0.0
 
     def build_batch(self, chunks: list[SequenceChunk]) -> PagedBatch:
         decode_only = all(len(c.token_ids) == 1 for c in chunks)
         return PagedBatch.build(chunks, self.cache.block_size, self.device, window=self.window,
                                 with_gather=not (decode_only and self.decode_kernels))
 
+    def build_decode_batch(self, token_ids: np.ndarray, positions: np.ndarray, tables: np.ndarray,
+                           needs: np.ndarray) -> PagedBatch:
+        """The batch of a step of one token per sequence whose inputs a persistent batch keeps
+        (`PagedBatch.decode`)."""
+        return PagedBatch.decode(token_ids, positions, tables, needs, self.cache.block_size, self.device,
+                                 window=self.window, with_gather=not self.decode_kernels)
+
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
         in chunk order."""
-        batch = self.build_batch(chunks)
+        return self.execute_batch(self.build_batch(chunks))
+
+    @torch.inference_mode()
+    def execute_batch(self, batch: PagedBatch) -> torch.Tensor:
+        """`execute` of a batch already built."""
+        started = time.perf_counter()
+        logits = self._forward(batch)
+        if self.time_forward and logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        self.last_forward_s = time.perf_counter() - started
+        return logits
+
+    def _forward(self, batch: PagedBatch) -> torch.Tensor:
         if self.decode_graphs is not None:
             logits = self.decode_graphs.run(batch)
             if logits is not None:

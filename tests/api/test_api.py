@@ -200,15 +200,15 @@ def test_oversized_body_is_413(server):
 
 
 def test_stream_failing_midway_sends_error_then_done(server, monkeypatch):
-    original, calls = server.engine.core.runner.execute, {"n": 0}
+    original, calls = server.engine.core.runner.execute_batch, {"n": 0}   # every step's forward
 
-    def fail_on_third_step(chunks):
+    def fail_on_third_step(batch):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected device failure")
-        return original(chunks)
+        return original(batch)
 
-    monkeypatch.setattr(server.engine.core.runner, "execute", fail_on_third_step)
+    monkeypatch.setattr(server.engine.core.runner, "execute_batch", fail_on_third_step)
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
                       json={"prompt": "Hi", "max_tokens": 20, "stream": True, "ignore_eos": True}) as response:
         events = sse_events(response)

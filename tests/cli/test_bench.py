@@ -76,9 +76,12 @@ def test_cache_bytes_read_is_rows_times_bytes_per_token():
 
 
 def test_decode_steps_are_those_of_the_whole_batch_after_another():
-    # (end time, tokens): a prefill of 24 tokens, then decode steps of 3, a step after a finished one
-    steps = [(0.0, 24), (0.5, 3), (0.6, 3), (0.8, 3), (0.9, 2), (1.0, 3), (1.3, 3)]
-    assert decode_step_seconds(steps, 3) == pytest.approx([0.1, 0.2, 0.3])
+    # (end time, tokens, forward s): a prefill of 24 tokens, then decode steps of 3, a step after a finished one
+    steps = [(0.0, 24, 0.3), (0.5, 3, 0.01), (0.6, 3, 0.02), (0.8, 3, 0.03), (0.9, 2, 0.04), (1.0, 3, 0.05),
+             (1.3, 3, 0.06)]
+    timed = decode_step_seconds(steps, 3)
+    assert [d for d, _ in timed] == pytest.approx([0.1, 0.2, 0.3])
+    assert [f for _, f in timed] == [0.02, 0.03, 0.06]          # each step's own forward
     assert decode_step_seconds(steps, 4) == []
 
 
@@ -98,13 +101,15 @@ def test_bench_engine_writes_consistent_results_and_records_them(model_dir, tmp_
         floor_s = row["bytes_per_step"] / (result["copy_bandwidth_gb_s"] * 1e9)
         assert row["floor_step_ms"] == pytest.approx(floor_s * 1e3)
         assert row["fraction_of_bandwidth_floor"] == pytest.approx(floor_s / step_s)
+        assert 0 < row["median_forward_ms"] and 0 < row["median_host_ms"] < row["median_step_ms"]
+        assert row["host_us_per_seq"] == pytest.approx(row["median_host_ms"] * 1e3 / row["batch_size"])
     assert [row["prompt_tokens"] for row in result["prefill"]] == [9, 40]
     for row in result["prefill"]:
         assert row["prefill_tokens_per_s"] == pytest.approx(row["prompt_tokens"] / row["time_to_first_token_ms"] * 1e3)
     table = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "| prompt tokens | time to first token ms | prefill tok/s |" in table and "| 40 | " in table
     assert "### bench engine — " in table and "`customllm bench engine --model" in table
-    assert "| 1 | " in table and "| 3 | " in table
+    assert "| 1 | " in table and "| 3 | " in table and "| host ms | host µs/seq |" in table
 
 
 def test_bench_engine_with_a_json_schema_runs_both_modes_in_one_sitting(model_dir, tmp_path):

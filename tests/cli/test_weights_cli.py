@@ -58,3 +58,27 @@ def test_a_mismatched_checkpoint_is_named_key_by_key(initialised, tmp_path):
     assert missing in message.split("missing keys: ", 1)[1].split(";")[0]     # (a tied head is named too)
     assert "unexpected keys: extra.weight" in message
     assert f"mis-shaped keys: {misshaped} is [" in message
+
+
+def test_init_with_a_trained_tokenizer_serves_text_through_the_engine(tmp_path):
+    """`--train-tokenizer N`: an N-token byte-level BPE beside the checkpoint, which the loader picks
+    up, vocab_size set to N; text round-trips byte for byte and the ChatML template renders."""
+    from model.text.tokenizer import load_tokenizer
+    from server.cli.tiny_tokenizer import CHAT_TEMPLATE
+
+    out = tmp_path / "tiny"
+    assert cli_main(["weights", "init", "--preset", "llama-tiny", "--train-tokenizer", "300",
+                     "--out", str(out)]) == 0
+    loaded = load_model(out)
+    assert loaded.config.vocab_size == 300 and loaded.tokenizer_dir == out
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.vocab_size == 300
+    text = "def step(self):\n    return héllo — 🙂"
+    ids = tokenizer.encode(text)
+    assert max(ids) < 300 and len(ids) < len(text.encode())     # merges were learned
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == tokenizer.token_to_id("<|im_end|>")
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    with pytest.raises(ValueError, match="at least"):
+        from server.cli.tiny_tokenizer import train_byte_level_bpe
+        train_byte_level_bpe(200, tmp_path / "too-small")

@@ -167,10 +167,12 @@ def run_engine(args) -> int:
         lines = [f"### bench engine — {time.strftime('%Y-%m-%d')} — {result['machine']}",
                  f"`{result['command']}` — {result['model']}, {result['dtype']} activations, weights "
                  f"{result['weights']}, context {args.context_len}",
-                 "", "| batch | decode tok/s | step ms | floor ms | fraction of floor |", "|---|---|---|---|---|"]
+                 "", "| batch | decode tok/s | step ms | host ms | host µs/seq | floor ms | fraction of floor |",
+                 "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch_size']}{' (json schema)' if r.get('json_schema') else ''} | "
-                  f"{r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
-                  f"{r['floor_step_ms']:.2f} | {r['fraction_of_bandwidth_floor']:.2f} |" for r in result["results"]]
+                  f"{r['decode_tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | {r['median_host_ms']:.2f} | "
+                  f"{r['host_us_per_seq']:.1f} | {r['floor_step_ms']:.2f} | {r['fraction_of_bandwidth_floor']:.2f} |"
+                  for r in result["results"]]
         plain = {r["batch_size"]: r for r in result["results"] if not r.get("json_schema")}
         for r in result["results"]:
             if r.get("json_schema"):
@@ -179,7 +181,7 @@ def run_engine(args) -> int:
                              f"({r['steps_measured']} vs {plain[r['batch_size']]['steps_measured']} steps measured)")
         for peer in result.get("peers", []):
             ours = next(r for r in result["results"] if r["batch_size"] == peer["batch_size"] and not r.get("json_schema"))
-            lines.append(f"| {peer['batch_size']} ({peer['name']}) | {peer['decode_tokens_per_s']:.1f} | | | "
+            lines.append(f"| {peer['batch_size']} ({peer['name']}) | {peer['decode_tokens_per_s']:.1f} | | | | | "
                          f"ours/peer = {ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}× |")
         if result["prefill"]:
             lines += ["", "| prompt tokens | time to first token ms | prefill tok/s |", "|---|---|---|"]

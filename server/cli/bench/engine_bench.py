@@ -32,25 +32,29 @@ log = logging.getLogger("customllm.bench")
 
 
 class StepTimer(NullObserver):
-    """Records (end time, tokens) of every engine step."""
+    """Records (end time, tokens, forward seconds) of every engine step; `forward_seconds` reads the
+    runner's time of the step's forward (set once the engine exists)."""
 
     def __init__(self):
-        self.steps: list[tuple[float, int]] = []
+        self.steps: list[tuple[float, int, float]] = []
         self.lock = threading.Lock()
+        self.forward_seconds = lambda: 0.0
 
     def on_step(self, num_scheduled_tokens: int) -> None:
         with self.lock:
-            self.steps.append((time.perf_counter(), num_scheduled_tokens))
+            self.steps.append((time.perf_counter(), num_scheduled_tokens, self.forward_seconds()))
 
-    def take(self) -> list[tuple[float, int]]:
+    def take(self) -> list[tuple[float, int, float]]:
         with self.lock:
             steps, self.steps = self.steps, []
         return steps
 
 
-def decode_step_seconds(steps: list[tuple[float, int]], batch_size: int) -> list[float]:
-    """Durations of steps that decoded exactly `batch_size` tokens right after another such step."""
-    return [t1 - t0 for (t0, n0), (t1, n1) in zip(steps, steps[1:]) if n0 == batch_size and n1 == batch_size]
+def decode_step_seconds(steps: list[tuple[float, int, float]], batch_size: int) -> list[tuple[float, float]]:
+    """(duration, forward seconds) of steps that decoded exactly `batch_size` tokens right after
+    another such step."""
+    return [(t1 - t0, f1) for (t0, n0, _), (t1, n1, f1) in zip(steps, steps[1:])
+            if n0 == batch_size and n1 == batch_size]
 
 
 async def _run_batch(engine, batch_size: int, context_len: int, output_len: int, seed: int,
@@ -85,6 +89,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                                                              compile_decode=compile_decode,
                                                              decode_attention=decode_attention),
                                        engine=engine_config), observer=timer, start=False)
+    engine.core.runner.time_forward = True
+    timer.forward_seconds = lambda: engine.core.runner.last_forward_s
     result: dict = {}
     errors: list[BaseException] = []
     # measured here, in the thread that runs the model: an OpenMP team started from another thread
@@ -141,7 +147,7 @@ def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int,
     rows = []
     order = (False, True, True, False) if grammar else (False,)
     for batch_size in batch_sizes:
-        pooled: dict[bool, list[float]] = {False: [], True: []}
+        pooled: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         walls: dict[bool, float] = {False: 0.0, True: 0.0}
         for run, constrained in enumerate(order):
             log.info("batch %d%s: %d prompt tokens, %d new tokens each", batch_size,
@@ -163,24 +169,29 @@ def _measure(engine, timer: StepTimer, batch_sizes: list[int], context_len: int,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}
 
 
-def _row(engine, batch_size: int, constrained: bool, durations: list[float], wall: float, context_len: int,
-         output_len: int, bandwidth: float, cache_dtype_bytes: int) -> dict:
-    if not durations:
+def _row(engine, batch_size: int, constrained: bool, timed: list[tuple[float, float]], wall: float,
+         context_len: int, output_len: int, bandwidth: float, cache_dtype_bytes: int) -> dict:
+    if not timed:
         raise ValueError(f"batch {batch_size}: no pure decode steps measured; raise --output-len "
                          "or --kv-cache-memory (or use a schema with longer answers)")
+    durations = [d for d, _ in timed]
     step = statistics.median(durations)
+    forward = statistics.median(f for _, f in timed)
+    host = statistics.median(d - f for d, f in timed)
     mean_context = context_len + output_len // 2
     bytes_per_step = (weight_bytes_touched(engine.model, batch_size)
                       + cache_bytes_read(engine.model_config, batch_size, mean_context, cache_dtype_bytes))
     floor_step = bytes_per_step / bandwidth
     row = {
         "batch_size": batch_size, "json_schema": constrained, "decode_tokens_per_s": batch_size / step,
-        "median_step_ms": step * 1e3, "steps_measured": len(durations), "wall_s": wall,
+        "median_step_ms": step * 1e3, "median_forward_ms": forward * 1e3, "median_host_ms": host * 1e3,
+        "host_us_per_seq": host * 1e6 / batch_size, "steps_measured": len(durations), "wall_s": wall,
         "bytes_per_step": bytes_per_step, "floor_step_ms": floor_step * 1e3,
         "fraction_of_bandwidth_floor": floor_step / step,
     }
-    log.info("batch %d%s: %.1f tok/s, step %.2f ms (floor %.2f ms, %.0f%% of bandwidth)", batch_size,
-             " (json schema)" if constrained else "", batch_size / step, step * 1e3, floor_step * 1e3,
-             100 * floor_step / step)
+    log.info("batch %d%s: %.1f tok/s, step %.2f ms (forward %.2f ms, host %.2f ms = %.1f us per sequence; "
+             "floor %.2f ms, %.0f%% of bandwidth)", batch_size, " (json schema)" if constrained else "",
+             batch_size / step, step * 1e3, forward * 1e3, host * 1e3, host * 1e6 / batch_size,
+             floor_step * 1e3, 100 * floor_step / step)
     return row
 

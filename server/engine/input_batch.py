@@ -1,0 +1,139 @@
+"""The persistent batch: the step inputs of running requests kept in preallocated buffers.
+
+Rebuilding a step's index tensors from Python lists costs a few microseconds per sequence (a tensor
+per block table, per range of positions); with hundreds of sequences decoding, that is most of a
+small model's step. So every running request that decodes gets a row of buffers that live as long
+as it runs:
+
+- `tokens[row]`, `positions[row]`: the token it computes next and its position, written when the
+  token is sampled (or, for a row new to the batch, when it joins);
+- `block_tables[row]` (padded with -1) and `num_blocks[row]`: its block table, of which only the
+  entries added since the last step are written (a new block every `block_size` tokens);
+- `sampling[row]`: temperature, top-k, top-p and min-p, written once when the row joins.
+
+A step in which every sequence computes one token (decode, or the last token of a prompt) gathers
+its rows (`gather`) and hands the runner the arrays `PagedBatch.decode` takes; other
+steps (prefill chunks) are built from `SequenceChunk`s as before. A row is released when its request
+finishes or is preempted (its blocks are then freed and later re-allocated, so a row that comes
+back starts afresh); a row whose request's table was replaced is refilled. Models with a sliding
+window (whose tables lose entries behind the window) always take the chunk path.
+
+Only the engine thread touches it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from server.engine.sampler import sampling_row
+from server.engine.sequence import Sequence
+
+
+class PersistentBatch:
+    def __init__(self, max_rows: int, max_blocks_per_row: int, vocab_size: int):
+        self.max_rows = max_rows
+        self.vocab_size = vocab_size
+        self.tokens = np.zeros(max_rows, dtype=np.int64)
+        self.positions = np.full(max_rows, -1, dtype=np.int64)          # -1: nothing written yet
+        self.block_tables = np.full((max_rows, max_blocks_per_row), -1, dtype=np.int64)
+        self.num_blocks = np.zeros(max_rows, dtype=np.int64)
+        self.sampling = torch.zeros(max_rows, 4, dtype=torch.float32)
+        self._tables_of: list[list[int] | None] = [None] * max_rows   # the block_ids list each row mirrors
+        self._row_of: dict[int, int] = {}                                # id(seq) -> row
+        self._seq_of: list[Sequence | None] = [None] * max_rows
+        self._free = list(range(max_rows - 1, -1, -1))
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._row_of)
+
+    def row_of(self, seq: Sequence) -> int | None:
+        return self._row_of.get(id(seq))
+
+    # ---- rows joining and leaving ---------------------------------------------------------------
+    def _join(self, seq: Sequence) -> int | None:
+        if not self._free:
+            return None
+        row = self._free.pop()
+        self._row_of[id(seq)] = row
+        self._seq_of[row] = seq
+        self.sampling[row] = torch.tensor(sampling_row(seq.request.params, self.vocab_size))
+        self._fill_table(row, seq.blocks.block_ids)
+        return row
+
+    def _fill_table(self, row: int, block_ids: list[int]) -> None:
+        n = len(block_ids)
+        if n > self.block_tables.shape[1]:
+            grown = np.full((self.max_rows, max(n, 2 * self.block_tables.shape[1])), -1, dtype=np.int64)
+            grown[:, :self.block_tables.shape[1]] = self.block_tables
+            self.block_tables = grown
+        self.block_tables[row, :n] = block_ids
+        self.block_tables[row, n:] = -1
+        self.num_blocks[row] = n
+        self._tables_of[row] = block_ids
+
+    def release(self, seq: Sequence) -> None:
+        """The request finished or was preempted: its row is free again."""
+        row = self._row_of.get(id(seq))
+        if row is None or self._seq_of[row] is not seq:
+            return
+        del self._row_of[id(seq)]
+        self._clear(row)
+
+    def _clear(self, row: int) -> None:
+        self._seq_of[row] = None
+        self._tables_of[row] = None
+        self.positions[row] = -1
+        self.num_blocks[row] = 0
+        self.block_tables[row] = -1
+        self._free.append(row)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def _sync(self, seq: Sequence, start: int) -> int | None:
+        """The row of `seq`, up to date for computing position `start`."""
+        row = self._row_of.get(id(seq))
+        if row is not None and self._seq_of[row] is not seq:      # a stale entry: start afresh
+            del self._row_of[id(seq)]
+            self._clear(row)
+            row = None
+        if row is None:
+            row = self._join(seq)
+            if row is None:
+                return None
+        else:
+            block_ids = seq.blocks.block_ids
+            if block_ids is not self._tables_of[row]:
+                self._fill_table(row, block_ids)
+            else:
+                have, n = int(self.num_blocks[row]), len(block_ids)
+                if n != have:
+                    if n < have or n > self.block_tables.shape[1]:
+                        self._fill_table(row, block_ids)
+                    else:
+                        self.block_tables[row, have:n] = block_ids[have:n]
+                        self.num_blocks[row] = n
+        if self.positions[row] != start:
+            prompt = seq.request.prompt_token_ids
+            self.tokens[row] = prompt[start] if start < len(prompt) else seq.output_token_ids[start - len(prompt)]
+            self.positions[row] = start
+        return row
+
+    def gather(self, chunks) -> tuple[np.ndarray, ...] | None:
+        """For scheduled chunks (`.seq`, `.start`) of one token each: (token_ids [B], positions [B],
+        block tables [B, MB], rows [B]) as new int64 arrays, or None when the rows ran out."""
+        rows = []
+        for chunk in chunks:
+            row = self._sync(chunk.seq, chunk.start)
+            if row is None:
+                return None
+            rows.append(row)
+        index = np.array(rows, dtype=np.int64)
+        width = int(self.num_blocks[index].max())
+        return self.tokens[index], self.positions[index], self.block_tables[index, :width], index
+
+    def advance(self, seq: Sequence, token: int) -> None:
+        """A token was sampled for `seq` (its position is the request's last): it is computed next."""
+        row = self._row_of.get(id(seq))
+        if row is not None:
+            self.tokens[row] = token
+            self.positions[row] = seq.num_tokens - 1
