@@ -183,3 +183,16 @@ def roomy_and_tight_runs(prompts: list[list[int]], max_tokens: int, tight_blocks
     finally:
         roomy.stop()
         tight.stop()
+
+
+class TierEvents:
+    """Records what the cache tiers report (`on_tier_event`), to count events by name and reason."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str, float, str]] = []
+
+    def on_tier_event(self, tier, event, amount=1.0, reason=""):
+        self.seen.append((tier, event, amount, reason))
+
+    def count(self, event, reason=None):
+        return sum(a for _, e, a, r in self.seen if e == event and (reason is None or r == reason))

@@ -15,22 +15,15 @@ import pytest
 from model.cache import block_file
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.results import NullObserver
-from tests.helpers import collect, tiny_engine
+from tests.helpers import TierEvents, collect, tiny_engine
 
 BS = 4
 PROMPT = [(7 * i) % 250 + 1 for i in range(58)]     # + 6 generated: 15 full blocks computed and pinned
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5)
 
 
-class Events(NullObserver):
-    def __init__(self):
-        self.seen: list[tuple[str, str, float, str]] = []
-
-    def on_tier_event(self, tier, event, amount=1.0, reason=""):
-        self.seen.append((tier, event, amount, reason))
-
-    def count(self, event, reason=None):
-        return sum(a for _, e, a, r in self.seen if e == event and (reason is None or r == reason))
+class Events(TierEvents, NullObserver):
+    """The tier events of an engine's observer (the rest of the observer does nothing)."""
 
 
 def engine_on(directory, observer=None, **overrides):

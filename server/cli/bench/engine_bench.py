@@ -92,37 +92,46 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
     engine.core.runner.time_forward = True
     timer.forward_seconds = lambda: engine.core.runner.last_forward_s
     result: dict = {}
-    errors: list[BaseException] = []
     # measured here, in the thread that runs the model: an OpenMP team started from another thread
     # keeps spinning on the cores for a while and would slow the engine down
     bandwidth = measure_copy_bandwidth(engine.device)
     log.info("measured copy bandwidth: %.1f GB/s", bandwidth / 1e9)
 
     def drive() -> None:
+        grammar = None
+        if json_schema is not None:
+            from server.api.structured import json_spec
+            started = time.perf_counter()
+            grammar = engine.grammars.compile(json_spec(json.loads(json_schema)))
+            log.info("schema compiled in %.1f ms (vocabulary view included)", (time.perf_counter() - started) * 1e3)
+        result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth, grammar))
+        result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
+
+    drive_engine(engine, drive)
+    return result
+
+
+def drive_engine(engine, work) -> None:
+    """Run `work()` in a client thread while the engine loop runs in this one (the main thread, see
+    Engine.run_forever); the engine stops when `work` ends, and what `work` raised is raised here."""
+    errors: list[BaseException] = []
+
+    def client() -> None:
         try:
             if not engine.wait_started(timeout=60):
                 raise RuntimeError("the engine loop did not start")
-            grammar = None
-            if json_schema is not None:
-                from server.api.structured import json_spec
-                started = time.perf_counter()
-                grammar = engine.grammars.compile(json_spec(json.loads(json_schema)))
-                log.info("schema compiled in %.1f ms (vocabulary view included)", (time.perf_counter() - started) * 1e3)
-            result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth, grammar))
-            result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
+            work()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
         finally:
             engine.stop()
 
-    # the engine loop runs in the main thread (see Engine.run_forever); the client drives it
-    driver = threading.Thread(target=drive, name="bench-driver", daemon=True)
+    driver = threading.Thread(target=client, name="bench-driver", daemon=True)
     driver.start()
     engine.run_forever()
     driver.join()
     if errors:
         raise errors[0]
-    return result
 
 
 def _time_to_first_token(engine, prompt_len: int) -> dict:

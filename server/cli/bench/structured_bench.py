@@ -20,12 +20,12 @@ import asyncio
 import json
 import logging
 import statistics
-import threading
 import time
 
 import jsonschema
 
 from server.api.structured import json_spec
+from server.cli.bench.engine_bench import drive_engine
 from server.cli.bench.schemas import SCHEMAS
 from server.config import EngineConfig, ModelLoadConfig, ServerConfig
 from server.engine.grammar import WRAP_UP_MARGIN, GrammarCompiler
@@ -113,36 +113,23 @@ def bench_structured(model: str | None, tokenizer: str | None, dtype: str, sampl
     result: dict = {"model": engine.model_name, "dtype": str(engine.cache.dtype).removeprefix("torch."),
                     "samples_per_schema": samples, "temperature": temperature, "max_tokens": max_tokens,
                     "max_string_length": max_string_length, "wrap_up": wrap_up}
-    errors: list[BaseException] = []
 
     def drive() -> None:
-        try:
-            if not engine.wait_started(timeout=60):
-                raise RuntimeError("the engine loop did not start")
-            result["compile"] = compile_times(engine, rounds)
-            log.info("compile: p50 %.2f ms, p99 %.2f ms", result["compile"]["p50_ms"], result["compile"]["p99_ms"])
-            started = time.perf_counter()
-            rows = asyncio.run(_answers(engine, samples, temperature, max_tokens, seed, max_string_length))
-            result["wall_s"] = time.perf_counter() - started
-            result["answers"] = rows
-            result["valid"] = sum(r["valid"] for r in rows)
-            result["total"] = len(rows)
-            result["per_schema"] = {name: sum(r["valid"] for r in rows if r["schema"] == name) for name, _, _ in SCHEMAS}
-            result["finish_reasons"] = {reason: sum(r["finish_reason"] == reason for r in rows)
-                                        for reason in sorted({r["finish_reason"] for r in rows})}
-            result["wrapped_up"] = sum(r["finish_reason"] == "stop" and r["tokens"] > max_tokens - WRAP_UP_REPORT
-                                       for r in rows)
-            result["mean_tokens"] = statistics.mean(r["tokens"] for r in rows)
-            log.info("valid: %d / %d in %.0f s", result["valid"], result["total"], result["wall_s"])
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(exc)
-        finally:
-            engine.stop()
+        result["compile"] = compile_times(engine, rounds)
+        log.info("compile: p50 %.2f ms, p99 %.2f ms", result["compile"]["p50_ms"], result["compile"]["p99_ms"])
+        started = time.perf_counter()
+        rows = asyncio.run(_answers(engine, samples, temperature, max_tokens, seed, max_string_length))
+        result["wall_s"] = time.perf_counter() - started
+        result["answers"] = rows
+        result["valid"] = sum(r["valid"] for r in rows)
+        result["total"] = len(rows)
+        result["per_schema"] = {name: sum(r["valid"] for r in rows if r["schema"] == name) for name, _, _ in SCHEMAS}
+        result["finish_reasons"] = {reason: sum(r["finish_reason"] == reason for r in rows)
+                                    for reason in sorted({r["finish_reason"] for r in rows})}
+        result["wrapped_up"] = sum(r["finish_reason"] == "stop" and r["tokens"] > max_tokens - WRAP_UP_REPORT
+                                   for r in rows)
+        result["mean_tokens"] = statistics.mean(r["tokens"] for r in rows)
+        log.info("valid: %d / %d in %.0f s", result["valid"], result["total"], result["wall_s"])
 
-    driver = threading.Thread(target=drive, name="bench-driver", daemon=True)
-    driver.start()
-    engine.run_forever()
-    driver.join()
-    if errors:
-        raise errors[0]
+    drive_engine(engine, drive)
     return result

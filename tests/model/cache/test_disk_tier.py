@@ -20,21 +20,10 @@ from model.cache import block_file
 from model.cache.block_pool import BlockPool
 from model.cache.disk_tier import DiskTier
 from model.cache.fingerprint import ModelFingerprint, weights_digest
-from tests.helpers import perturbed_model
+from tests.helpers import TierEvents, perturbed_model
 
 ROOT = Path(__file__).resolve().parents[3]
 SHAPE = (2, 4, 6)                   # layers, block size, row width
-
-
-class Events:
-    def __init__(self):
-        self.seen: list[tuple[str, str, float, str]] = []
-
-    def on_tier_event(self, tier, event, amount=1.0, reason=""):
-        self.seen.append((tier, event, amount, reason))
-
-    def count(self, event, reason=None):
-        return sum(a for _, e, a, r in self.seen if e == event and (reason is None or r == reason))
 
 
 def fingerprint(weights: str = "w", dtype: str = "torch.float32") -> ModelFingerprint:
@@ -50,7 +39,7 @@ def rows(i: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def tier(path: Path, max_files: int = 100, **kwargs) -> DiskTier:
-    events = kwargs.pop("observer", None) or Events()
+    events = kwargs.pop("observer", None) or TierEvents()
     size = block_file.file_size(*SHAPE, 4)
     return DiskTier(path, max_files * size, kwargs.pop("fp", None) or fingerprint(), events, **kwargs)
 
