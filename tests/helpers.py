@@ -6,6 +6,7 @@ import torch
 from model.loading.init_weights import random_model
 from model.cache.kv_cache import KVCache
 from model.cache.batch import PagedBatch, SequenceChunk
+from model.cache.block_pool import RELEASED
 
 
 @torch.no_grad()
@@ -196,3 +197,18 @@ class TierEvents:
 
     def count(self, event, reason=None):
         return sum(a for _, e, a, r in self.seen if e == event and (reason is None or r == reason))
+
+
+def random_tables(lens, block_size, window, gen):
+    """Shuffled block tables; with a window, the blocks wholly behind it released (-1) and their rows
+    left as garbage nobody may read."""
+    max_blocks = max(-(-n // block_size) for n in lens) + 1
+    num_blocks = len(lens) * max_blocks + 2
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.long)
+    for b, n in enumerate(lens):
+        used = -(-n // block_size)
+        tables[b, :used] = perm[b * max_blocks: b * max_blocks + used]
+        if window is not None:
+            tables[b, : max(0, n - 1 - window) // block_size] = RELEASED
+    return tables, num_blocks

@@ -8,13 +8,13 @@ import torch
 
 pytest.importorskip("triton", reason="pip install triton (interprets on the CPU)")
 
-from model.cache.block_pool import RELEASED  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.kernels import use_triton_decode_attention  # noqa: E402
 from model.kernels.paged_gqa_decode import paged_gqa_decode  # noqa: E402
 from model.layers.moe import use_sync_free_moe  # noqa: E402
 from server.executor.decode_graphs import graph_capturable  # noqa: E402
-from tests.helpers import assert_same_outputs, greedy_outputs_with_and_without, tiny_engine  # noqa: E402
+from tests.helpers import (assert_same_outputs, greedy_outputs_with_and_without, random_tables,  # noqa: E402
+                           tiny_engine)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,16 +37,8 @@ def reference(q, cache, tables, lens, block_size, kv_heads, scale, window=None):
 
 def random_case(heads, kv_heads, dim, lens, block_size, dtype, window=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    max_blocks = max(-(-n // block_size) for n in lens) + 1
-    num_blocks = len(lens) * max_blocks + 2
+    tables, num_blocks = random_tables(lens, block_size, window, gen)
     cache = torch.randn(num_blocks * block_size, 2 * kv_heads * dim, generator=gen).to(dtype)
-    perm = torch.randperm(num_blocks, generator=gen)
-    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.long)
-    for b, n in enumerate(lens):
-        used = -(-n // block_size)
-        tables[b, :used] = perm[b * max_blocks: b * max_blocks + used]
-        if window is not None:
-            tables[b, : max(0, n - 1 - window) // block_size] = RELEASED
     q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
     return q, cache, tables, torch.tensor(lens)
 

@@ -13,7 +13,8 @@ from model.cache.batch import PagedBatch, SequenceChunk
 from model.config import preset
 from model.layers import cpu_decode_attention as cpu_attention
 from model.layers import native
-from tests.helpers import assert_same_outputs, greedy_outputs_with_and_without, make_cache, paged_logits_chunked
+from tests.helpers import (assert_same_outputs, greedy_outputs_with_and_without, make_cache, paged_logits_chunked,
+                           random_tables)
 from tests.helpers import perturbed_model
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler to build the kernel")
@@ -50,21 +51,6 @@ def mla_reference(q_latent, q_rope, cache, tables, lens, block_size, scale, wind
             scores = (rows[:, :latent] @ q_latent[b, h].double() + k_rope @ q_rope[b, h].double()) * scale
             out[b, h] = torch.softmax(scores, 0) @ rows[:, :latent]
     return out
-
-
-def random_tables(lens, block_size, window, gen):
-    """Shuffled block tables; with a window, the blocks wholly behind it released (-1) and their rows
-    left as garbage nobody may read."""
-    max_blocks = max(-(-n // block_size) for n in lens) + 1
-    num_blocks = len(lens) * max_blocks + 2
-    perm = torch.randperm(num_blocks, generator=gen)
-    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.long)
-    for b, n in enumerate(lens):
-        used = -(-n // block_size)
-        tables[b, :used] = perm[b * max_blocks: b * max_blocks + used]
-        if window is not None:
-            tables[b, : max(0, n - 1 - window) // block_size] = -1
-    return tables, num_blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
