@@ -301,7 +301,7 @@ def test_an_unconstrained_row_is_untouched_beside_a_row_in_wrap_up():
 def test_a_closing_path_completes_every_bench_schema_from_random_prefixes():
     """On the built-in tokenizer, from random valid prefixes of the ten `bench structured` schemas."""
     from server.cli.bench.schemas import SCHEMAS
-    from server.engine.grammar import closing_path
+    from server.engine.grammar_closing import closing_path
 
     tokenizer = load_tokenizer(default_gguf_path())
     compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, (tokenizer.token_to_id("<|im_end|>"),))
