@@ -6,10 +6,6 @@ import importlib
 import importlib.metadata
 import sys
 
-from server.executor.threads import set_wait_policy_env
-
-set_wait_policy_env()       # before any sub-command imports torch (libgomp reads it when it loads)
-
 # sub-command name → module that defines `add_parser(subparsers)`; each parser sets `func`.
 SUBCOMMANDS = {
     "serve": "server.cli.serve",

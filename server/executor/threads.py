@@ -1,18 +1,17 @@
-"""How many threads the model runs on, and how idle OpenMP threads wait: from the CPUs this process
-may actually use, not the machine's count.
+"""How many threads the model runs on: from the CPUs this process may actually use, not the
+machine's count.
 
-- Threads: the CPUs in the process's affinity mask (`os.sched_getaffinity`: taskset, cpusets,
-  Kubernetes' static CPU manager), capped by the cgroup's CPU quota (`cpu.max` in cgroup v2,
-  `cpu.cfs_quota_us / cpu.cfs_period_us` in v1: a container limited to 1.5 CPUs gets 1 thread).
-  PyTorch's own default counts the cores it can see, which in a container with a quota is more
-  threads than it will be scheduled on. `OMP_NUM_THREADS` or `--threads` still win.
-- Waiting: an OpenMP thread that finished its share spins for a while before it sleeps. When another
-  process holds one of the cores, the spinning thread burns the time slice its partner needs, and a
-  decode step of ~60 parallel regions per layer slows down many times over. A short spin
-  (`GOMP_SPINCOUNT`, libgomp's, which PyTorch's CPU wheels use) keeps most of the quiet-machine
-  speed and degrades in proportion under contention (docs/benchmarks.md has the measurements).
-  It must be in the environment before libgomp loads, so `customllm` sets it at start-up
-  (`set_wait_policy_env`), unless `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` is already set.
+The CPUs in the process's affinity mask (`os.sched_getaffinity`: taskset, cpusets, Kubernetes'
+static CPU manager), capped by the cgroup's CPU quota (`cpu.max` in cgroup v2,
+`cpu.cfs_quota_us / cpu.cfs_period_us` in v1: a container limited to 1.5 CPUs gets 1 thread).
+PyTorch's own default counts the cores it can see, which in a container with a quota is more threads
+than it will be scheduled on. `OMP_NUM_THREADS` or a `threads` argument still win.
+
+A core that another process keeps busy is not visible here. Measured on 2 cores with a busy loop
+on one of them (docs/benchmarks.md, issue 18): two threads decode at a third of their quiet speed or
+less, one thread at 0.7 of it; a shorter OpenMP spin (`GOMP_SPINCOUNT`) made it worse, so the wait
+policy is left as libgomp has it. On a shared host, set `OMP_NUM_THREADS` to the cores you expect
+to have.
 """
 from __future__ import annotations
 
@@ -22,15 +21,6 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("customllm.threads")
-
-SPIN_COUNT = "10000"     # libgomp's default is 300,000 spins (~0.1-1 ms) before a thread sleeps
-
-
-def set_wait_policy_env(environ=os.environ) -> None:
-    """Shorten OpenMP's busy-wait unless the user chose a wait policy. Call before torch loads."""
-    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs the cgroup quota allows (quota / period), None when unlimited or unreadable."""

@@ -1,13 +1,12 @@
-"""Threads from the CPUs a process may use (server/executor/threads.py): the cgroup quota in v1 and v2,
-the affinity mask, and the OpenMP wait policy left to a user who chose one."""
+"""Threads from the CPUs a process may use (server/executor/threads.py): the cgroup quota in v1 and v2 and
+the affinity mask."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from server.executor.threads import (SPIN_COUNT, available_cpus, cgroup_cpu_limit, configure_threads,
-                                     set_wait_policy_env)
+from server.executor.threads import available_cpus, cgroup_cpu_limit, configure_threads
 
 
 def test_cgroup_v2_quota(tmp_path):
@@ -31,16 +30,6 @@ def test_cgroup_v1_quota(tmp_path):
 def test_no_cgroup_files_means_the_affinity_mask(tmp_path):
     assert cgroup_cpu_limit(tmp_path / "missing") is None
     assert available_cpus(tmp_path / "missing") == len(os.sched_getaffinity(0))
-
-
-def test_wait_policy_is_the_users_when_set():
-    environ = {}
-    set_wait_policy_env(environ)
-    assert environ == {"GOMP_SPINCOUNT": SPIN_COUNT}
-    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
-        environ = dict(chosen)
-        set_wait_policy_env(environ)
-        assert environ == chosen
 
 
 def test_configure_threads_takes_a_request_and_restores():
