@@ -116,17 +116,23 @@ def test_a_bad_file_in_the_run_costs_only_the_blocks_from_it_on(tmp_path, cold_r
         second.stop()
 
 
-def test_other_requests_keep_decoding_while_a_session_is_restored(tmp_path, monkeypatch, cold_runs):
-    turn2 = first_turn(tmp_path)
-    second = engine_on(tmp_path)
+def gated_disk_reads(engine, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the engine's disk reads wait for `gate`; `reading` is set when the first one starts."""
     gate, reading = threading.Event(), threading.Event()
-    read = second.kv.tiers.disk.read
+    read = engine.kv.tiers.disk.read
 
     def slow_read(block_hash):
         reading.set()
         assert gate.wait(60)
         return read(block_hash)
-    monkeypatch.setattr(second.kv.tiers.disk, "read", slow_read)
+    monkeypatch.setattr(engine.kv.tiers.disk, "read", slow_read)
+    return gate, reading
+
+
+def test_other_requests_keep_decoding_while_a_session_is_restored(tmp_path, monkeypatch, cold_runs):
+    turn2 = first_turn(tmp_path)
+    second = engine_on(tmp_path)
+    gate, reading = gated_disk_reads(second, monkeypatch)
     long_params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     produced: list[int] = []
 
@@ -163,14 +169,7 @@ def test_other_requests_keep_decoding_while_a_session_is_restored(tmp_path, monk
 def test_an_abort_while_restoring_releases_everything(tmp_path, monkeypatch):
     turn2 = first_turn(tmp_path)
     second = engine_on(tmp_path)
-    gate, reading = threading.Event(), threading.Event()
-    read = second.kv.tiers.disk.read
-
-    def slow_read(block_hash):
-        reading.set()
-        gate.wait(60)
-        return read(block_hash)
-    monkeypatch.setattr(second.kv.tiers.disk, "read", slow_read)
+    gate, reading = gated_disk_reads(second, monkeypatch)
     try:
         outputs = []
         second.submit(GenerationRequest("turn2", turn2, PARAMS, tenant="t", session_id="chat"), outputs.append)
