@@ -56,6 +56,10 @@ class Metrics:
                                                LENGTH_BUCKETS)
         self.request_generation_tokens = histogram("request_generation_tokens",
                                                    "Generated length of finished requests", LENGTH_BUCKETS)
+        # prompt-lookup speculation (--num-speculative-tokens), as vLLM's spec_decode counters
+        self.spec_drafts = counter("spec_decode_num_drafts", "Requests' draft sequences verified")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified")
+        self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted")
         # cache tiers below the pool (--kv-disk-dir, --kv-host-gib); `tier` is host or disk
         self.tier_hits = counter("kv_tier_hit_blocks", "Cache blocks restored from a tier", ["tier"])
         self.tier_misses = counter("kv_tier_misses", "Pool misses whose next block no tier held")
@@ -120,6 +124,12 @@ class Metrics:
 
     def on_session_evicted(self) -> None:
         self.session_evictions.labels(self.model_name).inc()
+
+    def on_spec_decode(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        name = self.model_name
+        self.spec_drafts.labels(name).inc(num_drafts)
+        self.spec_draft_tokens.labels(name).inc(num_draft_tokens)
+        self.spec_accepted_tokens.labels(name).inc(num_accepted_tokens)
 
     def on_tier_event(self, tier: str, event: str, amount: float = 1.0, reason: str = "") -> None:
         """From the cache tiers' threads (model/cache/tiers.py, disk_tier.py)."""

@@ -7,7 +7,7 @@ server's own limits (prompts × n, stop strings, logit_bias entries, max_tokens)
 
 Unknown fields are ignored, as OpenAI-compatible servers commonly do; our extension fields
 (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `session_id`,
-`priority`, vLLM's `structured_outputs`) sit beside OpenAI's in the same body. OpenAI fields this server does
+`priority`, `speculative_decoding`, vLLM's `structured_outputs`) sit beside OpenAI's in the same body. OpenAI fields this server does
 not act on (audio output, predicted outputs, stored completions, web search, the deprecated
 `functions`) are refused with a 400 naming them rather than dropped (`REFUSED_CHAT_FIELDS`).
 """
@@ -79,6 +79,9 @@ class SamplingFields(Schema):
     session_id: SessionId | None = None
     priority: int = Field(default=0, ge=-(2 ** 31), le=2 ** 31 - 1)   # within the tenant, lower first
     structured_outputs: StructuredOutputs | None = None
+    # prompt-lookup speculation for this request, on a server started with --num-speculative-tokens
+    # (400 on one without); the output is the same, only faster when it repeats its context
+    speculative_decoding: bool = False
 
     @field_validator("logit_bias")
     @classmethod
@@ -151,7 +154,7 @@ class SamplingFields(Schema):
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
             seed=self.seed, logprobs=logprobs, stop=tuple(self.stop_list()),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, grammar=grammar)
+            min_tokens=self.min_tokens, grammar=grammar, speculative=self.speculative_decoding)
 
 
 class CompletionRequest(SamplingFields):

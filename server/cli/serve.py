@@ -14,6 +14,7 @@ from server.config import QUANTIZATIONS, ApiConfig, EngineConfig, ModelLoadConfi
 
 log = logging.getLogger("customllm.serve")
 ENV_PREFIX = "CUSTOMLLM_"
+MAX_SPECULATIVE_TOKENS = 32
 
 
 def _env_name(flag: str) -> str:
@@ -96,6 +97,13 @@ def add_parser(subparsers) -> None:
     _add(e, "--grammar-wrap-up", "near the end of max_tokens, steer a constrained answer (JSON schema, regex, "
          "grammar, forced tool call) to its shortest completion so that it ends complete", bool,
          defaults_engine.grammar_wrap_up)
+    _add(e, "--num-speculative-tokens", "prompt-lookup speculative decoding: draft tokens taken from the request's "
+         "own context and verified in one step, up to this many per step, for requests that set "
+         "`speculative_decoding: true` (0 = off: such requests get a 400)", int, defaults_engine.num_speculative_tokens)
+    _add(e, "--prompt-lookup-max", "longest n-gram whose earlier occurrence proposes the drafts", int,
+         defaults_engine.prompt_lookup_max)
+    _add(e, "--prompt-lookup-min", "shortest n-gram whose earlier occurrence proposes the drafts", int,
+         defaults_engine.prompt_lookup_min)
     a = p.add_argument_group("http")
     _add(a, "--host", "bind address", default=defaults_api.host)
     _add(a, "--port", "port", int, defaults_api.port)
@@ -168,6 +176,10 @@ def _check(args) -> None:
         raise ValueError("--kv-disk-gib must be positive and --kv-host-gib at least 0")
     if args.grammar_compile_timeout <= 0:
         raise ValueError("--grammar-compile-timeout must be positive")
+    if not 0 <= args.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"--num-speculative-tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
+    if not 1 <= args.prompt_lookup_min <= args.prompt_lookup_max:
+        raise ValueError("--prompt-lookup-min must be at least 1 and at most --prompt-lookup-max")
 
 
 def config_from_args(args) -> ServerConfig:
@@ -187,7 +199,9 @@ def config_from_args(args) -> ServerConfig:
                             max_session_pinned_fraction=args.max_session_pinned_fraction,
                             kv_disk_dir=args.kv_disk_dir or None, kv_disk_gib=args.kv_disk_gib,
                             kv_host_gib=args.kv_host_gib, grammar_cache_size=args.grammar_cache_size,
-                            grammar_wrap_up=args.grammar_wrap_up),
+                            grammar_wrap_up=args.grammar_wrap_up,
+                            num_speculative_tokens=args.num_speculative_tokens,
+                            prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,

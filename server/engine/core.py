@@ -34,6 +34,7 @@ from server.engine.request import GenerationRequest
 from server.engine.sampler import NO_TOKEN, Sampler, SamplingRow, make_generator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.speculation import Speculation, split_draft_logits
 from server.executor.runner import ModelRunner
 
 log = logging.getLogger("customllm.engine")
@@ -63,6 +64,10 @@ class EngineCore:
         self.runner = ModelRunner(model, cache, device, small_step_model=small_step_model,
                                   decode_graphs=decode_graphs)
         self.sampler = Sampler()
+        # prompt-lookup speculation for the requests that ask for it (server/engine/speculation.py)
+        self.speculation = Speculation(config.num_speculative_tokens, config.prompt_lookup_max,
+                                       config.prompt_lookup_min, self.max_context, self.sampler) \
+            if config.num_speculative_tokens > 0 else None
         # decode steps take their inputs from the persistent batch (not with a sliding window, whose
         # tables lose entries behind it; those steps are built from chunks like prefill steps)
         self.batch = None if self.window is not None else PersistentBatch(
@@ -81,6 +86,9 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         request.params.validate(self.vocab_size)
+        if request.params.speculative and self.speculation is None:
+            raise InvalidRequestError("speculative_decoding: this server does not speculate (it is started without "
+                                      "--num-speculative-tokens)", "speculative_decoding")
         total = len(prompt) + request.params.max_tokens
         if total > self.max_context:
             raise ContextLengthError(self.max_context, len(prompt), request.params.max_tokens, "max_tokens")
@@ -168,48 +176,82 @@ class EngineCore:
         for chunk in out.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
-        needs = [c.completes_prompt for c in out.chunks]
-        sampling = [c for c, sample in zip(out.chunks, needs) if sample]
+        sampling = [c for c in out.chunks if c.completes_prompt]
+        speculating = [c for c in sampling if c.draft_token_ids]
+        plain_sampling = [c for c in sampling if not c.draft_token_ids] if speculating else sampling
         table = None                            # the sampling rows' parameters, from the persistent batch
         try:
             inputs = None
-            if self.batch is not None and all(c.num_tokens == 1 for c in out.chunks):
+            if self.batch is not None and all(c.num_known_tokens == 1 for c in out.chunks):
                 inputs = self.batch.gather(out.chunks)
             if inputs is not None:
                 token_ids, positions, tables, rows = inputs
-                needs_a = np.array(needs, dtype=bool)
-                table = self.batch.sampling[torch.from_numpy(rows[needs_a])]
+                needs = np.array([c.completes_prompt for c in out.chunks], dtype=bool)
+                plain = needs & np.array([not c.draft_token_ids for c in out.chunks], dtype=bool)
+                table = self.batch.sampling[torch.from_numpy(rows[plain])]
+                if speculating:                 # one entry per known token and draft
+                    needs = np.repeat(needs, [c.num_tokens for c in out.chunks])
                 logits = self.runner.execute_batch(self.runner.build_decode_batch(token_ids, positions, tables,
-                                                                                  needs_a))          # [N, V]
+                                                                                  needs))          # [N, V]
             else:
                 block_size = self.kv.block_size
-                logits = self.runner.execute([c.sequence_chunk(block_size) for c in out.chunks])  # [N, V]
+                chunks = [c.sequence_chunk(block_size) for c in out.chunks]
+                logits = (self.runner.execute(chunks, [c.num_logits for c in out.chunks]) if speculating
+                          else self.runner.execute(chunks))                                        # [N, V]
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
             log.exception("engine step failed: %s", exc)
             with self.lock:
                 for chunk in out.chunks:
                     self.finish(chunk.seq, "error", error=f"internal error during generation: {exc}")
             return False
+        verified = []
+        if speculating:
+            logits, draft_logits = split_draft_logits(logits, sampling)
+            verified = self.speculation.verify(draft_logits, [(c.seq, c.draft_token_ids) for c in speculating],
+                                               self.eos_token_ids)
+            self.observer.on_spec_decode(len(speculating), sum(len(c.draft_token_ids) for c in speculating),
+                                         sum(v.num_accepted for v in verified))
         rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
-                            c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in sampling]
-        plain = not any(c.seq.request.params.wants_logits_processors for c in sampling)
+                            c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in plain_sampling]
+        plain = not any(c.seq.request.params.wants_logits_processors for c in plain_sampling)
         sampled = self._sample(logits, rows, table, plain)
         self.observer.on_step(out.num_tokens)
         now = time.monotonic()
         with self.lock:
             for chunk in out.chunks:
-                chunk.seq.num_computed_tokens += chunk.num_tokens
-                self.scheduler.register_full_blocks(chunk.seq)
-            for chunk, (token, logprob, error) in zip(sampling, sampled):
-                if error is not None:
-                    self.finish(chunk.seq, "error", error=error)
-                    continue
-                last = self.output.append_token(chunk.seq, token, logprob, now)
-                if self.batch is not None:
-                    self.batch.advance(chunk.seq, token)
-                if last is not None:
-                    self.finish(chunk.seq, last.finish_reason, last=last)
+                chunk.seq.num_computed_tokens += chunk.num_known_tokens
+                if not chunk.draft_token_ids:
+                    self.scheduler.register_full_blocks(chunk.seq)
+            for chunk, (token, logprob, error) in zip(plain_sampling, sampled):
+                self._append(chunk.seq, [] if error else [token], [logprob], error, now)
+            for chunk, result in zip(speculating, verified):
+                self._append(chunk.seq, result.token_ids, result.logprobs, result.error, now, verified=True)
         return True
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, error: str | None, now: float,
+                verified: bool = False) -> None:
+        """Append a step's tokens to a request one at a time, as if each came in its own step (one
+        that ends the request drops the rest), then finish it (with `error` when given, after the
+        tokens) or propose its next drafts. After a `verified` step (drafts) the positions computed
+        are those before the last token kept, so the blocks registered hold accepted tokens only
+        (caller holds `lock`)."""
+        last = None
+        for token, logprob in zip(tokens, logprobs):
+            last = self.output.append_token(seq, token, logprob, now)
+            if last is not None:
+                break
+        if verified and tokens:
+            seq.num_computed_tokens = seq.num_tokens - 1
+            self.scheduler.register_full_blocks(seq)
+        if error is not None and last is None:
+            self.finish(seq, "error", error=error)
+            return
+        if self.batch is not None and tokens:
+            self.batch.advance(seq, seq.output_token_ids[-1])
+        if last is not None:
+            self.finish(seq, last.finish_reason, last=last)
+        elif self.speculation is not None:
+            self.speculation.propose(seq)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
                 plain: bool = False) -> list[tuple[int, object, str | None]]:

@@ -11,9 +11,9 @@ as it runs:
   entries added since the last step are written (a new block every `block_size` tokens);
 - `sampling[row]`: temperature, top-k, top-p and min-p, written once when the row joins.
 
-A step in which every sequence computes one token (decode, or the last token of a prompt) gathers
-its rows (`gather`) and hands the runner the arrays `PagedBatch.decode` takes; other
-steps (prefill chunks) are built from `SequenceChunk`s as before. A row is released when its request
+A step in which every sequence computes one known token (decode, or the last token of a prompt;
+with speculative decoding also its draft tokens, one entry each) gathers its rows (`gather`) and
+hands the runner the arrays `PagedBatch.decode` takes; other steps (prefill chunks) are built from `SequenceChunk`s as before. A row is released when its request
 finishes or is preempted (its blocks are then freed and later re-allocated, so a row that comes
 back starts afresh); a row whose request's table was replaced is refilled. Models with a sliding
 window (whose tables lose entries behind the window) always take the chunk path.
@@ -119,8 +119,12 @@ class PersistentBatch:
         return row
 
     def gather(self, chunks) -> tuple[np.ndarray, ...] | None:
-        """For scheduled chunks (`.seq`, `.start`) of one token each: (token_ids [B], positions [B],
-        block tables [B, MB], rows [B]) as new int64 arrays, or None when the rows ran out."""
+        """For scheduled chunks (`.seq`, `.start`, `.draft_token_ids`) of one known token each:
+        (token_ids [T], positions [T], block tables [T, MB], rows [B]) as new int64 arrays, or None
+        when the rows ran out. Without drafts T = B. A chunk with k drafts (speculative decoding)
+        takes 1 + k entries: its known token and the drafts at the positions after it, each entry
+        with the row's block table, so the step stays one query per entry (each entry sees the
+        cache up to its own position, its predecessors' rows written in the same layer first)."""
         rows = []
         for chunk in chunks:
             row = self._sync(chunk.seq, chunk.start)
@@ -129,10 +133,21 @@ class PersistentBatch:
             rows.append(row)
         index = np.array(rows, dtype=np.int64)
         width = int(self.num_blocks[index].max())
-        return self.tokens[index], self.positions[index], self.block_tables[index, :width], index
+        if not any(chunk.draft_token_ids for chunk in chunks):
+            return self.tokens[index], self.positions[index], self.block_tables[index, :width], index
+        counts = np.array([1 + len(chunk.draft_token_ids) for chunk in chunks], dtype=np.int64)  # [B]
+        firsts = np.cumsum(counts) - counts                                                       # [B]
+        entries = np.repeat(index, counts)                                                        # [T]
+        token_ids = self.tokens[entries]
+        for chunk, first in zip(chunks, firsts.tolist()):
+            if chunk.draft_token_ids:
+                token_ids[first + 1:first + 1 + len(chunk.draft_token_ids)] = chunk.draft_token_ids
+        positions = self.positions[entries] + (np.arange(len(entries)) - np.repeat(firsts, counts))
+        return token_ids, positions, self.block_tables[entries, :width], index
 
     def advance(self, seq: Sequence, token: int) -> None:
-        """A token was sampled for `seq` (its position is the request's last): it is computed next."""
+        """Tokens were appended to `seq`, `token` the last (its position is the request's last): it
+        is computed next."""
         row = self._row_of.get(id(seq))
         if row is not None:
             self.tokens[row] = token

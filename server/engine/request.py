@@ -75,7 +75,10 @@ class SamplingParams:
     strings still apply meanwhile (recent vLLM holds them back until min_tokens as well).
 
     `grammar`: a compiled `server.engine.grammar.Grammar` the output must follow (compiled before
-    admission, off the engine loop); each sequence gets its own state from it."""
+    admission, off the engine loop); each sequence gets its own state from it.
+
+    `speculative`: decode with prompt-lookup speculation when the engine allows it
+    (server/engine/speculation.py); it never changes what is generated, only how fast."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -93,6 +96,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     grammar: object | None = field(default=None, compare=False)   # a compiled Grammar (structured output)
+    speculative: bool = False           # prompt-lookup speculation asked for (the engine must allow it)
 
     @property
     def greedy(self) -> bool:

@@ -60,6 +60,9 @@ class EngineObserver(Protocol):
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: ...
     def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
     def on_session_evicted(self) -> None: ...
+    # speculative decoding: one step verified `num_drafts` requests' `num_draft_tokens` drafts, of which
+    # `num_accepted_tokens` were accepted
+    def on_spec_decode(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int) -> None: ...
     # cache tiers (model/cache/tiers.py): hit_blocks, misses, read_bytes, written_bytes, restore_seconds,
     # invalid_files (reason), write_error, dropped_writes; called from the tiers' threads
     def on_tier_event(self, tier: str, event: str, amount: float = 1.0, reason: str = "") -> None: ...
@@ -71,5 +74,6 @@ class NullObserver:
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: pass
     def on_request_finished(self, stats: FinishedRequestStats) -> None: pass
     def on_session_evicted(self) -> None: pass
+    def on_spec_decode(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int) -> None: pass
     def on_tier_event(self, tier: str, event: str, amount: float = 1.0, reason: str = "") -> None: pass
 

@@ -195,23 +195,30 @@ class Sampler:
         if all(greedy):
             tokens = adjusted.argmax(-1)                                                      # [N]
         else:
-            candidates = self.max_candidates or (DEFAULT_CPU_CANDIDATES if device.type == "cpu" else None)
-            weights = filtered_weights(adjusted, rows, candidates, table)                     # [N, V]
-            method = self.method or ("inverse_cdf" if device.type == "cpu" else "exponential_race")
-            if method == "inverse_cdf":
-                tokens = self._inverse_cdf(weights, rows)
-            else:
-                tokens = self._exponential_race(weights, rows)
+            weights = filtered_weights(adjusted, rows, self.candidates(device), table)        # [N, V]
+            tokens = self.draw(weights, rows)                                                 # [N]
             if any(greedy):
                 tokens = torch.where(torch.tensor(greedy).to(device), adjusted.argmax(-1), tokens)
-        tokens = self._only_valid(adjusted, tokens)                                           # [N]
+        tokens = self.only_valid(adjusted, tokens)                                            # [N]
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not wanted:
             return SamplerOutput(tokens.tolist(), [None] * len(rows))
-        return self._with_logprobs(raw, tokens, rows, wanted)
+        return self.with_logprobs(raw, tokens, rows, wanted)
+
+    def candidates(self, device: torch.device) -> int | None:
+        """How many top tokens top-p sorts first on `device` (`_top_p_thresholds`)."""
+        return self.max_candidates or (DEFAULT_CPU_CANDIDATES if device.type == "cpu" else None)
+
+    def draw(self, weights: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """weights [N, V] (not necessarily normalised) → [N] one token per row, by this sampler's
+        method (seeded rows from their own generators)."""
+        method = self.method or ("inverse_cdf" if weights.device.type == "cpu" else "exponential_race")
+        if method == "inverse_cdf":
+            return self._inverse_cdf(weights, rows)
+        return self._exponential_race(weights, rows)
 
     @staticmethod
-    def _only_valid(adjusted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def only_valid(adjusted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N] with NO_TOKEN for the rows that had nothing to sample from: a NaN anywhere in
         the row, no finite logit, or a token that is not a finite-logit id of the vocabulary (what a
         NaN or infinite weight makes of a draw). No host sync: one `where` on the device."""
@@ -247,7 +254,7 @@ class Sampler:
         return (weights / exponential).argmax(-1)          # U in [0, 1): E in (0, inf], w / inf = 0, no NaN
 
     @staticmethod
-    def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow],
+    def with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow],
                        wanted: list[int]) -> SamplerOutput:
         n, vocab = raw.shape
         assert vocab <= 1 << 24, "token ids travel as float32"

@@ -11,6 +11,11 @@ prefix reuse. A full batch also makes room for a tenant that waits with nothing 
 request of a tenant holding more than its fair share of `max_num_seqs` yields its slot (it resumes
 later, from its cached prefix), so one tenant's flood cannot keep another out of the batch.
 
+Speculative decoding (server/engine/speculation.py): once running and waiting requests have their
+chunks, a decoding request that carries draft tokens gets them added to its chunk (1 + k tokens at
+consecutive positions), within what is left of the budget and of the free blocks, so drafts never
+preempt a request, evict a session pin or delay an admission.
+
 Everything about blocks goes through the KV manager (`model.cache.kv_manager`): taking a cached
 prefix, making room for a chunk, giving back what a sliding window left behind, registering newly
 full blocks, freeing and pinning. The scheduler never edits a block table. A waiting request whose
@@ -31,19 +36,31 @@ from server.engine.waiting import WaitingQueue
 class ScheduledChunk:
     seq: Sequence
     start: int          # first position computed this step (= num_computed_tokens before the step)
-    num_tokens: int
+    num_tokens: int     # known tokens, then the drafts
+    draft_token_ids: tuple[int, ...] = ()     # speculative tokens verified after the known ones
+
+    @property
+    def num_known_tokens(self) -> int:
+        return self.num_tokens - len(self.draft_token_ids)
 
     @property
     def completes_prompt(self) -> bool:
         """After this chunk every known token is computed, so a new token is sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_known_tokens == self.seq.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows the step returns for this chunk: one per draft and one after them when it
+        samples, none otherwise."""
+        return 1 + len(self.draft_token_ids) if self.completes_prompt else 0
 
     def sequence_chunk(self, block_size: int) -> SequenceChunk:
         """What the runner needs of this chunk: its tokens, first position, the block table up to its
         last position, and whether it samples."""
         end = self.start + self.num_tokens
-        return SequenceChunk(token_ids=self.seq.token_slice(self.start, end), start_pos=self.start,
-                             block_table=self.seq.blocks.block_ids[: -(-end // block_size)],
+        known = self.seq.token_slice(self.start, self.start + self.num_known_tokens)
+        return SequenceChunk(token_ids=known + list(self.draft_token_ids) if self.draft_token_ids else known,
+                             start_pos=self.start, block_table=self.seq.blocks.block_ids[: -(-end // block_size)],
                              needs_logits=self.completes_prompt)
 
 
@@ -115,7 +132,27 @@ class Scheduler:
             budget -= num
         for seq in reversed(out.restoring):     # back at the head of their tenants' queues
             self.waiting.appendleft(seq)
+        if budget > 0 and len(out.preempted) == yielded:
+            self._add_drafts(out, budget)
         return out
+
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Give each decode chunk of a request with draft tokens as many of them as the budget and
+        the blocks it holds or that are free allow (allocating free blocks only: no eviction of a
+        pin, no preemption)."""
+        block_size = self.kv.block_size
+        for i, chunk in enumerate(out.chunks):
+            seq = chunk.seq
+            if not seq.draft_token_ids or chunk.num_tokens != 1 or not chunk.completes_prompt:
+                continue
+            room = (len(seq.blocks.block_ids) + self.kv.num_free_blocks) * block_size - seq.num_tokens
+            num = min(len(seq.draft_token_ids), budget, room)
+            if num <= 0 or not self.kv.allocate(seq.blocks, chunk.start, 1 + num):
+                continue
+            out.chunks[i] = ScheduledChunk(seq, chunk.start, 1 + num, tuple(seq.draft_token_ids[:num]))
+            budget -= num
+            if budget <= 0:
+                return
 
     def _yield_slots_to_waiting_tenants(self, out: SchedulerOutput) -> None:
         """A full batch makes room for tenants that wait with nothing running: for each, the newest

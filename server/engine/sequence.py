@@ -42,6 +42,10 @@ class Sequence:
     last_token_time: float | None = None
     inter_token_latencies: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    # prompt-lookup speculation (server/engine/speculation.py): the tokens proposed to verify in the
+    # next step (the scheduler may take fewer) and the request's token history for the lookup
+    draft_token_ids: list[int] = field(default_factory=list)
+    lookup: object | None = None
 
     @property
     def request_id(self) -> str:

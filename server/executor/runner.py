@@ -3,7 +3,8 @@
 It never decides policy: the scheduler says which tokens of which sequences run (as
 `SequenceChunk`s, so the executor knows nothing of the engine's request state); the runner builds
 the `PagedBatch` (positions, slot mapping, block tables, masks) and returns the logits of the rows
-that sample.
+that sample: the last position of each chunk that samples, or with speculative decoding its last
+1 + k positions (the known token and k drafts, `num_logits`).
 """
 from __future__ import annotations
 
@@ -41,10 +42,17 @@ class ModelRunner:
         self.time_forward = False
         self.last_forward_s = 0.0
 
-    def build_batch(self, chunks: list[SequenceChunk]) -> PagedBatch:
+    def build_batch(self, chunks: list[SequenceChunk], num_logits: list[int] | None = None) -> PagedBatch:
+        """`num_logits[i]`: how many of chunk i's last positions return logits (default: its last
+        one when it `needs_logits`, else none)."""
         decode_only = all(len(c.token_ids) == 1 for c in chunks)
-        return PagedBatch.build(chunks, self.cache.block_size, self.device, window=self.window,
-                                with_gather=not (decode_only and self.decode_kernels))
+        batch = PagedBatch.build(chunks, self.cache.block_size, self.device, window=self.window,
+                                 with_gather=not (decode_only and self.decode_kernels))
+        if num_logits is not None and any(n > 1 for n in num_logits):
+            ends = np.cumsum([len(c.token_ids) for c in chunks])                               # [B]
+            index = np.concatenate([np.arange(end - n, end) for end, n in zip(ends.tolist(), num_logits)])
+            batch.logits_index = torch.from_numpy(index.astype(np.int64)).to(self.device)    # [N]
+        return batch
 
     def build_decode_batch(self, token_ids: np.ndarray, positions: np.ndarray, tables: np.ndarray,
                            needs: np.ndarray) -> PagedBatch:
@@ -54,10 +62,10 @@ class ModelRunner:
                                  window=self.window, with_gather=not self.decode_kernels)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[SequenceChunk], num_logits: list[int] | None = None) -> torch.Tensor:
         """Logits [N, V] in float32, one row per chunk that completes its sequence's known tokens,
-        in chunk order."""
-        return self.execute_batch(self.build_batch(chunks))
+        in chunk order (with `num_logits`, that many rows per chunk: see `build_batch`)."""
+        return self.execute_batch(self.build_batch(chunks, num_logits))
 
     @torch.inference_mode()
     def execute_batch(self, batch: PagedBatch) -> torch.Tensor:

@@ -53,8 +53,8 @@ def test_decode_batch_equals_the_batch_built_from_chunks(window, with_gather):
 
 # ---- the persistent batch -------------------------------------------------------------------------
 class _Chunk:
-    def __init__(self, seq, start):
-        self.seq, self.start = seq, start
+    def __init__(self, seq, start, drafts=()):
+        self.seq, self.start, self.draft_token_ids = seq, start, tuple(drafts)
 
 
 def _seq(request_id: str, prompt: list[int], **params) -> Sequence:
