@@ -60,7 +60,8 @@ class EngineCore:
             cache, self.window, tiers, max_sessions=config.max_sessions, idle_ttl_s=config.session_idle_ttl_s,
             max_pinned_fraction=config.max_session_pinned_fraction,
             on_session_evicted=lambda: self.observer.on_session_evicted())
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   speculative=config.num_speculative_tokens > 0)
         self.runner = ModelRunner(model, cache, device, small_step_model=small_step_model,
                                   decode_graphs=decode_graphs)
         self.sampler = Sampler()
@@ -182,15 +183,17 @@ class EngineCore:
         table = None                            # the sampling rows' parameters, from the persistent batch
         try:
             inputs = None
-            if self.batch is not None and all(c.num_known_tokens == 1 for c in out.chunks):
+            if self.batch is not None and all((c.num_known_tokens if speculating else c.num_tokens) == 1
+                                              for c in out.chunks):
                 inputs = self.batch.gather(out.chunks)
             if inputs is not None:
                 token_ids, positions, tables, rows = inputs
                 needs = np.array([c.completes_prompt for c in out.chunks], dtype=bool)
-                plain = needs & np.array([not c.draft_token_ids for c in out.chunks], dtype=bool)
-                table = self.batch.sampling[torch.from_numpy(rows[plain])]
+                plain = needs
                 if speculating:                 # one entry per known token and draft
+                    plain = needs & np.array([not c.draft_token_ids for c in out.chunks], dtype=bool)
                     needs = np.repeat(needs, [c.num_tokens for c in out.chunks])
+                table = self.batch.sampling[torch.from_numpy(rows[plain])]
                 logits = self.runner.execute_batch(self.runner.build_decode_batch(token_ids, positions, tables,
                                                                                   needs))          # [N, V]
             else:

@@ -77,12 +77,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, speculative: bool = False):
+        """`speculative`: requests may carry draft tokens (the engine speculates)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.speculative = speculative
         self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -132,7 +134,7 @@ class Scheduler:
             budget -= num
         for seq in reversed(out.restoring):     # back at the head of their tenants' queues
             self.waiting.appendleft(seq)
-        if budget > 0 and len(out.preempted) == yielded:
+        if self.speculative and budget > 0 and len(out.preempted) == yielded:
             self._add_drafts(out, budget)
         return out
 

@@ -367,3 +367,55 @@ def test_a_sliding_window_model_speculates_through_the_chunk_path():
                                                        temperature=0, ignore_eos=True, logprobs=1)
     assert_same(plain, speculative)
     assert counts.num_drafts > 0
+
+
+# ---- the scheduler ----------------------------------------------------------------------------------
+def _decoding(scheduler, rid: str, prompt_len: int, first_token: int):
+    """A request of the scheduler's, prefilled, with one sampled token (so it decodes next)."""
+    seq = Sequence(GenerationRequest(rid, list(range(first_token, first_token + prompt_len)),
+                                     SamplingParams(max_tokens=50, speculative=True)), lambda out: None)
+    scheduler.add(seq)
+    return seq
+
+
+def _step(scheduler):
+    out = scheduler.schedule()
+    for chunk in out.chunks:
+        chunk.seq.num_computed_tokens += chunk.num_known_tokens
+        scheduler.register_full_blocks(chunk.seq)
+        if chunk.completes_prompt:
+            chunk.seq.output_token_ids.append(7)
+    scheduler.check_integrity()
+    return out
+
+
+def test_drafts_take_only_the_budget_and_the_free_blocks_left_over():
+    from model.cache.kv_manager import KVCacheManager
+    from server.engine.scheduler import Scheduler
+
+    kv = KVCacheManager(6, 4, max_sessions=8, idle_ttl_s=60, max_pinned_fraction=0.5)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=6, speculative=True)
+    a, b = _decoding(scheduler, "a", 3, 1), _decoding(scheduler, "b", 3, 20)
+    _step(scheduler)                                  # both prefill (3 + 3 tokens), each samples one
+    a.draft_token_ids, b.draft_token_ids = [1, 2, 3], [5, 6]
+    out = _step(scheduler)
+    # both decode at position 3 (2 tokens of the budget of 6); a's 3 drafts (positions 4-6, a second
+    # block) come first, b gets the one token left
+    assert [(c.seq.request_id, c.start, c.num_tokens, c.draft_token_ids) for c in out.chunks] == [
+        ("a", 3, 4, (1, 2, 3)), ("b", 3, 2, (5,))]
+    assert [len(s.blocks.block_ids) for s in (a, b)] == [2, 2]
+    # the engine appended one token each (nothing accepted): the drafts' rows are beyond
+    # num_computed_tokens, so the next step recomputes from position 4 and registers nothing past it
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (4, 4)
+    # a waiting request is admitted before drafts get what is left: here nothing
+    a.draft_token_ids, b.draft_token_ids = [9] * 12, [9] * 12
+    c = _decoding(scheduler, "c", 8, 40)
+    out = _step(scheduler)
+    assert [(c.seq.request_id, c.start, c.num_tokens, c.draft_token_ids) for c in out.chunks] == [
+        ("a", 4, 1, ()), ("b", 4, 1, ()), ("c", 0, 4, ())]
+    # with the budget left but no free block, drafts fill only the room of the blocks a request holds
+    scheduler.max_num_batched_tokens = 16
+    out = _step(scheduler)                            # c's second block takes the last free one
+    assert kv.num_free_blocks == 0 and not out.preempted
+    assert [(c.seq.request_id, c.num_tokens, len(c.seq.blocks.block_ids)) for c in out.chunks] == [
+        ("a", 3, 2), ("b", 3, 2), ("c", 4, 2)]       # position 5, drafts at 6-7: the rest of their blocks

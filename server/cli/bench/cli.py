@@ -89,7 +89,7 @@ def add_parser(subparsers) -> None:
     spec.add_argument("--model", default=None, help="checkpoint or .gguf (default: the built-in model)")
     spec.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
     spec.add_argument("--dtype", default="auto", help="as `serve --dtype`")
-    spec.add_argument("--num-speculative-tokens", type=int, default=4, help="as `serve --num-speculative-tokens`")
+    spec.add_argument("--num-speculative-tokens", type=int, default=3, help="as `serve --num-speculative-tokens`")
     spec.add_argument("--prompt-lookup-max", type=int, default=3, help="as `serve --prompt-lookup-max`")
     spec.add_argument("--prompt-lookup-min", type=int, default=1, help="as `serve --prompt-lookup-min`")
     spec.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each answer")

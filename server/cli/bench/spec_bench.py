@@ -111,6 +111,13 @@ def bench_spec(model: str | None, tokenizer: str | None, dtype: str, num_specula
     result["verifications"] = counted["drafts"]
     result["identical_answers"] = sum(answers[True][i] == answers[False][i] for i in answers[False])
     result["answers"] = len(answers[False])
+    result["per_prompt"] = [
+        {"prompt": f"{kind}/{name}", "prompt_tokens": len(ids[i]),
+         **{f"{label}_decode_tokens_per_s": sum(max(0, len(r["tokens"]) - 1) for r in runs[mode] if r["prompt"] == i)
+            / max(1e-9, sum(r["decode_s"] for r in runs[mode] if r["prompt"] == i))
+            for mode, label in ((False, "off"), (True, "on"))},
+         "answer_tokens": len(answers[False].get(i, [])), "identical": answers[True].get(i) == answers[False].get(i)}
+        for i, (kind, name, _) in enumerate(prompts)]
     result["lookup_us"] = _lookup_cost(ids, answers[False], num_speculative_tokens, lookup_max, lookup_min)
     return result
 
