@@ -221,7 +221,8 @@ def run_spec(args) -> int:
         lines = [f"### bench spec — {time.strftime('%Y-%m-%d')} — {result['machine']}",
                  f"`{result['command']}` — {result['model']}, {len(result['prompts'])} prompts × {result['rounds']} "
                  f"rounds per mode, concurrency {result['concurrency']}, greedy, max_tokens {result['max_tokens']}",
-                 "", "| mode | decode tok/s | end-to-end tok/s | " + " | ".join(f"{k} decode tok/s" for k in kinds) + " |",
+                 "", "| mode | decode tok/s per stream | end-to-end tok/s per stream | "
+                 + " | ".join(f"{k} decode tok/s" for k in kinds) + " |",
                  "|---|---|---|" + "---|" * len(kinds)]
         for label, row in (("off", off), (f"on (K={result['num_speculative_tokens']})", on)):
             lines.append(f"| {label} | {row['decode_tokens_per_s']:.1f} | {row['e2e_tokens_per_s']:.1f} | "
