@@ -10,7 +10,9 @@ turns false (/health answers 503) and `run_forever` returns (the server then exi
 
 The tokenizer, chat template and grammar compiler live here too (read from the same files as the
 core's): prompts are tokenized and grammars checked before a request crosses to the core, which
-compiles each grammar again for its own matcher (cached).
+compiles each grammar again for its own matcher (cached). The core sends token ids; their text and
+the stop strings are made here (front_text.py), and a request a stop string ends is then aborted in
+the core with reason "stop".
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from server.engine import wire
 from server.engine.core_process import core_main
 from server.engine.engine import OutputStream
 from server.engine.errors import (EngineDeadError, EngineShuttingDownError, InvalidRequestError, QueueFullError)
+from server.engine.front_text import RequestText
 from server.engine.request import GenerationRequest
 from server.engine.results import EngineObserver, NullObserver, RequestOutput
 
@@ -113,6 +116,7 @@ class EngineCoreClient:
         ready = self._ready
         from model.text.chat_template import ChatTemplate
         from model.text.tokenizer import load_tokenizer
+        from server.engine.detokenizer import byte_view
         from server.engine.grammar import GrammarCompiler
         from server.executor.build import special_token_texts
         self.tokenizer = load_tokenizer(ready.tokenizer_source, self.config.model.byte_level_decoder)
@@ -123,6 +127,8 @@ class EngineCoreClient:
                                         wrap_up=self.config.engine.grammar_wrap_up)
         self.max_context, self.vocab_size = ready.max_context, ready.vocab_size
         self.model_name = ready.model_name
+        self._byte_view = byte_view(self.tokenizer)
+        self._eos_token_ids = tuple(ready.eos_token_ids)
 
     def run_forever(self) -> int | None:
         """Block until the core process has exited; its exit code."""
@@ -220,6 +226,7 @@ class EngineCoreClient:
             raise EngineShuttingDownError("the server is shutting down")
         request_id = request.request_id
         stream = OutputStream(asyncio.get_running_loop(), request_id)
+        text = RequestText(self.tokenizer, self._byte_view, request, self._eos_token_ids)
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -227,16 +234,18 @@ class EngineCoreClient:
             self._unstarted[request_id] = request.tenant
         finished = False
         try:
-            self._send(wire.add_request(request))
+            self._send(wire.add_request(request, with_stop_strings=False))
             while not finished:
-                output = await stream.get()
+                output = text.apply(await stream.get(), stream.cached_tokens)
                 finished = output.finished
                 yield output
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
                 self._unstarted.pop(request_id, None)
-            if not finished and self.alive:
+            if text.stopped_by_string:      # the core has not seen the stop string: end the request there
+                self._send(wire.Abort([request_id], "stop"))
+            elif not finished and self.alive:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -356,6 +365,7 @@ class EngineCoreClient:
                 if stream is None:          # aborted here meanwhile
                     continue
                 self._unstarted.pop(w.request_id, None)
+                stream.cached_tokens = w.cached_tokens
                 if w.finish_reason is not None:
                     del self._streams[w.request_id]
                 by_loop[stream.loop].append((stream, wire.request_output(w)))

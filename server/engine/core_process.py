@@ -12,6 +12,7 @@ parent: Linux's parent-death signal, and a check of the parent's pid every poll 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -76,6 +77,7 @@ class CoreServer:
         self.from_front = from_front
         self.parent_pid = parent_pid
         self.pending: deque[wire.WireOutput] = deque()       # outputs not yet sent (engine thread appends)
+        self.requests = engine.core.requests
         self.send_lock = threading.Lock()
         self.last_sent = 0.0
         self.draining = False
@@ -106,7 +108,9 @@ class CoreServer:
         self.send(wire.Outputs(outputs, self.gauges(), self.observer.take()))
 
     def emit(self, output) -> None:
-        self.pending.append(wire.wire_output(output))
+        seq = self.requests.get(output.request_id)
+        cached = (seq.num_cached_prompt_tokens or 0) if seq is not None else 0
+        self.pending.append(wire.wire_output(output, cached))
 
     def ready(self) -> wire.Ready:
         engine = self.engine
@@ -148,8 +152,9 @@ class CoreServer:
             if isinstance(message, wire.AddRequest):
                 self.add(message)
             elif isinstance(message, wire.Abort):
+                reason = "stop" if message.reason == "stop" else "abort"
                 for request_id in message.request_ids:
-                    self.engine.abort(request_id)
+                    self.engine.abort(request_id, reason)
             elif isinstance(message, wire.Query):
                 self.answer(message)
             elif isinstance(message, wire.Drain):
@@ -252,6 +257,8 @@ def core_main(config, to_core: str, to_front: str, parent_pid: int, log_level: s
     receiver.connect(to_core)
     configure_threads()
     observer = ForwardingObserver()
+    # the API process detokenizes and matches stop strings (front_text.py)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, detokenize=False))
     try:
         engine = build_engine(config, observer=observer, start=False)
     except Exception as exc:  # noqa: BLE001 - the front reports it and exits

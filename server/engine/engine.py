@@ -55,7 +55,7 @@ class OutputStream:
     """The deltas of one request on its event loop's side. `put` runs on that loop (the engine's
     batched hand-off calls it); `get` returns everything that arrived since the last `get`, merged."""
 
-    __slots__ = ("loop", "request_id", "_pending", "_waiter", "_error")
+    __slots__ = ("loop", "request_id", "_pending", "_waiter", "_error", "cached_tokens")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request_id: str):
         self.loop = loop
@@ -63,6 +63,7 @@ class OutputStream:
         self._pending: list[RequestOutput] = []
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
+        self.cached_tokens = 0          # prompt tokens the engine found cached (an engine-core process says)
 
     def put(self, output: RequestOutput) -> None:
         self._pending.append(output)
@@ -274,8 +275,10 @@ class Engine:
             if not finished:
                 self.abort(request.request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.append(("abort", request_id))
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """End a request before its next step with `reason` ("abort"; "stop" when a stop string was
+        found outside the engine)."""
+        self._inbox.append(("abort", (request_id, reason)))
         self._wakeup.set()
 
     # ---- sessions (HTTP thread) -----------------------------------------------------------------
@@ -363,7 +366,7 @@ class Engine:
             if kind == "add":
                 self.core.add(item)
             elif kind == "abort":
-                self.core.abort(item)
+                self.core.abort(*item)
             elif kind == "barrier":
                 self._flush_outbox()        # what came before the barrier is on its way first
                 item.set()

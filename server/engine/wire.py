@@ -54,7 +54,9 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
+    """`reason` "stop": the API process found a stop string in the text (the request ends as stopped)."""
     request_ids: list[str]
+    reason: str = "abort"
 
 
 class Query(msgspec.Struct, tag="query", array_like=True):
@@ -102,6 +104,7 @@ class WireOutput(msgspec.Struct, array_like=True):
     finish_reason: Union[str, None]
     error: Union[str, None]
     usage: Union[tuple[int, int, int], None]
+    cached_tokens: int = 0      # prompt tokens found in the cache (for a usage the API process writes)
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):
@@ -150,12 +153,13 @@ def decode_to_front(data: bytes) -> ToFront:
 
 
 # ---- conversions ----------------------------------------------------------------------------------
-def add_request(request: GenerationRequest) -> AddRequest:
+def add_request(request: GenerationRequest, with_stop_strings: bool = True) -> AddRequest:
+    """The message for `request`; without its stop strings when the API process matches them."""
     p = request.params
     spec = getattr(p.grammar, "spec", None)
     params = WireParams(p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty,
                         p.presence_penalty, p.frequency_penalty, list(p.logit_bias), p.seed, p.logprobs,
-                        list(p.stop), list(p.stop_token_ids), p.ignore_eos, p.min_tokens,
+                        list(p.stop) if with_stop_strings else [], list(p.stop_token_ids), p.ignore_eos, p.min_tokens,
                         spec.kind if spec else None, spec.source if spec else None)
     return AddRequest(request.request_id, list(request.prompt_token_ids), params, request.tenant,
                       request.session_id, request.priority, request.arrival_time)
@@ -171,12 +175,12 @@ def generation_request(message: AddRequest, grammar=None) -> GenerationRequest:
                              message.session_id, message.priority, message.arrival_time)
 
 
-def wire_output(output: RequestOutput) -> WireOutput:
+def wire_output(output: RequestOutput, cached_tokens: int = 0) -> WireOutput:
     logprobs = None if output.logprobs is None else [(lp.token_id, lp.logprob, list(lp.top)) for lp in output.logprobs]
     usage = None if output.usage is None else (output.usage.prompt_tokens, output.usage.completion_tokens,
                                                output.usage.cached_tokens)
     return WireOutput(output.request_id, output.text, list(output.token_ids), logprobs, output.finish_reason,
-                      output.error, usage)
+                      output.error, usage, cached_tokens)
 
 
 def request_output(w: WireOutput) -> RequestOutput:
