@@ -213,6 +213,9 @@ def run_gpu_check(args) -> int:
         return 0
     from server.executor.build import resolve_device
     device = resolve_device(args.device)
+    if args.device == "auto" and device.type == "cpu" and not args.quick:
+        raise ValueError("no CUDA device here: the check is for a GPU (--quick runs its reduced form on a CPU, "
+                         "--device cpu the full one)")
     if threading.current_thread() is threading.main_thread():   # SIGTERM ends the running phase too
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     chosen = settings(args, device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ class RandomTransformersPeer(TransformersPeer):
     change the time of a step)."""
 
     def __init__(self, config, dtype: torch.dtype, device: torch.device):   # no GGUF to load: not super()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import LlamaConfig as HFLlamaConfig
         from transformers import LlamaForCausalLM
 
