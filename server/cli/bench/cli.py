@@ -1,4 +1,4 @@
-"""`customllm bench engine|structured|serve|fairness|disk-tier`: benchmarks as commands. Each prints a
+"""`customllm bench engine|structured|serve|fairness|disk-tier|gpu`: benchmarks as commands. Each prints a
 table, writes JSON and can append its figures to docs/benchmarks.md (`--record`)."""
 from __future__ import annotations
 
@@ -132,6 +132,13 @@ def add_parser(subparsers) -> None:
     disk.add_argument("--out", default=None, help="JSON result file")
     disk.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     disk.set_defaults(func=run_disk_tier)
+
+    gpu = kinds.add_parser("gpu", help="the GPU check in one command: gpu-marked tests, the 973M model's decode at "
+                           "batch 1/64/256 against its roofline, the built-in model against transformers",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from server.cli.bench.gpu_bench import add_arguments as add_gpu_arguments
+    add_gpu_arguments(gpu)
+    gpu.set_defaults(func=run_gpu)
 
 
 def _write(result: dict, out: str | None) -> None:
@@ -366,3 +373,8 @@ def run_disk_tier(args) -> int:
                          f"**{d['on_over_off']:.3f}×** (medians: {d['median_on_over_off']:.3f}×)")
         _record(lines)
     return 0
+
+
+def run_gpu(args) -> int:
+    from server.cli.bench.gpu_bench import run_gpu_check
+    return run_gpu_check(args)
