@@ -14,6 +14,7 @@ from server.config import QUANTIZATIONS, ApiConfig, EngineConfig, ModelLoadConfi
 
 log = logging.getLogger("customllm.serve")
 ENV_PREFIX = "CUSTOMLLM_"
+MIN_CPUS_FOR_ENGINE_PROCESS = 4
 
 
 def _env_name(flag: str) -> str:
@@ -73,8 +74,10 @@ def add_parser(subparsers) -> None:
          "family, SmartLLM without routed experts)", bool, False)
     e = p.add_argument_group("engine")
     _add(e, "--engine-process", "run the engine core (model, scheduling, sampling) in a process of its own, the HTTP "
-         "process tokenizing, templating and streaming beside it; if the core dies the server exits non-zero. Off: one "
-         "process, the engine loop in its main thread", bool, True)
+         "process tokenizing, templating, detokenizing and streaming beside it (if the core dies the server exits "
+         "non-zero): on, off (one process, the engine loop in its main thread), or auto: on with CUDA or at least "
+         f"{MIN_CPUS_FOR_ENGINE_PROCESS} usable CPUs (on two cores the processes' threads contend and one process "
+         "is faster: docs/benchmarks.md)", default="auto")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
     _add(e, "--max-num-seqs", "most sequences in one batch", int, defaults_engine.max_num_seqs)
@@ -150,6 +153,8 @@ def _check(args) -> None:
         raise ValueError(f"--port {args.port}: must be in [1, 65535]")
     if args.preset and args.model and args.model.endswith(".gguf"):
         raise ValueError("--preset does not apply to a GGUF file, which carries its own configuration")
+    if args.engine_process not in ("auto", "on", "off"):
+        raise ValueError(f"--engine-process {args.engine_process!r}: choose auto, on or off")
     if args.quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {args.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if args.header_timeout <= 0:
@@ -212,6 +217,15 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def engine_process_wanted(choice: str, device_name: str) -> bool:
+    """`--engine-process`: auto is on with CUDA or MIN_CPUS_FOR_ENGINE_PROCESS usable CPUs."""
+    if choice != "auto":
+        return choice == "on"
+    from server.executor.build import resolve_device
+    from server.executor.threads import available_cpus
+    return resolve_device(device_name).type == "cuda" or available_cpus() >= MIN_CPUS_FOR_ENGINE_PROCESS
+
+
 def _after_engine_process(engine, exit_code, state, server, http, grace: float) -> int:
     """The engine-core process has exited: after a drain, wait for the shutdown to finish and exit 0;
     otherwise it died, and so does the server (non-zero: an orchestrator restarts it) once the
@@ -243,6 +257,7 @@ def run(args) -> int:
 
     setup_logging(args.log_level)
     config = config_from_args(args)
+    in_own_process = engine_process_wanted(args.engine_process, config.model.device)
     from server.executor.threads import configure_threads
     configure_threads()
     api = config.api
@@ -290,7 +305,7 @@ def run(args) -> int:
             return 1
         log.info("listening on http://%s:%d (auth %s); /health answers 503 until the model is loaded", api.host,
                  api.port, "on" if api.api_keys else "off")
-        if args.engine_process:
+        if in_own_process:
             from server.engine.core_client import EngineCoreClient
             engine = EngineCoreClient(config, observer=metrics, log_level=args.log_level)
             state["loading"] = engine
@@ -308,7 +323,7 @@ def run(args) -> int:
         log.info("stopped")
         return 0
     except RuntimeError as exc:
-        if not args.engine_process:
+        if not in_own_process:
             raise
         log.error("the engine core could not start: %s", exc)
         state["loading"].stop()
@@ -326,7 +341,7 @@ def run(args) -> int:
     threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
     log.info("serving %s on http://%s:%d", engine.model_name, api.host, api.port)
     exit_code = engine.run_forever()
-    if args.engine_process:
+    if in_own_process:
         return _after_engine_process(engine, exit_code, state, server, http, grace)
     if not engine.stopping:       # the loop died: keep answering /health with 503 until told to stop
         log.error("the engine loop stopped; /health answers 503 until the server is stopped")

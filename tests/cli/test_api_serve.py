@@ -45,7 +45,7 @@ def test_flag_values_are_checked(model_dir):
 
 def test_a_signal_while_loading_or_serving_exits_0(model_dir):
     # the first answer of /health is 503 while the model loads (200 if loading already finished)
-    with subprocess_server(model_dir, statuses=(503, 200)) as (process, url):
+    with subprocess_server(model_dir, "--engine-process", "on", statuses=(503, 200)) as (process, url):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert "Traceback" not in process.stdout.read()
@@ -54,7 +54,8 @@ def test_a_signal_while_loading_or_serving_exits_0(model_dir):
 def test_api_keys_from_a_file_and_protected_metrics(model_dir, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# tenants\nkey-one\n\n  key-two  \n")
-    with subprocess_server(model_dir, "--api-key-file", str(keys), "--metrics-auth") as (process, url):
+    with subprocess_server(model_dir, "--api-key-file", str(keys), "--metrics-auth", "--engine-process", "on") as (
+            process, url):
         core = engine_core_pid(process.pid)
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 401
@@ -104,7 +105,7 @@ def gone_within(pid: int, timeout: float) -> bool:
 
 
 def test_the_engine_core_dying_makes_the_server_exit_non_zero(model_dir):
-    with subprocess_server(model_dir) as (process, url):
+    with subprocess_server(model_dir, "--engine-process", "on") as (process, url):
         core = engine_core_pid(process.pid)
         os.kill(core, signal.SIGKILL)
         assert process.wait(timeout=30) == 1
@@ -113,18 +114,27 @@ def test_the_engine_core_dying_makes_the_server_exit_non_zero(model_dir):
 
 
 def test_the_engine_core_follows_a_killed_api_process(model_dir):
-    with subprocess_server(model_dir) as (process, url):
+    with subprocess_server(model_dir, "--engine-process", "on") as (process, url):
         core = engine_core_pid(process.pid)
         process.kill()
         process.wait(timeout=30)
         assert gone_within(core, 10), "the engine core outlived its API process"
 
 
-def test_one_process_mode_still_serves(model_dir):
-    with subprocess_server(model_dir, "--no-engine-process") as (process, url):
+def test_one_process_mode_serves(model_dir):
+    with subprocess_server(model_dir, "--engine-process", "off") as (process, url):
         assert not [p for p in children_of(process.pid)
                     if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
         answer = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def test_engine_process_auto_takes_a_process_with_cuda_or_enough_cpus(monkeypatch):
+    from server.cli import serve
+    from server.executor import threads
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    assert not serve.engine_process_wanted("auto", "cpu") and serve.engine_process_wanted("on", "cpu")
+    monkeypatch.setattr(threads, "available_cpus", lambda: serve.MIN_CPUS_FOR_ENGINE_PROCESS)
+    assert serve.engine_process_wanted("auto", "cpu") and not serve.engine_process_wanted("off", "cpu")
