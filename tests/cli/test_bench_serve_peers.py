@@ -66,7 +66,7 @@ def test_vllm_runs_from_its_own_python_in_bfloat16_with_its_threads_bound():
 
 def test_the_servers_of_one_invocation_ours_first_then_the_peers():
     args = build_parser().parse_args(
-        ["bench", "serve", "--start-customllm", "", "--start-customllm", "--compile-decode --max-num-seqs 16",
+        ["bench", "serve", "--start-customllm", "", "--start-customllm=--compile-decode --max-num-seqs 16",
          "--start-llama-server", "/opt/llama-server", "--start-vllm", "/v/bin/python", "--hf-model", "/hf",
          "--peer-url", "http://10.0.0.5:9000/", "--concurrency", "1,16", "--ttft-prompt-tokens", "512,2000",
          "--output-len", "64", "--input-len", "64", "--peer-threads", "2"])
@@ -105,6 +105,8 @@ def test_a_peer_that_exits_is_reported_with_its_status_and_log(tmp_path):
     assert "llama-server exited with status 3 before it was ready" in result.stderr
     assert "error: failed to open GGUF file" in result.stderr and str(tmp_path / "logs") in result.stderr
     assert time.monotonic() - started < 60         # noticed when it exited, not at the 900 s deadline
+    missing = bench_serve(tmp_path, "--url", "http://127.0.0.1:9", "--start-llama-server", str(tmp_path / "absent"))
+    assert missing.returncode == 1 and f"llama-server could not be started ({tmp_path / 'absent'})" in missing.stderr
 
 
 def test_a_peer_that_never_answers_is_stopped_with_its_children(tmp_path):
@@ -144,7 +146,7 @@ def test_ttft_at_exact_prompt_lengths_interleaved_with_a_peer(model_dir, tmp_pat
     with InProcessServer(model_dir, engine_config=engine) as server:
         # the same server again as a "peer": the interleaving and the ratios without a real peer
         result = bench_serve(tmp_path, "--url", server.url, "--peer-url", server.url + "/", "--concurrency", "1,2",
-                             "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
+                             "--num-prompts", "2", "--input-len", "24", "--output-len", "4",
                              "--ttft-prompt-tokens", "20,70", "--ttft-repeats", "2", "--rounds", "2",
                              "--out", str(out), "--record")
         assert result.returncode == 0, result.stderr[-3000:]
@@ -165,7 +167,11 @@ def test_ttft_at_exact_prompt_lengths_interleaved_with_a_peer(model_dir, tmp_pat
                     assert row["cached_tokens_max"] == 0
                 else:
                     assert row["cached_tokens_max"] == row["prompt_tokens"] // 16 * 16
+            # nor did the warm-up's prompts (24 words: at least a full block each) come back in a round
+            if entry["label"] == "customllm":
+                assert [level["cached_tokens_max"] for level in run["levels"]] == [0, 0]
             assert all(level["errors"] == 0 for level in run["levels"]) and run["others_cpu_s"] == 0
+            assert run["client_cpu_s"] > 0 and "foreign_cpu_s" not in run     # a --url server: no CPU account
         assert set(entry["summary"]["ttft"]) == {"20", "70"}
     [ratio] = report["ratios"]
     assert (ratio["ours"], ratio["peer"]) == ("customllm", server.url)
@@ -187,7 +193,10 @@ def test_the_bench_starts_our_server_measures_it_and_stops_it(model_dir, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     [entry] = json.loads(out.read_text())["servers"]
     assert entry["label"] == f"customllm {serve_args}" and entry["ready_s"] > 0
-    assert entry["command"][3:4] == ["serve"] and entry["rounds"][0]["ttft"][0]["served_prompt_tokens"] == [30]
+    [run] = entry["rounds"]
+    assert entry["command"][3:4] == ["serve"] and run["ttft"][0]["served_prompt_tokens"] == [30]
+    # the server's own CPU time is counted (and taken out of the machine's busy time)
+    assert run["idle_cpu_s"] == {} and isinstance(run["foreign_cpu_s"], float)
     with pytest.raises(httpx.ConnectError):           # stopped once measured
         httpx.get(entry["url"] + "/health", timeout=2)
     assert list((tmp_path / "logs").iterdir())

@@ -89,7 +89,8 @@ def add_parser(subparsers) -> None:
                        help="the server to measure (start it first); not measured when --start-customllm is given")
     serve.add_argument("--start-customllm", action="append", default=[], metavar="SERVE_ARGS",
                        help="start `customllm serve SERVE_ARGS` and measure it as ours (repeatable; '' for the "
-                            "default flags, e.g. --start-customllm '' --start-customllm '--compile-decode')")
+                            "default flags; write arguments that start with - after an =: --start-customllm '' "
+                            "--start-customllm=--compile-decode)")
     serve.add_argument("--peer-url", action="append", default=[], help="another running server, measured alike")
     serve.add_argument("--start-llama-server", default=None, metavar="BINARY",
                        help="start llama.cpp's native llama-server (this binary) on --gguf as a peer")

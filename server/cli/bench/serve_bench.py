@@ -129,6 +129,7 @@ async def run_level(url: str, model: str, concurrency: int, num_prompts: int, in
         "itl_s": percentiles([x for r in ok for x in r.itls]), "e2e_s": percentiles([r.latency for r in ok]),
         # the streams' decode rate together: each stream makes a token per TPOT
         "decode_tokens_per_s": concurrency / percentiles(tpots)["p50"] if tpots else float("nan"),
+        "cached_tokens_max": max((r.cached_tokens for r in ok), default=0),    # servers that report it
     }
 
 
@@ -254,14 +255,19 @@ def measure_server(url: str, model: str, plan: ServePlan, headers: dict, seed: i
     return {"levels": levels, "ttft": ttft}
 
 
+# a warm-up's prompts come from seeds no round uses (Random(-n) is Random(n): no negative seeds), so that
+# no timed prompt is in a server's prefix cache
+WARM_UP_SEED_OFFSET = 10**9
+
+
 def warm_up(url: str, model: str, plan: ServePlan, headers: dict) -> None:
     """What a fresh server does once (allocations, compiled shapes, caches) done before anything is timed:
     the largest concurrency with short answers and one prompt of each TTFT length."""
     top = max(plan.concurrencies)
-    asyncio.run(run_level(url, model, top, top, plan.input_words, min(8, plan.output_len), None, headers,
-                          plan.seed - 1))
+    seed = plan.seed + WARM_UP_SEED_OFFSET
+    asyncio.run(run_level(url, model, top, top, plan.input_words, min(8, plan.output_len), None, headers, seed))
     for tokens in plan.ttft_prompt_tokens:
-        asyncio.run(run_ttft(url, model, tokens, 1, headers, plan.seed - 1 - tokens))
+        asyncio.run(run_ttft(url, model, tokens, 1, headers, seed + tokens))
 
 
 def bench_serve(url: str, plan: ServePlan, session_turns: int, api_key: str | None) -> dict:

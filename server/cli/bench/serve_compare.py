@@ -2,7 +2,9 @@
 starts), peers it starts (llama-server, vLLM's CPU build, llama-cpp-python) and `--peer-url`s, measured
 interleaved — round 1 measures every server in turn, then round 2, … — with one warm-up per server
 first. While one server is measured the others idle; the CPU seconds they used meanwhile are recorded
-(`others_cpu_s`), so a peer that spins while idle shows in the figures rather than hiding in them.
+(`others_cpu_s`), so a peer that spins while idle shows in the figures rather than hiding in them, and
+so is the CPU time of everything else on the machine (`foreign_cpu_s`: busy time from /proc/stat less
+every started server's and the client's), which says whether a round ran on a quiet machine.
 """
 from __future__ import annotations
 
@@ -139,13 +141,20 @@ def compare_servers(servers: list[ServerUnderTest], plan: ServePlan, rounds: int
     for index in range(rounds):
         for server in servers:
             print(f"round {index + 1}/{rounds}: {server.label}", file=sys.stderr, flush=True)
-            idle = [s for s in servers if s is not server and s.running is not None]
-            before = [s.running.cpu_seconds() for s in idle]
+            started_servers = [s for s in servers if s.running is not None]
+            before = [s.running.cpu_seconds() for s in started_servers]
+            machine_before, own_before = sp.busy_cpu_seconds(), sp.own_cpu_seconds()
             started_at = time.perf_counter()
             run = measure_server(server.url, models[server.label], plan, server.headers, plan.seed + 1000 * index)
             run["round"] = index + 1
             run["wall_s"] = time.perf_counter() - started_at
-            run["others_cpu_s"] = sum(s.running.cpu_seconds() - b for s, b in zip(idle, before))
+            used = {s.label: s.running.cpu_seconds() - b for s, b in zip(started_servers, before)}
+            run["idle_cpu_s"] = {label: cpu for label, cpu in used.items() if label != server.label}
+            run["others_cpu_s"] = sum(run["idle_cpu_s"].values())
+            run["client_cpu_s"] = sp.own_cpu_seconds() - own_before
+            if server.running is not None:     # what no server here and not the client used: other work
+                run["foreign_cpu_s"] = (sp.busy_cpu_seconds() - machine_before - sum(used.values())
+                                        - run["client_cpu_s"])
             measured[server.label].append(run)
     results = []
     for server in servers:
@@ -167,12 +176,13 @@ def record_lines(result: dict, date: str) -> list[str]:
     levels = plan["concurrencies"]
     lengths = plan["ttft_prompt_tokens"]
     header = (["server", "round"] + [f"c={c} output tok/s | c={c} decode tok/s" for c in levels]
-              + [f"TTFT {n} tok ms" for n in lengths] + ["errors", "others' CPU s"])
-    columns = 2 + 2 * len(levels) + len(lengths) + 2
+              + [f"TTFT {n} tok ms" for n in lengths] + ["errors", "idle servers' CPU s", "other work's CPU s"])
+    columns = 2 + 2 * len(levels) + len(lengths) + 3
     lines = [f"### bench serve — {date} — {result['machine']}", f"`{result['command']}`", "",
              f"{plan['input_words']}-word prompts, {plan['output_len']} tokens each, {plan['num_prompts']} requests "
              f"per level (at least the concurrency); decode tok/s = streams / median time per output token; TTFT: "
-             f"median of {plan['ttft_repeats']} prompts of random token ids; figures per round, then medians.", "",
+             f"median of {plan['ttft_repeats']} prompts of random token ids; figures per round, then medians; "
+             "CPU seconds used meanwhile by the servers not measured and by everything else on the machine.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * columns]
 
     def cells(levels_: list[dict], ttft: list[dict]) -> list[str]:
@@ -186,7 +196,8 @@ def record_lines(result: dict, date: str) -> list[str]:
             run = server["rounds"][index]
             errors = sum(lv["errors"] for lv in run["levels"]) + sum(row["errors"] for row in run["ttft"])
             lines.append("| " + " | ".join([server["label"], str(index + 1), *cells(run["levels"], run["ttft"]),
-                                              str(errors), f"{run['others_cpu_s']:.1f}"]) + " |")
+                                              str(errors), f"{run['others_cpu_s']:.1f}",
+                                              f"{run['foreign_cpu_s']:.1f}" if "foreign_cpu_s" in run else "–"]) + " |")
     for server in result["servers"]:
         summary = server["summary"]
         row = [f"**{server['label']}**", "median"]
@@ -195,7 +206,7 @@ def record_lines(result: dict, date: str) -> list[str]:
             row += [f"**{lv['output_tokens_per_s']:.1f}**", f"**{lv['decode_tokens_per_s']:.1f}**"]
         row += [f"**{summary['ttft'][str(n)]['p50_s'] * 1e3:.0f}**" for n in lengths]
         row += [str(sum(v["errors"] for v in summary["levels"].values())
-                    + sum(v["errors"] for v in summary["ttft"].values())), ""]
+                    + sum(v["errors"] for v in summary["ttft"].values())), "", ""]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for row in result["ratios"]:

@@ -183,9 +183,12 @@ def started(spec: ServerSpec, log_dir: Path, timeout: float):
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.label.replace(' ', '_').replace('/', '_').strip('-_')}-{spec.port}.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, **spec.env}, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+        try:
+            process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, **spec.env}, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+        except OSError as exc:           # no such binary, not executable
+            raise ServerStartError(f"{spec.label} could not be started ({spec.command[0]}): {exc}") from None
     try:
         ready_s = wait_ready(spec, process, log_path, timeout)
         yield RunningServer(spec, process, log_path, ready_s)
@@ -209,3 +212,16 @@ def session_cpu_seconds(sid: int) -> float:
         if int(fields[3]) == sid:
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (user, nice, system, interrupts, steal), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fh.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (the bench's client), all threads."""
+    times = os.times()
+    return times.user + times.system
