@@ -42,6 +42,8 @@ class EngineConfig:
     kv_host_gib: float = 0.0                   # a host-memory tier between the pool and the disk (0: off)
     grammar_cache_size: int = 256              # compiled grammars kept (LRU by schema text)
     grammar_wrap_up: bool = True               # constrained answers steered to complete within max_tokens
+    # detokenize and match stop strings in the engine (off in the engine-core process: the API process does)
+    detokenize: bool = True
     # prompt-lookup speculation (server/engine/speculation.py), for requests that ask for it
     num_speculative_tokens: int = 0            # draft tokens verified per step (0: off)
     prompt_lookup_max: int = 3                 # longest n-gram looked up

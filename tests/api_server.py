@@ -123,6 +123,36 @@ class InProcessServer(UvicornThread):
         self.engine.check_integrity()
 
 
+class EngineProcessServer(UvicornThread):
+    """The tiny model's engine core in a process of its own (`serve --engine-process`), the app and
+    uvicorn in this one."""
+
+    def __init__(self, model_dir: Path, api: ApiConfig | None = None, engine_config: EngineConfig | None = None):
+        from server.engine.core_client import EngineCoreClient
+        self.metrics = Metrics()
+        self.config = tiny_server_config(model_dir, api, engine_config)
+        self.engine = EngineCoreClient(self.config, observer=self.metrics, log_level="warning").start()
+        try:
+            self.engine.wait_ready(timeout=180)
+        except BaseException:
+            self.engine.stop()
+            raise
+        self.metrics.bind_engine(self.engine)
+        super().__init__(create_app(self.engine, self.config.api, self.metrics),
+                         header_timeout_s=self.config.api.header_timeout_s)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self.engine.stop()
+
+    def settle(self) -> None:
+        """Wait until the core holds no request (aborts included), then check its block pool."""
+        deadline = time.monotonic() + 30
+        while self.engine.check_integrity() and time.monotonic() < deadline:
+            pass
+        assert self.engine.check_integrity() == 0, "requests still held by the engine core"
+
+
 class StepGate:
     """Wraps the engine's model execution to count steps and hold them from step `hold_from` on
     until `release()`; records when the HTTP layer aborts a request."""

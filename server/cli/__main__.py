@@ -3,4 +3,5 @@ import sys
 
 from server.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":      # not when the engine-core process (spawned) imports this module
+    sys.exit(main())

@@ -15,6 +15,7 @@ from server.config import QUANTIZATIONS, ApiConfig, EngineConfig, ModelLoadConfi
 log = logging.getLogger("customllm.serve")
 ENV_PREFIX = "CUSTOMLLM_"
 MAX_SPECULATIVE_TOKENS = 32
+MIN_CPUS_FOR_ENGINE_PROCESS = 4
 
 
 def _env_name(flag: str) -> str:
@@ -73,6 +74,11 @@ def add_parser(subparsers) -> None:
          "models whose decode attention runs in the CPU kernel and whose MoE routes without host syncs (the Llama "
          "family, SmartLLM without routed experts)", bool, False)
     e = p.add_argument_group("engine")
+    _add(e, "--engine-process", "run the engine core (model, scheduling, sampling) in a process of its own, the HTTP "
+         "process tokenizing, templating, detokenizing and streaming beside it (if the core dies the server exits "
+         "non-zero): on, off (one process, the engine loop in its main thread), or auto: on with CUDA or at least "
+         f"{MIN_CPUS_FOR_ENGINE_PROCESS} usable CPUs (on two cores the processes' threads contend and one process "
+         "is faster: docs/benchmarks.md)", default="auto")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
     _add(e, "--max-num-seqs", "most sequences in one batch", int, defaults_engine.max_num_seqs)
@@ -155,6 +161,8 @@ def _check(args) -> None:
         raise ValueError(f"--port {args.port}: must be in [1, 65535]")
     if args.preset and args.model and args.model.endswith(".gguf"):
         raise ValueError("--preset does not apply to a GGUF file, which carries its own configuration")
+    if args.engine_process not in ("auto", "on", "off"):
+        raise ValueError(f"--engine-process {args.engine_process!r}: choose auto, on or off")
     if args.quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {args.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if args.header_timeout <= 0:
@@ -223,9 +231,37 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def engine_process_wanted(choice: str, device_name: str) -> bool:
+    """`--engine-process`: auto is on with CUDA or MIN_CPUS_FOR_ENGINE_PROCESS usable CPUs."""
+    if choice != "auto":
+        return choice == "on"
+    from server.executor.build import resolve_device
+    from server.executor.threads import available_cpus
+    return resolve_device(device_name).type == "cuda" or available_cpus() >= MIN_CPUS_FOR_ENGINE_PROCESS
+
+
+def _after_engine_process(engine, exit_code, state, server, http, grace: float) -> int:
+    """The engine-core process has exited: after a drain, wait for the shutdown to finish and exit 0;
+    otherwise it died, and so does the server (non-zero: an orchestrator restarts it) once the
+    in-flight requests have had their error events."""
+    if engine.stopping:
+        if state.get("shutdown") is not None:
+            state["shutdown"].join(timeout=grace + 30)
+        engine.stop()
+        log.info("stopped")
+        return 1 if state["http_failed"] else 0
+    log.error("the engine core process died (exit code %s): exiting", exit_code)
+    state["engine_died"] = True
+    server.should_exit = True
+    http.join(timeout=10)
+    engine.stop()
+    return 1
+
+
 def run(args) -> int:
     """HTTP first (so /health answers 503 while the model loads), then the model, then the engine
-    loop in the main thread until a signal drains it."""
+    loop in the main thread until a signal drains it; with --engine-process the model and the loop
+    are in the engine-core process, which the main thread watches."""
     import uvicorn
 
     from server.api.app import create_app
@@ -235,6 +271,7 @@ def run(args) -> int:
 
     setup_logging(args.log_level)
     config = config_from_args(args)
+    in_own_process = engine_process_wanted(args.engine_process, config.model.device)
     from server.executor.threads import configure_threads
     configure_threads()
     api = config.api
@@ -247,7 +284,7 @@ def run(args) -> int:
                                            http=http_protocol(api.header_timeout_s),
                                            access_log=False, timeout_graceful_shutdown=int(grace) + 5))
     http = threading.Thread(target=server.run, name="http", daemon=True)
-    state = {"engine": None, "signalled": False, "http_failed": False}
+    state = {"engine": None, "signalled": False, "http_failed": False, "engine_died": False}
 
     def shut_down() -> None:
         """Stop accepting; running requests get `grace` seconds, the rest are aborted (finish_reason
@@ -267,7 +304,8 @@ def run(args) -> int:
             log.info("signal %s while loading: stopping", signal.Signals(sig).name)
             raise _StopLoading
         log.info("signal %s: draining (grace %.0f s)", signal.Signals(sig).name, grace)
-        threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
+        state["shutdown"] = threading.Thread(target=shut_down, name="shutdown", daemon=True)
+        state["shutdown"].start()
 
     # handlers first: a signal may come as soon as /health answers
     signal.signal(signal.SIGTERM, on_signal)
@@ -281,25 +319,44 @@ def run(args) -> int:
             return 1
         log.info("listening on http://%s:%d (auth %s); /health answers 503 until the model is loaded", api.host,
                  api.port, "on" if api.api_keys else "off")
-        engine = build_engine(config, observer=metrics, start=False)
+        if in_own_process:
+            from server.engine.core_client import EngineCoreClient
+            engine = EngineCoreClient(config, observer=metrics, log_level=args.log_level)
+            state["loading"] = engine
+            engine.start()
+            engine.wait_ready()
+        else:
+            engine = build_engine(config, observer=metrics, start=False)
         metrics.bind_engine(engine)
         state["engine"] = engine
     except _StopLoading:
+        if state.get("loading") is not None:
+            state["loading"].stop()
         server.should_exit = True
         http.join(timeout=10)
         log.info("stopped")
         return 0
+    except RuntimeError as exc:
+        if not in_own_process:
+            raise
+        log.error("the engine core could not start: %s", exc)
+        state["loading"].stop()
+        server.should_exit = True
+        http.join(timeout=10)
+        return 1
     app.state.engine = engine
 
     def watch_http() -> None:
         http.join()
-        if not state["signalled"]:
+        if not state["signalled"] and not state["engine_died"]:
             log.error("the HTTP server stopped unexpectedly")
             state["http_failed"] = True
             engine.stop()
     threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
     log.info("serving %s on http://%s:%d", engine.model_name, api.host, api.port)
-    engine.run_forever()
+    exit_code = engine.run_forever()
+    if in_own_process:
+        return _after_engine_process(engine, exit_code, state, server, http, grace)
     if not engine.stopping:       # the loop died: keep answering /health with 503 until told to stop
         log.error("the engine loop stopped; /health answers 503 until the server is stopped")
         http.join()

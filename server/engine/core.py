@@ -73,7 +73,7 @@ class EngineCore:
         # tables lose entries behind it; those steps are built from chunks like prefill steps)
         self.batch = None if self.window is not None else PersistentBatch(
             config.max_num_seqs, -(-self.max_context // self.kv.block_size) + 1, self.vocab_size)
-        self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_context, observer)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_context, observer, config.detokenize)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.RLock()
 
@@ -138,11 +138,11 @@ class EngineCore:
             if self.requests.get(seq.request_id) is seq:
                 self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
         with self.lock:
             seq = self.requests.get(request_id)
             if seq is not None:
-                self.finish(seq, "abort")
+                self.finish(seq, reason)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

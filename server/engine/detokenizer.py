@@ -90,9 +90,11 @@ class ByteDetokenizer:
 
     def push(self, token_ids: list[int]) -> str:
         table = self._bytes
-        if len(token_ids) == 1:
-            return self._decoder.decode(table[token_ids[0]])
-        return self._decoder.decode(b"".join(table[t] for t in token_ids))
+        try:
+            data = table[token_ids[0]] if len(token_ids) == 1 else b"".join(table[t] for t in token_ids)
+        except IndexError:      # ids past the tokenizer's vocabulary (a model's padded rows) have no text
+            data = b"".join(table[t] if t < len(table) else b"" for t in token_ids)
+        return self._decoder.decode(data)
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

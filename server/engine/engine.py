@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 from torch import nn
@@ -55,22 +55,35 @@ class OutputStream:
     """The deltas of one request on its event loop's side. `put` runs on that loop (the engine's
     batched hand-off calls it); `get` returns everything that arrived since the last `get`, merged."""
 
-    __slots__ = ("loop", "request_id", "_pending", "_waiter")
+    __slots__ = ("loop", "request_id", "_pending", "_waiter", "_error", "cached_tokens")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request_id: str):
         self.loop = loop
         self.request_id = request_id
         self._pending: list[RequestOutput] = []
         self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self.cached_tokens = 0          # prompt tokens the engine found cached (an engine-core process says)
 
     def put(self, output: RequestOutput) -> None:
         self._pending.append(output)
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """`get` raises `error` once what arrived before it is read (an engine in another process
+        refusing the request at admission)."""
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def get(self) -> RequestOutput:
         while not self._pending:
+            if self._error is not None:
+                raise self._error
             self._waiter = self.loop.create_future()
             try:
                 await self._waiter
@@ -96,6 +109,7 @@ class Engine:
         self.chat_template = chat_template
         self.config = config
         self.model_name = model_name
+        self.tokenizer_source: str | None = None      # the tokenizer's file (build_engine sets it)
         self.model_config = model.config
         self.max_context = model.config.max_context
         self.vocab_size = model.config.vocab_size
@@ -121,6 +135,8 @@ class Engine:
         # what `generate` streams were sent since the last hand-off (engine thread only)
         self._outbox: list[tuple[OutputStream, RequestOutput]] = []
         self._loop_thread_id: int | None = None
+        # called by the loop after each hand-off (the engine-core process sends its outputs there)
+        self.on_outputs_flushed: Callable[[], None] | None = None
 
     # ---- gauges ---------------------------------------------------------------------------------
     @property
@@ -259,8 +275,10 @@ class Engine:
             if not finished:
                 self.abort(request.request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.append(("abort", request_id))
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """End a request before its next step with `reason` ("abort"; "stop" when a stop string was
+        found outside the engine)."""
+        self._inbox.append(("abort", (request_id, reason)))
         self._wakeup.set()
 
     # ---- sessions (HTTP thread) -----------------------------------------------------------------
@@ -295,6 +313,8 @@ class Engine:
             items = self._outbox[:]
             self._outbox.clear()
             self._hand_over(items)
+        if self.on_outputs_flushed is not None:
+            self.on_outputs_flushed()
 
     def _run(self) -> None:
         # intra-op thread settings are per thread: a new thread would otherwise use the default
@@ -346,7 +366,7 @@ class Engine:
             if kind == "add":
                 self.core.add(item)
             elif kind == "abort":
-                self.core.abort(item)
+                self.core.abort(*item)
             elif kind == "barrier":
                 self._flush_outbox()        # what came before the barrier is on its way first
                 item.set()

@@ -24,8 +24,12 @@ from server.engine.stops import StopStringMatcher
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_context: int, observer: EngineObserver):
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_context: int, observer: EngineObserver,
+                 detokenize: bool = True):
         self.tokenizer = tokenizer
+        # off: outputs carry token ids only (text "", stop strings not matched), for an API process
+        # that detokenizes them itself (front_text.py)
+        self.detokenize = detokenize
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.observer = observer
@@ -34,8 +38,9 @@ class OutputProcessor:
 
     def start(self, seq: Sequence) -> None:
         """Give a new request its detokenizer, stop-string matcher, ending token ids and grammar state."""
-        seq.detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids, self.byte_view)
-        seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
+        if self.detokenize:
+            seq.detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids, self.byte_view)
+            seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
         seq.ending_token_ids = frozenset(seq.request.params.ending_token_ids(self.eos_token_ids))
         if seq.request.params.grammar is not None:
             budget = min(seq.request.params.max_tokens, self.max_context - len(seq.prompt_token_ids))
@@ -57,9 +62,10 @@ class OutputProcessor:
         else:
             if grammar is not None:
                 grammar.advance(token)
-            text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push((token,)))
-            if stopped_by_string:
-                finish_reason = "stop"
+            if self.detokenize:
+                text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push((token,)))
+                if stopped_by_string:
+                    finish_reason = "stop"
         if grammar is not None and grammar.error:
             finish_reason = "error"             # a dead end: even the end-of-sequence it allowed is no answer
         elif grammar is not None and grammar.done and finish_reason is None:
@@ -67,7 +73,7 @@ class OutputProcessor:
         if finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
                                       or seq.num_tokens >= self.max_context):
             finish_reason = "length"
-        if finish_reason is not None and not stopped_by_string:
+        if finish_reason is not None and not stopped_by_string and self.detokenize:
             # release what was held back: an incomplete character, a possible stop-string prefix
             tail, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.flush())
             text += tail

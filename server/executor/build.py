@@ -100,8 +100,8 @@ def special_token_texts(tokenizer) -> dict[str, str]:
 
 def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: torch.dtype,
                              quantization: str = "none"):
-    """(model, tokenizer, chat template source or None, model name); the weights quantized as
-    `quantization` says (`resolve_quantization`)."""
+    """(model, tokenizer, chat template or None, model name, the file or directory the tokenizer was
+    read from); the weights quantized as `quantization` says (`resolve_quantization`)."""
     from model.text.chat_template import ChatTemplate
     from model.text.tokenizer import load_tokenizer
 
@@ -115,6 +115,7 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
         loaded = load_gguf_model(path, dtype=dtype, device=device, quantization=quantization)
         model, template_source = loaded.model, loaded.chat_template
         tokenizer = load_tokenizer(mcfg.tokenizer, mcfg.byte_level_decoder) if mcfg.tokenizer else loaded.tokenizer
+        tokenizer_source = mcfg.tokenizer or path
     else:
         from model.loading.loader import load_model
         loaded = load_model(path, preset=mcfg.preset, dtype=dtype, device=device)
@@ -141,7 +142,7 @@ def load_model_and_tokenizer(config: ServerConfig, device: torch.device, dtype: 
     name = mcfg.served_model_name or (BUILTIN_NAME if mcfg.model is None else path.stem if path.is_file() else path.name)
     log.info("model %s ready in %.1f s: %s parameters", name, time.monotonic() - started,
              f"{sum(p.numel() for p in model.parameters()):,}")
-    return model.eval(), tokenizer, chat_template, name
+    return model.eval(), tokenizer, chat_template, name, str(tokenizer_source)
 
 
 def resolve_decode_attention(choice: str, device: torch.device) -> str:
@@ -182,7 +183,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     quantization = resolve_quantization(config.model.quantization, config.model.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tokenizer, chat_template, name = load_model_and_tokenizer(config, device, dtype, quantization)
+    model, tokenizer, chat_template, name, tokenizer_source = load_model_and_tokenizer(config, device, dtype, quantization)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
@@ -225,6 +226,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
                     device=device, observer=observer,
                     stop_token_ids=tuple(getattr(tokenizer, "stop_token_ids", ()) or ()),
                     small_step_model=small_step_model, decode_graphs=decode_graphs)
+    engine.tokenizer_source = tokenizer_source      # what an API process in front of it loads
     if start:
         engine.start()
     return engine

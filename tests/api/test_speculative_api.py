@@ -1,7 +1,8 @@
 """`speculative_decoding` through real HTTP: on a server started with speculative tokens the answer
 (text, tokens' logprobs, streamed or not) is the one the same request gets without speculation, and
-the spec_decode counters count the drafts; on a server without speculation the field is a 400
-naming it."""
+the spec_decode counters count the drafts, also with the engine core in its own process (where stop
+strings are matched on the API side, after a step that may have appended several tokens); on a
+server without speculation the field is a 400 naming it."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from server.config import EngineConfig
-from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer
+from tests.api_server import TEST_KV_CACHE_GIB, EngineProcessServer, InProcessServer
 
 PROMPT = ("def total(values):\n    result = 0\n    for value in values:\n        result += value\n    return result\n\n"
           "Rename result to acc:\n\ndef total(values):\n    acc = 0\n    for value in values:\n")
@@ -83,3 +84,18 @@ def test_the_field_is_a_strict_boolean(spec_server):
     response = httpx.post(f"{spec_server.url}/v1/completions",
                           json={"prompt": "hi", "max_tokens": 2, "speculative_decoding": "yes"}, timeout=60)
     assert response.status_code == 400 and "speculative_decoding" in response.text
+
+
+def test_an_engine_core_process_speculates_and_forwards_its_counters(model_dir):
+    engine = EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16, num_speculative_tokens=3)
+    with EngineProcessServer(model_dir, engine_config=engine) as srv:
+        plain = completion(srv.url, ignore_eos=True).json()["choices"][0]
+        fast = completion(srv.url, ignore_eos=True, speculative_decoding=True).json()["choices"][0]
+        assert fast["text"] == plain["text"] and fast["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+        assert counter(srv.url, "spec_decode_num_drafts") > 0
+        text = plain["text"]
+        if len(text) >= 12:             # a stop string the API process finds inside a step's tokens
+            stop = text[8:12]
+            cut = completion(srv.url, ignore_eos=True, speculative_decoding=True, stop=[stop]).json()["choices"][0]
+            assert cut["text"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+        srv.settle()

@@ -152,20 +152,25 @@ def test_bench_serve_measures_levels_and_sessions_and_records_them(model_dir, tm
     engine = EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16)
     with InProcessServer(model_dir, engine_config=engine) as server:
         run_bench(tmp_path, "serve", "--url", server.url, "--concurrency", "1,3", "--num-prompts", "4",
-                  "--input-len", "8", "--output-len", "5", "--session-turns", "2", "--out", str(out), "--record")
+                  "--input-len", "8", "--output-len", "5", "--session-turns", "2", "--no-warmup", "--out", str(out),
+                  "--record")
         server.settle()
         assert server.engine.num_sessions == 0          # the benchmark's sessions were deleted
-    ours = json.loads(out.read_text())["ours"]
-    assert [level["concurrency"] for level in ours["levels"]] == [1, 3]
-    for level in ours["levels"]:
+    [ours] = json.loads(out.read_text())["servers"]
+    assert ours["label"] == "customllm" and ours["ours"] and ours["command"] is None
+    [run] = ours["rounds"]
+    assert [level["concurrency"] for level in run["levels"]] == [1, 3] and run["ttft"] == []
+    for level in run["levels"]:
         assert level["errors"] == 0 and level["num_prompts"] == 4
         assert level["output_tokens_per_s"] == pytest.approx(4 * 5 / level["duration_s"])
+        assert level["decode_tokens_per_s"] == pytest.approx(level["concurrency"] / level["tpot_s"]["p50"])
         assert 0 < level["ttft_s"]["p50"] <= level["e2e_s"]["p50"]
+    assert ours["summary"]["levels"]["3"]["output_tokens_per_s"] == run["levels"][1]["output_tokens_per_s"]
     turns = ours["sessions"]
     assert turns["1"]["cached_tokens"] == 0 and turns["2"]["cached_tokens"] > 0
     table = (tmp_path / "docs" / "benchmarks.md").read_text()
-    assert "| customllm | 1 | " in table and "| customllm | 3 | " in table
-    assert "- session turn 2: TTFT" in table
+    assert "| customllm | 1 | " in table and "| **customllm** | median | " in table
+    assert "- customllm session turn 2: TTFT" in table
 
 
 def test_bench_fairness_keeps_tenant_a_served_while_b_floods(model_dir, tmp_path):

@@ -39,4 +39,4 @@ def test_bench_spec_compares_both_modes_and_records_them(model_dir, tmp_path):
         assert figures[mode]["requests"] == code_prompts and figures[mode]["decode_tokens_per_s"] > 0
     assert 0 <= figures["acceptance_rate"] <= 1 and figures["mean_accepted_length"] >= 1
     assert figures["lookup_us"]["median"] > 0
-    assert "| on (K=4) |" in (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| on (K=3) |" in (tmp_path / "docs" / "benchmarks.md").read_text()

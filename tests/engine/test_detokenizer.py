@@ -207,3 +207,14 @@ def test_works_with_the_servers_tokenizer_interface():
     tok = TOKENIZERS["bpe420"]
     ids = tok.encode(TEXTS[0]).ids
     assert "".join(stream(Wrapper(tok), ids)) == TEXTS[0]
+
+
+def test_ids_past_the_tokenizers_vocabulary_have_no_text():
+    # a model may have more rows than its tokenizer has tokens (padded vocabularies): sampling one of
+    # them must not break the stream
+    from server.engine.detokenizer import ByteDetokenizer
+    detokenizer = ByteDetokenizer((b"a", b"\xc3", b"\xa9"))
+    assert detokenizer.push([0]) == "a"
+    assert detokenizer.push([7]) == ""
+    assert detokenizer.push([1, 9, 2]) == "é"
+    assert detokenizer.flush() == ""

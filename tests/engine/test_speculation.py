@@ -308,6 +308,14 @@ def test_seeded_and_constrained_requests_do_not_speculate_and_keep_their_outputs
         engine.stop()
 
 
+def test_the_request_field_crosses_to_an_engine_core_process():
+    from server.engine import wire
+    request = GenerationRequest("w", [1, 2, 3], SamplingParams(max_tokens=5, speculative=True))
+    message = wire.decode_to_core(wire.encode(wire.add_request(request)))
+    assert wire.generation_request(message).params.speculative is True
+    assert wire.OBSERVER_EVENTS["on_spec_decode"](2, 5, 3) == (2, 5, 3)
+
+
 def test_asking_for_speculation_on_an_engine_without_it_is_refused():
     engine = tiny_engine()
     try:

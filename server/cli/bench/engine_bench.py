@@ -76,13 +76,20 @@ async def _run_batch(engine, batch_size: int, context_len: int, output_len: int,
 def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, device: str, dtype: str,
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
                  threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
-                 quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto") -> dict:
+                 quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto",
+                 max_num_batched_tokens: int | None = None, detokenize: bool = True) -> dict:
+    """`max_num_batched_tokens` (default: 2048, or one whole prompt) bounds each step's prefill: the
+    running rows decode while later prompts are filled in, so a batch decodes together only for the
+    tokens left once every prompt is in; many long prompts need a larger budget. `detokenize` False:
+    the engine's work as in `serve`'s engine-core process, whose API process makes the text."""
     from server.executor.threads import configure_threads
     configure_threads(threads)
     timer = StepTimer()
     max_batch = max(batch_sizes)
-    engine_config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(2048, context_len),
-                                 kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2)
+    engine_config = EngineConfig(max_num_seqs=max_batch,
+                                 max_num_batched_tokens=max_num_batched_tokens or max(2048, context_len),
+                                 kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2,
+                                 detokenize=detokenize)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
                                                              device=device, dtype=dtype,
                                                              quantization=quantization,

@@ -1,6 +1,7 @@
 """Peers measured in the same invocation on the same GGUF weights: Hugging Face transformers
 (`generate`, and `generate_batch` continuous batching where the installed version has it) and
-llama-cpp-python. Each returns decode tokens/s, or raises ImportError when not installed."""
+llama-cpp-python, in process for `bench engine` (each returns decode tokens/s, or raises ImportError
+when not installed); the servers `bench serve` starts itself are in `server_processes.py`."""
 from __future__ import annotations
 
 import logging

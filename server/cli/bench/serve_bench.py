@@ -4,7 +4,12 @@ For each concurrency level it keeps that many requests in flight (or, with `--re
 Poisson arrivals) until `--num-prompts` have finished, and reports request throughput, output
 tokens/s, time to first token, time per output token and inter-token latency (mean, p50, p90, p99)
 and errors. With `--session-turns N` it also measures multi-turn sessions: time to first token of
-turn n with the session cached against the same prompt sent cold (a fresh session id).
+turn n with the session cached against the same prompt sent cold (a fresh session id). With
+`--ttft-prompt-tokens` it times the first token of prompts of exactly those many tokens (random token
+ids, one request at a time, never the same prompt twice, so no prefix cache helps).
+
+Several servers (ours, peers it started, `--peer-url`s) are measured interleaved: each round measures
+every server in turn (`compare_servers`), so that a drift of the machine touches them all alike.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class RequestResult:
     output_tokens: int = 0
     itls: list[float] = field(default_factory=list)
     cached_tokens: int = 0
+    prompt_tokens: int | None = None
     error: str | None = None
 
 
@@ -79,10 +85,10 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict, hea
     cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     return RequestResult(True, ttft=(stamps[0] - started) if stamps else None, latency=end - started,
                          output_tokens=output_tokens, itls=[b - a for a, b in zip(stamps, stamps[1:])],
-                         cached_tokens=cached)
+                         cached_tokens=cached, prompt_tokens=(usage or {}).get("prompt_tokens"))
 
 
-def completion_body(model: str, prompt: str, output_len: int) -> dict:
+def completion_body(model: str, prompt: str | list[int], output_len: int) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
 
@@ -121,7 +127,37 @@ async def run_level(url: str, model: str, concurrency: int, num_prompts: int, in
         "request_throughput": len(ok) / elapsed, "output_tokens_per_s": sum(r.output_tokens for r in ok) / elapsed,
         "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]), "tpot_s": percentiles(tpots),
         "itl_s": percentiles([x for r in ok for x in r.itls]), "e2e_s": percentiles([r.latency for r in ok]),
+        # the streams' decode rate together: each stream makes a token per TPOT
+        "decode_tokens_per_s": concurrency / percentiles(tpots)["p50"] if tpots else float("nan"),
+        "cached_tokens_max": max((r.cached_tokens for r in ok), default=0),    # servers that report it
     }
+
+
+# random prompt tokens are drawn from these ids: clear of the special tokens at the start of a
+# vocabulary, within any vocabulary this server family ships (SmolLM2's has 49,152)
+PROMPT_TOKEN_IDS = range(1000, 20000)
+
+
+def token_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.choice(PROMPT_TOKEN_IDS) for _ in range(length)]
+
+
+async def run_ttft(url: str, model: str, prompt_tokens: int, repeats: int, headers: dict, seed: int) -> dict:
+    """Time to first token of `repeats` prompts of exactly `prompt_tokens` token ids, one at a time
+    (max_tokens 1); each prompt is new, so nothing of it can be cached."""
+    rng = random.Random(seed)
+    results = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        for _ in range(repeats):
+            body = completion_body(model, token_prompt(rng, prompt_tokens), 1)
+            results.append(await stream_completion(client, f"{url}/v1/completions", body, headers))
+    ok = [r for r in results if r.ok and r.ttft is not None]
+    return {"prompt_tokens": prompt_tokens, "repeats": repeats, "errors": len(results) - len(ok),
+            "error_samples": [r.error for r in results if not r.ok][:3],
+            # what the server counted, when it reports usage: the same as asked, or the prompt was changed
+            "served_prompt_tokens": sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None}),
+            "cached_tokens_max": max((r.cached_tokens for r in ok), default=0),
+            "ttft_s": percentiles([r.ttft for r in ok])}
 
 
 async def run_sessions(url: str, model: str, turns: int, output_len: int, headers: dict, seed: int,
@@ -195,17 +231,52 @@ async def discover_model(url: str, headers: dict) -> str:
         return response.json()["data"][0]["id"]
 
 
-def bench_serve(url: str, concurrencies: list[int], num_prompts: int, input_words: int, output_len: int,
-                request_rate: float | None, session_turns: int, api_key: str | None, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class ServePlan:
+    """What each server is measured on, every round."""
+
+    concurrencies: list[int]
+    num_prompts: int
+    input_words: int
+    output_len: int
+    request_rate: float | None = None
+    ttft_prompt_tokens: tuple[int, ...] = ()
+    ttft_repeats: int = 3
+    seed: int = 0
+
+
+def measure_server(url: str, model: str, plan: ServePlan, headers: dict, seed: int) -> dict:
+    """One round on one server: a streaming run at each concurrency level, then the TTFT prompts."""
+    levels = [asyncio.run(run_level(url, model, concurrency, max(plan.num_prompts, concurrency), plan.input_words,
+                                    plan.output_len, plan.request_rate, headers, seed + concurrency))
+              for concurrency in plan.concurrencies]
+    ttft = [asyncio.run(run_ttft(url, model, tokens, plan.ttft_repeats, headers, seed + 7919 * tokens))
+            for tokens in plan.ttft_prompt_tokens]
+    return {"levels": levels, "ttft": ttft}
+
+
+# a warm-up's prompts come from seeds no round uses (Random(-n) is Random(n): no negative seeds), so that
+# no timed prompt is in a server's prefix cache
+WARM_UP_SEED_OFFSET = 10**9
+
+
+def warm_up(url: str, model: str, plan: ServePlan, headers: dict) -> None:
+    """What a fresh server does once (allocations, compiled shapes, caches) done before anything is timed:
+    the largest concurrency with short answers and one prompt of each TTFT length."""
+    top = max(plan.concurrencies)
+    seed = plan.seed + WARM_UP_SEED_OFFSET
+    asyncio.run(run_level(url, model, top, top, plan.input_words, min(8, plan.output_len), None, headers, seed))
+    for tokens in plan.ttft_prompt_tokens:
+        asyncio.run(run_ttft(url, model, tokens, 1, headers, seed + tokens))
+
+
+def bench_serve(url: str, plan: ServePlan, session_turns: int, api_key: str | None) -> dict:
+    """One server, one round (and the session turns when asked)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = url.rstrip("/")
     model = asyncio.run(discover_model(url, headers))
-    levels = []
-    for concurrency in concurrencies:
-        count = max(num_prompts, concurrency)
-        levels.append(asyncio.run(run_level(url, model, concurrency, count, input_words, output_len,
-                                            request_rate, headers, seed + concurrency)))
-    result = {"url": url, "model": model, "input_words": input_words, "output_len": output_len, "levels": levels}
+    result = {"url": url, "model": model, "input_words": plan.input_words, "output_len": plan.output_len,
+              **measure_server(url, model, plan, headers, plan.seed)}
     if session_turns:
-        result["sessions"] = asyncio.run(run_sessions(url, model, session_turns, output_len, headers, seed))
+        result["sessions"] = asyncio.run(run_sessions(url, model, session_turns, plan.output_len, headers, plan.seed))
     return result
