@@ -49,6 +49,8 @@ def bench_spec(model: str | None, tokenizer: str | None, dtype: str, num_specula
                lookup_max: int, lookup_min: int, max_tokens: int, rounds: int, concurrency: int,
                kinds: tuple[str, ...] = ("code", "summary")) -> dict:
     prompts = [p for p in SPEC_PROMPTS if p[0] in kinds]
+    if not prompts or not set(kinds) <= {p[0] for p in SPEC_PROMPTS}:
+        raise ValueError(f"--kinds {','.join(kinds)}: choose among {', '.join(sorted({p[0] for p in SPEC_PROMPTS}))}")
     engine = build_engine(ServerConfig(
         model=ModelLoadConfig(model=model, tokenizer=tokenizer, dtype=dtype),
         engine=EngineConfig(max_num_seqs=max(concurrency, 1), num_speculative_tokens=num_speculative_tokens,
