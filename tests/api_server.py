@@ -104,10 +104,13 @@ class InProcessServer(UvicornThread):
                  tokenizer: Path | None = None):
         self.metrics = Metrics()
         self.config = tiny_server_config(model_dir, api, engine_config, tokenizer)
-        self.engine = build_engine(self.config, observer=self.metrics)
+        self.engine = self.build_engine()
         self.metrics.bind_engine(self.engine)
         super().__init__(create_app(self.engine, self.config.api, self.metrics),
                          header_timeout_s=self.config.api.header_timeout_s)
+
+    def build_engine(self):
+        return build_engine(self.config, observer=self.metrics)
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
@@ -123,27 +126,19 @@ class InProcessServer(UvicornThread):
         self.engine.check_integrity()
 
 
-class EngineProcessServer(UvicornThread):
-    """The tiny model's engine core in a process of its own (`serve --engine-process`), the app and
+class EngineProcessServer(InProcessServer):
+    """The tiny model's engine core in a process of its own (`serve --engine-process on`), the app and
     uvicorn in this one."""
 
-    def __init__(self, model_dir: Path, api: ApiConfig | None = None, engine_config: EngineConfig | None = None):
+    def build_engine(self):
         from server.engine.core_client import EngineCoreClient
-        self.metrics = Metrics()
-        self.config = tiny_server_config(model_dir, api, engine_config)
-        self.engine = EngineCoreClient(self.config, observer=self.metrics, log_level="warning").start()
+        engine = EngineCoreClient(self.config, observer=self.metrics, log_level="warning").start()
         try:
-            self.engine.wait_ready(timeout=180)
+            engine.wait_ready(timeout=180)
         except BaseException:
-            self.engine.stop()
+            engine.stop()
             raise
-        self.metrics.bind_engine(self.engine)
-        super().__init__(create_app(self.engine, self.config.api, self.metrics),
-                         header_timeout_s=self.config.api.header_timeout_s)
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        self.engine.stop()
+        return engine
 
     def settle(self) -> None:
         """Wait until the core holds no request (aborts included), then check its block pool."""
@@ -151,6 +146,12 @@ class EngineProcessServer(UvicornThread):
         while self.engine.check_integrity() and time.monotonic() < deadline:
             pass
         assert self.engine.check_integrity() == 0, "requests still held by the engine core"
+
+
+def openai_client(srv) -> "openai.OpenAI":
+    """The official client for a test server, without retries (a test sees every failure)."""
+    import openai
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
 
 
 class StepGate:

@@ -3,10 +3,9 @@
 by the whole session. Modules that need another model define their own `server`."""
 from __future__ import annotations
 
-import openai
 import pytest
 
-from tests.api_server import InProcessServer, make_tiny_checkpoint
+from tests.api_server import InProcessServer, make_tiny_checkpoint, openai_client
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="session")
@@ -36,4 +35,4 @@ def long_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def long_client(long_server):
-    return openai.OpenAI(base_url=f"{long_server.url}/v1", api_key="none", max_retries=0)
+    return openai_client(long_server)

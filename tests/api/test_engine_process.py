@@ -10,13 +10,12 @@ import signal
 import time
 
 import httpx
-import openai
 import pytest
 
 from server.engine import wire
 from server.engine.errors import ContextLengthError, InvalidRequestError
 from server.engine.request import GenerationRequest, SamplingParams
-from tests.api_server import EngineProcessServer, InProcessServer
+from tests.api_server import EngineProcessServer, openai_client
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
@@ -29,7 +28,7 @@ def process_server(model_dir):
 
 @pytest.fixture(scope="module")
 def process_client(process_server):
-    return openai.OpenAI(base_url=f"{process_server.url}/v1", api_key="none", max_retries=0)
+    return openai_client(process_server)
 
 
 def greedy_answers(client, model: str) -> list[tuple[str, list[float]]]:
