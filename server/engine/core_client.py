@@ -179,29 +179,12 @@ class EngineCoreClient:
         return self._stopping
 
     # ---- gauges (the core's, as of its last message) -----------------------------------------------
-    @property
-    def num_running(self) -> int:
-        return self.gauges.num_running
-
-    @property
-    def num_waiting(self) -> int:
-        return self.gauges.num_waiting
-
-    @property
-    def num_requests(self) -> int:
-        return self.gauges.num_requests
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.gauges.kv_cache_usage
-
-    @property
-    def num_sessions(self) -> int:
-        return self.gauges.num_sessions
-
-    @property
-    def session_cached_tokens(self) -> int:
-        return self.gauges.session_cached_tokens
+    num_running = property(lambda self: self.gauges.num_running)
+    num_waiting = property(lambda self: self.gauges.num_waiting)
+    num_requests = property(lambda self: self.gauges.num_requests)
+    kv_cache_usage = property(lambda self: self.gauges.kv_cache_usage)
+    num_sessions = property(lambda self: self.gauges.num_sessions)
+    session_cached_tokens = property(lambda self: self.gauges.session_cached_tokens)
 
     # ---- requests -------------------------------------------------------------------------------
     def check_room(self, tenant: str, count: int) -> None:
