@@ -41,7 +41,7 @@ clean:
 	rm -rf $(VENV)
 
 # The GPU check (docs/benchmarks.md, "The GPU check in one command"). `make gpu-wheels`, here: the wheels
-# of gpu-requirements.txt and their dependencies for the device machine's Python, into $(GPU_WHEELS)/
+# of docker/gpu-requirements.txt and their dependencies for the device machine's Python, into $(GPU_WHEELS)/
 # (git-ignored; the device tool's `carry` sends it). `make gpu-check`, there: those installed offline
 # into the machine's own python3 (its PyTorch, no .venv), then `customllm bench gpu` from this tree.
 GPU_PYTHON ?= python3
@@ -56,13 +56,13 @@ GPU_ARGS ?=
 gpu-wheels:
 	rm -rf $(GPU_WHEELS)
 	$(PYTHON) -m pip download --quiet --only-binary=:all: --implementation cp \
-		--python-version $(GPU_WHEELS_PYTHON) $(GPU_PLATFORMS) -d $(GPU_WHEELS) -r gpu-requirements.txt
+		--python-version $(GPU_WHEELS_PYTHON) $(GPU_PLATFORMS) -d $(GPU_WHEELS) -r docker/gpu-requirements.txt
 	@du -sh $(GPU_WHEELS)
 
 gpu-check:
 	@if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
 		echo "installing what is missing from $(GPU_WHEELS)/ (offline)"; \
 		$(GPU_PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --find-links $(GPU_WHEELS) \
-			$(GPU_PIP_ARGS) -r gpu-requirements.txt || exit 1; \
+			$(GPU_PIP_ARGS) -r docker/gpu-requirements.txt || exit 1; \
 	fi
 	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m server.cli.main bench gpu --out $(GPU_OUT) $(GPU_ARGS)
