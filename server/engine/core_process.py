@@ -32,6 +32,7 @@ from server.engine.results import FinishedRequestStats
 log = logging.getLogger("customllm.core")
 POLL_MS = 200             # the bridge's receive timeout: heartbeats and parent checks at this pace
 HEARTBEAT_S = 0.5
+GAUGES_EVERY_S = 0.1
 PR_SET_PDEATHSIG = 1
 
 
@@ -85,6 +86,8 @@ class CoreServer:
         self.last_sent = 0.0
         self.draining = False
         self.stopped = threading.Event()                      # set by the main thread before closing
+        self._gauges: wire.Gauges | None = None
+        self._gauges_at = 0.0
         engine.on_outputs_flushed = self.send_outputs
 
     # ---- sending --------------------------------------------------------------------------------
@@ -95,10 +98,16 @@ class CoreServer:
             self.last_sent = time.monotonic()
 
     def gauges(self) -> wire.Gauges:
-        engine = self.engine
-        kv = engine.kv
-        return wire.Gauges(engine.num_running, engine.num_waiting, engine.num_requests, kv.usage, kv.num_sessions,
-                           kv.session_cached_tokens, kv.tier_bytes_used("host"), kv.tier_bytes_used("disk"))
+        """The engine's gauges, read at most every GAUGES_EVERY_S (some are sums over the sessions)."""
+        now = time.monotonic()
+        if self._gauges is None or now - self._gauges_at >= GAUGES_EVERY_S:
+            engine = self.engine
+            kv = engine.kv
+            self._gauges = wire.Gauges(engine.num_running, engine.num_waiting, engine.num_requests, kv.usage,
+                                       kv.num_sessions, kv.session_cached_tokens, kv.tier_bytes_used("host"),
+                                       kv.tier_bytes_used("disk"))
+            self._gauges_at = now
+        return self._gauges
 
     def send_outputs(self, heartbeat: bool = False) -> None:
         """What the loop handed off since the last call, with the gauges and the metrics events (or,
