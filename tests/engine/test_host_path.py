@@ -186,9 +186,11 @@ def test_a_consumer_that_lags_gets_the_deltas_merged():
         (eager_outs, eager_text, eager_tokens), lagging = asyncio.run(main())
     finally:
         engine.stop()
-    assert len(eager_outs) == 12 and len(lagging) == 2
+    # (even the eager consumer may find two deltas merged on a loaded machine: only the lagging one's
+    # count is certain, since it reads nothing more until the request has finished)
+    assert len(eager_tokens) == 12 and len(lagging) == 2
     first, rest = lagging
-    assert len(first.token_ids) == 1 and len(rest.token_ids) == 11
+    assert first.token_ids and len(first.token_ids) + len(rest.token_ids) == 12
     assert rest.finished and rest.finish_reason == "length" and rest.usage.completion_tokens == 12
     assert list(first.token_ids + rest.token_ids) == eager_tokens and first.text + rest.text == eager_text
     assert list(first.logprobs + rest.logprobs) == [lp for o in eager_outs for lp in o.logprobs]
