@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import AsyncIterator
 
 import msgspec
@@ -33,7 +33,7 @@ from model.cache.sessions import SessionInfo
 from server.config import ServerConfig
 from server.engine import wire
 from server.engine.core_process import core_main
-from server.engine.engine import OutputStream
+from server.engine.engine import OutputStream, hand_over
 from server.engine.errors import (EngineDeadError, EngineShuttingDownError, InvalidRequestError, QueueFullError)
 from server.engine.front_text import RequestText
 from server.engine.request import GenerationRequest
@@ -42,11 +42,6 @@ from server.engine.results import EngineObserver, NullObserver, RequestOutput
 log = logging.getLogger("customllm.engine")
 QUERY_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 10.0
-
-
-def _deliver(items: list[tuple[OutputStream, RequestOutput]]) -> None:
-    for stream, output in items:
-        stream.put(output)
 
 
 class _RemoteCache:
@@ -341,7 +336,7 @@ class EngineCoreClient:
             self._fail_all(message.message)
 
     def _deliver_outputs(self, outputs: list[wire.WireOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        items = []
         with self._lock:
             for w in outputs:
                 stream = self._streams.get(w.request_id)
@@ -351,9 +346,8 @@ class EngineCoreClient:
                 stream.cached_tokens = w.cached_tokens
                 if w.finish_reason is not None:
                     del self._streams[w.request_id]
-                by_loop[stream.loop].append((stream, wire.request_output(w)))
-        for loop, batch in by_loop.items():
-            self._call_soon(loop, _deliver, batch)
+                items.append((stream, wire.request_output(w)))
+        hand_over(items)          # a stream whose event loop is gone has nobody to read it
 
     def _call_soon(self, loop: asyncio.AbstractEventLoop, fn, *args) -> None:
         try:
@@ -378,11 +372,8 @@ class EngineCoreClient:
             self._unstarted.clear()
             for slot in self._replies.values():
                 slot[0].set()
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for stream in streams:
-            by_loop[stream.loop].append((stream, RequestOutput(stream.request_id, finish_reason="error", error=message)))
-        for loop, batch in by_loop.items():
-            self._call_soon(loop, _deliver, batch)
+        hand_over([(stream, RequestOutput(stream.request_id, finish_reason="error", error=message))
+                   for stream in streams])
 
     def _on_core_exit(self, exitcode: int | None) -> None:
         asked = self._stopping and exitcode == 0

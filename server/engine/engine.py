@@ -98,6 +98,21 @@ def _deliver(items: list[tuple[OutputStream, RequestOutput]]) -> None:
         stream.put(output)
 
 
+def hand_over(items: list[tuple[OutputStream, RequestOutput]]) -> set[str]:
+    """Give streams their outputs from another thread: one `call_soon_threadsafe` per event loop.
+    Returns the request ids whose event loop is gone (nobody reads them any more)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+    for item in items:
+        by_loop[item[0].loop].append(item)
+    orphaned: set[str] = set()
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # that event loop is gone
+            orphaned.update(stream.request_id for stream, _ in batch)
+    return orphaned
+
+
 class Engine:
     def __init__(self, model: nn.Module, cache: KVCache, tokenizer, config: EngineConfig,
                  model_name: str, chat_template=None, device: torch.device | str = "cpu",
@@ -296,17 +311,9 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _hand_over(self, items: list[tuple[OutputStream, RequestOutput]]) -> None:
-        """Give streams their outputs: one `call_soon_threadsafe` per event loop. A loop that is gone
-        has its requests aborted."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for item in items:
-            by_loop[item[0].loop].append(item)
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the caller's event loop is gone
-                for request_id in {stream.request_id for stream, _ in batch}:
-                    self.abort(request_id)
+        """Give streams their outputs (`hand_over`); a request whose event loop is gone is aborted."""
+        for request_id in hand_over(items):
+            self.abort(request_id)
 
     def _flush_outbox(self) -> None:
         if self._outbox:
