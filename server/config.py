@@ -44,6 +44,8 @@ class EngineConfig:
     grammar_wrap_up: bool = True               # constrained answers steered to complete within max_tokens
     # detokenize and match stop strings in the engine (off in the engine-core process: the API process does)
     detokenize: bool = True
+    # pipeline decode steps one deep: plan step N+1 and finish step N while the forward runs (overlap.py)
+    overlap_steps: bool = False
     # prompt-lookup speculation (server/engine/speculation.py), for requests that ask for it
     num_speculative_tokens: int = 0            # draft tokens verified per step (0: off)
     prompt_lookup_max: int = 3                 # longest n-gram looked up

@@ -79,6 +79,9 @@ def add_parser(subparsers) -> None:
          "non-zero): on, off (one process, the engine loop in its main thread), or auto: on with CUDA or at least "
          f"{MIN_CPUS_FOR_ENGINE_PROCESS} usable CPUs (on two cores the processes' threads contend and one process "
          "is faster: docs/benchmarks.md)", default="auto")
+    _add(e, "--overlap-steps", "pipeline decode steps one deep: the host schedules step N+1 and streams step N's "
+         "tokens while the forward of step N+1 runs (outputs unchanged): on, off, or auto: on with CUDA (on a CPU "
+         "the forward already uses every core: docs/benchmarks.md)", default="auto")
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
     _add(e, "--max-num-seqs", "most sequences in one batch", int, defaults_engine.max_num_seqs)
@@ -161,8 +164,9 @@ def _check(args) -> None:
         raise ValueError(f"--port {args.port}: must be in [1, 65535]")
     if args.preset and args.model and args.model.endswith(".gguf"):
         raise ValueError("--preset does not apply to a GGUF file, which carries its own configuration")
-    if args.engine_process not in ("auto", "on", "off"):
-        raise ValueError(f"--engine-process {args.engine_process!r}: choose auto, on or off")
+    for flag in ("engine_process", "overlap_steps"):
+        if getattr(args, flag) not in ("auto", "on", "off"):
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: choose auto, on or off")
     if args.quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {args.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if args.header_timeout <= 0:
@@ -209,7 +213,8 @@ def config_from_args(args) -> ServerConfig:
                             kv_host_gib=args.kv_host_gib, grammar_cache_size=args.grammar_cache_size,
                             grammar_wrap_up=args.grammar_wrap_up,
                             num_speculative_tokens=args.num_speculative_tokens,
-                            prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min),
+                            prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+                            overlap_steps=overlap_steps_wanted(args.overlap_steps, args.device)),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,
@@ -238,6 +243,14 @@ def engine_process_wanted(choice: str, device_name: str) -> bool:
     from server.executor.build import resolve_device
     from server.executor.threads import available_cpus
     return resolve_device(device_name).type == "cuda" or available_cpus() >= MIN_CPUS_FOR_ENGINE_PROCESS
+
+
+def overlap_steps_wanted(choice: str, device_name: str) -> bool:
+    """`--overlap-steps`: auto is on with CUDA."""
+    if choice != "auto":
+        return choice == "on"
+    from server.executor.build import resolve_device
+    return resolve_device(device_name).type == "cuda"
 
 
 def _after_engine_process(engine, exit_code, state, server, http, grace: float) -> int:

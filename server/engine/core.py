@@ -29,6 +29,7 @@ from server.config import EngineConfig
 from server.engine.errors import CacheTooSmallError, ContextLengthError, InvalidRequestError, QueueFullError
 from server.engine.input_batch import PersistentBatch
 from server.engine.output import OutputProcessor
+from server.engine.overlap import StepPipeline
 from server.engine.results import EngineObserver, RequestOutput
 from server.engine.request import GenerationRequest
 from server.engine.sampler import NO_TOKEN, Sampler, SamplingRow, make_generator
@@ -73,6 +74,8 @@ class EngineCore:
         # tables lose entries behind it; those steps are built from chunks like prefill steps)
         self.batch = None if self.window is not None else PersistentBatch(
             config.max_num_seqs, -(-self.max_context // self.kv.block_size) + 1, self.vocab_size)
+        # decode steps pipelined one deep, the host's work overlapping the forward (server/engine/overlap.py)
+        self.pipeline = StepPipeline(self) if config.overlap_steps and self.batch is not None else None
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_context, observer, config.detokenize)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.RLock()
@@ -145,7 +148,7 @@ class EngineCore:
                 self.finish(seq, reason)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or (self.pipeline is not None and self.pipeline.in_flight is not None)
 
     def expire_sessions(self) -> None:
         with self.lock:
@@ -153,6 +156,8 @@ class EngineCore:
 
     def fail_all(self, message: str) -> None:
         """Finish every live request with an error (the engine is going down)."""
+        if self.pipeline is not None:
+            self.pipeline.discard()
         with self.lock:
             for seq in list(self.requests.values()):
                 self.finish(seq, "error", error=message)
@@ -160,6 +165,8 @@ class EngineCore:
     def step(self) -> bool:
         """One `schedule → execute → sample → update`. False if the step failed (its requests then
         finish with an error)."""
+        if self.pipeline is not None and self.pipeline.in_flight is not None:
+            return self.pipeline.advance()
         with self.lock:
             out = self.scheduler.schedule()
         for seq in out.preempted:
@@ -186,6 +193,10 @@ class EngineCore:
             if self.batch is not None and all((c.num_known_tokens if speculating else c.num_tokens) == 1
                                               for c in out.chunks):
                 inputs = self.batch.gather(out.chunks)
+            if inputs is not None and self.pipeline is not None and not speculating \
+                    and self.pipeline.can_start(out.chunks):
+                self.pipeline.start(out.chunks, inputs)     # its outputs come with the next step
+                return True
             if inputs is not None:
                 token_ids, positions, tables, rows = inputs
                 needs = np.array([c.completes_prompt for c in out.chunks], dtype=bool)
@@ -217,7 +228,7 @@ class EngineCore:
         rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
                             c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in plain_sampling]
         plain = not any(c.seq.request.params.wants_logits_processors for c in plain_sampling)
-        sampled = self._sample(logits, rows, table, plain)
+        sampled = self.sample_rows(logits, rows, table, plain)
         self.observer.on_step(out.num_tokens)
         now = time.monotonic()
         with self.lock:
@@ -226,12 +237,12 @@ class EngineCore:
                 if not chunk.draft_token_ids:
                     self.scheduler.register_full_blocks(chunk.seq)
             for chunk, (token, logprob, error) in zip(plain_sampling, sampled):
-                self._append(chunk.seq, [] if error else [token], [logprob], error, now)
+                self.append_tokens(chunk.seq, [] if error else [token], [logprob], error, now)
             for chunk, result in zip(speculating, verified):
-                self._append(chunk.seq, result.token_ids, result.logprobs, result.error, now, verified=True)
+                self.append_tokens(chunk.seq, result.token_ids, result.logprobs, result.error, now, verified=True)
         return True
 
-    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, error: str | None, now: float,
+    def append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list, error: str | None, now: float,
                 verified: bool = False) -> None:
         """Append a step's tokens to a request one at a time, as if each came in its own step (one
         that ends the request drops the rest), then finish it (with `error` when given, after the
@@ -256,7 +267,7 @@ class EngineCore:
         elif self.speculation is not None:
             self.speculation.propose(seq)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
+    def sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
                 plain: bool = False) -> list[tuple[int, object, str | None]]:
         """(token, logprob, error) per row. One row's failure stays that row's: the batch is sampled
         at once, and only if that raises is each row sampled on its own, so that a request whose
@@ -322,4 +333,6 @@ class EngineCore:
 
     def close(self) -> None:
         """The loop has stopped: write what the cache tiers still hold queued and stop their threads."""
+        if self.pipeline is not None:
+            self.pipeline.close()
         self.kv.close()

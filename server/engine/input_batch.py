@@ -89,8 +89,8 @@ class PersistentBatch:
         self._free.append(row)
 
     # ---- the step -------------------------------------------------------------------------------
-    def _sync(self, seq: Sequence, start: int) -> int | None:
-        """The row of `seq`, up to date for computing position `start`."""
+    def _sync(self, seq: Sequence, start: int, token_known: bool = True) -> int | None:
+        """The row of `seq`, up to date for computing position `start` (its token too, when known)."""
         row = self._row_of.get(id(seq))
         if row is not None and self._seq_of[row] is not seq:      # a stale entry: start afresh
             del self._row_of[id(seq)]
@@ -112,7 +112,9 @@ class PersistentBatch:
                     else:
                         self.block_tables[row, have:n] = block_ids[have:n]
                         self.num_blocks[row] = n
-        if self.positions[row] != start:
+        if not token_known:
+            self.positions[row] = start
+        elif self.positions[row] != start:
             prompt = seq.request.prompt_token_ids
             self.tokens[row] = prompt[start] if start < len(prompt) else seq.output_token_ids[start - len(prompt)]
             self.positions[row] = start
@@ -144,6 +146,21 @@ class PersistentBatch:
                 token_ids[first + 1:first + 1 + len(chunk.draft_token_ids)] = chunk.draft_token_ids
         positions = self.positions[entries] + (np.arange(len(entries)) - np.repeat(firsts, counts))
         return token_ids, positions, self.block_tables[entries, :width], index
+
+    def gather_ahead(self, seqs: list[Sequence]) -> tuple[np.ndarray, ...] | None:
+        """For a step planned before the tokens it computes are sampled (server/engine/overlap.py):
+        each request computes position `num_tokens` (the token being sampled now). (positions [B],
+        block tables [B, MB], rows [B]) as new arrays, or None when the rows ran out; the rows'
+        `tokens` are left as they are (the caller supplies the step's token ids)."""
+        rows = []
+        for seq in seqs:
+            row = self._sync(seq, seq.num_tokens, token_known=False)
+            if row is None:
+                return None
+            rows.append(row)
+        index = np.array(rows, dtype=np.int64)
+        width = int(self.num_blocks[index].max())
+        return self.positions[index], self.block_tables[index, :width], index
 
     def advance(self, seq: Sequence, token: int) -> None:
         """Tokens were appended to `seq`, `token` the last (its position is the request's last): it

@@ -41,6 +41,13 @@ class ModelRunner:
         # device is synchronised for it only when `time_forward` is set (benchmarks)
         self.time_forward = False
         self.last_forward_s = 0.0
+        self.simulated_step_s: float | None = None      # `simulate_device`
+
+    def simulate_device(self, step_seconds: float) -> None:
+        """Make every forward a wait of `step_seconds` that leaves the host free (it holds no lock and
+        not the GIL, as a GPU step leaves the host free) and returns all-zero logits: benchmarks and
+        tests of the serving path's own work (`bench engine --simulated-device-ms`) run around it."""
+        self.simulated_step_s = step_seconds
 
     def build_batch(self, chunks: list[SequenceChunk], num_logits: list[int] | None = None) -> PagedBatch:
         """`num_logits[i]`: how many of chunk i's last positions return logits (default: its last
@@ -78,6 +85,9 @@ class ModelRunner:
         return logits
 
     def _forward(self, batch: PagedBatch) -> torch.Tensor:
+        if self.simulated_step_s is not None:
+            time.sleep(self.simulated_step_s)
+            return torch.zeros(batch.logits_index.shape[0], self.model.config.vocab_size, device=self.device)
         if self.decode_graphs is not None:
             logits = self.decode_graphs.run(batch)
             if logits is not None:

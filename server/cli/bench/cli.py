@@ -62,6 +62,11 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     engine.add_argument("--no-detokenize", dest="detokenize", action="store_false",
                         help="token ids only, as the engine-core process of `serve` runs (its API process detokenizes)")
+    engine.add_argument("--overlap-steps", action="store_true",
+                        help="pipeline decode steps one deep, as `serve --overlap-steps on`")
+    engine.add_argument("--simulated-device-ms", type=float, default=None, metavar="MS",
+                        help="replace every forward by a wait of MS milliseconds that leaves the host free (all-zero "
+                        "logits): the serving path's own cost around a device step, in series or overlapped")
     engine.add_argument("--json-schema", default=None, metavar="FILE",
                         help="also run every batch size with each row constrained by this JSON schema (same sitting)")
     engine.add_argument("--peers", default="", help="comma list of transformers,llama-cpp (built-in GGUF only)")
@@ -194,7 +199,8 @@ def run_engine(args) -> int:
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
                           args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
                           schema, quantization=args.quantization, compile_decode=args.compile_decode,
-                          decode_attention=args.decode_attention, detokenize=args.detokenize)
+                          decode_attention=args.decode_attention, detokenize=args.detokenize,
+                          overlap_steps=args.overlap_steps, simulated_device_ms=args.simulated_device_ms)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]

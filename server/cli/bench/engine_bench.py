@@ -77,11 +77,15 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
                  threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
                  quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto",
-                 max_num_batched_tokens: int | None = None, detokenize: bool = True) -> dict:
+                 max_num_batched_tokens: int | None = None, detokenize: bool = True, overlap_steps: bool = False,
+                 simulated_device_ms: float | None = None) -> dict:
     """`max_num_batched_tokens` (default: 2048, or one whole prompt) bounds each step's prefill: the
     running rows decode while later prompts are filled in, so a batch decodes together only for the
     tokens left once every prompt is in; many long prompts need a larger budget. `detokenize` False:
-    the engine's work as in `serve`'s engine-core process, whose API process makes the text."""
+    the engine's work as in `serve`'s engine-core process, whose API process makes the text.
+    `overlap_steps`: as `serve --overlap-steps on`. `simulated_device_ms`: every forward is a wait of
+    that long that leaves the host free (`ModelRunner.simulate_device`), so a step costs the host's
+    work plus that wait in series, or about the larger of the two with `overlap_steps`."""
     from server.executor.threads import configure_threads
     configure_threads(threads)
     timer = StepTimer()
@@ -89,7 +93,7 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
     engine_config = EngineConfig(max_num_seqs=max_batch,
                                  max_num_batched_tokens=max_num_batched_tokens or max(2048, context_len),
                                  kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2,
-                                 detokenize=detokenize)
+                                 detokenize=detokenize, overlap_steps=overlap_steps)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
                                                              device=device, dtype=dtype,
                                                              quantization=quantization,
@@ -97,6 +101,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                                                              decode_attention=decode_attention),
                                        engine=engine_config), observer=timer, start=False)
     engine.core.runner.time_forward = True
+    if simulated_device_ms is not None:
+        engine.core.runner.simulate_device(simulated_device_ms / 1e3)
     timer.forward_seconds = lambda: engine.core.runner.last_forward_s
     result: dict = {}
     # measured here, in the thread that runs the model: an OpenMP team started from another thread
