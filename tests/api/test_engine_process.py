@@ -22,7 +22,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
 @pytest.fixture(scope="module")
 def process_server(model_dir):
-    with EngineProcessServer(model_dir) as srv:
+    """The engine core in its own process with its decode steps overlapped (`serve --engine-process on
+    --overlap-steps on`, as with CUDA): every answer here must be the one-process, in-series engine's."""
+    from server.config import EngineConfig
+    from tests.api_server import TEST_KV_CACHE_GIB
+    with EngineProcessServer(model_dir, engine_config=EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16,
+                                                                   overlap_steps=True)) as srv:
         yield srv
 
 

@@ -198,7 +198,14 @@ def test_a_step_that_fails_in_flight_fails_its_requests_and_the_engine_goes_on()
         engine.stop()
 
 
-@pytest.mark.parametrize("choice,device,wanted", [("auto", "cpu", False), ("on", "cpu", True), ("off", "cpu", False)])
-def test_overlap_steps_flag(choice, device, wanted):
-    from server.cli.serve import overlap_steps_wanted
-    assert overlap_steps_wanted(choice, device) is wanted
+def test_overlap_steps_flag():
+    """auto: on with CUDA only; the flag reaches the engine's configuration; a bad value is refused."""
+    from server.cli.main import build_parser
+    from server.cli.serve import config_from_args, overlap_steps_wanted
+    assert overlap_steps_wanted("auto", "cpu") is False
+    assert overlap_steps_wanted("on", "cpu") is True and overlap_steps_wanted("off", "cpu") is False
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve", "--overlap-steps", "on"])).engine.overlap_steps is True
+    assert config_from_args(parse(["serve"])).engine.overlap_steps is False
+    with pytest.raises(ValueError, match="--overlap-steps 'sometimes': choose auto, on or off"):
+        config_from_args(parse(["serve", "--overlap-steps", "sometimes"]))
