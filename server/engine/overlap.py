@@ -154,19 +154,22 @@ class StepPipeline:
         `previous`, its input tokens are `previous`'s samples at `source` (taken when it starts)."""
         core = self.core
         runner = core.runner
-        batch = runner.build_decode_batch(token_ids, positions, tables, np.ones(len(seqs), dtype=bool))
+        # built on the host here; the worker moves it to the device, queued behind the step it runs
+        host_batch = runner.build_decode_batch(token_ids, positions, tables, np.ones(len(seqs), dtype=bool),
+                                               on_host=True)
         table = core.batch.sampling[torch.from_numpy(rows)]                          # [B, 4]
         sampling_rows = [SamplingRow(s.request.params, s.prompt_token_ids, s.output_token_ids, s.generator,
                                      core.eos_token_ids, None) for s in seqs]
         previous_future = previous.future if previous is not None else None
 
         def forward_and_sample() -> list[tuple[int, object, str | None]]:
+            batch = host_batch.to(runner.device)
             if previous_future is not None:
                 # a failed previous step fails this one too (its requests are failed with it)
                 previous_ids = np.array([token for token, _, _ in previous_future.result()], dtype=np.int64)  # [B_prev]
                 inputs = previous_ids[source]                                                  # [B]
                 inputs[inputs == NO_TOKEN] = 0      # a row that sampled nothing is failed; its result is dropped
-                batch.token_ids = torch.from_numpy(inputs).to(batch.positions.device, non_blocking=True)
+                batch.token_ids = torch.from_numpy(inputs).to(runner.device, non_blocking=True)
             logits = runner.execute_batch(batch)                                      # [B, V]
             return core.sample_rows(logits, sampling_rows, table, plain=True)
 

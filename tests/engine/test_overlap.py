@@ -209,3 +209,24 @@ def test_overlap_steps_flag():
     assert config_from_args(parse(["serve"])).engine.overlap_steps is False
     with pytest.raises(ValueError, match="--overlap-steps 'sometimes': choose auto, on or off"):
         config_from_args(parse(["serve", "--overlap-steps", "sometimes"]))
+
+
+def test_a_batch_built_on_the_host_moves_whole_to_the_device_that_runs_it():
+    """The pipeline builds a step's batch on the host and the worker moves it (`PagedBatch.to`): every
+    tensor goes, nothing else changes; a batch already there is returned as it is."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from model.cache.batch import PagedBatch
+    tables = np.array([[3, 4, -1], [7, -1, -1]])
+    batch = PagedBatch.decode(np.array([11, 12]), np.array([5, 2]), tables, np.array([True, True]), block_size=4)
+    assert batch.to("cpu") is batch
+    moved = batch.to("meta")
+    for field in dataclasses.fields(PagedBatch):
+        before, after = getattr(batch, field.name), getattr(moved, field.name)
+        if isinstance(before, torch.Tensor):
+            assert after.device.type == "meta" and after.shape == before.shape and after.dtype == before.dtype
+        else:
+            assert after == before, field.name
