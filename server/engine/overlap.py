@@ -58,13 +58,18 @@ class StepPipeline:
 
     def __init__(self, core, num_threads: int | None = None):
         self.core = core
-        threads = num_threads or torch.get_num_threads()
-        # the worker's intra-op threads are its own setting: the same as the engine thread's
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="customllm-device",
-                                         initializer=torch.set_num_threads, initargs=(threads,))
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="customllm-device", initializer=self._init_worker,
+                                         initargs=(num_threads or torch.get_num_threads(), core.device))
         self.in_flight: InFlightStep | None = None
         self.num_launched = 0           # steps handed to the worker
         self.num_planned_ahead = 0      # of which planned while the one before was in flight
+
+    @staticmethod
+    def _init_worker(num_threads: int, device: torch.device) -> None:
+        """The worker's intra-op threads and current CUDA device are its own settings: the engine's."""
+        torch.set_num_threads(num_threads)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
 
     # ---- starting -------------------------------------------------------------------------------
     def can_start(self, chunks) -> bool:
