@@ -6,14 +6,25 @@ The engine every API test runs is the real one over `custom-llm-tiny` (random we
 vocabulary and tokenizer), in exact float32 (`--dtype float32`: the API tests compare outputs across
 batches and requests, which `--dtype auto`'s measured bfloat16/int4 formats would not keep equal):
 `tiny_server_config` and `subprocess_server` are the places that choose it.
+
+Two things are made once per test session and reused, because making them costs seconds each time
+while every server only reads them: the tiny checkpoints (`make_tiny_checkpoint` runs `weights init`
+once per seed and settings, then copies its files), and SmolLM2's tokenizer, read once from the
+built-in GGUF and saved as a tokenizer.json (`tokenizer_dir`), which loads in a fraction of a second
+where parsing the GGUF's metadata takes several (every server process loads a tokenizer).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,21 +49,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_checkpoints_made: dict[tuple, Path] = {}
+
+
 def make_tiny_checkpoint(directory: Path, seed: int = 0, *settings: str) -> Path:
     """custom-llm-tiny with the SmolLM2 vocabulary, random weights, as `weights init` writes it;
-    `settings` are extra `--set key=value` overrides."""
+    `settings` are extra `--set key=value` overrides. The first checkpoint of each (seed, settings)
+    in a test session is written by `weights init`, the next ones are copies of its files."""
     if not (directory / "model.safetensors").is_file():
+        made = _checkpoints_made.get((seed, settings))
+        if made is not None and (made / "model.safetensors").is_file():
+            shutil.copytree(made, directory, dirs_exist_ok=True)
+            return directory
         sets = [arg for setting in ("vocab_size=49152", *settings) for arg in ("--set", setting)]
         subprocess.run([sys.executable, "-m", "server.cli", "weights", "init", "--preset", "custom-llm-tiny", *sets,
                         "--std", "0.1", "--seed", str(seed), "--out", str(directory)],
                        check=True, cwd=ROOT, capture_output=True)
+        _checkpoints_made[(seed, settings)] = directory
+    return directory
+
+
+@functools.cache
+def tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer as the tiny servers use it: the built-in GGUF's tokenizer saved once per test
+    session as tokenizer.json and tokenizer_config.json (special tokens, chat template) in a directory
+    of its own; checked here to load back the same."""
+    from model.text.tokenizer import load_tokenizer
+    from tests.default_model import tokenizer_of_gguf
+
+    gguf = tokenizer_of_gguf(builtin_model_path())
+    directory = Path(tempfile.mkdtemp(prefix="customllm-test-tokenizer-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    gguf.tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": gguf.id_to_token(gguf.bos_token_id), "eos_token": gguf.id_to_token(gguf.eos_token_id),
+              "add_bos_token": gguf.add_bos, "chat_template": gguf.chat_template}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    saved = load_tokenizer(directory)
+    for name in ("bos_token_id", "eos_token_id", "add_bos", "chat_template", "stop_token_ids", "special_token_ids",
+                 "vocab_size"):
+        assert getattr(saved, name) == getattr(gguf, name), name
+    text = "Hello  42 <|im_start|>user\nÉté 中文 😀<|im_end|>"
+    assert saved.encode(text) == gguf.encode(text) and saved.decode(gguf.encode(text)) == gguf.decode(gguf.encode(text))
     return directory
 
 
 def tiny_server_config(model_dir: Path, api: ApiConfig | None = None,
                        engine: EngineConfig | None = None, tokenizer: Path | None = None) -> ServerConfig:
     """The tiny model's server settings; `tokenizer` defaults to the built-in model's (SmolLM2's)."""
-    tokenizer = tokenizer or builtin_model_path()
+    tokenizer = tokenizer or tokenizer_dir()
     return ServerConfig(model=ModelLoadConfig(model=str(model_dir), tokenizer=str(tokenizer), dtype="float32"),
                         engine=engine or EngineConfig(kv_cache_memory_gib=TEST_KV_CACHE_GIB, block_size=16),
                         api=api or ApiConfig())
@@ -193,7 +237,7 @@ def subprocess_server(model_dir: Path, *extra: str, env: dict | None = None, sta
     """`customllm serve` over `model_dir`; yields once /health answers one of `statuses`."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--tokenizer",
-           str(builtin_model_path()), "--port", str(port), "--kv-cache-memory", str(TEST_KV_CACHE_GIB),
+           str(tokenizer_dir()), "--port", str(port), "--kv-cache-memory", str(TEST_KV_CACHE_GIB),
            "--dtype", "float32", *extra]
     process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

@@ -27,7 +27,8 @@ def client(server):
 @pytest.fixture(scope="session")
 def long_server(tmp_path_factory):
     """The tiny model with a 1,024-token context (tool definitions make long prompts), shared by the
-    structured-output, tools and responses tests; constraints hold whatever its random weights."""
+    structured-output, tools and responses tests (constraints hold whatever its random weights) and by
+    the default-length test, which needs room for 512 new tokens."""
     model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-long"), 0, "max_context=1024")
     with InProcessServer(model_dir) as srv:
         yield srv

@@ -14,7 +14,7 @@ import pytest
 
 from server.config import ApiConfig
 from tests.api.http import assert_openai_error, metric, post, scrape
-from tests.api_server import InProcessServer, make_tiny_checkpoint
+from tests.api_server import InProcessServer
 
 EOS = 0   # the tiny model's tokenizer (SmolLM2's) has <|endoftext|> at 0
 
@@ -162,14 +162,12 @@ def test_unsupported_routes_say_so(server, path):
 
 
 # ---- default output length ----------------------------------------------------------------------
-def test_chat_without_max_tokens_ends_at_the_documented_default(tmp_path_factory):
-    model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("long-context"), 0, "max_context=1024")
-    with InProcessServer(model_dir) as long_server:
-        reply = post(long_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                           "ignore_eos": True, "temperature": 0}).json()
-        assert reply["usage"]["completion_tokens"] == 512 and reply["choices"][0]["finish_reason"] == "length"
-        completion = post(long_server, "/v1/completions", {"prompt": "hi", "ignore_eos": True}).json()
-        assert completion["usage"]["completion_tokens"] == 16
+def test_chat_without_max_tokens_ends_at_the_documented_default(long_server):
+    reply = post(long_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                       "ignore_eos": True, "temperature": 0}).json()
+    assert reply["usage"]["completion_tokens"] == 512 and reply["choices"][0]["finish_reason"] == "length"
+    completion = post(long_server, "/v1/completions", {"prompt": "hi", "ignore_eos": True}).json()
+    assert completion["usage"]["completion_tokens"] == 16
 
 
 # ---- metrics ------------------------------------------------------------------------------------

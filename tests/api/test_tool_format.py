@@ -10,12 +10,11 @@ import random
 import llguidance as llg
 
 from model.text.chat_template import ChatTemplate
-from model.text.tokenizer import load_tokenizer
 from server.api.schemas import ChatMessage
 from server.api.schema_types import Tool
 from server.api.tools import ToolCallParser, ToolPlan, call_text, template_messages
 from server.engine.grammar import grammar_text
-from tests.default_model import default_gguf_path
+from tests.default_model import builtin_tokenizer
 
 TOOLS = [Tool.model_validate({"type": "function", "function": {
     "name": "get_weather", "description": "Weather", "parameters": {
@@ -60,7 +59,7 @@ HISTORY = [ChatMessage.model_validate(m) for m in [
 
 
 def test_the_default_rendering_for_the_built_in_chatml_template():
-    tokenizer = load_tokenizer(default_gguf_path())
+    tokenizer = builtin_tokenizer()
     template = ChatTemplate(tokenizer.chat_template)
     assert not template.takes("tools")
     plan = ToolPlan(TOOLS, "auto")

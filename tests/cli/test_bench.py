@@ -11,14 +11,13 @@ import sys
 import pytest
 import torch
 
-from model.loading.builtin import builtin_model_path
 from model.config import preset
 from model.registry import build_model, output_head_weight
 from server.cli.bench.engine_bench import decode_step_seconds
 from server.cli.bench.structured_bench import cap_strings
 from server.cli.bench.memory import cache_bytes_read, weight_bytes_touched
 from server.config import ApiConfig, EngineConfig
-from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint
+from tests.api_server import TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint, tokenizer_dir
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,7 @@ def test_decode_steps_are_those_of_the_whole_batch_after_another():
 # ---- the commands ------------------------------------------------------------------------------------
 def test_bench_engine_writes_consistent_results_and_records_them(model_dir, tmp_path):
     out = tmp_path / "engine.json"
-    run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(builtin_model_path()),
+    run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir()),
               "--batch-sizes", "1,3", "--context-len", "20", "--output-len", "6", "--kv-cache-memory", "0.02",
               "--threads", "1", "--prefill-lens", "9,40", "--out", str(out), "--record")
     result = json.loads(out.read_text())
@@ -117,7 +116,7 @@ def test_bench_engine_with_a_json_schema_runs_both_modes_in_one_sitting(model_di
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "array", "minItems": 30, "items": {"type": "integer", "minimum": 0,
                                                                              "maximum": 9}}))
-    run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(builtin_model_path()),
+    run_bench(tmp_path, "engine", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir()),
               "--batch-sizes", "1,2", "--context-len", "8", "--output-len", "8", "--kv-cache-memory", "0.02",
               "--threads", "1", "--json-schema", str(schema), "--out", str(out), "--record")
     rows = json.loads(out.read_text())["results"]
@@ -135,7 +134,7 @@ def test_bench_structured_validates_what_it_generates(model_dir, tmp_path):
     out = tmp_path / "structured.json"
     (tmp_path / "docs").mkdir()
     result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "structured", "--model", str(model_dir),
-                             "--tokenizer", str(builtin_model_path()), "--samples", "1", "--compile-rounds", "2",
+                             "--tokenizer", str(tokenizer_dir()), "--samples", "1", "--compile-rounds", "2",
                              "--max-tokens", "150", "--max-string-length", "12", "--out", str(out), "--record"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode in (0, 1), result.stderr[-3000:]          # 1: not every answer was valid
@@ -192,7 +191,7 @@ def test_bench_fairness_keeps_tenant_a_served_while_b_floods(model_dir, tmp_path
 def test_bench_disk_tier_restarts_its_servers_and_records_both_figures(model_dir, tmp_path):
     out = tmp_path / "disk.json"
     (tmp_path / "docs").mkdir()
-    serve = f"--model {model_dir} --tokenizer {builtin_model_path()} --kv-cache-memory 0.02"
+    serve = f"--model {model_dir} --tokenizer {tokenizer_dir()} --kv-cache-memory 0.02"
     result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "disk-tier", "--serve-args", serve,
                              "--sessions", "2", "--prompt-tokens", "120", "--output-len", "6", "--streams", "2",
                              "--requests", "3", "--input-len", "40", "--decode-output-len", "6", "--rounds", "1",

@@ -20,7 +20,7 @@ from server.cli.bench import server_processes as sp
 from server.cli.bench.serve_compare import servers_from_args
 from server.cli.main import build_parser
 from server.config import EngineConfig
-from tests.api_server import ROOT, TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint
+from tests.api_server import ROOT, TEST_KV_CACHE_GIB, InProcessServer, make_tiny_checkpoint, tokenizer_dir
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_ttft_at_exact_prompt_lengths_interleaved_with_a_peer(model_dir, tmp_pat
 
 def test_the_bench_starts_our_server_measures_it_and_stops_it(model_dir, tmp_path):
     out = tmp_path / "serve.json"
-    serve_args = f"--model {model_dir} --tokenizer {builtin_model_path()} --dtype float32 --kv-cache-memory 0.02"
+    serve_args = f"--model {model_dir} --tokenizer {tokenizer_dir()} --dtype float32 --kv-cache-memory 0.02"
     result = bench_serve(tmp_path, "--start-customllm", serve_args, "--concurrency", "2", "--num-prompts", "2",
                          "--input-len", "8", "--output-len", "4", "--ttft-prompt-tokens", "30", "--ttft-repeats", "1",
                          "--server-logs", str(tmp_path / "logs"), "--out", str(out))

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from model.loading.builtin import builtin_model_path
 from server.cli.bench.spec_prompts import SPEC_PROMPTS
-from tests.api_server import make_tiny_checkpoint
+from tests.api_server import make_tiny_checkpoint, tokenizer_dir
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def test_bench_spec_compares_both_modes_and_records_them(model_dir, tmp_path):
     out = tmp_path / "spec.json"
     (tmp_path / "docs").mkdir()
     result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "spec", "--model", str(model_dir),
-                             "--tokenizer", str(builtin_model_path()), "--dtype", "float32", "--max-tokens", "24",
+                             "--tokenizer", str(tokenizer_dir()), "--dtype", "float32", "--max-tokens", "24",
                              "--rounds", "1", "--concurrency", "2", "--kinds", "code", "--out", str(out), "--record"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -31,8 +31,7 @@ import httpx
 import pytest
 import yaml
 
-from model.loading.builtin import builtin_model_path
-from tests.api_server import ROOT, TEST_KV_CACHE_GIB, free_port, make_tiny_checkpoint
+from tests.api_server import ROOT, TEST_KV_CACHE_GIB, free_port, make_tiny_checkpoint, tokenizer_dir
 
 sys.path.insert(0, str(ROOT / "docker"))
 import render_router  # noqa: E402
@@ -100,7 +99,7 @@ class Replica:
 
 def start_replica(model_dir: Path, host: str, port: int, log: Path) -> Replica:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--tokenizer",
-           str(builtin_model_path()), "--host", host, "--port", str(port), "--kv-cache-memory",
+           str(tokenizer_dir()), "--host", host, "--port", str(port), "--kv-cache-memory",
            str(TEST_KV_CACHE_GIB), "--block-size", "16", "--dtype", "float32"]
     # one thread each: two replicas (and nginx, and Prometheus) share a small CI machine, and OpenMP
     # teams that outnumber the cores stall one another

@@ -24,7 +24,7 @@ from server.engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from server.engine.logits_processors import GrammarMask, MinTokens, apply_logits_processors, unpack_token_mask
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.sampler import SamplingRow
-from tests.default_model import default_gguf_path
+from tests.default_model import builtin_tokenizer
 from tests.helpers import ByteTokenizer, collect, tiny_engine
 from tests.seed_files import write_bengali_bpe, write_smart_bpe
 
@@ -60,7 +60,7 @@ TEXTS = ["{\"a\": [1, 2.5e3], \"b\": \"Café — ok\"}", "  spaces\tand\nlines",
 
 
 def test_the_byte_view_of_the_built_in_gguf_tokenizer():
-    tokenizer = load_tokenizer(default_gguf_path())
+    tokenizer = builtin_tokenizer()
     view = token_bytes(tokenizer)
     assert len(view.tokens) == tokenizer.vocab_size == 49152
     assert {tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|im_start|>")} <= view.special_ids
@@ -210,7 +210,7 @@ def test_the_real_tokenizers_under_a_grammar(tmp_path):
     smart = write_smart_bpe(tmp_path / "smart.json", all_bytes=True)
     cases = [("smart-llm-tiny", smart_bpe_tokenizer(smart, byte_level_decoder=True)),
              ("smart-llm-tiny", char_tokenizer()),
-             ("llama-tiny", load_tokenizer(default_gguf_path()))]
+             ("llama-tiny", builtin_tokenizer())]
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
               "required": ["ok", "n"]}
     for family, tokenizer in cases:
@@ -303,7 +303,7 @@ def test_a_closing_path_completes_every_bench_schema_from_random_prefixes():
     from server.cli.bench.schemas import SCHEMAS
     from server.engine.grammar_closing import closing_path
 
-    tokenizer = load_tokenizer(default_gguf_path())
+    tokenizer = builtin_tokenizer()
     compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, (tokenizer.token_to_id("<|im_end|>"),))
     rng = random.Random(3)
     for name, _, schema in SCHEMAS:

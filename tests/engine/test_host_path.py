@@ -12,13 +12,13 @@ import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.loading.builtin import builtin_model_path
-from model.text.tokenizer import load_tokenizer
 from server.engine.detokenizer import ByteDetokenizer, IncrementalDetokenizer, byte_view
 from server.engine.engine import merge_outputs
 from server.engine.input_batch import PersistentBatch
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.results import NullObserver, RequestOutput, TokenLogprob
 from server.engine.sequence import Sequence
+from tests.default_model import tokenizer_of_gguf
 from tests.helpers import collect, tiny_engine
 
 
@@ -241,7 +241,7 @@ def test_streams_of_several_choices_coalesce_per_choice():
 
 # ---- the byte-table detokenizer -------------------------------------------------------------------
 def test_byte_detokenizer_gives_the_text_decoding_gives():
-    tokenizer = load_tokenizer(builtin_model_path())
+    tokenizer = tokenizer_of_gguf(builtin_model_path())
     view = byte_view(tokenizer)
     assert view is not None and len(view) == tokenizer.vocab_size
     rng = random.Random(1)
@@ -263,7 +263,7 @@ def test_byte_detokenizer_gives_the_text_decoding_gives():
 def test_only_plain_byte_level_tokenizers_get_a_byte_view():
     from tests.helpers import ByteTokenizer
     assert byte_view(ByteTokenizer()) is None
-    tokenizer = load_tokenizer(builtin_model_path())
+    tokenizer = tokenizer_of_gguf(builtin_model_path())
     window = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hi"))
     fast = ByteDetokenizer(byte_view(tokenizer))
     ids = tokenizer.encode(" The answer is 42 — ok")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from model.loading.builtin import builtin_model_path
-from model.text.tokenizer import load_tokenizer
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.stops import StopStringMatcher
+from tests.default_model import tokenizer_of_gguf
 
 
 def feed_all(matcher, pieces):
@@ -45,7 +45,7 @@ def test_nothing_emitted_is_later_part_of_a_stop_string():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(builtin_model_path())
+    return tokenizer_of_gguf(builtin_model_path())
 
 
 @pytest.mark.parametrize("text", ["Emoji: 😀🎉👍🏽 and 👨‍👩‍👧!", "中文字符测试，日本語のテキスト。", "Ünïcödé ñ ß ø é",

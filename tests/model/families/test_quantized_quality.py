@@ -21,7 +21,7 @@ import torch
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.layers.quantized_linear import BFLOAT16, INT4, INT8, QuantizedLinear, quantize_model, replace_module
 from model.loading.gguf_file import load_gguf_model
-from tests.default_model import default_gguf_path
+from tests.default_model import builtin_float32_model, default_gguf_path
 from tests.helpers import make_cache
 
 TEXT = Path(__file__).resolve().parents[2] / "data" / "perplexity_text.txt"
@@ -32,7 +32,7 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def float32():
-    return load_gguf_model(default_gguf_path())
+    return builtin_float32_model()
 
 
 @pytest.fixture(scope="module")

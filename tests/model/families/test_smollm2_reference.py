@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from model.text.chat_template import ChatTemplate
-from model.loading.gguf_file import load_gguf_model
 from model.cache.kv_cache import KVCache
 from model.cache.batch import PagedBatch, SequenceChunk
-from tests.default_model import default_gguf_path, hf_offline
+from tests.default_model import builtin_float32_model, default_gguf_path, hf_offline
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +52,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours():
-    return load_gguf_model(default_gguf_path(), dtype=torch.float32)
+    return builtin_float32_model()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The built-in model's tokenizer as Hugging Face transformers reads the same GGUF file: the
-independent reference the tokenizer and chat-template tests compare against."""
+independent reference the tokenizer and chat-template tests compare against, read once per test
+session (it takes seconds; the tests only read it)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from tests.default_model import default_gguf_path, hf_offline
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_tokenizer():
     hf_offline()
     transformers = pytest.importorskip("transformers")

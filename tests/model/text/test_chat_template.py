@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model.text.chat_template import ChatTemplate
-from model.text.tokenizer import load_tokenizer
-from tests.default_model import default_gguf_path
+from tests.default_model import builtin_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -38,7 +37,7 @@ ASSISTANT:{% endif %}"""
 
 @pytest.fixture(scope="module")
 def template():
-    return ChatTemplate(load_tokenizer(default_gguf_path()).chat_template)
+    return ChatTemplate(builtin_tokenizer().chat_template)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
@@ -113,7 +112,7 @@ def test_from_file_defaults_and_extra_variables(tmp_path):
 def test_templates_read_the_tokenizers_bos_and_eos_as_text():
     """A --chat-template written for Hugging Face reads bos_token/eos_token, which serving passes."""
     from server.executor.build import special_token_texts
-    texts = special_token_texts(load_tokenizer(default_gguf_path()))
+    texts = special_token_texts(builtin_tokenizer())
     assert texts == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     template = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}",
                             **texts)
