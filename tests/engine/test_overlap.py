@@ -235,12 +235,11 @@ def test_a_batch_built_on_the_host_moves_whole_to_the_device_that_runs_it():
 def test_bench_engine_runs_overlapped_steps_over_a_simulated_device(tmp_path):
     """`bench engine --overlap-steps --simulated-device-ms 2`: every forward is the simulated wait
     (so its median is at least 2 ms), and the result says how it ran."""
-    from model.loading.builtin import builtin_model_path
     from server.cli.bench.engine_bench import bench_engine
-    from tests.api_server import make_tiny_checkpoint
+    from tests.api_server import make_tiny_checkpoint, tokenizer_dir
 
     model_dir = make_tiny_checkpoint(tmp_path / "tiny")
-    result = bench_engine(str(model_dir), None, str(builtin_model_path()), "cpu", "float32", [3], 8, 8, 0.02,
+    result = bench_engine(str(model_dir), None, str(tokenizer_dir()), "cpu", "float32", [3], 8, 8, 0.02,
                           threads=1, overlap_steps=True, simulated_device_ms=2.0)
     assert result["overlap_steps"] is True and result["simulated_device_ms"] == 2.0
     (row,) = result["results"]
