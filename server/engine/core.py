@@ -190,6 +190,7 @@ class EngineCore:
         speculating = [c for c in sampling if c.draft_token_ids] if self.scheduler.speculative else []
         plain_sampling = [c for c in sampling if not c.draft_token_ids] if speculating else sampling
         table = None                            # the sampling rows' parameters, from the persistent batch
+        advance = None                          # (rows, positions) of a plain decode step's batch rows
         try:
             inputs = None
             if self.batch is not None and (decodes or all((c.num_known_tokens if speculating else c.num_tokens) == 1
@@ -208,6 +209,8 @@ class EngineCore:
                     plain = needs & np.array([not c.draft_token_ids for c in out.chunks], dtype=bool)
                     needs = np.repeat(needs, [c.num_tokens for c in out.chunks])
                 table = self.batch.sampling[torch.from_numpy(rows[plain])]
+                if decodes and not speculating:
+                    advance = rows, positions + 1
                 logits = self.runner.execute_batch(self.runner.build_decode_batch(token_ids, positions, tables,
                                                                                   needs))          # [N, V]
             else:
@@ -228,14 +231,14 @@ class EngineCore:
                                                self.eos_token_ids)
             self.observer.on_spec_decode(len(speculating), sum(len(c.draft_token_ids) for c in speculating),
                                          sum(v.num_accepted for v in verified))
-        rows, plain, eos = [], True, self.eos_token_ids
+        sampling_rows, plain, eos = [], True, self.eos_token_ids
         for chunk in plain_sampling:
             seq = chunk.seq
             params = seq.request.params
-            rows.append(SamplingRow(params, seq.request.prompt_token_ids, seq.output_token_ids, seq.generator, eos,
-                                    seq.grammar))
+            sampling_rows.append(SamplingRow(params, seq.request.prompt_token_ids, seq.output_token_ids,
+                                             seq.generator, eos, seq.grammar))
             plain = plain and not params.wants_logits_processors
-        sampled = self.sample_rows(logits, rows, table, plain)
+        sampled = self.sample_rows(logits, sampling_rows, table, plain)
         self.observer.on_step(out.num_tokens)
         now = time.monotonic()
         with self.lock:
@@ -246,9 +249,11 @@ class EngineCore:
                 else:
                     chunk.seq.num_computed_tokens += chunk.num_tokens
                     register_full_blocks(chunk.seq)
+            if advance is not None:             # every row computes its new token next
+                self.batch.advance_rows(*advance, np.array([token for token, _, _ in sampled], dtype=np.int64))
             for chunk, (token, logprob, error) in zip(plain_sampling, sampled):
                 if error is None:
-                    self.append_token(chunk.seq, token, logprob, now)
+                    self.append_token(chunk.seq, token, logprob, now, advance is None)
                 else:
                     self.append_tokens(chunk.seq, [], [logprob], error, now)
             for chunk, result in zip(speculating, verified):
@@ -280,10 +285,11 @@ class EngineCore:
         elif self.speculation is not None:
             self.speculation.propose(seq)
 
-    def append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
-        """`append_tokens` of one sampled token and no error (a plain step's case), without its lists."""
+    def append_token(self, seq: Sequence, token: int, logprob, now: float, advance: bool = True) -> None:
+        """`append_tokens` of one sampled token and no error (a plain step's case), without its lists
+        (`advance` False: the caller has advanced the request's batch row already)."""
         last = self.output.append_token(seq, token, logprob, now)
-        if self.batch is not None:
+        if advance and self.batch is not None:
             self.batch.advance(seq, token)
         if last is not None:
             self.finish(seq, last.finish_reason, last=last)

@@ -90,12 +90,16 @@ class OutputStream:
             finally:
                 self._waiter = None
         pending, self._pending = self._pending, []
-        return merge_outputs(pending)
+        return pending[0] if len(pending) == 1 else merge_outputs(pending)
 
 
 def _deliver(items: list[tuple[OutputStream, RequestOutput]]) -> None:
+    """`put` of each item, inlined (it runs once per stream and step on the event loop)."""
     for stream, output in items:
-        stream.put(output)
+        stream._pending.append(output)
+        waiter = stream._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 def hand_over(items: list[tuple[OutputStream, RequestOutput]]) -> set[str]:

@@ -241,6 +241,13 @@ class Sampler:
         the row, no finite logit, or a token that is not a finite-logit id of the vocabulary (what a
         NaN or infinite weight makes of a draw). No host sync: one `where` on the device."""
         vocab = adjusted.shape[1]
+        if adjusted.device.type == "cpu" and adjusted.dtype == torch.float32 and not adjusted.requires_grad:
+            # the same test in numpy: a handful of small torch operations cost more than the work
+            values, ids = adjusted.numpy(), tokens.numpy()                                    # [N, V], [N]
+            in_range = (ids >= 0) & (ids < vocab)                                             # [N]
+            chosen = values[np.arange(len(ids)), np.where(in_range, ids, 0)]                  # [N]
+            valid = in_range & ~np.isnan(values.max(-1)) & np.isfinite(chosen)
+            return torch.from_numpy(np.where(valid, ids, NO_TOKEN))
         in_range = (tokens >= 0) & (tokens < vocab)                                           # [N]
         chosen = adjusted.gather(1, tokens.clamp(0, vocab - 1)[:, None])[:, 0]                # [N]
         valid = in_range & ~rows_with_nan(adjusted) & torch.isfinite(chosen)
