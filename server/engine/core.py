@@ -250,7 +250,9 @@ class EngineCore:
                     chunk.seq.num_computed_tokens += chunk.num_tokens
                     register_full_blocks(chunk.seq)
             if advance is not None:             # every row computes its new token next
-                self.batch.advance_rows(*advance, np.array([token for token, _, _ in sampled], dtype=np.int64))
+                advance_rows, advance_positions = advance
+                self.batch.advance_rows(advance_rows, np.array([token for token, _, _ in sampled], dtype=np.int64),
+                                        advance_positions)
             for chunk, (token, logprob, error) in zip(plain_sampling, sampled):
                 if error is None:
                     self.append_token(chunk.seq, token, logprob, now, advance is None)
