@@ -126,6 +126,8 @@ class EngineCore:
         if params.seed is not None and not params.greedy:
             seq.generator = make_generator(params.seed, self.device)
         self.output.start(seq)
+        seq.sampling_row = SamplingRow(params, request.prompt_token_ids, seq.output_token_ids, seq.generator,
+                                       self.eos_token_ids, seq.grammar)
         self.requests[request.request_id] = seq
         return seq
 
@@ -231,13 +233,8 @@ class EngineCore:
                                                self.eos_token_ids)
             self.observer.on_spec_decode(len(speculating), sum(len(c.draft_token_ids) for c in speculating),
                                          sum(v.num_accepted for v in verified))
-        sampling_rows, plain, eos = [], True, self.eos_token_ids
-        for chunk in plain_sampling:
-            seq = chunk.seq
-            params = seq.request.params
-            sampling_rows.append(SamplingRow(params, seq.request.prompt_token_ids, seq.output_token_ids,
-                                             seq.generator, eos, seq.grammar))
-            plain = plain and not params.wants_logits_processors
+        sampling_rows = [chunk.seq.sampling_row for chunk in plain_sampling]
+        plain = not any(row.params.wants_logits_processors for row in sampling_rows)
         sampled = self.sample_rows(logits, sampling_rows, table, plain)
         self.observer.on_step(out.num_tokens)
         now = time.monotonic()
