@@ -22,6 +22,8 @@ from server.engine.results import EngineObserver, FinishedRequestStats, RequestO
 from server.engine.sequence import Sequence
 from server.engine.stops import StopStringMatcher
 
+_new_tuple = tuple.__new__
+
 
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_context: int, observer: EngineObserver,
@@ -86,7 +88,9 @@ class OutputProcessor:
                 text += seq.stop_matcher.flush()
         logprobs = (logprob,) if params.logprobs is not None and logprob is not None else None
         error = grammar.error if grammar is not None and finish_reason == "error" else None
-        delta = RequestOutput(request.request_id, text, (token,), logprobs, finish_reason, error)
+        # RequestOutput(request_id, text, token_ids, logprobs, finish_reason, error, usage), made without
+        # the named tuple's Python-level __new__ (once per request and step)
+        delta = _new_tuple(RequestOutput, (request.request_id, text, (token,), logprobs, finish_reason, error, None))
         if finish_reason is None:
             seq.emit(delta)
             return None

@@ -33,6 +33,11 @@ from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.waiting import WaitingQueue
 
 
+# a named tuple made from its fields without the Python-level __new__ (half the cost, in loops that run
+# once per request and step)
+_new_tuple = tuple.__new__
+
+
 class ScheduledChunk(NamedTuple):
     """What one request computes this step (a named tuple: immutable, and quick to make, one per
     running request and step)."""
@@ -112,24 +117,25 @@ class Scheduler:
         yielded = len(out.preempted)
         budget = self.max_num_batched_tokens
         windowed = self.kv.window is not None
-        index = 0
+        index = num_decodes = 0
         block_size, chunks, running = self.block_size, out.chunks, self.running
-        while index < len(running) and budget > 0:
+        while index < len(running) and budget > 0:     # (the loop runs once per running request and step)
             seq = running[index]
             computed = seq.num_computed_tokens
             left = seq.num_tokens - computed
-            num = min(left, budget)
+            num = left if left < budget else budget
             if windowed:
                 self.kv.release_behind_window(seq.blocks, computed)
             # the blocks held already cover the chunk (the KV manager's own test, checked here cheaply:
             # a decode needs a new block only every block_size tokens)
             if len(seq.blocks.block_ids) * block_size < computed + num and not self._make_room(seq, num, out):
                 break  # `seq` itself was preempted; everything after it already was
-            chunks.append(ScheduledChunk(seq, computed, num))
+            chunks.append(_new_tuple(ScheduledChunk, (seq, computed, num, ())))    # ScheduledChunk(seq, computed, num)
             if left == 1:
-                out.num_decodes += 1
+                num_decodes += 1
             budget -= num
             index += 1
+        out.num_decodes = num_decodes
 
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and len(out.preempted) == yielded):        # no admission while blocks ran short
@@ -233,7 +239,8 @@ class Scheduler:
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make the request's newly filled blocks findable by later requests of the same tenant."""
         table, full = seq.blocks, seq.num_computed_tokens // self.block_size
-        if len(table.block_hashes) >= full and table.num_registered >= min(full, len(table.block_ids)):
+        if len(table.block_hashes) >= full and (table.num_registered >= full
+                                                or table.num_registered >= len(table.block_ids)):
             return                  # nothing new (the KV manager's own conditions, checked here cheaply)
         self.kv.register_full_blocks(seq.blocks, seq.num_computed_tokens, seq.token_slice, seq.request.tenant)
 
