@@ -6,7 +6,8 @@ small model's step. So every running request that decodes gets a row of buffers 
 as it runs:
 
 - `tokens[row]`, `positions[row]`: the token it computes next and its position, written when the
-  token is sampled (or, for a row new to the batch, when it joins);
+  token is sampled (all rows of a plain decode step at once, `advance_rows`), or, for a row new to
+  the batch or one whose request moved on otherwise, when it is gathered;
 - `block_tables[row]` (padded with -1) and `num_blocks[row]`: its block table, of which only the
   entries added since the last step are written (a new block every `block_size` tokens);
 - `sampling[row]`: temperature, top-k, top-p and min-p, written once when the row joins.
