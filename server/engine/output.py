@@ -68,9 +68,11 @@ class OutputProcessor:
             if grammar is not None:
                 grammar.advance(token)
             if self.detokenize:
-                text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push((token,)))
-                if stopped_by_string:
-                    finish_reason = "stop"
+                text = seq.detokenizer.push((token,))
+                if seq.stop_matcher.stops:      # (without stop strings the matcher passes text through)
+                    text, stopped_by_string = seq.stop_matcher.feed(text)
+                    if stopped_by_string:
+                        finish_reason = "stop"
         if grammar is not None and grammar.error:
             finish_reason = "error"             # a dead end: even the end-of-sequence it allowed is no answer
         elif grammar is not None and grammar.done and finish_reason is None:
