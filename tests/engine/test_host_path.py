@@ -291,7 +291,9 @@ def test_byte_detokenizer_gives_the_text_decoding_gives():
         assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
         # with the table of whole-character texts: the same deltas, token by token
         with_texts = ByteDetokenizer(view, token_texts)
-        assert [with_texts.push([t]) for t in ids + [len(view) + 3]] + [with_texts.flush()] == pieces[:-1] + ["", pieces[-1]]
+        past_the_vocabulary = len(view) + 3
+        assert [with_texts.push([t]) for t in ids + [past_the_vocabulary]] + [with_texts.flush()] == \
+            pieces[:-1] + ["", pieces[-1]]
     # a character split across tokens is held back, never broken
     ids = tokenizer.encode("🙂🙂")
     detok = ByteDetokenizer(view)
