@@ -33,7 +33,7 @@ from model.cache.sessions import SessionInfo
 from server.config import ServerConfig
 from server.engine import wire
 from server.engine.core_process import core_main
-from server.engine.engine import OutputStream, hand_over
+from server.engine.streams import OutputStream, hand_over
 from server.engine.errors import (EngineDeadError, EngineShuttingDownError, InvalidRequestError, QueueFullError)
 from server.engine.front_text import RequestText
 from server.engine.request import GenerationRequest

@@ -14,7 +14,7 @@ from model.cache.batch import PagedBatch, SequenceChunk
 from model.loading.builtin import builtin_model_path
 from model.text.tokenizer import load_tokenizer
 from server.engine.detokenizer import ByteDetokenizer, IncrementalDetokenizer, byte_view, whole_texts
-from server.engine.engine import merge_outputs
+from server.engine.streams import merge_outputs
 from server.engine.input_batch import PersistentBatch
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.results import NullObserver, RequestOutput, TokenLogprob
