@@ -16,6 +16,7 @@ code path serves prefill chunks, prefix-cache hits and decode alike.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,15 @@ class PagedBatch:
     # one sequence's first chunk with no window: attn_mask is plain causal (Q = K), so fused attention
     # may take is_causal instead (no mask read, the tiles above the diagonal skipped)
     plain_causal: bool = False
+
+    def to(self, device: torch.device | str) -> "PagedBatch":
+        """This batch with its tensors on `device` (the same object when they are there already): a
+        batch built on the host by one thread, moved by the thread that runs it."""
+        if self.token_ids.device == torch.device(device):
+            return self
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @staticmethod
     def build(chunks: list[SequenceChunk], block_size: int, device: torch.device | str = "cpu",

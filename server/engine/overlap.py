@@ -58,13 +58,18 @@ class StepPipeline:
 
     def __init__(self, core, num_threads: int | None = None):
         self.core = core
-        threads = num_threads or torch.get_num_threads()
-        # the worker's intra-op threads are its own setting: the same as the engine thread's
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="customllm-device",
-                                         initializer=torch.set_num_threads, initargs=(threads,))
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="customllm-device", initializer=self._init_worker,
+                                         initargs=(num_threads or torch.get_num_threads(), core.device))
         self.in_flight: InFlightStep | None = None
         self.num_launched = 0           # steps handed to the worker
         self.num_planned_ahead = 0      # of which planned while the one before was in flight
+
+    @staticmethod
+    def _init_worker(num_threads: int, device: torch.device) -> None:
+        """The worker's intra-op threads and current CUDA device are its own settings: the engine's."""
+        torch.set_num_threads(num_threads)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
 
     # ---- starting -------------------------------------------------------------------------------
     def can_start(self, chunks) -> bool:
@@ -154,19 +159,22 @@ class StepPipeline:
         `previous`, its input tokens are `previous`'s samples at `source` (taken when it starts)."""
         core = self.core
         runner = core.runner
-        batch = runner.build_decode_batch(token_ids, positions, tables, np.ones(len(seqs), dtype=bool))
+        # built on the host here; the worker moves it to the device, queued behind the step it runs
+        host_batch = runner.build_decode_batch(token_ids, positions, tables, np.ones(len(seqs), dtype=bool),
+                                               on_host=True)
         table = core.batch.sampling[torch.from_numpy(rows)]                          # [B, 4]
         sampling_rows = [SamplingRow(s.request.params, s.prompt_token_ids, s.output_token_ids, s.generator,
                                      core.eos_token_ids, None) for s in seqs]
         previous_future = previous.future if previous is not None else None
 
         def forward_and_sample() -> list[tuple[int, object, str | None]]:
+            batch = host_batch.to(runner.device)
             if previous_future is not None:
                 # a failed previous step fails this one too (its requests are failed with it)
                 previous_ids = np.array([token for token, _, _ in previous_future.result()], dtype=np.int64)  # [B_prev]
                 inputs = previous_ids[source]                                                  # [B]
                 inputs[inputs == NO_TOKEN] = 0      # a row that sampled nothing is failed; its result is dropped
-                batch.token_ids = torch.from_numpy(inputs).to(batch.positions.device, non_blocking=True)
+                batch.token_ids = torch.from_numpy(inputs).to(runner.device, non_blocking=True)
             logits = runner.execute_batch(batch)                                      # [B, V]
             return core.sample_rows(logits, sampling_rows, table, plain=True)
 

@@ -62,10 +62,13 @@ class ModelRunner:
         return batch
 
     def build_decode_batch(self, token_ids: np.ndarray, positions: np.ndarray, tables: np.ndarray,
-                           needs: np.ndarray) -> PagedBatch:
+                           needs: np.ndarray, on_host: bool = False) -> PagedBatch:
         """The batch of a step of one token per sequence whose inputs a persistent batch keeps
-        (`PagedBatch.decode`)."""
-        return PagedBatch.decode(token_ids, positions, tables, needs, self.cache.block_size, self.device,
+        (`PagedBatch.decode`); `on_host`: its tensors left on the host, for the thread that runs the
+        step to move (`PagedBatch.to`): a copy to a GPU from another thread would wait for the step
+        the GPU is running."""
+        return PagedBatch.decode(token_ids, positions, tables, needs, self.cache.block_size,
+                                 "cpu" if on_host else self.device,
                                  window=self.window, with_gather=not self.decode_kernels)
 
     @torch.inference_mode()

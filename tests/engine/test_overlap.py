@@ -209,3 +209,39 @@ def test_overlap_steps_flag():
     assert config_from_args(parse(["serve"])).engine.overlap_steps is False
     with pytest.raises(ValueError, match="--overlap-steps 'sometimes': choose auto, on or off"):
         config_from_args(parse(["serve", "--overlap-steps", "sometimes"]))
+
+
+def test_a_batch_built_on_the_host_moves_whole_to_the_device_that_runs_it():
+    """The pipeline builds a step's batch on the host and the worker moves it (`PagedBatch.to`): every
+    tensor goes, nothing else changes; a batch already there is returned as it is."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from model.cache.batch import PagedBatch
+    tables = np.array([[3, 4, -1], [7, -1, -1]])
+    batch = PagedBatch.decode(np.array([11, 12]), np.array([5, 2]), tables, np.array([True, True]), block_size=4)
+    assert batch.to("cpu") is batch
+    moved = batch.to("meta")
+    for field in dataclasses.fields(PagedBatch):
+        before, after = getattr(batch, field.name), getattr(moved, field.name)
+        if isinstance(before, torch.Tensor):
+            assert after.device.type == "meta" and after.shape == before.shape and after.dtype == before.dtype
+        else:
+            assert after == before, field.name
+
+
+def test_bench_engine_runs_overlapped_steps_over_a_simulated_device(tmp_path):
+    """`bench engine --overlap-steps --simulated-device-ms 2`: every forward is the simulated wait
+    (so its median is at least 2 ms), and the result says how it ran."""
+    from model.loading.builtin import builtin_model_path
+    from server.cli.bench.engine_bench import bench_engine
+    from tests.api_server import make_tiny_checkpoint
+
+    model_dir = make_tiny_checkpoint(tmp_path / "tiny")
+    result = bench_engine(str(model_dir), None, str(builtin_model_path()), "cpu", "float32", [3], 8, 8, 0.02,
+                          threads=1, overlap_steps=True, simulated_device_ms=2.0)
+    assert result["overlap_steps"] is True and result["simulated_device_ms"] == 2.0
+    (row,) = result["results"]
+    assert row["batch_size"] == 3 and row["steps_measured"] >= 1 and row["median_forward_ms"] >= 2.0

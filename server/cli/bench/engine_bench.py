@@ -118,6 +118,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
             grammar = engine.grammars.compile(json_spec(json.loads(json_schema)))
             log.info("schema compiled in %.1f ms (vocabulary view included)", (time.perf_counter() - started) * 1e3)
         result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth, grammar))
+        # with overlapped steps "host" is the host time a step still pays: what the forward did not hide
+        result.update(overlap_steps=overlap_steps, simulated_device_ms=simulated_device_ms)
         result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
 
     drive_engine(engine, drive)

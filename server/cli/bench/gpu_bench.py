@@ -97,6 +97,8 @@ def settings(args, device) -> dict:
     # one torch thread for the quick check on a CPU: two OpenMP threads on a shared machine can wait
     # on each other for a scheduler tick at every op
     chosen["threads"] = 1 if args.quick and device.type == "cpu" else None
+    # decode steps overlapped as `serve` runs them on this device (`--overlap-steps auto`)
+    chosen["overlap_steps"] = device.type == "cuda"
     return chosen
 
 
@@ -247,7 +249,8 @@ def run_gpu_check(args) -> int:
             elif name == "decode":
                 phase = worker_phase(name, {k: chosen[k] for k in ("preset", "device", "dtype", "batch_sizes",
                                                                     "context_len", "output_len", "threads",
-                                                                    "max_num_batched_tokens")}, budget, work)
+                                                                    "max_num_batched_tokens", "overlap_steps")},
+                                     budget, work)
             else:
                 phase = worker_phase(name, {"device": chosen["device"], "dtype": chosen["dtype"], "source": source,
                                             "threads": chosen["threads"],

@@ -115,7 +115,8 @@ def _engine_run(model_dir: str, params: dict, batch_sizes: list[int], context_le
 
     result = bench_engine(model_dir, None, None, params["device"], params["dtype"], batch_sizes, context_len,
                           output_len, kv_gib, threads=params.get("threads"),
-                          max_num_batched_tokens=params.get("max_num_batched_tokens"))
+                          max_num_batched_tokens=params.get("max_num_batched_tokens"),
+                          overlap_steps=params.get("overlap_steps", False))
     _free(torch.device(params["device"]))
     return result
 
