@@ -163,7 +163,10 @@ class PagedBatch:
         slot_mapping = tables[rows, positions // block_size] * block_size + positions % block_size
         assert (slot_mapping >= 0).all(), "a new token has no cache block"
         ends = positions + 1
-        put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+        if torch.device(device).type == "cpu":      # the arrays' own memory (`.to` would return the same tensor)
+            put = torch.from_numpy
+        else:
+            put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
         kernel_fields = dict(is_decode_only=True, block_tables=put(tables), context_lens=put(ends),
                              block_size=block_size, window=window, max_position=int(positions.max()))
         head = (put(token_ids), put(positions), put(slot_mapping))

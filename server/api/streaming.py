@@ -18,7 +18,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from server.api.http_guard import ClientGone
 from server.api.errors import ApiError, api_error_from, error_body
-from server.engine.engine import merge_outputs
+from server.engine.streams import merge_outputs
 from server.engine.results import RequestOutput
 from server.engine.request import GenerationRequest
 

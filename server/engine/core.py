@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from itertools import repeat
 from typing import Callable
 
 import numpy as np
@@ -125,6 +126,8 @@ class EngineCore:
         if params.seed is not None and not params.greedy:
             seq.generator = make_generator(params.seed, self.device)
         self.output.start(seq)
+        seq.sampling_row = SamplingRow(params, request.prompt_token_ids, seq.output_token_ids, seq.generator,
+                                       self.eos_token_ids, seq.grammar)
         self.requests[request.request_id] = seq
         return seq
 
@@ -184,14 +187,16 @@ class EngineCore:
         for chunk in out.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
-        sampling = [c for c in out.chunks if c.completes_prompt]
-        speculating = [c for c in sampling if c.draft_token_ids]
+        decodes = out.num_decodes == len(out.chunks)    # every chunk: one known token, then a sample
+        sampling = out.chunks if decodes else [c for c in out.chunks if c.completes_prompt]
+        speculating = [c for c in sampling if c.draft_token_ids] if self.scheduler.speculative else []
         plain_sampling = [c for c in sampling if not c.draft_token_ids] if speculating else sampling
         table = None                            # the sampling rows' parameters, from the persistent batch
+        advance = None                          # (rows, positions) of a plain decode step's batch rows
         try:
             inputs = None
-            if self.batch is not None and all((c.num_known_tokens if speculating else c.num_tokens) == 1
-                                              for c in out.chunks):
+            if self.batch is not None and (decodes or all((c.num_known_tokens if speculating else c.num_tokens) == 1
+                                                          for c in out.chunks)):
                 inputs = self.batch.gather(out.chunks)
             if inputs is not None and self.pipeline is not None and not speculating \
                     and self.pipeline.can_start(out.chunks):
@@ -199,12 +204,15 @@ class EngineCore:
                 return True
             if inputs is not None:
                 token_ids, positions, tables, rows = inputs
-                needs = np.array([c.completes_prompt for c in out.chunks], dtype=bool)
+                needs = (np.ones(len(out.chunks), dtype=bool) if decodes
+                         else np.array([c.completes_prompt for c in out.chunks], dtype=bool))
                 plain = needs
                 if speculating:                 # one entry per known token and draft
                     plain = needs & np.array([not c.draft_token_ids for c in out.chunks], dtype=bool)
                     needs = np.repeat(needs, [c.num_tokens for c in out.chunks])
-                table = self.batch.sampling[torch.from_numpy(rows[plain])]
+                table = torch.from_numpy(self.batch.sampling.numpy()[rows[plain]])    # [B, 4] (numpy indexing: cheaper)
+                if decodes and not speculating:
+                    advance = rows, positions + 1
                 logits = self.runner.execute_batch(self.runner.build_decode_batch(token_ids, positions, tables,
                                                                                   needs))          # [N, V]
             else:
@@ -225,19 +233,28 @@ class EngineCore:
                                                self.eos_token_ids)
             self.observer.on_spec_decode(len(speculating), sum(len(c.draft_token_ids) for c in speculating),
                                          sum(v.num_accepted for v in verified))
-        rows = [SamplingRow(c.seq.request.params, c.seq.prompt_token_ids, c.seq.output_token_ids,
-                            c.seq.generator, self.eos_token_ids, c.seq.grammar) for c in plain_sampling]
-        plain = not any(c.seq.request.params.wants_logits_processors for c in plain_sampling)
-        sampled = self.sample_rows(logits, rows, table, plain)
+        sampling_rows = [chunk.seq.sampling_row for chunk in plain_sampling]
+        plain = not any(row.params.wants_logits_processors for row in sampling_rows)
+        sampled = self.sample_rows(logits, sampling_rows, table, plain)
         self.observer.on_step(out.num_tokens)
         now = time.monotonic()
         with self.lock:
+            register_full_blocks = self.scheduler.register_full_blocks
             for chunk in out.chunks:
-                chunk.seq.num_computed_tokens += chunk.num_known_tokens
-                if not chunk.draft_token_ids:
-                    self.scheduler.register_full_blocks(chunk.seq)
+                if chunk.draft_token_ids:
+                    chunk.seq.num_computed_tokens += chunk.num_known_tokens
+                else:
+                    chunk.seq.num_computed_tokens += chunk.num_tokens
+                    register_full_blocks(chunk.seq)
+            if advance is not None:             # every row computes its new token next
+                advance_rows, advance_positions = advance
+                self.batch.advance_rows(advance_rows, np.array([token for token, _, _ in sampled], dtype=np.int64),
+                                        advance_positions)
             for chunk, (token, logprob, error) in zip(plain_sampling, sampled):
-                self.append_tokens(chunk.seq, [] if error else [token], [logprob], error, now)
+                if error is None:
+                    self.append_token(chunk.seq, token, logprob, now, advance is None)
+                else:
+                    self.append_tokens(chunk.seq, [], [logprob], error, now)
             for chunk, result in zip(speculating, verified):
                 self.append_tokens(chunk.seq, result.token_ids, result.logprobs, result.error, now, verified=True)
         return True
@@ -267,6 +284,17 @@ class EngineCore:
         elif self.speculation is not None:
             self.speculation.propose(seq)
 
+    def append_token(self, seq: Sequence, token: int, logprob, now: float, advance: bool = True) -> None:
+        """`append_tokens` of one sampled token and no error (a plain step's case), without its lists
+        (`advance` False: the caller has advanced the request's batch row already)."""
+        last = self.output.append_token(seq, token, logprob, now)
+        if advance and self.batch is not None:
+            self.batch.advance(seq, token)
+        if last is not None:
+            self.finish(seq, last.finish_reason, last=last)
+        elif self.speculation is not None:
+            self.speculation.propose(seq)
+
     def sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor | None = None,
                 plain: bool = False) -> list[tuple[int, object, str | None]]:
         """(token, logprob, error) per row. One row's failure stays that row's: the batch is sampled
@@ -277,6 +305,8 @@ class EngineCore:
             return []
         try:
             out = self.sampler(logits, rows, table, plain)
+            if NO_TOKEN not in out.token_ids:
+                return list(zip(out.token_ids, out.logprobs, repeat(None)))
             return [self._checked(token, logprob) for token, logprob in zip(out.token_ids, out.logprobs)]
         except Exception as exc:  # noqa: BLE001 - find the rows that fail, serve the others
             log.warning("sampling a batch of %d failed (%s); sampling its rows one by one", len(rows), exc)

@@ -33,7 +33,7 @@ from model.cache.sessions import SessionInfo
 from server.config import ServerConfig
 from server.engine import wire
 from server.engine.core_process import core_main
-from server.engine.engine import OutputStream, hand_over
+from server.engine.streams import OutputStream, hand_over
 from server.engine.errors import (EngineDeadError, EngineShuttingDownError, InvalidRequestError, QueueFullError)
 from server.engine.front_text import RequestText
 from server.engine.request import GenerationRequest
@@ -111,7 +111,7 @@ class EngineCoreClient:
         ready = self._ready
         from model.text.chat_template import ChatTemplate
         from model.text.tokenizer import load_tokenizer
-        from server.engine.detokenizer import byte_view
+        from server.engine.detokenizer import byte_view, whole_texts
         from server.engine.grammar import GrammarCompiler
         from server.executor.build import special_token_texts
         self.tokenizer = load_tokenizer(ready.tokenizer_source, self.config.model.byte_level_decoder)
@@ -123,6 +123,7 @@ class EngineCoreClient:
         self.max_context, self.vocab_size = ready.max_context, ready.vocab_size
         self.model_name = ready.model_name
         self._byte_view = byte_view(self.tokenizer)
+        self._byte_texts = whole_texts(self._byte_view) if self._byte_view is not None else None
         self._eos_token_ids = tuple(ready.eos_token_ids)
 
     def run_forever(self) -> int | None:
@@ -204,7 +205,7 @@ class EngineCoreClient:
             raise EngineShuttingDownError("the server is shutting down")
         request_id = request.request_id
         stream = OutputStream(asyncio.get_running_loop(), request_id)
-        text = RequestText(self.tokenizer, self._byte_view, request, self._eos_token_ids)
+        text = RequestText(self.tokenizer, self._byte_view, request, self._eos_token_ids, self._byte_texts)
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")

@@ -82,22 +82,48 @@ class ByteDetokenizer:
     text (skip_special_tokens). An incomplete character is held back; invalid bytes become U+FFFD
     exactly as decoding the whole output would make them."""
 
-    __slots__ = ("_bytes", "_decoder")
+    __slots__ = ("_bytes", "_texts", "_decoder", "_holding")
 
-    def __init__(self, view: tuple[bytes, ...]):
+    def __init__(self, view: tuple[bytes, ...], texts: tuple[str | None, ...] | None = None):
+        """`texts`: `whole_texts(view)`, shared by every request of the tokenizer: a token whose bytes
+        are whole characters then gives its text without a call into the UTF-8 decoder."""
         self._bytes = view
+        self._texts = texts
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._holding = False           # the decoder may hold the first bytes of a character
 
     def push(self, token_ids: list[int]) -> str:
+        if not self._holding and self._texts is not None and len(token_ids) == 1:
+            try:
+                text = self._texts[token_ids[0]]
+            except IndexError:  # past the tokenizer's vocabulary (a model's padded rows): no text
+                return ""
+            if text is not None:
+                return text
         table = self._bytes
         try:
             data = table[token_ids[0]] if len(token_ids) == 1 else b"".join(table[t] for t in token_ids)
         except IndexError:      # ids past the tokenizer's vocabulary (a model's padded rows) have no text
             data = b"".join(table[t] if t < len(table) else b"" for t in token_ids)
-        return self._decoder.decode(data)
+        text = self._decoder.decode(data)
+        self._holding = bool(self._decoder.getstate()[0])
+        return text
 
     def flush(self) -> str:
+        self._holding = False
         return self._decoder.decode(b"", final=True)
+
+
+def whole_texts(view: tuple[bytes, ...]) -> tuple[str | None, ...]:
+    """Each token's text when its bytes are whole UTF-8 characters (what the incremental decoder
+    gives for them when it holds nothing), else None."""
+    texts: list[str | None] = []
+    for data in view:
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(None)
+    return tuple(texts)
 
 
 def byte_view(tokenizer) -> tuple[bytes, ...] | None:
@@ -122,8 +148,10 @@ def byte_view(tokenizer) -> tuple[bytes, ...] | None:
     return tuple(b"" if i in view.special_ids else b for i, b in enumerate(view.tokens))
 
 
-def make_detokenizer(tokenizer, prompt_token_ids: list[int], view: tuple[bytes, ...] | None):
-    """The byte form when `view` (from `byte_view`) is given, else the window form."""
+def make_detokenizer(tokenizer, prompt_token_ids: list[int], view: tuple[bytes, ...] | None,
+                     texts: tuple[str | None, ...] | None = None):
+    """The byte form when `view` (from `byte_view`; `texts`: its `whole_texts`) is given, else the
+    window form."""
     if view is not None:
-        return ByteDetokenizer(view)
+        return ByteDetokenizer(view, texts)
     return IncrementalDetokenizer(tokenizer, prompt_token_ids)

@@ -17,9 +17,10 @@ from server.engine.stops import StopStringMatcher
 
 
 class RequestText:
-    def __init__(self, tokenizer, view, request: GenerationRequest, eos_token_ids: tuple[int, ...]):
+    def __init__(self, tokenizer, view, request: GenerationRequest, eos_token_ids: tuple[int, ...], texts=None):
+        """`view`: the tokenizer's `byte_view` (or None), `texts`: its `whole_texts` (or None)."""
         params = request.params
-        self.detokenizer = make_detokenizer(tokenizer, request.prompt_token_ids, view)
+        self.detokenizer = make_detokenizer(tokenizer, request.prompt_token_ids, view, texts)
         self.stops = StopStringMatcher(params.stop)
         self.ending_token_ids = frozenset(params.ending_token_ids(eos_token_ids))
         self.min_tokens = params.min_tokens

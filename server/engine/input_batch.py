@@ -6,7 +6,8 @@ small model's step. So every running request that decodes gets a row of buffers 
 as it runs:
 
 - `tokens[row]`, `positions[row]`: the token it computes next and its position, written when the
-  token is sampled (or, for a row new to the batch, when it joins);
+  token is sampled (all rows of a plain decode step at once, `advance_rows`), or, for a row new to
+  the batch or one whose request moved on otherwise, when it is gathered;
 - `block_tables[row]` (padded with -1) and `num_blocks[row]`: its block table, of which only the
   entries added since the last step are written (a new block every `block_size` tokens);
 - `sampling[row]`: temperature, top-k, top-p and min-p, written once when the row joins.
@@ -36,7 +37,7 @@ class PersistentBatch:
         self.tokens = np.zeros(max_rows, dtype=np.int64)
         self.positions = np.full(max_rows, -1, dtype=np.int64)          # -1: nothing written yet
         self.block_tables = np.full((max_rows, max_blocks_per_row), -1, dtype=np.int64)
-        self.num_blocks = np.zeros(max_rows, dtype=np.int64)
+        self.num_blocks = [0] * max_rows                                 # entries written per row
         self.sampling = torch.zeros(max_rows, 4, dtype=torch.float32)
         self._tables_of: list[list[int] | None] = [None] * max_rows   # the block_ids list each row mirrors
         self._row_of: dict[int, int] = {}                                # id(seq) -> row
@@ -91,34 +92,41 @@ class PersistentBatch:
     # ---- the step -------------------------------------------------------------------------------
     def _sync(self, seq: Sequence, start: int, token_known: bool = True) -> int | None:
         """The row of `seq`, up to date for computing position `start` (its token too, when known)."""
+        row = self._sync_table(seq)
+        if row is None:
+            return None
+        if not token_known:
+            self.positions[row] = start
+        elif self.positions[row] != start:
+            self._write_token(row, seq, start)
+        return row
+
+    def _sync_table(self, seq: Sequence) -> int | None:
+        """The row of `seq` (joining now if it has none) with its block table up to date."""
         row = self._row_of.get(id(seq))
         if row is not None and self._seq_of[row] is not seq:      # a stale entry: start afresh
             del self._row_of[id(seq)]
             self._clear(row)
             row = None
         if row is None:
-            row = self._join(seq)
-            if row is None:
-                return None
+            return self._join(seq)
+        block_ids = seq.blocks.block_ids
+        if block_ids is not self._tables_of[row]:
+            self._fill_table(row, block_ids)
         else:
-            block_ids = seq.blocks.block_ids
-            if block_ids is not self._tables_of[row]:
-                self._fill_table(row, block_ids)
-            else:
-                have, n = int(self.num_blocks[row]), len(block_ids)
-                if n != have:
-                    if n < have or n > self.block_tables.shape[1]:
-                        self._fill_table(row, block_ids)
-                    else:
-                        self.block_tables[row, have:n] = block_ids[have:n]
-                        self.num_blocks[row] = n
-        if not token_known:
-            self.positions[row] = start
-        elif self.positions[row] != start:
-            prompt = seq.request.prompt_token_ids
-            self.tokens[row] = prompt[start] if start < len(prompt) else seq.output_token_ids[start - len(prompt)]
-            self.positions[row] = start
+            have, n = self.num_blocks[row], len(block_ids)
+            if n != have:
+                if n < have or n > self.block_tables.shape[1]:
+                    self._fill_table(row, block_ids)
+                else:
+                    self.block_tables[row, have:n] = block_ids[have:n]
+                    self.num_blocks[row] = n
         return row
+
+    def _write_token(self, row: int, seq: Sequence, start: int) -> None:
+        prompt = seq.request.prompt_token_ids
+        self.tokens[row] = prompt[start] if start < len(prompt) else seq.output_token_ids[start - len(prompt)]
+        self.positions[row] = start
 
     def gather(self, chunks) -> tuple[np.ndarray, ...] | None:
         """For scheduled chunks (`.seq`, `.start`, `.draft_token_ids`) of one known token each:
@@ -127,14 +135,26 @@ class PersistentBatch:
         takes 1 + k entries: its known token and the drafts at the positions after it, each entry
         with the row's block table, so the step stays one query per entry (each entry sees the
         cache up to its own position, its predecessors' rows written in the same layer first)."""
-        rows = []
+        rows, starts, width = [], [], 0
+        row_of, seq_of, tables_of, num_blocks = self._row_of, self._seq_of, self._tables_of, self.num_blocks
         for chunk in chunks:
-            row = self._sync(chunk.seq, chunk.start)
-            if row is None:
-                return None
+            seq = chunk.seq
+            row = row_of.get(id(seq))
+            block_ids = seq.blocks.block_ids
+            # the common case (a row that mirrors its request's table already) without a call
+            if row is None or seq_of[row] is not seq or block_ids is not tables_of[row] \
+                    or len(block_ids) != num_blocks[row]:
+                row = self._sync_table(seq)
+                if row is None:
+                    return None
             rows.append(row)
+            starts.append(chunk.start)
+            if num_blocks[row] > width:
+                width = num_blocks[row]
         index = np.array(rows, dtype=np.int64)
-        width = int(self.num_blocks[index].max())
+        # rows whose next token `advance` did not write (new to the batch, or moved on otherwise)
+        for i in np.flatnonzero(self.positions[index] != np.array(starts, dtype=np.int64)).tolist():
+            self._write_token(rows[i], chunks[i].seq, starts[i])
         if not any(chunk.draft_token_ids for chunk in chunks):
             return self.tokens[index], self.positions[index], self.block_tables[index, :width], index
         counts = np.array([1 + len(chunk.draft_token_ids) for chunk in chunks], dtype=np.int64)  # [B]
@@ -159,7 +179,7 @@ class PersistentBatch:
                 return None
             rows.append(row)
         index = np.array(rows, dtype=np.int64)
-        width = int(self.num_blocks[index].max())
+        width = max(self.num_blocks[row] for row in rows)
         return self.positions[index], self.block_tables[index, :width], index
 
     def advance(self, seq: Sequence, token: int) -> None:
@@ -169,3 +189,9 @@ class PersistentBatch:
         if row is not None:
             self.tokens[row] = token
             self.positions[row] = seq.num_tokens - 1
+
+    def advance_rows(self, rows: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> None:
+        """`advance` of many rows at once: row `rows[i]` computes `tokens[i]` at `positions[i]` next
+        (each request's new last token and position)."""
+        self.tokens[rows] = tokens
+        self.positions[rows] = positions

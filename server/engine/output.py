@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import time
 
-from server.engine.detokenizer import byte_view, make_detokenizer
+from server.engine.detokenizer import byte_view, make_detokenizer, whole_texts
 from server.engine.results import EngineObserver, FinishedRequestStats, RequestOutput, TokenLogprob, Usage
 from server.engine.sequence import Sequence
 from server.engine.stops import StopStringMatcher
+
+_new_tuple = tuple.__new__
 
 
 class OutputProcessor:
@@ -35,11 +37,12 @@ class OutputProcessor:
         self.observer = observer
         # each token's bytes, when decoding is their concatenation: detokenizing then costs O(new bytes)
         self.byte_view = byte_view(tokenizer)
+        self.byte_texts = whole_texts(self.byte_view) if self.byte_view is not None and detokenize else None
 
     def start(self, seq: Sequence) -> None:
         """Give a new request its detokenizer, stop-string matcher, ending token ids and grammar state."""
         if self.detokenize:
-            seq.detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids, self.byte_view)
+            seq.detokenizer = make_detokenizer(self.tokenizer, seq.prompt_token_ids, self.byte_view, self.byte_texts)
             seq.stop_matcher = StopStringMatcher(seq.request.params.stop)
         seq.ending_token_ids = frozenset(seq.request.params.ending_token_ids(self.eos_token_ids))
         if seq.request.params.grammar is not None:
@@ -51,27 +54,31 @@ class OutputProcessor:
         """Append a sampled token (`now`: the step's time, read once for all its tokens). A delta that
         does not end the request is emitted here (None comes back); the last one comes back, with its
         finish reason, for the caller to `finish` with."""
-        params = seq.request.params
-        seq.output_token_ids.append(token)
+        request = seq.request
+        params = request.params
+        output_ids = seq.output_token_ids
+        output_ids.append(token)
         seq.record_token_time(now)
         finish_reason = None
         text, stopped_by_string = "", False
         grammar = seq.grammar
-        if token in seq.ending_token_ids and len(seq.output_token_ids) > params.min_tokens:
+        if token in seq.ending_token_ids and len(output_ids) > params.min_tokens:
             finish_reason = "stop"
         else:
             if grammar is not None:
                 grammar.advance(token)
             if self.detokenize:
-                text, stopped_by_string = seq.stop_matcher.feed(seq.detokenizer.push((token,)))
-                if stopped_by_string:
-                    finish_reason = "stop"
+                text = seq.detokenizer.push((token,))
+                if seq.stop_matcher.stops:      # (without stop strings the matcher passes text through)
+                    text, stopped_by_string = seq.stop_matcher.feed(text)
+                    if stopped_by_string:
+                        finish_reason = "stop"
         if grammar is not None and grammar.error:
             finish_reason = "error"             # a dead end: even the end-of-sequence it allowed is no answer
         elif grammar is not None and grammar.done and finish_reason is None:
             finish_reason = "stop"
-        if finish_reason is None and (len(seq.output_token_ids) >= params.max_tokens
-                                      or seq.num_tokens >= self.max_context):
+        if finish_reason is None and (len(output_ids) >= params.max_tokens
+                                      or len(request.prompt_token_ids) + len(output_ids) >= self.max_context):
             finish_reason = "length"
         if finish_reason is not None and not stopped_by_string and self.detokenize:
             # release what was held back: an incomplete character, a possible stop-string prefix
@@ -83,7 +90,9 @@ class OutputProcessor:
                 text += seq.stop_matcher.flush()
         logprobs = (logprob,) if params.logprobs is not None and logprob is not None else None
         error = grammar.error if grammar is not None and finish_reason == "error" else None
-        delta = RequestOutput(seq.request_id, text, (token,), logprobs, finish_reason, error)
+        # RequestOutput(request_id, text, token_ids, logprobs, finish_reason, error, usage), made without
+        # the named tuple's Python-level __new__ (once per request and step)
+        delta = _new_tuple(RequestOutput, (request.request_id, text, (token,), logprobs, finish_reason, error, None))
         if finish_reason is None:
             seq.emit(delta)
             return None

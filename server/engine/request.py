@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from server.engine.errors import InvalidRequestError
 
@@ -98,11 +99,14 @@ class SamplingParams:
     grammar: object | None = field(default=None, compare=False)   # a compiled Grammar (structured output)
     speculative: bool = False           # prompt-lookup speculation asked for (the engine must allow it)
 
-    @property
+    # computed once per request (the parameters never change; `cached_property` stores its value in
+    # the instance's dict, which a frozen dataclass allows): the engine asks on every step
+
+    @cached_property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
-    @property
+    @cached_property
     def wants_logits_processors(self) -> bool:
         """Whether any logits processor may change this request's logits (penalties, logit_bias,
         min_tokens, a grammar); False lets the sampler skip asking them."""

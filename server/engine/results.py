@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,12 @@ class Usage:
     cached_tokens: int
 
 
-@dataclass(frozen=True)
-class RequestOutput:
+class RequestOutput(NamedTuple):
     """One delta of a request's stream. The last one has `finished` set, a finish reason and usage.
 
     `finish_reason` is "stop", "length", "abort" or "error" (then `error` says what happened).
+    A named tuple, immutable as a frozen dataclass is and made in a fifth of the time: the engine
+    makes one per request and step.
     """
 
     request_id: str

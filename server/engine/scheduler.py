@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from model.cache.batch import SequenceChunk
 from model.cache.kv_manager import KVCacheManager
@@ -32,8 +33,15 @@ from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.waiting import WaitingQueue
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+# a named tuple made from its fields without the Python-level __new__ (half the cost, in loops that run
+# once per request and step)
+_new_tuple = tuple.__new__
+
+
+class ScheduledChunk(NamedTuple):
+    """What one request computes this step (a named tuple: immutable, and quick to make, one per
+    running request and step)."""
+
     seq: Sequence
     start: int          # first position computed this step (= num_computed_tokens before the step)
     num_tokens: int     # known tokens, then the drafts
@@ -70,6 +78,9 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     prefix_queries: list[tuple[int, int]] = field(default_factory=list)  # (queried, hit) tokens
     restoring: list[Sequence] = field(default_factory=list)   # waiting while their prefix is read
+    # chunks of one known token that completes its request's tokens (decodes, drafts or not): when
+    # that is every chunk, the step samples each of them and takes its inputs from the persistent batch
+    num_decodes: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +96,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.speculative = speculative
+        self.block_size = kv.block_size
         self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -105,17 +117,25 @@ class Scheduler:
         yielded = len(out.preempted)
         budget = self.max_num_batched_tokens
         windowed = self.kv.window is not None
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        index = num_decodes = 0
+        block_size, chunks, running = self.block_size, out.chunks, self.running
+        while index < len(running) and budget > 0:     # (the loop runs once per running request and step)
+            seq = running[index]
+            computed = seq.num_computed_tokens
+            left = seq.num_tokens - computed
+            num = left if left < budget else budget
             if windowed:
-                self.kv.release_behind_window(seq.blocks, seq.num_computed_tokens)
-            if not self._make_room(seq, num, out):
+                self.kv.release_behind_window(seq.blocks, computed)
+            # the blocks held already cover the chunk (the KV manager's own test, checked here cheaply:
+            # a decode needs a new block only every block_size tokens)
+            if len(seq.blocks.block_ids) * block_size < computed + num and not self._make_room(seq, num, out):
                 break  # `seq` itself was preempted; everything after it already was
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            chunks.append(_new_tuple(ScheduledChunk, (seq, computed, num, ())))    # ScheduledChunk(seq, computed, num)
+            if left == 1:
+                num_decodes += 1
             budget -= num
             index += 1
+        out.num_decodes = num_decodes
 
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and len(out.preempted) == yielded):        # no admission while blocks ran short
@@ -131,6 +151,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            if num == seq.num_tokens - seq.num_computed_tokens == 1:
+                out.num_decodes += 1
             budget -= num
         for seq in reversed(out.restoring):     # back at the head of their tenants' queues
             self.waiting.appendleft(seq)
@@ -216,8 +238,9 @@ class Scheduler:
     # ---- after the step ------------------------------------------------------------------------
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make the request's newly filled blocks findable by later requests of the same tenant."""
-        table, full = seq.blocks, seq.num_computed_tokens // self.kv.block_size
-        if len(table.block_hashes) >= full and table.num_registered >= min(full, len(table.block_ids)):
+        table, full = seq.blocks, seq.num_computed_tokens // self.block_size
+        if len(table.block_hashes) >= full and (table.num_registered >= full
+                                                or table.num_registered >= len(table.block_ids)):
             return                  # nothing new (the KV manager's own conditions, checked here cheaply)
         self.kv.register_full_blocks(seq.blocks, seq.num_computed_tokens, seq.token_slice, seq.request.tenant)
 

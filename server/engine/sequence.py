@@ -36,6 +36,9 @@ class Sequence:
     detokenizer: object | None = None
     stop_matcher: object | None = None
     grammar: object | None = None                            # GrammarState of a constrained output
+    # the sampler's view of it (engine/sampler.py SamplingRow: parameters, token lists, generator,
+    # grammar state, all references fixed at admission), made once when the engine admits it
+    sampling_row: object | None = None
     ending_token_ids: frozenset[int] = frozenset()           # the ids that end it (output processing)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

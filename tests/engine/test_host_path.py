@@ -12,8 +12,8 @@ import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.loading.builtin import builtin_model_path
-from server.engine.detokenizer import ByteDetokenizer, IncrementalDetokenizer, byte_view
-from server.engine.engine import merge_outputs
+from server.engine.detokenizer import ByteDetokenizer, IncrementalDetokenizer, byte_view, whole_texts
+from server.engine.streams import merge_outputs
 from server.engine.input_batch import PersistentBatch
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.results import NullObserver, RequestOutput, TokenLogprob
@@ -124,6 +124,39 @@ def test_decode_steps_from_the_persistent_batch_are_exact(num_blocks):
     for (outs_a, text_a, tokens_a), (outs_b, text_b, tokens_b) in zip(with_batch, from_chunks):
         assert tokens_a == tokens_b and text_a == text_b and len(tokens_a) == 14
         assert [lp for o in outs_a for lp in o.logprobs] == [lp for o in outs_b for lp in o.logprobs]
+
+
+def test_a_decode_step_leaves_each_row_ready_for_the_next_and_counts_its_decodes():
+    """After every step each running request's row holds its last token at its last position (the step
+    advances the rows itself: the next gather rewrites none of them), and the scheduler's count of
+    decodes is the number of chunks of one known token that complete their request's tokens (chunked
+    prompts, one-token prompt chunks and preemptions included)."""
+    engine = tiny_engine(num_blocks=40, max_num_seqs=6, max_num_batched_tokens=9, start=False)
+    core = engine.core
+    rng = random.Random(8)
+    for i in range(10):
+        prompt = [rng.randrange(1, 500) for _ in range(rng.randrange(1, 25))]
+        params = SamplingParams(max_tokens=rng.randrange(1, 12), temperature=0.0 if i % 2 else 0.7, seed=i,
+                                ignore_eos=True)
+        core.add(core.admit(GenerationRequest(f"r{i}", prompt, params), lambda out: None, 0))
+    schedule, counts = core.scheduler.schedule, []
+
+    def checked_schedule():
+        out = schedule()
+        counts.append((out.num_decodes, sum(c.num_known_tokens == 1 and c.completes_prompt for c in out.chunks)))
+        return out
+    core.scheduler.schedule = checked_schedule
+    decode_steps = 0
+    while core.has_work():
+        core.step()
+        decode_steps += bool(counts[-1][0]) and counts[-1][0] == counts[-1][1]
+        for seq in core.scheduler.running:
+            row = core.batch.row_of(seq)
+            if row is not None and seq.output_token_ids and seq.num_computed_tokens == seq.num_tokens - 1:
+                assert core.batch.tokens[row] == seq.output_token_ids[-1]
+                assert core.batch.positions[row] == seq.num_tokens - 1
+    assert all(counted == expected for counted, expected in counts)
+    assert decode_steps > 5 and not core.requests
 
 
 # ---- the hand-off and coalescing ------------------------------------------------------------------
@@ -244,6 +277,8 @@ def test_byte_detokenizer_gives_the_text_decoding_gives():
     tokenizer = tokenizer_of_gguf(builtin_model_path())
     view = byte_view(tokenizer)
     assert view is not None and len(view) == tokenizer.vocab_size
+    token_texts = whole_texts(view)
+    assert sum(text is None for text in token_texts) > 100      # byte fragments of characters have no text of their own
     rng = random.Random(1)
     texts = ["héllo wörld 🙂 — ", "日本語のテキスト", "plain ascii, with spaces  and\nnewlines"]
     for trial in range(300):
@@ -254,6 +289,11 @@ def test_byte_detokenizer_gives_the_text_decoding_gives():
         detok = ByteDetokenizer(view)
         pieces = [detok.push([t]) for t in ids] + [detok.flush()]
         assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+        # with the table of whole-character texts: the same deltas, token by token
+        with_texts = ByteDetokenizer(view, token_texts)
+        past_the_vocabulary = len(view) + 3
+        assert [with_texts.push([t]) for t in ids + [past_the_vocabulary]] + [with_texts.flush()] == \
+            pieces[:-1] + ["", pieces[-1]]
     # a character split across tokens is held back, never broken
     ids = tokenizer.encode("🙂🙂")
     detok = ByteDetokenizer(view)
