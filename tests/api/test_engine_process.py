@@ -46,7 +46,12 @@ def greedy_answers(client, model: str) -> list[tuple[str, list[float]]]:
 
 def test_greedy_answers_and_logprobs_match_the_in_process_engine(process_client, process_server, client, server):
     assert process_server.engine.model_name == server.engine.model_name
-    assert greedy_answers(process_client, server.engine.model_name) == greedy_answers(client, server.engine.model_name)
+    # the same text; logprobs equal up to float32 rounding (the two engines' matrix products run on
+    # different threads, whose parallel split MKL may choose by the machine's load)
+    ours, reference = (greedy_answers(c, server.engine.model_name) for c in (process_client, client))
+    assert [text for text, _ in ours] == [text for text, _ in reference]
+    for (_, got), (_, want) in zip(ours, reference):
+        assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_streamed_chat_with_usage(process_client, process_server):
