@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.engine.sampler import NO_TOKEN, SamplingRow
+from server.engine.sampler import NO_TOKEN
 from server.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("customllm.engine")
@@ -163,8 +163,7 @@ class StepPipeline:
         host_batch = runner.build_decode_batch(token_ids, positions, tables, np.ones(len(seqs), dtype=bool),
                                                on_host=True)
         table = core.batch.sampling[torch.from_numpy(rows)]                          # [B, 4]
-        sampling_rows = [SamplingRow(s.request.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                     core.eos_token_ids, None) for s in seqs]
+        sampling_rows = [s.sampling_row for s in seqs]                              # made at admission
         previous_future = previous.future if previous is not None else None
 
         def forward_and_sample() -> list[tuple[int, object, str | None]]:
