@@ -191,7 +191,10 @@ class StepPipeline:
                     continue                # ended (or was preempted) after this step was launched
                 seq.num_computed_tokens = seq.num_tokens
                 core.scheduler.register_full_blocks(seq)
-                core.append_tokens(seq, [] if error else [token], [logprob], error, now)
+                if error is None:
+                    core.append_token(seq, token, logprob, now)      # the ordinary step's one-token path
+                else:
+                    core.append_tokens(seq, [], [logprob], error, now)
 
     @staticmethod
     def _wait_quietly(step: InFlightStep) -> None:
