@@ -44,6 +44,9 @@ class EngineConfig:
     grammar_wrap_up: bool = True               # constrained answers steered to complete within max_tokens
     # detokenize and match stop strings in the engine (off in the engine-core process: the API process does)
     detokenize: bool = True
+    # while tenants compete, a step computes at most max(this, tenants × the lightest tenant's requests)
+    # tokens, shared equally across them (server/engine/shared_steps.py; 0: off)
+    fair_step_tokens: int = 0
     # pipeline decode steps one deep: plan step N+1 and finish step N while the forward runs (overlap.py)
     overlap_steps: bool = False
     # prompt-lookup speculation (server/engine/speculation.py), for requests that ask for it

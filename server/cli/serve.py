@@ -16,6 +16,9 @@ log = logging.getLogger("customllm.serve")
 ENV_PREFIX = "CUSTOMLLM_"
 MAX_SPECULATIVE_TOKENS = 32
 MIN_CPUS_FOR_ENGINE_PROCESS = 4
+# the fair step's least cap on a CPU: this project's 2-core machine decodes the built-in model in 15 ms
+# at 1 row, 21 ms at 4 and 39 ms at 8 (docs/benchmarks.md, "Tenant fairness")
+CPU_FAIR_STEP_TOKENS = 4
 
 
 def _env_name(flag: str) -> str:
@@ -90,6 +93,10 @@ def add_parser(subparsers) -> None:
     _add(e, "--max-waiting-per-tenant", "requests one API key may have waiting before its own 429 (default: half "
          "of --max-waiting-requests); waiting requests are served round robin across keys", int,
          defaults_engine.max_waiting_per_tenant)
+    _add(e, "--fair-step-tokens", "while requests of two or more API keys are in the engine, a step computes at "
+         "most max(N, keys × the lightest key's requests) tokens, shared equally across the keys, so one key's "
+         "flood cannot slow another key's few streams to the pace of a full batch: N, 0 (off), or auto: "
+         f"{CPU_FAIR_STEP_TOKENS} on a CPU (a step's cost grows with its rows), off with CUDA", default="auto")
     _add(e, "--max-sessions", "most sessions kept", int, defaults_engine.max_sessions)
     _add(e, "--session-ttl", "seconds an idle session keeps its cache", float, defaults_engine.session_idle_ttl_s)
     _add(e, "--max-session-pinned-fraction", "share of the cache sessions may pin", float,
@@ -214,7 +221,8 @@ def config_from_args(args) -> ServerConfig:
                             grammar_wrap_up=args.grammar_wrap_up,
                             num_speculative_tokens=args.num_speculative_tokens,
                             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
-                            overlap_steps=overlap_steps_wanted(args.overlap_steps, args.device)),
+                            overlap_steps=overlap_steps_wanted(args.overlap_steps, args.device),
+                            fair_step_tokens=fair_step_tokens_wanted(args.fair_step_tokens, args.device)),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,
@@ -243,6 +251,20 @@ def engine_process_wanted(choice: str, device_name: str) -> bool:
     from server.executor.build import resolve_device
     from server.executor.threads import available_cpus
     return resolve_device(device_name).type == "cuda" or available_cpus() >= MIN_CPUS_FOR_ENGINE_PROCESS
+
+
+def fair_step_tokens_wanted(choice: str, device_name: str) -> int:
+    """`--fair-step-tokens`: a number, or auto (CPU_FAIR_STEP_TOKENS on a CPU, 0 = off with CUDA)."""
+    if choice != "auto":
+        try:
+            tokens = int(choice)
+        except ValueError:
+            raise ValueError(f"--fair-step-tokens {choice!r}: a number of tokens, 0 (off) or auto") from None
+        if tokens < 0:
+            raise ValueError("--fair-step-tokens must be at least 0")
+        return tokens
+    from server.executor.build import resolve_device
+    return 0 if resolve_device(device_name).type == "cuda" else CPU_FAIR_STEP_TOKENS
 
 
 def overlap_steps_wanted(choice: str, device_name: str) -> bool:

@@ -63,7 +63,8 @@ class EngineCore:
             max_pinned_fraction=config.max_session_pinned_fraction,
             on_session_evicted=lambda: self.observer.on_session_evicted())
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   speculative=config.num_speculative_tokens > 0)
+                                   speculative=config.num_speculative_tokens > 0,
+                                   fair_step_tokens=config.fair_step_tokens)
         self.runner = ModelRunner(model, cache, device, small_step_model=small_step_model,
                                   decode_graphs=decode_graphs)
         self.sampler = Sampler()

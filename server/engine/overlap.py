@@ -127,8 +127,8 @@ class StepPipeline:
         cannot be planned ahead: (seqs, token_ids placeholder, positions, tables, rows, source) where
         `source[i]` is the row of `current` whose sampled token is input i."""
         core, scheduler = self.core, self.core.scheduler
-        if scheduler.waiting or core.batch is None:
-            return None
+        if scheduler.waiting or core.batch is None or scheduler.shared_step_cap() is not None:
+            return None                     # (a shared step picks its requests: the ordinary step plans it)
         in_current = {id(seq): i for i, seq in enumerate(current.seqs)}
         running = scheduler.running
         if len(running) > scheduler.max_num_batched_tokens:

@@ -23,6 +23,7 @@ cached prefix the manager is still reading from a slower tier is passed over unt
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -30,6 +31,8 @@ from typing import NamedTuple
 from model.cache.batch import SequenceChunk
 from model.cache.kv_manager import KVCacheManager
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.shared_steps import (LINGER_S, PREFILL_BOOST, lightest_tenants_prefill_only, requests_by_tenant,
+                                        shared_step_cap, tenant_parts)
 from server.engine.waiting import WaitingQueue
 
 
@@ -88,20 +91,39 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, speculative: bool = False):
-        """`speculative`: requests may carry draft tokens (the engine speculates)."""
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, speculative: bool = False,
+                 fair_step_tokens: int = 0):
+        """`speculative`: requests may carry draft tokens (the engine speculates). `fair_step_tokens`:
+        the least token cap of a step while tenants compete (server/engine/shared_steps.py; 0: off)."""
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or fair_step_tokens < 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1, fair_step_tokens at least 0")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.speculative = speculative
+        self.fair_step_tokens = fair_step_tokens
         self.block_size = kv.block_size
         self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.tenant_requests: Counter = Counter()    # tenant → its requests running or waiting (no zeros)
+        self.lingering: dict[str, float] = {}         # tenant → when its last request ended (shared steps)
+        self.clock = time.monotonic
+        self.num_shared_steps = 0
+        self._shared_turns = 0
+
+    def shared_step_cap(self) -> int | None:
+        """The token cap of the next step while tenants compete (None: the ordinary budget applies)."""
+        if self.lingering:
+            now = self.clock()
+            for tenant in [t for t, ended in self.lingering.items() if now - ended >= LINGER_S]:
+                del self.lingering[tenant]
+        cap = shared_step_cap(self.tenant_requests, self.fair_step_tokens, len(self.lingering))
+        return cap if cap is not None and cap < self.max_num_batched_tokens else None
 
     def add(self, seq: Sequence) -> None:
+        self.tenant_requests[seq.request.tenant] += 1
+        self.lingering.pop(seq.request.tenant, None)
         seq.status = SequenceStatus.WAITING
         if seq.request.session_id is not None:
             self.kv.begin_session_turn(seq.blocks, seq.request.tenant, seq.request.session_id)
@@ -115,6 +137,18 @@ class Scheduler:
         out = SchedulerOutput()
         self._yield_slots_to_waiting_tenants(out)
         yielded = len(out.preempted)
+        cap = self.shared_step_cap() if self.fair_step_tokens else None
+        budget = self._schedule_running(out) if cap is None else self._schedule_running_shared(out, cap)
+        budget = self._admit_waiting(out, budget, yielded)
+        if cap is not None:
+            self._finish_shared_step(out, budget)
+            budget = 0
+        if self.speculative and budget > 0 and len(out.preempted) == yielded:
+            self._add_drafts(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput) -> int:
+        """Every running request's chunk, oldest first, within the token budget; returns what is left."""
         budget = self.max_num_batched_tokens
         windowed = self.kv.window is not None
         index = num_decodes = 0
@@ -136,7 +170,11 @@ class Scheduler:
             budget -= num
             index += 1
         out.num_decodes = num_decodes
+        return budget
 
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, yielded: int) -> int:
+        """Waiting requests join, tenants taking turns, within `budget` and `max_num_seqs`; returns
+        what is left of the budget."""
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and len(out.preempted) == yielded):        # no admission while blocks ran short
             seq = self.waiting.peek()
@@ -156,9 +194,56 @@ class Scheduler:
             budget -= num
         for seq in reversed(out.restoring):     # back at the head of their tenants' queues
             self.waiting.appendleft(seq)
-        if self.speculative and budget > 0 and len(out.preempted) == yielded:
-            self._add_drafts(out, budget)
-        return out
+        return budget
+
+    # ---- a shared step (tenants compete: server/engine/shared_steps.py) ---------------------------
+    def _schedule_running_shared(self, out: SchedulerOutput, cap: int) -> int:
+        """Each tenant's part of `cap` to its least recently advanced running requests; returns what
+        the tenants left (for admissions, then any running request)."""
+        self.num_shared_steps += 1
+        groups = requests_by_tenant(self.running)
+        if not self.lingering and lightest_tenants_prefill_only(self.tenant_requests, groups, self.waiting.count):
+            cap *= PREFILL_BOOST
+        budget = cap
+        for tenant, part in tenant_parts(list(self.tenant_requests), cap, self.num_shared_steps):
+            for seq in groups.get(tenant, ()):
+                if part <= 0:
+                    break
+                if seq.status is SequenceStatus.RUNNING:
+                    num = self._schedule_chunk(seq, part, out)
+                    part -= num
+                    budget -= num
+        return budget
+
+    def _finish_shared_step(self, out: SchedulerOutput, budget: int) -> None:
+        """The tokens left after admissions go to running requests not yet in the step (least recently
+        advanced first); requests preempted on the way lose their chunks; the step's requests are
+        marked as advanced now."""
+        scheduled = {id(chunk.seq) for chunk in out.chunks}
+        for seq in sorted(self.running, key=lambda s: s.last_shared_turn):
+            if budget <= 0:
+                break
+            if id(seq) not in scheduled and seq.status is SequenceStatus.RUNNING:
+                budget -= self._schedule_chunk(seq, budget, out)
+        out.chunks[:] = [c for c in out.chunks if c.seq.status is SequenceStatus.RUNNING]
+        out.num_decodes = 0
+        for chunk in out.chunks:
+            self._shared_turns += 1         # one turn per chunk: no two requests tie, so turns go round exactly
+            chunk.seq.last_shared_turn = self._shared_turns
+            if chunk.num_tokens == 1 and chunk.completes_prompt:
+                out.num_decodes += 1
+
+    def _schedule_chunk(self, seq: Sequence, most: int, out: SchedulerOutput) -> int:
+        """A chunk of at most `most` tokens for a running request (making room, which may preempt the
+        newest running requests, `seq` included); returns its tokens (0 if `seq` was preempted)."""
+        computed = seq.num_computed_tokens
+        num = min(seq.num_tokens - computed, most)
+        if self.kv.window is not None:
+            self.kv.release_behind_window(seq.blocks, computed)
+        if not self._make_room(seq, num, out):
+            return 0
+        out.chunks.append(ScheduledChunk(seq, computed, num))
+        return num
 
     def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
         """Give each decode chunk of a request with draft tokens as many of them as the budget and
@@ -251,6 +336,14 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            return
+        tenant = seq.request.tenant
+        self.tenant_requests[tenant] -= 1
+        if not self.tenant_requests[tenant]:
+            del self.tenant_requests[tenant]
+            if self.fair_step_tokens:
+                self.lingering[tenant] = self.clock()
         if seq.request.session_id is not None:
             self.kv.pin_to_session(seq.blocks, seq.request.tenant, seq.request.session_id, seq.all_token_ids)
         self._release_blocks(seq)

@@ -41,6 +41,7 @@ class Sequence:
     sampling_row: object | None = None
     ending_token_ids: frozenset[int] = frozenset()           # the ids that end it (output processing)
     first_scheduled_time: float | None = None
+    last_shared_turn: int = -1        # when a shared step last advanced it (server/engine/shared_steps.py)
     first_token_time: float | None = None
     last_token_time: float | None = None
     inter_token_latencies: list[float] = field(default_factory=list)

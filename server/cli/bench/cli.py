@@ -343,7 +343,7 @@ def run_fairness(args) -> int:
                   f"{phase['first_token_s']['p90'] * 1e3:.0f} |"
                   for name, phase in (("alone", alone), ("while B floods", flooded))]
         lines += ["", f"- p50 under the flood / alone = {result['p50_ratio']:.2f}× (target ≤ 3×); B's responses: "
-                  f"{result['flood_responses']}"]
+                  f"{result['flood_responses']}, {result['flood_output_tokens_per_s']:.0f} output tok/s"]
         _record(lines)
     return 0
 

@@ -65,13 +65,19 @@ async def _bench(url: str, key_a: str, key_b: str, requests: int, max_tokens: in
         stop, counts = asyncio.Event(), {}
         flooders = [asyncio.create_task(_flood(client, url, key_b, stop, flood_prompts, flood_max_tokens, counts))
                     for _ in range(flood_concurrency)]
+        started = time.perf_counter()
         try:
             flooded = await _tenant_a(client, url, key_a, requests, max_tokens)
         finally:
             stop.set()
             await asyncio.gather(*flooders, return_exceptions=True)
+        flood_s = time.perf_counter() - started
     ratio = flooded["latency_s"]["p50"] / alone["latency_s"]["p50"]
+    # what the flood got meanwhile: its answered requests' tokens over the phase (the requests still in
+    # flight when it stopped are not counted)
+    flood_tokens = counts.get(200, 0) * flood_prompts * flood_max_tokens
     return {"alone": alone, "flooded": flooded, "flood_responses": {str(k): v for k, v in counts.items()},
+            "flood_phase_s": flood_s, "flood_output_tokens_per_s": flood_tokens / flood_s,
             "p50_ratio": ratio, "met": flooded["success_rate"] >= 0.95 and ratio <= 3.0}
 
 
