@@ -46,6 +46,7 @@ class Metrics:
         self.rejected = counter("requests_rejected", "Requests refused before reaching the engine", ["reason"])
         self.http_responses = counter("http_responses", "HTTP responses by status code", ["code"])
         self.preemptions = counter("preemptions", "Requests preempted for lack of cache blocks")
+        self.shared_steps = counter("shared_steps", "Steps divided across competing API keys (--fair-step-tokens)")
         self.session_evictions = counter("session_evictions", "Session pins dropped (TTL, caps, pressure)")
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens", LATENCY_BUCKETS)
@@ -97,8 +98,10 @@ class Metrics:
         self.rejected.labels(self.model_name, reason).inc()
 
     # ---- EngineObserver -------------------------------------------------------------------------
-    def on_step(self, num_scheduled_tokens: int) -> None:
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None:
         self.tokens_per_step.labels(self.model_name).observe(num_scheduled_tokens)
+        if shared:
+            self.shared_steps.labels(self.model_name).inc()
 
     def on_preemption(self) -> None:
         self.preemptions.labels(self.model_name).inc()

@@ -237,7 +237,7 @@ class EngineCore:
         sampling_rows = [chunk.seq.sampling_row for chunk in plain_sampling]
         plain = not any(row.params.wants_logits_processors for row in sampling_rows)
         sampled = self.sample_rows(logits, sampling_rows, table, plain)
-        self.observer.on_step(out.num_tokens)
+        self.observer.on_step(out.num_tokens, out.shared)
         now = time.monotonic()
         with self.lock:
             register_full_blocks = self.scheduler.register_full_blocks

@@ -48,8 +48,8 @@ class ForwardingObserver:
             taken.append(self.events.popleft())
         return taken
 
-    def on_step(self, num_scheduled_tokens: int) -> None:
-        self.events.append(["on_step", num_scheduled_tokens])
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None:
+        self.events.append(["on_step", num_scheduled_tokens, shared])
 
     def on_preemption(self) -> None:
         self.events.append(["on_preemption"])

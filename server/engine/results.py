@@ -56,7 +56,8 @@ class FinishedRequestStats:
 
 
 class EngineObserver(Protocol):
-    def on_step(self, num_scheduled_tokens: int) -> None: ...
+    # a step computed `num_scheduled_tokens`; `shared`: divided across competing tenants (shared_steps.py)
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None: ...
     def on_preemption(self) -> None: ...
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: ...
     def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
@@ -70,7 +71,7 @@ class EngineObserver(Protocol):
 
 
 class NullObserver:
-    def on_step(self, num_scheduled_tokens: int) -> None: pass
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None: pass
     def on_preemption(self) -> None: pass
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None: pass
     def on_request_finished(self, stats: FinishedRequestStats) -> None: pass

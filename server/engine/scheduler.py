@@ -84,6 +84,7 @@ class SchedulerOutput:
     # chunks of one known token that completes its request's tokens (decodes, drafts or not): when
     # that is every chunk, the step samples each of them and takes its inputs from the persistent batch
     num_decodes: int = 0
+    shared: bool = False        # divided across competing tenants (server/engine/shared_steps.py)
 
     @property
     def num_tokens(self) -> int:
@@ -141,6 +142,7 @@ class Scheduler:
         budget = self._schedule_running(out) if cap is None else self._schedule_running_shared(out, cap)
         budget = self._admit_waiting(out, budget, yielded)
         if cap is not None:
+            out.shared = True
             self._finish_shared_step(out, budget)
             budget = 0
         if self.speculative and budget > 0 and len(out.preempted) == yielded:

@@ -223,7 +223,7 @@ def rejection_error(message: Rejected) -> Exception:
 
 # observer calls that cross the wire: method name → argument converter (`EngineObserver`)
 OBSERVER_EVENTS = {
-    "on_step": lambda n: (int(n),),
+    "on_step": lambda n, shared=False: (int(n), bool(shared)),
     "on_preemption": lambda: (),
     "on_prefix_cache_query": lambda queried, hit: (int(queried), int(hit)),
     "on_request_finished": lambda *fields: (FinishedRequestStats(

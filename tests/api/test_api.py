@@ -267,7 +267,7 @@ def test_metrics_move_with_traffic(server):
     assert metric(after, "customllm_session_cached_tokens") > 0
     assert metric(after, "customllm_engine_alive") == 1
     for name in ("customllm_requests_running", "customllm_requests_waiting", "customllm_kv_cache_usage_ratio",
-                 "customllm_preemptions_total", "customllm_session_evictions_total"):
+                 "customllm_preemptions_total", "customllm_session_evictions_total", "customllm_shared_steps_total"):
         assert name in after
     httpx.delete(f"{server.url}/v1/sessions/m")
 
@@ -316,6 +316,35 @@ def test_dead_engine_is_503(model_dir):
 
 
 # ---- auth and tenants ---------------------------------------------------------------------------
+def test_competing_keys_share_steps_with_the_answers_unchanged(model_dir):
+    """Two keys at once on a server with shared steps (--fair-step-tokens): each greedy answer is the
+    one it gets alone, and the shared steps are counted."""
+    keys = ("key-light", "key-flood")
+    bodies = [(keys[0], {"prompt": "the light one", "max_tokens": 8, "temperature": 0, "ignore_eos": True})] + \
+        [(keys[1], {"prompt": [f"flood {i}" for i in range(4)], "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+         for _ in range(3)]
+    with InProcessServer(model_dir, api=ApiConfig(api_keys=keys), engine_config=EngineConfig(fair_step_tokens=4)) as s:
+        def answer(key, body):
+            response = post(s, "/v1/completions", body, headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 200, response.text
+            return [choice["text"] for choice in response.json()["choices"]]
+        alone = [answer(key, body) for key, body in bodies]
+        before = metric(httpx.get(f"{s.url}/metrics", headers={"Authorization": f"Bearer {keys[0]}"}).text,
+                        "customllm_shared_steps_total")
+
+        async def together():
+            async with httpx.AsyncClient(timeout=120) as c:
+                responses = await asyncio.gather(*(c.post(f"{s.url}/v1/completions", json=body,
+                                                          headers={"Authorization": f"Bearer {key}"})
+                                                   for key, body in bodies))
+            return [[choice["text"] for choice in r.json()["choices"]] for r in responses]
+        assert asyncio.run(together()) == alone
+        after = metric(httpx.get(f"{s.url}/metrics", headers={"Authorization": f"Bearer {keys[0]}"}).text,
+                       "customllm_shared_steps_total")
+        assert after > before
+        s.settle()
+
+
 def test_api_keys_and_tenant_isolation(model_dir):
     with InProcessServer(model_dir, api=ApiConfig(api_keys=("key-alice", "key-bob"), metrics_require_auth=True)) as s:
         alice, bob = {"Authorization": "Bearer key-alice"}, {"Authorization": "Bearer key-bob"}

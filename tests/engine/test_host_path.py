@@ -164,7 +164,7 @@ class _Steps(NullObserver):
     def __init__(self):
         self.steps = 0
 
-    def on_step(self, num_scheduled_tokens: int) -> None:
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None:
         self.steps += 1
 
 

@@ -14,7 +14,7 @@ class StepCounter(NullObserver):
     def __init__(self):
         self.tokens = 0
 
-    def on_step(self, num_scheduled_tokens: int) -> None:
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None:
         self.tokens += num_scheduled_tokens
 
 

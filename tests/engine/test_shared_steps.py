@@ -210,3 +210,18 @@ def test_a_light_tenants_prompt_goes_in_larger_steps_until_it_decodes():
     for _ in range(5):
         out = run_step(sched)
         assert out.num_tokens <= 4 and light in [c.seq for c in out.chunks]
+
+
+def test_fair_step_tokens_flag():
+    """auto: CPU_FAIR_STEP_TOKENS on a CPU (off with CUDA); a number or 0 (off) as given; the value
+    reaches the engine's configuration; anything else is refused."""
+    from server.cli.main import build_parser
+    from server.cli.serve import CPU_FAIR_STEP_TOKENS, config_from_args, fair_step_tokens_wanted
+    assert fair_step_tokens_wanted("auto", "cpu") == CPU_FAIR_STEP_TOKENS == 4
+    assert fair_step_tokens_wanted("0", "cpu") == 0 and fair_step_tokens_wanted("12", "cpu") == 12
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve"])).engine.fair_step_tokens == 4
+    assert config_from_args(parse(["serve", "--fair-step-tokens", "0"])).engine.fair_step_tokens == 0
+    for bad in ("-1", "many"):
+        with pytest.raises(ValueError, match="--fair-step-tokens"):
+            config_from_args(parse(["serve", "--fair-step-tokens", bad]))

@@ -40,7 +40,7 @@ class StepTimer(NullObserver):
         self.lock = threading.Lock()
         self.forward_seconds = lambda: 0.0
 
-    def on_step(self, num_scheduled_tokens: int) -> None:
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None:
         with self.lock:
             self.steps.append((time.perf_counter(), num_scheduled_tokens, self.forward_seconds()))
 
