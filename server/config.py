@@ -47,6 +47,8 @@ class EngineConfig:
     # while tenants compete, a step computes at most max(this, tenants × the lightest tenant's requests)
     # tokens, shared equally across them (server/engine/shared_steps.py; 0: off)
     fair_step_tokens: int = 0
+    # on a CPU, torch's threads follow the cores other processes leave free (server/executor/thread_governor.py)
+    adaptive_threads: bool = False
     # pipeline decode steps one deep: plan step N+1 and finish step N while the forward runs (overlap.py)
     overlap_steps: bool = False
     # prompt-lookup speculation (server/engine/speculation.py), for requests that ask for it

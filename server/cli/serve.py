@@ -85,6 +85,9 @@ def add_parser(subparsers) -> None:
     _add(e, "--overlap-steps", "pipeline decode steps one deep: the host schedules step N+1 and streams step N's "
          "tokens while the forward of step N+1 runs (outputs unchanged): on, off, or auto: on with CUDA (on a CPU "
          "the forward already uses every core: docs/benchmarks.md)", default="auto")
+    _add(e, "--adaptive-threads", "on a CPU, lower torch's thread count while other processes keep some of this "
+         "process's CPUs busy, and raise it again when they are free (checked every second; one log line per "
+         "change): a team of threads that waits for one without a core is slower than fewer threads", bool, True)
     _add(e, "--block-size", "tokens per KV-cache block", int, defaults_engine.block_size)
     _add(e, "--kv-cache-memory", "KV-cache size in GiB (default: 1 on CPU, 85%% of free GPU memory)", float)
     _add(e, "--max-num-seqs", "most sequences in one batch", int, defaults_engine.max_num_seqs)
@@ -222,7 +225,8 @@ def config_from_args(args) -> ServerConfig:
                             num_speculative_tokens=args.num_speculative_tokens,
                             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                             overlap_steps=overlap_steps_wanted(args.overlap_steps, args.device),
-                            fair_step_tokens=fair_step_tokens_wanted(args.fair_step_tokens, args.device)),
+                            fair_step_tokens=fair_step_tokens_wanted(args.fair_step_tokens, args.device),
+                            adaptive_threads=args.adaptive_threads),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,

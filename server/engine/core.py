@@ -38,6 +38,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.speculation import Speculation, split_draft_logits
 from server.executor.runner import ModelRunner
+from server.executor.thread_governor import governor_for_this_process
 
 log = logging.getLogger("customllm.engine")
 
@@ -67,6 +68,9 @@ class EngineCore:
                                    fair_step_tokens=config.fair_step_tokens)
         self.runner = ModelRunner(model, cache, device, small_step_model=small_step_model,
                                   decode_graphs=decode_graphs)
+        # (not with overlapped steps: their forward runs on a worker thread with its own thread count)
+        self.threads = governor_for_this_process(torch.get_num_threads()) \
+            if config.adaptive_threads and device.type == "cpu" and not config.overlap_steps else None
         self.sampler = Sampler()
         # prompt-lookup speculation for the requests that ask for it (server/engine/speculation.py)
         self.speculation = Speculation(config.num_speculative_tokens, config.prompt_lookup_max,
@@ -171,6 +175,8 @@ class EngineCore:
         finish with an error)."""
         if self.pipeline is not None and self.pipeline.in_flight is not None:
             return self.pipeline.advance()
+        if self.threads is not None:
+            self.threads.poll()
         with self.lock:
             out = self.scheduler.schedule()
         for seq in out.preempted:

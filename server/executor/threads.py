@@ -7,11 +7,11 @@ static CPU manager), capped by the cgroup's CPU quota (`cpu.max` in cgroup v2,
 PyTorch's own default counts the cores it can see, which in a container with a quota is more threads
 than it will be scheduled on. `OMP_NUM_THREADS` or a `threads` argument still win.
 
-A core that another process keeps busy is not visible here. Measured on 2 cores with a busy loop
-on one of them (docs/benchmarks.md, issue 18): two threads decode at a third of their quiet speed or
-less, one thread at 0.7 of it; a shorter OpenMP spin (`GOMP_SPINCOUNT`) made it worse, so the wait
-policy is left as libgomp has it. On a shared host, set `OMP_NUM_THREADS` to the cores you expect
-to have.
+A core that another process keeps busy is not visible here: the engine's thread governor
+(server/executor/thread_governor.py, `serve --adaptive-threads`) follows that at run time. Measured
+on 2 cores with a busy loop on one of them (docs/benchmarks.md, issue 18): two threads decode at a
+third of their quiet speed or less, one thread at 0.7 of it; a shorter OpenMP spin (`GOMP_SPINCOUNT`)
+made it worse, so the wait policy is left as libgomp has it.
 """
 from __future__ import annotations
 

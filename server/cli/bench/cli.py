@@ -60,6 +60,8 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--compile-decode", action="store_true", help="as `serve --compile-decode`")
     engine.add_argument("--decode-attention", default="auto", help="as `serve --decode-attention`")
     engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    engine.add_argument("--adaptive-threads", action="store_true",
+                        help="threads follow the cores other processes leave free, as `serve --adaptive-threads`")
     engine.add_argument("--no-detokenize", dest="detokenize", action="store_false",
                         help="token ids only, as the engine-core process of `serve` runs (its API process detokenizes)")
     engine.add_argument("--overlap-steps", action="store_true",
@@ -200,7 +202,8 @@ def run_engine(args) -> int:
                           args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
                           schema, quantization=args.quantization, compile_decode=args.compile_decode,
                           decode_attention=args.decode_attention, detokenize=args.detokenize,
-                          overlap_steps=args.overlap_steps, simulated_device_ms=args.simulated_device_ms)
+                          overlap_steps=args.overlap_steps, simulated_device_ms=args.simulated_device_ms,
+                          adaptive_threads=args.adaptive_threads)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]

@@ -78,7 +78,7 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                  threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
                  quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto",
                  max_num_batched_tokens: int | None = None, detokenize: bool = True, overlap_steps: bool = False,
-                 simulated_device_ms: float | None = None) -> dict:
+                 simulated_device_ms: float | None = None, adaptive_threads: bool = False) -> dict:
     """`max_num_batched_tokens` (default: 2048, or one whole prompt) bounds each step's prefill: the
     running rows decode while later prompts are filled in, so a batch decodes together only for the
     tokens left once every prompt is in; many long prompts need a larger budget. `detokenize` False:
@@ -93,7 +93,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
     engine_config = EngineConfig(max_num_seqs=max_batch,
                                  max_num_batched_tokens=max_num_batched_tokens or max(2048, context_len),
                                  kv_cache_memory_gib=kv_cache_gib, max_waiting_requests=max_batch * 2,
-                                 detokenize=detokenize, overlap_steps=overlap_steps)
+                                 detokenize=detokenize, overlap_steps=overlap_steps,
+                                 adaptive_threads=adaptive_threads)
     engine = build_engine(ServerConfig(model=ModelLoadConfig(model=model, preset=preset, tokenizer=tokenizer,
                                                              device=device, dtype=dtype,
                                                              quantization=quantization,
@@ -120,6 +121,9 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
         result.update(_measure(engine, timer, batch_sizes, context_len, output_len, bandwidth, grammar))
         # with overlapped steps "host" is the host time a step still pays: what the forward did not hide
         result.update(overlap_steps=overlap_steps, simulated_device_ms=simulated_device_ms)
+        if engine.core.threads is not None:
+            result.update(adaptive_threads=True, thread_changes=engine.core.threads.num_changes,
+                          threads_at_end=engine.core.threads.threads)
         result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
 
     drive_engine(engine, drive)

@@ -1,0 +1,117 @@
+"""Threads that follow the CPUs other processes leave free, while the engine runs.
+
+`threads.configure_threads` counts the CPUs this process may use (affinity mask, cgroup quota), but
+not what other processes do with them. A core that another process keeps busy costs far more than
+its share: the model's OpenMP team waits at every parallel region for the thread that lost its core
+(on this project's 2-core machine, with a busy loop beside it, two threads decoded at 0.2–0.5 of
+their quiet speed, one thread at 0.7: docs/benchmarks.md, "Under contention").
+
+So every WINDOW_S the governor reads how busy the CPUs of the affinity mask were (`/proc/stat`)
+minus this process's own CPU time (`os.times`, every thread of it), i.e. the cores other processes
+took, and sets torch's thread count to the cores left (rounded, at least one, at most the configured
+count). A change needs two windows in a row that agree, so a short burst does not move it; each
+change is logged in one line. Where `/proc/stat` cannot be read it does nothing.
+
+`set_num_threads` applies to the thread that calls it: the engine calls `poll()` from the thread
+that runs the model, once per step (a clock read unless a window has passed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("customllm.threads")
+
+WINDOW_S = 1.0
+
+
+def read_cpu_jiffies(cpus: set[int] | None, stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(busy, total) jiffies summed over `cpus` (None: the whole machine), or None if unreadable.
+    Busy is everything but idle and iowait."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu"):
+            break                               # the cpu lines come first
+        if name == "cpu" and cpus is not None:
+            continue                            # the machine's sum: only without a mask
+        if name != "cpu" and (cpus is None or int(name[3:]) not in cpus):
+            continue
+        fields = [int(v) for v in rest.split()[:8]]       # user nice system idle iowait irq softirq steal
+        total += sum(fields)
+        busy += sum(fields) - fields[3] - fields[4]
+    return (busy, total) if total else None
+
+
+def threads_for(others_cores: float, num_cpus: int, max_threads: int) -> int:
+    """The thread count that fits in the cores other processes leave: num_cpus - others, rounded."""
+    return max(1, min(max_threads, int(num_cpus - others_cores + 0.5)))
+
+
+class ThreadGovernor:
+    def __init__(self, max_threads: int, set_threads: Callable[[int], None], cpus: set[int] | None = None,
+                 read_jiffies=read_cpu_jiffies, own_cpu_seconds=lambda: sum(os.times()[:2]),
+                 clock=time.monotonic, window_s: float = WINDOW_S):
+        """`cpus`: the CPUs of the affinity mask (None: all); `set_threads`: applies a thread count."""
+        self.max_threads = max_threads
+        self.threads = max_threads
+        self.set_threads = set_threads
+        self.cpus = cpus
+        self.num_cpus = len(cpus) if cpus else (os.cpu_count() or 1)
+        self.read_jiffies, self.own_cpu_seconds, self.clock, self.window_s = read_jiffies, own_cpu_seconds, clock, window_s
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.num_changes = 0
+        self._pending: int | None = None
+        self._start = self._sample()
+
+    def _sample(self):
+        jiffies = self.read_jiffies(self.cpus)
+        return None if jiffies is None else (self.clock(), jiffies, self.own_cpu_seconds())
+
+    def poll(self) -> int | None:
+        """Measure when a window has passed; returns the new thread count when it changed."""
+        if self._start is None or self.clock() - self._start[0] < self.window_s:
+            return None
+        end = self._sample()
+        if end is None:
+            self._start = None
+            return None
+        (_, (busy0, total0), own0), (_, (busy1, total1), own1) = self._start, end
+        self._start = end
+        if total1 <= total0:
+            return None
+        # cores busy over the window (jiffies are per CPU), less this process's own CPU time
+        wall = (total1 - total0) / self.hz / self.num_cpus
+        others = max(0.0, (busy1 - busy0) / self.hz - (own1 - own0)) / wall if wall > 0 else 0.0
+        wanted = threads_for(others, self.num_cpus, self.max_threads)
+        if wanted == self.threads:
+            self._pending = None
+            return None
+        if self._pending != wanted:             # the next window must agree
+            self._pending = wanted
+            return None
+        self._pending = None
+        log.info("torch threads %d -> %d: other processes keep %.1f of the %d CPUs busy", self.threads, wanted,
+                 others, self.num_cpus)
+        self.threads = wanted
+        self.num_changes += 1
+        self.set_threads(wanted)
+        return wanted
+
+
+def governor_for_this_process(max_threads: int) -> ThreadGovernor | None:
+    """A governor over this process's affinity mask that sets torch's threads, or None where the
+    CPU load cannot be read."""
+    import torch
+
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if read_cpu_jiffies(cpus) is None:
+        return None
+    return ThreadGovernor(max_threads, torch.set_num_threads, cpus)
