@@ -36,6 +36,9 @@ FLOAT = "float"                 # the values of a weight that was never quantize
 SMALL_ROWS = 4                  # steps of at most this many rows take the small-step format
 MIN_QUANTIZED_OUT = 16          # narrower Linears (MoE routers: a few experts) keep float weights
 
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT8_MM = torch.ops.aten._weight_int8pack_mm
+
 _BUFFERS = {FLOAT32: ("weight_f32",), BFLOAT16: ("weight_bf16",), INT8: ("weight_int8", "scales_int8"),
             INT4: ("weight_int4", "scale_zeros_int4")}
 
@@ -138,24 +141,24 @@ class QuantizedLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in x's dtype."""
-        flat = x.reshape(-1, self.in_features)                                        # [M, in]
-        fmt = self.format_for(flat.shape[0])
-        if fmt == FLOAT32:
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)                # [M, in]
+        rows = flat.shape[0]
+        fmt = self.small_format if rows <= SMALL_ROWS else self.large_format
+        if fmt == INT4 and rows:                                                      # the decode path first
+            y = _INT4_MM(flat.to(torch.bfloat16).contiguous(), self.weight_int4, GROUP, self.scale_zeros_int4)
+        elif fmt == FLOAT32:
             y = F.linear(flat.to(self.weight_f32.dtype), self.weight_f32)
         elif fmt == BFLOAT16:
             y = F.linear(flat.to(torch.bfloat16), self.weight_bf16)
-        elif flat.shape[0] == 0:
+        elif rows == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif fmt == INT8:
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.weight_int8,
-                                                   self.scales_int8)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.weight_int4,
-                                                           GROUP, self.scale_zeros_int4)
+            y = _INT8_MM(flat.to(torch.bfloat16).contiguous(), self.weight_int8, self.scales_int8)
         y = y.to(x.dtype)                                                              # [M, out]
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """W [out, in] in the model's dtype: the values the products multiply by, dequantized once
