@@ -22,7 +22,7 @@ from model.cache.batch import PagedBatch
 from model.config import BaseModelConfig
 from model.layers.attention import (KernelAttention, gather_context, grouped_query_attention, masked_softmax,
                                     matmul_shared_context, write_rows)
-from model.layers.linear import Linear
+from model.layers.linear import FusableProjections, Linear
 from model.layers.moe import RoutedExperts, SwiGLUExpert
 from model.layers.norms import RMSNorm
 from model.layers.rope import apply_rope, rope_cos_sin
@@ -74,8 +74,12 @@ PRESETS = {
 _ROTARY_BUFFER = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
-class MultiHeadLatentAttention(KernelAttention, nn.Module):
-    """Decode-only steps may run in paged_mla_decode (model/kernels), set by `use_decode_kernel`."""
+class MultiHeadLatentAttention(KernelAttention, FusableProjections, nn.Module):
+    """Decode-only steps may run in paged_mla_decode (model/kernels), set by `use_decode_kernel`.
+    Quantized, the projections of x (kv_proj_d, q_proj_d, rope_k) and those of c_q (q_proj_u, rope_q)
+    may each run as one product (FUSABLE)."""
+
+    FUSABLE = {"input_proj": ("kv_proj_d", "q_proj_d", "rope_k"), "query_proj": ("q_proj_u", "rope_q")}
 
     def __init__(self, cfg: CustomLLMConfig):
         super().__init__()
@@ -91,12 +95,14 @@ class MultiHeadLatentAttention(KernelAttention, nn.Module):
         self.o_proj = Linear(heads * cfg.head_dim, d, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def _rope_parts(self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Post-RoPE q_rope, k_rope [T, H, rope_dim]."""
-        heads, r = self.cfg.num_heads, self.cfg.rope_dim
-        q_rope = apply_rope(self.rope_q(c_q).view(-1, heads, r), cos, sin)
-        k_rope = apply_rope(self.rope_k(x).view(-1, heads, r), cos, sin)
-        return q_rope, k_rope
+    def _projections(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, d] → c_kv [T, latent], q_nope [T, H, nope], post-RoPE q_rope and k_rope [T, H, r]."""
+        heads, nope, r = self.cfg.num_heads, self.cfg.nope_dim, self.cfg.rope_dim
+        c_kv, c_q, k_rope = self.project("input_proj", x)                     # [T, latent], [T, latent], [T, H*r]
+        q_nope, q_rope = self.project("query_proj", c_q)                      # [T, H*nope], [T, H*r]
+        q_rope = apply_rope(q_rope.unflatten(-1, (heads, r)), cos, sin)
+        k_rope = apply_rope(k_rope.unflatten(-1, (heads, r)), cos, sin)
+        return c_kv, q_nope.unflatten(-1, (heads, nope)), q_rope, k_rope
 
     def forward_naive(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] → [B, T, d]; causal attention with per-head K and V expanded."""
@@ -104,10 +110,9 @@ class MultiHeadLatentAttention(KernelAttention, nn.Module):
         batch, seq, _ = x.shape
         heads, nope, hd = cfg.num_heads, cfg.nope_dim, cfg.head_dim
         flat = x.reshape(batch * seq, -1)
-        c_kv, c_q = self.kv_proj_d(flat), self.q_proj_d(flat)                   # [BT, latent]
         cos_bt, sin_bt = cos.repeat(batch, 1), sin.repeat(batch, 1)
-        q_rope, k_rope = self._rope_parts(flat, c_q, cos_bt, sin_bt)             # [BT, H, r]
-        q = torch.cat([self.q_proj_u(c_q).view(-1, heads, nope), q_rope], -1)  # [BT, H, hd]
+        c_kv, q_nope, q_rope, k_rope = self._projections(flat, cos_bt, sin_bt)  # [BT, latent], [BT, H, *]
+        q = torch.cat([q_nope, q_rope], -1)                                     # [BT, H, hd]
         k = torch.cat([self.k_proj_u(c_kv).view(-1, heads, nope), k_rope], -1)
         v = self.v_proj_u(c_kv).view(-1, heads, hd)
         q, k, v = (t.view(batch, seq, heads, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
@@ -125,10 +130,8 @@ class MultiHeadLatentAttention(KernelAttention, nn.Module):
         costs far fewer FLOPs when many queries share a context."""
         cfg = self.cfg
         heads, nope, latent, r = cfg.num_heads, cfg.nope_dim, cfg.latent_dim, cfg.rope_dim
-        c_kv, c_q = self.kv_proj_d(x), self.q_proj_d(x)                          # [T, latent]
-        q_rope, k_rope = self._rope_parts(x, c_q, cos, sin)                      # [T, H, r]
+        c_kv, q_nope, q_rope, k_rope = self._projections(x, cos, sin)            # [T, latent], [T, H, nope|r]
         write_rows(cache_layer, batch, torch.cat([c_kv, k_rope.flatten(1)], -1))  # [T, latent + H*r]
-        q_nope = self.q_proj_u(c_q).view(-1, heads, nope)                        # [T, H, nope]
         if not batch.is_decode_only:
             return self._expanded_attention(q_nope, q_rope, batch, cache_layer)
 
@@ -190,16 +193,18 @@ class DeepSeekMoE(RoutedExperts, nn.Module):
         self.init_routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d] → [T, d] (routing: see RoutedExperts)."""
-        out = self.shared_experts[0](x)
+        """x [T, d] → [T, d] (routing: see RoutedExperts). Quantized experts take their activations
+        in the dtype of their kernels, converted once here for all of them."""
+        experts_x = x.to(self.shared_experts[0].down_proj.input_dtype(x.shape[0]) or x.dtype)   # [T, d]
+        out = self.shared_experts[0](experts_x).to(x.dtype)
         for expert in self.shared_experts[1:]:
-            out = out + expert(x)
+            out = out + expert(experts_x).to(x.dtype)
         if len(self.shared_experts) > 1:
             out = out / len(self.shared_experts)
         scores = torch.sigmoid(self.router(x).float() + self.routing_bias.float())   # [T, E]
         top_w, top_e = scores.topk(self.top_k, dim=-1)                               # [T, k]
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
-        return out + self.routed(x, top_w, top_e)
+        return out + self.routed(experts_x, top_w, top_e)
 
 
 class MoEBlock(nn.Module):

@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers.linear import Linear
+from model.layers.linear import FusableProjections, Linear
 
 
-class SwiGLUExpert(nn.Module):
-    """`down(silu(gate(x)) · up(x))` with the names of the CustomLLM checkpoint."""
+class SwiGLUExpert(FusableProjections, nn.Module):
+    """`down(silu(gate(x)) · up(x))` with the names of the CustomLLM checkpoint; quantized, gate and
+    up may run as one product (`gate_up_proj`, see FusableProjections)."""
+
+    FUSABLE = {"gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -20,22 +23,37 @@ class SwiGLUExpert(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project("gate_up_proj", x)                                    # [T, hidden] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 SYNC_FREE_MAX_TOKENS = 256   # the largest decode batch captured in a CUDA graph
 
 
 def route_to_experts(x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor, experts) -> torch.Tensor:
-    """Σ_j top_w[t, j] · experts[top_e[t, j]](x_t): x [T, d], top_w/top_e [T, k] → [T, d]. Each expert
-    that received tokens runs once over them (counting them is a host sync)."""
-    out = torch.zeros_like(x)
-    counts = torch.bincount(top_e.flatten(), minlength=len(experts)).tolist()
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        token_idx, slot = (top_e == e).nonzero(as_tuple=True)                        # [n], [n]
-        out.index_add_(0, token_idx, experts[e](x[token_idx]) * top_w[token_idx, slot, None])  # [n, d]
+    """Σ_j top_w[t, j] · experts[top_e[t, j]](x_t): x [T, d], top_w/top_e [T, k] → [T, d] in the
+    dtype of x · top_w. Each expert that received tokens runs once over them, its tokens in order,
+    the experts in index order; the routes are read to the host once (one sync). One token runs its
+    k experts on x itself and adds their outputs (no index tensors, the same sums in the same order)."""
+    routes = top_e.tolist()                                                          # [T][k]: the host read
+    if len(routes) == 1:
+        out = None
+        for slot in sorted(range(len(routes[0])), key=routes[0].__getitem__):        # expert order
+            y = experts[routes[0][slot]](x) * top_w[:, slot, None]                   # [1, d]
+            out = y if out is None else out + y
+        return out
+    tokens: list[list[int]] = [[] for _ in experts]
+    slots: list[list[int]] = [[] for _ in experts]
+    for t, row in enumerate(routes):
+        for slot, e in enumerate(row):
+            tokens[e].append(t)
+            slots[e].append(slot)
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, top_w.dtype), device=x.device)
+    for e, token_list in enumerate(tokens):
+        if token_list:
+            token_idx = torch.tensor(token_list, device=x.device)                    # [n]
+            slot = torch.tensor(slots[e], device=x.device)                           # [n]
+            out.index_add_(0, token_idx, experts[e](x[token_idx]) * top_w[token_idx, slot, None])  # [n, d]
     return out
 
 
@@ -61,6 +79,9 @@ class RoutedExperts:
     @torch.no_grad()
     def use_sync_free_routing(self, grouped_gemm=None) -> None:
         """Call once the model is on its device (the stacked tensors are plain attributes)."""
+        if any(getattr(e, "fused_sizes", None) for e in self.routed_experts):
+            raise ValueError("sync-free routing stacks the experts' separate float weights; these are joined "
+                             "quantized ones (a CPU form)")
         stacked = []
         for name in self.EXPERT_WEIGHTS:
             projections: list[Linear] = [getattr(e, name) for e in self.routed_experts]

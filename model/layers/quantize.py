@@ -123,7 +123,7 @@ def unpack_int4_codes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     """The codes uint8 [N, K] of a packed int4 weight. The layout (this torch's): rows in blocks of
     64, each block's bytes ordered [K, 32] with row r in the low nibble and row r + 32 in the high
     one; the last N % 64 rows as [K, tail/2], rows 2j and 2j + 1 in the low and high nibble."""
-    _check_int4_layout()
+    check_int4_layout()
     return _unpack(packed, rows, cols)
 
 
@@ -143,9 +143,9 @@ def _unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=1)
-def _check_int4_layout() -> None:
+def check_int4_layout() -> None:
     """Once per process: this torch packs the way `_unpack` reads (a torch that changed its layout
-    is refused with a clear error rather than giving wrong dense weights)."""
+    is refused with a clear error rather than giving wrong dense weights or wrongly joined ones)."""
     probe = torch.randint(0, 16, (80, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
     if not torch.equal(_unpack(packed, 80, 64).to(torch.int32), probe):

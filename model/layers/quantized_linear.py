@@ -26,15 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers.linear import Linear, use_column_major_
-from model.layers.quantize import (GROUP, INT4, INT8, QuantizedWeight, dequantize_int4_packed, head_kind, pack_int4,
-                                   pack_int8, quantize)
+from model.layers.linear import FusableProjections, Linear, use_column_major_
+from model.layers.quantize import (GROUP, INT4, INT8, QuantizedWeight, check_int4_layout, dequantize_int4_packed,
+                                   head_kind, pack_int4, pack_int8, quantize, unpack_int4_codes)
 
 FLOAT32, BFLOAT16 = "float32", "bfloat16"
 FORMATS = (FLOAT32, BFLOAT16, INT8, INT4)
 FLOAT = "float"                 # the values of a weight that was never quantized
 SMALL_ROWS = 4                  # steps of at most this many rows take the small-step format
 MIN_QUANTIZED_OUT = 16          # narrower Linears (MoE routers: a few experts) keep float weights
+
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT8_MM = torch.ops.aten._weight_int8pack_mm
 
 _BUFFERS = {FLOAT32: ("weight_f32",), BFLOAT16: ("weight_bf16",), INT8: ("weight_int8", "scales_int8"),
             INT4: ("weight_int4", "scale_zeros_int4")}
@@ -138,24 +141,24 @@ class QuantizedLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in x's dtype."""
-        flat = x.reshape(-1, self.in_features)                                        # [M, in]
-        fmt = self.format_for(flat.shape[0])
-        if fmt == FLOAT32:
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)                # [M, in]
+        rows = flat.shape[0]
+        fmt = self.small_format if rows <= SMALL_ROWS else self.large_format
+        if fmt == INT4 and rows:                                                      # the decode path first
+            y = _INT4_MM(flat.to(torch.bfloat16).contiguous(), self.weight_int4, GROUP, self.scale_zeros_int4)
+        elif fmt == FLOAT32:
             y = F.linear(flat.to(self.weight_f32.dtype), self.weight_f32)
         elif fmt == BFLOAT16:
             y = F.linear(flat.to(torch.bfloat16), self.weight_bf16)
-        elif flat.shape[0] == 0:
+        elif rows == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif fmt == INT8:
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.weight_int8,
-                                                   self.scales_int8)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.weight_int4,
-                                                           GROUP, self.scale_zeros_int4)
+            y = _INT8_MM(flat.to(torch.bfloat16).contiguous(), self.weight_int8, self.scales_int8)
         y = y.to(x.dtype)                                                              # [M, out]
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """W [out, in] in the model's dtype: the values the products multiply by, dequantized once
@@ -172,6 +175,10 @@ class QuantizedLinear(Linear):
                 dense = getattr(self, _BUFFERS[self.small_format][0]).float()
             self._dense = dense.to(self.dtype)
         return self._dense
+
+    def input_dtype(self, rows: int) -> torch.dtype | None:
+        """bfloat16 but where a float32 copy makes the product."""
+        return None if self.format_for(rows) == FLOAT32 else torch.bfloat16
 
     def keep_weight_in(self, storage: torch.Tensor) -> None:
         """The packed weights stay where they are (a stacked copy of the experts is extra memory)."""
@@ -234,6 +241,64 @@ def quantize_model(model: nn.Module, kind: str) -> int:
     if table is not None and format_supported(head, *table.shape):
         model.lm_head = QuantizedLinear.from_weight(quantize(table, head), None, head, head, dtype=table.dtype)
         count += 1
+    return count
+
+
+FUSABLE_FORMATS = (INT4, INT8, BFLOAT16)
+INT4_ROW_BLOCK = 64             # the packed int4 layout's rows per block (model/layers/quantize.py)
+
+
+def fuse_linears(parts: list[nn.Module]) -> QuantizedLinear | None:
+    """One QuantizedLinear whose rows are the parts' rows in order (y = [y_1 | y_2 | …]), sharing
+    nothing with them; None when they cannot be joined: not all QuantizedLinears of one input width,
+    values and formats, or a float32 format (the float path keeps its own products). Packed int4
+    weights of whole row blocks (every part but the last) are concatenated; others are unpacked,
+    joined and packed again."""
+    first = parts[0]
+    if not all(isinstance(p, QuantizedLinear) for p in parts) or any(
+            (p.in_features, p.values, p.formats, p.dtype, p.bias is None) !=
+            (first.in_features, first.values, first.formats, first.dtype, first.bias is None) for p in parts):
+        return None
+    if any(fmt not in FUSABLE_FORMATS for fmt in first.formats):
+        return None
+    bias = None if first.bias is None else torch.cat([p.bias for p in parts])
+    layer = QuantizedLinear(first.in_features, sum(p.out_features for p in parts), first.values,
+                            first.small_format, first.large_format, bias, first.dtype)
+    for fmt in first.formats:
+        if fmt == INT4:
+            layer.register_buffer("weight_int4", _join_int4([p.weight_int4 for p in parts],
+                                                            [p.out_features for p in parts], first.in_features))
+            layer.register_buffer("scale_zeros_int4", torch.cat([p.scale_zeros_int4 for p in parts], 1))  # [G, N, 2]
+        else:
+            for name in _BUFFERS[fmt]:
+                layer.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
+    return layer
+
+
+def _join_int4(packed: list[torch.Tensor], rows: list[int], cols: int) -> torch.Tensor:
+    """Packed int4 weights [N_i, K/2] → the packed weight of their rows stacked."""
+    check_int4_layout()          # the layout known: blocks of 64 rows one after another
+    if all(n % INT4_ROW_BLOCK == 0 for n in rows[:-1]):
+        return torch.cat(packed)
+    codes = torch.cat([unpack_int4_codes(p, n, cols) for p, n in zip(packed, rows)])     # [N, K]
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+@torch.no_grad()
+def fuse_quantized_projections(model: nn.Module) -> int:
+    """Join the quantized projections of every `FusableProjections` module of `model` that
+    `fuse_linears` can (gate|up of the experts, the attention's projections of one input); returns how
+    many joined Linears were made. Float Linears are left as they are."""
+    count = 0
+    for module in list(model.modules()):
+        if not isinstance(module, FusableProjections):
+            continue
+        for fused, parts in module.FUSABLE.items():
+            layers = [getattr(module, part, None) for part in parts]
+            joined = fuse_linears(layers) if all(isinstance(m, Linear) for m in layers) else None
+            if joined is not None:
+                module.join(fused, joined)
+                count += 1
     return count
 
 

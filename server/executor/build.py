@@ -190,6 +190,10 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     from model.layers.cpu_layout import use_column_major_weights
     from model.layers.kernel_choice import choose_formats
     choose_formats(model, weight_format_mode(config.model.dtype, quantization, device))
+    from model.layers.quantized_linear import fuse_quantized_projections
+    fused = fuse_quantized_projections(model)     # quantized projections of one input as one product
+    if fused:
+        log.info("%d groups of quantized projections of one input joined into one product each", fused)
     moved = use_column_major_weights(model)       # float32 CPU weights only
     if moved:
         log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)

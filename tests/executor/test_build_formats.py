@@ -80,3 +80,32 @@ def test_auto_takes_measured_formats(tmp_path):
         assert not isinstance(m, QuantizedLinear) or (m.values == "float" and set(m.formats) <= {"float32", "bfloat16"})
     with torch.no_grad():
         assert torch.isfinite(engine.model.forward_full(torch.tensor([[5, 70, 263, 9]]))).all()
+
+
+def test_int4_at_load_joins_projections_and_keeps_the_tokens(tmp_path):
+    """`--quantization int4` joins the quantized projections of one input (experts' gate|up, the
+    attention's); the engine's model gives the logits, and so the greedy tokens, of the same
+    checkpoint quantized with every projection on its own."""
+    from model.loading.loader import load_model
+    from model.layers.quantized_linear import quantize_model, replace_module
+    engine = _engine(tmp_path, dtype="auto", quantization="int4")
+    joined = engine.model
+    expert = joined.decoder_layers[0].mlp.moe.routed_experts[2]
+    assert isinstance(expert.gate_up_proj, QuantizedLinear) and not hasattr(expert, "gate_proj")
+    separate = load_model(make_tiny_checkpoint(tmp_path), dtype=torch.float32).model.eval()
+    quantize_model(separate, "int4")
+    for name, module in joined.named_modules():      # the float layers in the formats the engine measured
+        if isinstance(module, QuantizedLinear) and module.values == "float":
+            layer = separate.get_submodule(name)
+            replace_module(separate, name, QuantizedLinear.from_weight(layer.weight, layer.bias, module.small_format,
+                                                                       module.large_format))
+    def greedy(model, steps: int = 6) -> tuple[list[int], torch.Tensor]:
+        ids = [5, 70, 263, 9]
+        for _ in range(steps):
+            logits = model.forward_full(torch.tensor([ids]))[0]                    # [T, V]
+            ids.append(int(logits[-1].argmax()))
+        return ids, logits
+
+    with torch.no_grad():
+        (joined_ids, joined_logits), (separate_ids, separate_logits) = greedy(joined), greedy(separate)
+    assert joined_ids == separate_ids and torch.equal(joined_logits, separate_logits)

@@ -10,7 +10,10 @@ per sequence) may exceed it. Both forms are checked: the plain causal forward an
 one-token decode steps of two sequences (the small-step format) and in chunks of 7 (the large-step
 one), so the absorbed latent attention reads the dequantized weights too. ShomsherLLM-tiny's
 d 36 takes int8 only, so int4 runs on the same structure at d 64. Llama has no oracle of its own
-here: its float32 twin (held to transformers' LlamaForCausalLM in test_llama.py) is the reference."""
+here: its float32 twin (held to transformers' LlamaForCausalLM in test_llama.py) is the reference.
+"custom-llm-joined" is CustomLLM with its quantized projections of one input joined into one
+product each (`fuse_quantized_projections`, as `build_engine` does), at a latent of 32 so that the
+query's projections join too."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from model.config import preset
-from model.layers.quantized_linear import QuantizedLinear, quantize_model
+from model.layers.quantized_linear import QuantizedLinear, fuse_quantized_projections, quantize_model
 from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
 from tests.oracles import custom_llm_oracle, shomsher_oracle, smart_llm_oracle
 
@@ -28,11 +31,14 @@ TOLERANCE = 0.02
 ORACLES = {"custom_llm": custom_llm_oracle.oracle_logits, "shomsher": shomsher_oracle.oracle_logits,
            "smart_llm": smart_llm_oracle.oracle_logits, "llama": None}
 SHOMSHER_D64 = preset("shomsher-tiny").replace(hidden_size=64, compressed_dim=32, expert_hidden=64, rope_dim=14)
-CASES = [("custom-llm-tiny", "int8"), ("custom-llm-tiny", "int4"), ("llama-tiny", "int8"), ("llama-tiny", "int4"),
+JOINED = "custom-llm-joined"
+CASES = [("custom-llm-tiny", "int8"), ("custom-llm-tiny", "int4"), (JOINED, "int4"), (JOINED, "int8"), ("llama-tiny", "int8"), ("llama-tiny", "int4"),
          ("smart-llm-tiny", "int8"), ("smart-llm-tiny", "int4"), ("shomsher-tiny", "int8"), ("shomsher-d64", "int4")]
 
 
 def config_of(name: str):
+    if name == JOINED:
+        return preset("custom-llm-tiny").replace(latent_dim=32)
     return SHOMSHER_D64 if name == "shomsher-d64" else preset(name)
 
 
@@ -41,8 +47,15 @@ def float_twin(model: nn.Module, quantized: nn.Module) -> nn.Module:
     quantized model holds; a tied head becomes a weight of its own (the quantized head's)."""
     twin = copy.deepcopy(model)
     for name, module in quantized.named_modules():
-        if isinstance(module, QuantizedLinear):
-            twin.get_submodule(name).weight = nn.Parameter(module.dense_weight().clone(), requires_grad=False)
+        if not isinstance(module, QuantizedLinear):
+            continue
+        owner_name, _, own = name.rpartition(".")
+        owner = quantized.get_submodule(owner_name)
+        parts = owner.fused_parts(own) if hasattr(owner, "fused_parts") and own in owner.FUSABLE else []
+        rows = module.dense_weight().split([n for _, n in parts]) if parts else [module.dense_weight()]
+        for (part, _), weight in zip(parts or [(own, 0)], rows):
+            twin.get_submodule(f"{owner_name}.{part}" if owner_name else part).weight = nn.Parameter(
+                weight.clone(), requires_grad=False)
     return twin
 
 
@@ -59,6 +72,8 @@ def test_quantized_family_matches_its_oracle(name, kind):
     original = perturbed_model(cfg, seed=3, std=0.15)
     model = copy.deepcopy(original)
     assert quantize_model(model, kind) > 0
+    if name == JOINED:
+        assert fuse_quantized_projections(model) == cfg.num_layers * (2 + cfg.num_shared_experts + cfg.num_routed_experts)
     twin = float_twin(original, model)
     generator = torch.Generator().manual_seed(4)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=generator).tolist() for n in (23, 11)]
