@@ -34,6 +34,17 @@ def decode_all(sched: Scheduler) -> None:
     raise AssertionError("prompts never finished")
 
 
+def flood_and_light_decoding(sched: Scheduler, num_flood: int) -> tuple[list, object]:
+    """Tenant B's `num_flood` requests and tenant A's one, added in that order, all decoding."""
+    flood = [seq(f"b{i}", "B", prompt_len=2) for i in range(num_flood)]
+    for s in flood:
+        sched.add(s)
+    light = seq("a", "A", prompt_len=2)
+    sched.add(light)
+    decode_all(sched)
+    return flood, light
+
+
 def test_the_cap_is_off_for_one_tenant_and_follows_the_lightest_tenant():
     assert shared_step_cap(Counter({"B": 60}), 4) is None
     assert shared_step_cap(Counter({"A": 1, "B": 60}), 0) is None
@@ -74,12 +85,7 @@ def test_tenant_parts_divide_the_cap_equally_and_rotate_the_remainder():
 
 def test_a_light_tenant_advances_every_step_beside_a_flood_whose_requests_take_turns():
     sched = shared_scheduler()
-    flood = [seq(f"b{i}", "B", prompt_len=2) for i in range(10)]
-    for s in flood:
-        sched.add(s)
-    light = seq("a", "A", prompt_len=2)
-    sched.add(light)
-    decode_all(sched)
+    flood, light = flood_and_light_decoding(sched, 10)
     for _ in range(10):
         run_step(sched)                         # past the turns the admissions one by one left uneven
     advanced = Counter()
@@ -113,12 +119,7 @@ def test_balanced_tenants_share_every_step_as_before():
 
 def test_what_a_tenant_leaves_goes_to_admissions_then_to_anyone():
     sched = shared_scheduler(max_seqs=16, fair=6)
-    flood = [seq(f"b{i}", "B", prompt_len=2) for i in range(8)]
-    for s in flood:
-        sched.add(s)
-    light = seq("a", "A", prompt_len=2)
-    sched.add(light)
-    decode_all(sched)
+    flood, light = flood_and_light_decoding(sched, 8)
     late = seq("b-late", "B", prompt_len=2)
     sched.add(late)
     out = run_step(sched)
