@@ -27,9 +27,11 @@ FORMAT_VERSION = 1            # of the block file format (model/cache/block_file
 
 
 def weights_digest(model: nn.Module) -> str:
-    """Hex digest of the model's parameters: name, dtype, shape and CRC-32 of the bytes of each."""
+    """Hex digest of the model's parameters and buffers (a quantized layer's packed weights and scales
+    are buffers): name, dtype, shape and CRC-32 of the bytes of each."""
     digest = hashlib.blake2b(digest_size=16, person=b"customllm-wts")
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, param in sorted(tensors, key=lambda item: item[0]):
         flat = param.detach().to("cpu").contiguous().reshape(-1)         # [numel], logical order
         raw = flat.view(torch.uint8).numpy() if flat.numel() else b""   # [numel * element_size]
         entry = f"{name}|{flat.dtype}|{tuple(param.shape)}|{zlib.crc32(raw):08x}\n"

@@ -313,6 +313,23 @@ def test_the_fingerprint_follows_weights_dtype_and_layout():
     assert len({base.name, ModelFingerprint.of(model, torch.float32, 32).name}) == 2
 
 
+def test_the_fingerprint_sees_a_quantized_layers_packed_weights():
+    """A quantized layer keeps its weights in buffers, not parameters: the same quantization of the
+    same weights gives the same digest, and one changed packed value a different one."""
+    from model.config import preset
+    from model.layers.quantized_linear import QuantizedLinear, quantize_model
+    config = preset("custom-llm-tiny")
+    model, same = perturbed_model(config, seed=1), perturbed_model(config, seed=1)
+    for m in (model, same):
+        quantize_model(m, "int8")
+    assert weights_digest(model) == weights_digest(same)
+    layer = next(m for m in same.modules() if isinstance(m, QuantizedLinear))
+    buffer = next(b for b in layer.buffers() if b.numel() > 8)
+    with torch.no_grad():
+        buffer.view(-1)[3] += 1                                  # one packed value of one layer
+    assert weights_digest(model) != weights_digest(same)
+
+
 def test_an_unreadable_session_file_is_skipped_with_a_log_line(tmp_path, caplog):
     disk = tier(tmp_path)
     disk.write([(block_hash(0), rows(0))])
