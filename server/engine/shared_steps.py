@@ -12,10 +12,11 @@ tokens, divided equally across the tenants (a tenant's part goes to its requests
 recently, so all of a flood's requests take turns); what a tenant leaves unused goes first to waiting
 requests (admission), then to any running request. A tenant whose last request ended less than
 LINGER_S ago still counts (with no requests, so the cap is `fair_step_tokens`): its next request then
-finds short steps instead of one of the flood's full ones in flight. While the lightest tenants' requests
-are all computing their prompts, the cap is PREFILL_BOOST times larger. Tenants with balanced loads (`cap` at or above the
-step's ordinary token budget) share the step as before: the cap only bites when one tenant is light,
-and then it trades the heavy tenant's throughput for the light one's latency. Off (0) on CUDA, where
+finds short steps instead of one of the flood's full ones in flight. While the lightest tenants'
+requests are all computing their prompts, the cap is PREFILL_BOOST times larger. Tenants with
+balanced loads (`cap` at or above the step's ordinary token budget) share the step as before: the cap
+only bites when one tenant is light, and then it trades the heavy tenant's throughput for the light
+one's latency. Off (0) on CUDA, where
 a step of 64 rows costs about what a step of one does.
 
 Plain Python over counts and lists, no tensors; the scheduler (server/engine/scheduler.py) calls it.

@@ -65,7 +65,8 @@ class ThreadGovernor:
         self.set_threads = set_threads
         self.cpus = cpus
         self.num_cpus = len(cpus) if cpus else (os.cpu_count() or 1)
-        self.read_jiffies, self.own_cpu_seconds, self.clock, self.window_s = read_jiffies, own_cpu_seconds, clock, window_s
+        self.read_jiffies, self.own_cpu_seconds = read_jiffies, own_cpu_seconds
+        self.clock, self.window_s = clock, window_s
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.num_changes = 0
         self._pending: int | None = None
