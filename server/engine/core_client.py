@@ -90,10 +90,14 @@ class EngineCoreClient:
         self.process = spawn.Process(target=core_main, name="customllm-engine-core", daemon=False,
                                      args=(config, to_core, to_front, os.getpid(), log_level))
         self._receiver = threading.Thread(target=self._receive, name="core-receiver", daemon=True)
+        # set once `start` has the process: a signal while it spawns (serve's stop-while-loading) can end
+        # `start` before then, and a child spawned that far reads no parent data and exits by itself
+        self._process_started = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "EngineCoreClient":
         self.process.start()
+        self._process_started = True
         log.info("engine core process started (pid %d); loading the model there", self.process.pid)
         self._receiver.start()
         return self
@@ -150,15 +154,17 @@ class EngineCoreClient:
                 self._stop()
 
     def _stop(self) -> None:
-        if self.process.is_alive():
-            self._send(wire.Drain(0.0))
+        if self._process_started:
+            if self.process.is_alive():
+                self._send(wire.Drain(0.0))
+                self.process.join(timeout=EXIT_GRACE_S)
+            if self.process.is_alive():
+                log.warning("the engine core did not stop within %.0f s: killing it", EXIT_GRACE_S)
+                self.process.kill()
             self.process.join(timeout=EXIT_GRACE_S)
-        if self.process.is_alive():
-            log.warning("the engine core did not stop within %.0f s: killing it", EXIT_GRACE_S)
-            self.process.kill()
-        self.process.join(timeout=EXIT_GRACE_S)
-        self._closed.wait(timeout=EXIT_GRACE_S)
-        self._receiver.join(timeout=EXIT_GRACE_S)
+            self._closed.wait(timeout=EXIT_GRACE_S)
+        if self._receiver.ident is not None:           # started
+            self._receiver.join(timeout=EXIT_GRACE_S)
         if self.grammars is not None:
             self.grammars.close()
         self._to_core.close()

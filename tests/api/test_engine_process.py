@@ -148,3 +148,14 @@ def test_the_core_dying_ends_streams_with_an_error_and_health_503(model_dir):
         assert httpx.get(f"{srv.url}/health").status_code == 503
         refused = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert refused.status_code == 503
+
+
+def test_a_client_whose_core_never_started_stops_cleanly(model_dir):
+    """A signal can end `start` before the process is there (serve's stop while loading): stopping
+    then releases the sockets without joining a process or a thread that never started."""
+    from server.engine.core_client import EngineCoreClient
+    from tests.api_server import tiny_server_config
+    client = EngineCoreClient(tiny_server_config(model_dir), log_level="warning")
+    client.stop()
+    assert client._context.closed and not client.process.is_alive()
+    client.stop()                                   # and again: nothing left to do
