@@ -28,7 +28,7 @@ from torch import nn
 
 from model.layers.linear import Linear
 from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight
-from model.layers.quantized_linear import (FLOAT, FLOAT32, SMALL_ROWS, QuantizedLinear, format_supported,
+from model.layers.quantized_linear import (DOT_FORMATS, FLOAT, FLOAT32, SMALL_ROWS, QuantizedLinear, format_supported,
                                            formats_for, replace_module, tied_head_table)
 
 log = logging.getLogger("customllm.kernels")
@@ -38,8 +38,8 @@ TIMING_SECONDS = 0.03           # time spent on one (format, rows) beyond its fi
 ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at both row counts wins
 TIMINGS_FILE = "kernel-timings.json"
 
-# how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in their kernel's
-# format only (no dense copy) and measures float32 / bfloat16 for the float ones; "measured" times
+# how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in their kernels'
+# formats only (no dense copy; the faster of the two measured) and measures float32 / bfloat16 for the float ones; "measured" times
 # every format the values allow
 MODES = ("exact", "lean", "measured")
 
@@ -146,10 +146,11 @@ def pick(times: dict[str, list[float]]) -> tuple[str, str]:
 
 
 def candidates(values: str, out_features: int, in_features: int, mode: str) -> tuple[str, ...]:
-    """The formats a [out, in] weight of `values` may take: its kernel's alone in "lean" mode (when
-    the shape allows it), else every format that holds those values."""
+    """The formats a [out, in] weight of `values` may take: its quantized kernels' alone in "lean"
+    mode (when the shape allows one), else every format that holds those values."""
     options = tuple(f for f in formats_for(values) if format_supported(f, out_features, in_features))
-    return (values,) if mode == "lean" and values in options else options
+    packed = tuple(f for f in options if f in (values, DOT_FORMATS.get(values)))
+    return packed if mode == "lean" and packed else options
 
 
 def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) -> Counter:

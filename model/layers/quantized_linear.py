@@ -10,6 +10,12 @@ model/layers/quantize.py) and one or two *formats* (how it is stored and multipl
 | bfloat16 | [out, in] bfloat16                            | `F.linear` on bfloat16 activations           |
 | int8     | int8 [out, in] + bfloat16 scale per row       | `_weight_int8pack_mm`, bfloat16 activations  |
 | int4     | packed uint8 [out, in/2] + bfloat16 (scale, zero) per 32 columns | `_weight_int4pack_mm_for_cpu` |
+| int4-dot | packed codes + float32 (scale, minimum) per 32 columns | int8 dot products (integer_dot)   |
+| int8-dot | codes + 128 as uint8 + float32 scale per row  | int8 dot products (integer_dot)               |
+
+The two "-dot" formats (model/layers/integer_dot.py, llama.cpp's way) quantize the activations to
+int8 per group of 32 columns on the fly and multiply with AVX512-VNNI byte dot products; every other
+quantized format multiplies exact bfloat16 activations.
 
 `small_format` serves steps of at most SMALL_ROWS rows (one or a few decode tokens), `large_format`
 every bigger one (decode batches, prefill chunks); model/layers/kernel_choice.py picks both per shape
@@ -26,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers import integer_dot
 from model.layers.linear import FusableProjections, Linear, use_column_major_
 from model.layers.quantize import (GROUP, INT4, INT8, QuantizedWeight, check_int4_layout, dequantize_int4_packed,
                                    head_kind, pack_int4, pack_int8, quantize, unpack_int4_codes)
 
 FLOAT32, BFLOAT16 = "float32", "bfloat16"
-FORMATS = (FLOAT32, BFLOAT16, INT8, INT4)
+INT4_DOT, INT8_DOT = "int4-dot", "int8-dot"
+FORMATS = (FLOAT32, BFLOAT16, INT8, INT4, INT8_DOT, INT4_DOT)
+DOT_FORMATS = {INT4: INT4_DOT, INT8: INT8_DOT}          # values → their integer-dot format
 FLOAT = "float"                 # the values of a weight that was never quantized
 SMALL_ROWS = 4                  # steps of at most this many rows take the small-step format
 MIN_QUANTIZED_OUT = 16          # narrower Linears (MoE routers: a few experts) keep float weights
@@ -40,12 +49,15 @@ _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 _INT8_MM = torch.ops.aten._weight_int8pack_mm
 
 _BUFFERS = {FLOAT32: ("weight_f32",), BFLOAT16: ("weight_bf16",), INT8: ("weight_int8", "scales_int8"),
-            INT4: ("weight_int4", "scale_zeros_int4")}
+            INT4: ("weight_int4", "scale_zeros_int4"),
+            INT4_DOT: ("weight_int4_dot", "scale_int4_dot", "minimum_int4_dot"),
+            INT8_DOT: ("weight_int8_dot", "scale_int8_dot")}
 
 
 def format_supported(fmt: str, out_features: int, in_features: int) -> bool:
     """Whether a [out, in] weight can be stored in `fmt` (the kernels' shape rules: int4 needs
-    out % 16 and in % 32, int8 in % 16; narrow layers stay float)."""
+    out % 16 and in % 32, int8 in % 16, int4-dot in % 32; the "-dot" formats a C compiler; narrow layers
+    stay float)."""
     if fmt in (FLOAT32, BFLOAT16):
         return True
     if out_features < MIN_QUANTIZED_OUT:
@@ -54,19 +66,24 @@ def format_supported(fmt: str, out_features: int, in_features: int) -> bool:
         return out_features % 16 == 0 and in_features % GROUP == 0
     if fmt == INT8:
         return in_features % 16 == 0
+    if fmt in (INT4_DOT, INT8_DOT):
+        return (fmt == INT8_DOT or in_features % GROUP == 0) and integer_dot.available()
     raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def format_bytes(fmt: str, out_features: int, in_features: int) -> int:
     """Bytes a [out, in] weight takes (and a product reads) in `fmt`."""
     n, k = out_features, in_features
+    n_pad, k_pad = -(-n // integer_dot.LANES) * integer_dot.LANES, -(-k // GROUP) * GROUP
     return {FLOAT32: 4 * n * k, BFLOAT16: 2 * n * k, INT8: n * k + 2 * n,
-            INT4: n * k // 2 + (k // GROUP) * n * 2 * 2}[fmt]
+            INT4: n * k // 2 + (k // GROUP) * n * 2 * 2, INT8_DOT: n_pad * k_pad + 4 * n_pad,
+            INT4_DOT: n_pad * k // 2 + (k // GROUP) * n_pad * 2 * 4}[fmt]
 
 
 def formats_for(values: str) -> tuple[str, ...]:
     """The formats that hold weights of these values: their own kernel's, and dense copies."""
-    return {FLOAT: (FLOAT32, BFLOAT16), INT8: (INT8, BFLOAT16, FLOAT32), INT4: (INT4, BFLOAT16, FLOAT32)}[values]
+    return {FLOAT: (FLOAT32, BFLOAT16), INT8: (INT8, INT8_DOT, BFLOAT16, FLOAT32),
+            INT4: (INT4, INT4_DOT, BFLOAT16, FLOAT32)}[values]
 
 
 class QuantizedLinear(Linear):
@@ -97,6 +114,10 @@ class QuantizedLinear(Linear):
                 tensors = pack_int4(weight)
             elif fmt == INT8:
                 tensors = pack_int8(weight)
+            elif fmt == INT4_DOT:
+                tensors = integer_dot.pack_int4_dot(weight)
+            elif fmt == INT8_DOT:
+                tensors = integer_dot.pack_int8_dot(weight)
             else:
                 dense = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight.detach()
                 tensors = (dense.to(torch.float32 if fmt == FLOAT32 else torch.bfloat16).contiguous(),)
@@ -116,7 +137,8 @@ class QuantizedLinear(Linear):
 
     def with_formats(self, small_format: str, large_format: str) -> "QuantizedLinear":
         """The same weights in other formats: packed ones are shared, dense ones made from
-        `dense_weight()` (so a copy of int4 values holds exactly what the int4 product used)."""
+        `dense_weight()` and other packed ones from `quantized_weight()` (so a copy of int4 values
+        holds exactly what the int4 product used)."""
         layer = QuantizedLinear(self.in_features, self.out_features, self.values, small_format, large_format,
                                 self.bias, self.dtype)
         for fmt in dict.fromkeys((small_format, large_format)):
@@ -128,6 +150,10 @@ class QuantizedLinear(Linear):
                 if fmt == FLOAT32:
                     use_column_major_(dense)
                 layer.register_buffer(_BUFFERS[fmt][0], dense)
+            elif fmt in formats_for(self.values) and self.values != FLOAT:
+                packed = QuantizedLinear.from_weight(self.quantized_weight(), None, fmt, fmt)
+                for name in _BUFFERS[fmt]:
+                    layer.register_buffer(name, getattr(packed, name))
             else:
                 raise ValueError(f"{self.values} values held as {'/'.join(self.formats)} cannot become {fmt}")
         return layer
@@ -144,7 +170,12 @@ class QuantizedLinear(Linear):
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)                # [M, in]
         rows = flat.shape[0]
         fmt = self.small_format if rows <= SMALL_ROWS else self.large_format
-        if fmt == INT4 and rows:                                                      # the decode path first
+        if fmt == INT4_DOT:                                                           # the decode path first
+            y = integer_dot.int4_dot_mm(flat, self.weight_int4_dot, self.scale_int4_dot, self.minimum_int4_dot,
+                                        self.out_features)
+        elif fmt == INT8_DOT:
+            y = integer_dot.int8_dot_mm(flat, self.weight_int8_dot, self.scale_int8_dot, self.out_features)
+        elif fmt == INT4 and rows:
             y = _INT4_MM(flat.to(torch.bfloat16).contiguous(), self.weight_int4, GROUP, self.scale_zeros_int4)
         elif fmt == FLOAT32:
             y = F.linear(flat.to(self.weight_f32.dtype), self.weight_f32)
@@ -166,7 +197,9 @@ class QuantizedLinear(Linear):
         if FLOAT32 in self.formats and self.dtype == torch.float32:
             return self.weight_f32
         if self._dense is None:
-            if INT4 in self.formats:
+            if self.values != FLOAT and set(self.formats) & {INT4_DOT, INT8_DOT}:
+                dense = self.quantized_weight().dequantize()
+            elif INT4 in self.formats:
                 dense = dequantize_int4_packed(self.weight_int4, self.scale_zeros_int4, self.out_features,
                                                self.in_features)
             elif INT8 in self.formats:
@@ -176,9 +209,26 @@ class QuantizedLinear(Linear):
             self._dense = dense.to(self.dtype)
         return self._dense
 
+    def quantized_weight(self) -> QuantizedWeight:
+        """The codes and scales of int4 / int8 values, from whichever packed format the layer holds."""
+        rows, cols = self.out_features, self.in_features
+        if INT4_DOT in self.formats:
+            return integer_dot.unpack_int4_dot(self.weight_int4_dot, self.scale_int4_dot, self.minimum_int4_dot, rows)
+        if INT8_DOT in self.formats:
+            return integer_dot.unpack_int8_dot(self.weight_int8_dot, self.scale_int8_dot, rows, cols)
+        if INT4 in self.formats:
+            scale = self.scale_zeros_int4[..., 0].t().float()                               # [N, G]
+            minimum = self.scale_zeros_int4[..., 1].t().float() - 8 * scale
+            return QuantizedWeight(INT4, unpack_int4_codes(self.weight_int4, rows, cols), scale.contiguous(),
+                                   minimum.contiguous())
+        if INT8 in self.formats:
+            return QuantizedWeight(INT8, self.weight_int8, self.scales_int8.float()[:, None], None)
+        raise ValueError(f"a layer of {self.values} values held as {'/'.join(self.formats)} has no codes")
+
     def input_dtype(self, rows: int) -> torch.dtype | None:
-        """bfloat16 but where a float32 copy makes the product."""
-        return None if self.format_for(rows) == FLOAT32 else torch.bfloat16
+        """bfloat16 but where a float32 copy or an integer-dot product (which quantizes float32
+        activations itself) makes the product."""
+        return None if self.format_for(rows) in (FLOAT32, INT4_DOT, INT8_DOT) else torch.bfloat16
 
     def keep_weight_in(self, storage: torch.Tensor) -> None:
         """The packed weights stay where they are (a stacked copy of the experts is extra memory)."""
@@ -244,7 +294,7 @@ def quantize_model(model: nn.Module, kind: str) -> int:
     return count
 
 
-FUSABLE_FORMATS = (INT4, INT8, BFLOAT16)
+FUSABLE_FORMATS = (INT4, INT8, BFLOAT16, INT4_DOT, INT8_DOT)
 INT4_ROW_BLOCK = 64             # the packed int4 layout's rows per block (model/layers/quantize.py)
 
 
@@ -265,7 +315,12 @@ def fuse_linears(parts: list[nn.Module]) -> QuantizedLinear | None:
     layer = QuantizedLinear(first.in_features, sum(p.out_features for p in parts), first.values,
                             first.small_format, first.large_format, bias, first.dtype)
     for fmt in first.formats:
-        if fmt == INT4:
+        if fmt in (INT4_DOT, INT8_DOT):                    # packed in blocks of 16 features: pack again
+            joined = QuantizedLinear.from_weight(QuantizedWeight.cat([p.quantized_weight() for p in parts]), None,
+                                                 fmt, fmt)
+            for name in _BUFFERS[fmt]:
+                layer.register_buffer(name, getattr(joined, name))
+        elif fmt == INT4:
             layer.register_buffer("weight_int4", _join_int4([p.weight_int4 for p in parts],
                                                             [p.out_features for p in parts], first.in_features))
             layer.register_buffer("scale_zeros_int4", torch.cat([p.scale_zeros_int4 for p in parts], 1))  # [G, N, 2]

@@ -5,7 +5,9 @@ GGUF) on a fixed English text (tests/data/perplexity_text.txt, 464 tokens) has a
   (requantized from its Q8_0): what `--dtype auto` keeps;
 - the same values in bfloat16 copies (what `--dtype auto` multiplies steps of more than 4 rows by
   where bfloat16 measures faster);
-- int8 everywhere (`--quantization int8`).
+- int8 everywhere (`--quantization int8`);
+- the int4 and int8 values in the integer-dot formats (int8 activations per group of 32, what
+  `--dtype auto` picks on a CPU with AVX512-VNNI), and int8 everywhere that way.
 Greedy agreement with float32 is measured both teacher-forced (the top token at every position of
 the text) and free-running (tokens generated one decode step at a time through the paged cache).
 The figures of one run are in docs/benchmarks.md; the bounds here are looser than those figures."""
@@ -19,7 +21,9 @@ import pytest
 import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
-from model.layers.quantized_linear import BFLOAT16, INT4, INT8, QuantizedLinear, quantize_model, replace_module
+from model.layers import integer_dot
+from model.layers.quantized_linear import (BFLOAT16, DOT_FORMATS, INT4, INT8, QuantizedLinear, quantize_model,
+                                           replace_module)
 from model.loading.gguf_file import load_gguf_model
 from tests.default_model import builtin_float32_model, default_gguf_path
 from tests.helpers import make_cache
@@ -93,16 +97,30 @@ def variant_model(variant: str, kept, float32):
             if isinstance(module, QuantizedLinear):
                 replace_module(model, name, module.with_formats(module.small_format, BFLOAT16))
         return model
+    if variant == "auto-dot":
+        return in_dot_formats(copy.deepcopy(kept))
     model = copy.deepcopy(float32.model)         # the values `--quantization int8` loads: Q4_1 and Q8_0 requantized
     quantize_model(model, INT8)
+    return in_dot_formats(model) if variant == "int8-dot" else model
+
+
+def in_dot_formats(model):
+    if not integer_dot.has_vnni():
+        pytest.skip("no AVX512-VNNI here: the integer-dot formats' portable loop is too slow for a whole text")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear) and module.values in DOT_FORMATS:
+            dot = DOT_FORMATS[module.values]
+            replace_module(model, name, module.with_formats(dot, dot))
     return model
 
 
-@pytest.mark.parametrize("variant", ["auto", "auto-bf16-copies", "int8"])
+@pytest.mark.parametrize("variant", ["auto", "auto-bf16-copies", "int8", "auto-dot", "int8-dot"])
 def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, reference, variant):
     model = variant_model(variant, kept, float32)
     layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == 120 and {m.values for m in layers} == ({INT8} if variant == "int8" else {INT4})
+    assert len(layers) == 120 and {m.values for m in layers} == ({INT8} if variant.startswith("int8") else {INT4})
+    if variant.endswith("-dot"):
+        assert {m.formats for m in [*layers, model.lm_head]} == {(DOT_FORMATS[m.values],) for m in layers} | {("int8-dot",)}
     assert model.lm_head.values == INT8
     base_nll, base_top, expected = reference
     nll, top = text_nll(model, text_ids)

@@ -14,7 +14,8 @@ from model.layers import kernel_choice
 from model.layers.kernel_choice import (ROWS, Timings, candidates, choose_formats, describe_formats, machine_key,
                                         pick, time_format)
 from model.layers.linear import Linear
-from model.layers.quantized_linear import BFLOAT16, FLOAT32, INT4, INT8, QuantizedLinear, quantize_model
+from model.layers.quantized_linear import (BFLOAT16, FLOAT32, INT4, INT4_DOT, INT8, INT8_DOT, QuantizedLinear,
+                                           quantize_model)
 from tests.helpers import perturbed_model
 
 
@@ -27,15 +28,19 @@ def test_one_format_when_it_is_near_the_fastest_at_both_row_counts():
 
 def test_candidates_follow_the_values_and_the_shapes():
     assert candidates("float", 64, 64, "measured") == (FLOAT32, BFLOAT16)
-    assert candidates(INT4, 64, 64, "measured") == (INT4, BFLOAT16, FLOAT32)
-    assert candidates(INT4, 64, 64, "lean") == (INT4,)
-    assert candidates(INT4, 264, 64, "lean") == (BFLOAT16, FLOAT32)          # the kernel cannot take 264 rows
+    assert candidates(INT4, 64, 64, "measured") == (INT4, INT4_DOT, BFLOAT16, FLOAT32)
+    assert candidates(INT8, 64, 48, "measured") == (INT8, INT8_DOT, BFLOAT16, FLOAT32)
+    assert candidates(INT8, 64, 24, "measured") == (INT8_DOT, BFLOAT16, FLOAT32)      # int8-dot takes any width
+    assert candidates(INT4, 64, 64, "lean") == (INT4, INT4_DOT)
+    assert candidates(INT4, 264, 64, "lean") == (INT4_DOT,)                  # torch's kernel cannot take 264 rows
+    assert candidates(INT4, 264, 48, "lean") == (BFLOAT16, FLOAT32)          # nor can either take 48 columns
     assert candidates(INT8, 7, 64, "measured") == (BFLOAT16, FLOAT32)
     assert candidates("float", 64, 64, "lean") == (FLOAT32, BFLOAT16)
 
 
 def test_time_format_measures_every_format():
-    for fmt, values in ((FLOAT32, "float"), (BFLOAT16, "float"), (INT8, INT8), (INT4, INT4), (BFLOAT16, INT4)):
+    for fmt, values in ((FLOAT32, "float"), (BFLOAT16, "float"), (INT8, INT8), (INT4, INT4), (BFLOAT16, INT4),
+                        (INT4_DOT, INT4), (INT8_DOT, INT8)):
         seconds = time_format(fmt, values, 64, 128, seconds=0.001)
         assert len(seconds) == len(ROWS) and all(0 < s < 1 for s in seconds)
 
@@ -66,7 +71,7 @@ def test_chosen_formats_compute_the_same_values(name, monkeypatch, tmp_path):
     copy for larger steps, float layers move to bfloat16, and every layer's dense weight is the
     values it held before."""
     timings = fake_timings(monkeypatch, tmp_path, {INT4: [1.0, 10.0], BFLOAT16: [2.0, 4.0], FLOAT32: [3.0, 20.0],
-                                                  INT8: [1.5, 12.0]})
+                                                  INT8: [1.5, 12.0], INT4_DOT: [5.0, 50.0], INT8_DOT: [5.0, 50.0]})
     model = perturbed_model(preset(name), seed=1)
     quantize_model(model, INT4)
     before = {n: m.dense_weight().clone() for n, m in model.named_modules() if isinstance(m, Linear)}
@@ -90,7 +95,8 @@ def test_chosen_formats_compute_the_same_values(name, monkeypatch, tmp_path):
 
 
 def test_lean_mode_keeps_quantized_layers_alone_and_exact_changes_nothing(monkeypatch, tmp_path):
-    timings = fake_timings(monkeypatch, tmp_path, {INT4: [9.0, 9.0], BFLOAT16: [1.0, 1.0], FLOAT32: [3.0, 3.0]})
+    timings = fake_timings(monkeypatch, tmp_path, {INT4: [9.0, 9.0], BFLOAT16: [1.0, 1.0], FLOAT32: [3.0, 3.0],
+                                                  INT4_DOT: [12.0, 12.0], INT8: [9.0, 9.0], INT8_DOT: [12.0, 12.0]})
     model = perturbed_model(preset("llama-tiny"), seed=1)
     assert not choose_formats(model, "exact", timings)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
@@ -112,3 +118,30 @@ def test_a_tied_float_head_moves_to_a_linear_of_its_own(monkeypatch, tmp_path):
         assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.formats == (BFLOAT16,)
         assert model.model.embed_tokens.weight.dtype == torch.float32
         assert float((model.logits(h) - expected).abs().max()) <= 0.02 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "custom-llm-tiny"])
+def test_integer_dot_formats_hold_the_same_values(name, monkeypatch, tmp_path):
+    """The integer-dot formats fastest at both row counts (as on a CPU with AVX512-VNNI): each int4 /
+    int8 layer keeps one copy in its "-dot" format, holding the very codes and scales it had, and the
+    model's outputs stay within the activations' int8 rounding of the float32 product."""
+    timings = fake_timings(monkeypatch, tmp_path, {INT4: [2.0, 10.0], BFLOAT16: [3.0, 4.0], FLOAT32: [3.0, 20.0],
+                                                  INT8: [2.0, 12.0], INT4_DOT: [1.0, 2.0], INT8_DOT: [1.0, 2.0]})
+    model = perturbed_model(preset(name), seed=1)
+    quantize_model(model, INT4)
+    before = {n: m.dense_weight().clone() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    ids = torch.tensor([[5, 70, 263, 9, 120, 44]])
+    with torch.no_grad():
+        expected = model.forward_full(ids)
+    chosen = choose_formats(model, "measured", timings)
+    assert chosen[(INT4, INT4_DOT, INT4_DOT)] > 0
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedLinear) and m.values != "float":
+            assert m.formats == ({INT4: INT4_DOT, INT8: INT8_DOT}[m.values],)
+            torch.testing.assert_close(m.dense_weight(), before[n], rtol=0, atol=0)
+    with torch.no_grad():
+        got = model.forward_full(ids)
+    # int8 activations per group of 32 are coarser than bfloat16 for a group's small values
+    # (2-3 % here, in random tiny models; tests/model/test_perplexity.py bounds the real model)
+    assert float((got - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+    assert "as int4-dot" in describe_formats(model)

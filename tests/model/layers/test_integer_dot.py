@@ -1,0 +1,119 @@
+"""The integer-dot products (model/layers/integer_dot.py, native/quant_matmul.c) against a float64
+reference of the same arithmetic: activations rounded to int8 per group of 32 columns (scale
+max|x| / 127), int4 codes times those, plus each group's minimum times the exact sum of its x; int8
+codes times the same int8 activations. Both the AVX512-VNNI path (where this CPU has it) and the
+portable loop, over shapes with every kind of tail: output features not a multiple of 16 (tiles of
+1, 2 or 3 blocks), batch rows not a multiple of 4, input widths not a multiple of 64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.layers import integer_dot
+from model.layers.quantize import GROUP, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.skipif(not integer_dot.available(), reason="no C compiler: the kernels cannot be built")
+
+SHAPES = [(960, 576), (40, 32), (48, 96), (1000, 64), (100, 608), (16, 160), (7 * 16 + 3, 224)]
+ROWS = [1, 2, 3, 4, 5, 9, 16]
+
+
+def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → (the int8-rounded x, the exact x), float64; K padded to whole groups with zeros."""
+    rows, cols = x.shape
+    padded = torch.zeros(rows, -(-cols // GROUP) * GROUP, dtype=torch.float64)
+    padded[:, :cols] = x.double()
+    groups = padded.view(rows, -1, GROUP)
+    amax = groups.abs().amax(-1, keepdim=True)
+    codes = torch.where(amax > 0, torch.round(groups * 127 / amax.clamp_min(1e-300)), torch.zeros_like(groups))
+    return (codes * amax / 127).view(rows, -1)[:, :cols], x.double()
+
+
+def reference_int4(x: torch.Tensor, weight) -> torch.Tensor:
+    rounded, exact = int8_activations(x)
+    minimum = weight.minimum.double().repeat_interleave(GROUP, 1)                     # [N, K]
+    return rounded @ (weight.dequantize().double() - minimum).t() + exact @ minimum.t()
+
+
+def reference_int8(x: torch.Tensor, weight) -> torch.Tensor:
+    return int8_activations(x)[0] @ weight.dequantize().double().t()
+
+
+@pytest.fixture(params=["vnni", "portable"])
+def path(request):
+    if request.param == "vnni" and not integer_dot.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    integer_dot.library().quant_matmul_force_portable(int(request.param == "portable"))
+    yield request.param
+    integer_dot.library().quant_matmul_force_portable(0)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4_products_match_the_reference(path, shape):
+    generator = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    features, width = shape
+    weight = quantize_int4(torch.randn(features, width, generator=generator) * 0.05)
+    packed = integer_dot.pack_int4_dot(weight)
+    for rows in ROWS:
+        x = torch.randn(rows, width, generator=generator)
+        got = integer_dot.int4_dot_mm(x, *packed, features)
+        assert got.shape == (rows, features) and got.dtype == torch.float32
+        assert relative_error(got, reference_int4(x, weight)) < 2e-6, (path, shape, rows)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(33, 20), (64, 100)])
+def test_int8_products_match_the_reference(path, shape):
+    generator = torch.Generator().manual_seed(shape[0] * 5 + shape[1])
+    features, width = shape
+    weight = quantize_int8(torch.randn(features, width, generator=generator) * 0.05)
+    packed = integer_dot.pack_int8_dot(weight)
+    for rows in ROWS:
+        x = torch.randn(rows, width, generator=generator)
+        got = integer_dot.int8_dot_mm(x, *packed, features)
+        assert got.shape == (rows, features)
+        assert relative_error(got, reference_int8(x, weight)) < 2e-6, (path, shape, rows)
+
+
+def test_strided_zero_and_empty_activations(path):
+    generator = torch.Generator().manual_seed(3)
+    weight = quantize_int4(torch.randn(48, 128, generator=generator))
+    packed = integer_dot.pack_int4_dot(weight)
+    wide = torch.randn(5, 256, generator=generator)
+    x = wide[:, 64:192]                                                  # rows 256 floats apart
+    torch.testing.assert_close(integer_dot.int4_dot_mm(x, *packed, 48),
+                               integer_dot.int4_dot_mm(x.contiguous(), *packed, 48), rtol=0, atol=0)
+    x = x.clone()
+    x[1] = 0                                                             # a row of zeros (scale 0)
+    x[2, :32] = 0                                                        # one zero group
+    assert relative_error(integer_dot.int4_dot_mm(x, *packed, 48), reference_int4(x, weight)) < 2e-6
+    assert torch.equal(integer_dot.int4_dot_mm(x, *packed, 48)[1], weight.minimum.new_zeros(48))
+    assert integer_dot.int4_dot_mm(x[:0], *packed, 48).shape == (0, 48)
+
+
+def test_packing_round_trips():
+    generator = torch.Generator().manual_seed(4)
+    for features, width in ((40, 96), (16, 32), (7, 64)):
+        weight = quantize_int4(torch.randn(features, width, generator=generator))
+        back = integer_dot.unpack_int4_dot(*integer_dot.pack_int4_dot(weight), features)
+        assert torch.equal(back.codes, weight.codes)
+        assert torch.equal(back.scale, weight.scale) and torch.equal(back.minimum, weight.minimum)
+        eight = quantize_int8(torch.randn(features, width + 3, generator=generator))
+        back = integer_dot.unpack_int8_dot(*integer_dot.pack_int8_dot(eight), features, width + 3)
+        assert torch.equal(back.codes, eight.codes) and torch.equal(back.scale, eight.scale)
+
+
+def test_compiled_graphs_call_the_kernels_as_opaque_ops():
+    generator = torch.Generator().manual_seed(5)
+    weight = quantize_int4(torch.randn(64, 96, generator=generator))
+    packed = integer_dot.pack_int4_dot(weight)
+    x = torch.randn(3, 96, generator=generator)
+
+    def step(x):
+        return torch.relu(integer_dot.int4_dot_mm(x * 2, *packed, 64)) + 1
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), step(x), rtol=0, atol=0)
