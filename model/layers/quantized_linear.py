@@ -10,7 +10,7 @@ model/layers/quantize.py) and one or two *formats* (how it is stored and multipl
 | bfloat16 | [out, in] bfloat16                            | `F.linear` on bfloat16 activations           |
 | int8     | int8 [out, in] + bfloat16 scale per row       | `_weight_int8pack_mm`, bfloat16 activations  |
 | int4     | packed uint8 [out, in/2] + bfloat16 (scale, zero) per 32 columns | `_weight_int4pack_mm_for_cpu` |
-| int4-dot | packed codes + float32 (scale, minimum) per 32 columns | int8 dot products (integer_dot)   |
+| int4-dot | codes + float32 (scale, minimum) per 32 columns, by 64 rows | int8 dot products (integer_dot) |
 | int8-dot | codes + 128 as uint8 + float32 scale per row  | int8 dot products (integer_dot)               |
 
 The two "-dot" formats (model/layers/integer_dot.py, llama.cpp's way) quantize the activations to
@@ -50,7 +50,7 @@ _INT8_MM = torch.ops.aten._weight_int8pack_mm
 
 _BUFFERS = {FLOAT32: ("weight_f32",), BFLOAT16: ("weight_bf16",), INT8: ("weight_int8", "scales_int8"),
             INT4: ("weight_int4", "scale_zeros_int4"),
-            INT4_DOT: ("weight_int4_dot", "scale_int4_dot", "minimum_int4_dot"),
+            INT4_DOT: ("weight_int4_dot",),
             INT8_DOT: ("weight_int8_dot", "scale_int8_dot")}
 
 
@@ -74,7 +74,7 @@ def format_supported(fmt: str, out_features: int, in_features: int) -> bool:
 def format_bytes(fmt: str, out_features: int, in_features: int) -> int:
     """Bytes a [out, in] weight takes (and a product reads) in `fmt`."""
     n, k = out_features, in_features
-    n_pad, k_pad = -(-n // integer_dot.LANES) * integer_dot.LANES, -(-k // GROUP) * GROUP
+    n_pad, k_pad = -(-n // integer_dot.TILE) * integer_dot.TILE, -(-k // GROUP) * GROUP
     return {FLOAT32: 4 * n * k, BFLOAT16: 2 * n * k, INT8: n * k + 2 * n,
             INT4: n * k // 2 + (k // GROUP) * n * 2 * 2, INT8_DOT: n_pad * k_pad + 4 * n_pad,
             INT4_DOT: n_pad * k // 2 + (k // GROUP) * n_pad * 2 * 4}[fmt]
@@ -115,7 +115,7 @@ class QuantizedLinear(Linear):
             elif fmt == INT8:
                 tensors = pack_int8(weight)
             elif fmt == INT4_DOT:
-                tensors = integer_dot.pack_int4_dot(weight)
+                tensors = (integer_dot.pack_int4_dot(weight),)
             elif fmt == INT8_DOT:
                 tensors = integer_dot.pack_int8_dot(weight)
             else:
@@ -171,8 +171,7 @@ class QuantizedLinear(Linear):
         rows = flat.shape[0]
         fmt = self.small_format if rows <= SMALL_ROWS else self.large_format
         if fmt == INT4_DOT:                                                           # the decode path first
-            y = integer_dot.int4_dot_mm(flat, self.weight_int4_dot, self.scale_int4_dot, self.minimum_int4_dot,
-                                        self.out_features)
+            y = integer_dot.int4_dot_mm(flat, self.weight_int4_dot, self.out_features)
         elif fmt == INT8_DOT:
             y = integer_dot.int8_dot_mm(flat, self.weight_int8_dot, self.scale_int8_dot, self.out_features)
         elif fmt == INT4 and rows:
@@ -213,7 +212,7 @@ class QuantizedLinear(Linear):
         """The codes and scales of int4 / int8 values, from whichever packed format the layer holds."""
         rows, cols = self.out_features, self.in_features
         if INT4_DOT in self.formats:
-            return integer_dot.unpack_int4_dot(self.weight_int4_dot, self.scale_int4_dot, self.minimum_int4_dot, rows)
+            return integer_dot.unpack_int4_dot(self.weight_int4_dot, rows)
         if INT8_DOT in self.formats:
             return integer_dot.unpack_int8_dot(self.weight_int8_dot, self.scale_int8_dot, rows, cols)
         if INT4 in self.formats:

@@ -10,18 +10,21 @@
  * group's scales. No horizontal sums.
  *
  * Shapes: x [M, K] float32 (row stride x_stride), out [M, N] float32 (row stride out_stride). N is
- * padded to Np (a multiple of 16: "blocks" of features), K to Kp (a multiple of 32), G = Kp / 32.
+ * padded to Np, a multiple of 64 ("tiles" of 4 blocks of 16 features), K to Kp (a multiple of 32),
+ * G = Kp / 32. A tile's weights for one group are one record, so a pass over a tile reads one
+ * sequential stream (what the hardware prefetchers follow best).
  *
  * int4 weights (GGUF Q4_1's form): w[n, k] = scale[n, g] * code[n, k] + minimum[n, g], g = k / 32,
- * codes 0..15. codes uint8 [Np / 16, G, 4, 64]: chunk i of (block b, group g) holds, at byte 4l + j,
- * the code of feature 16b + l at column 32g + 8i + j in its low nibble and at column 32g + 8i + 4 + j
- * in its high one. scale, minimum float32 [Np / 16, G, 16].
+ * codes 0..15. packed uint8 [Np / 64, G, 1536]; record (tile t, group g):
+ *   bytes [0, 1024): [4 blocks][4 chunks][64]: chunk i of block b holds, at byte 4l + j, the code of
+ *     feature 64t + 16b + l at column 32g + 8i + j in its low nibble, 32g + 8i + 4 + j in its high one;
+ *   bytes [1024, 1280): scale float32 [4 blocks][16]; bytes [1280, 1536): minimum float32 [4][16].
  *   y[m, n] = sum_g scale[n, g] * xs[m, g] * (code[n, g] . q[m, g]) + minimum[n, g] * xsum[m, g]
  * with q, xs the int8 activations and their scales and xsum the float sum of the group's x.
  *
  * int8 weights: w[n, k] = scale[n] * code[n, k], codes -127..127 stored as code + 128 (unsigned):
- * codes uint8 [Np / 16, Kp / 4, 64], byte 4l + j of quad t = column 4t + j of feature 16b + l;
- * scale float32 [Np].
+ * packed uint8 [Np / 64, G, 2048]; record (t, g) = [8 quads][4 blocks][64]: byte 4l + j of quad u,
+ * block b = column 32g + 4u + j of feature 64t + 16b + l; scale float32 [Np].
  *   y[m, n] = scale[n] * (sum_g xs[m, g] * ((code + 128)[n, g] . q[m, g]) - 128 * sum_g xs[m, g] * qsum[m, g])
  *
  * Padding holds code 0 with scale and minimum 0 (int4) or code 128 with scale 0 (int8), and q = 0 in
@@ -107,25 +110,30 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride
 
 /* ---- portable path ---------------------------------------------------------------------------- */
 
-static void q4_portable(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, const float *scale,
-                        const float *minimum, int64_t N, float *out, int64_t out_stride) {
+#define Q4_RECORD 1536
+#define Q8_RECORD 2048
+#define TILE_BLOCKS 4
+
+static void q4_portable(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, float *out,
+                        int64_t out_stride) {
     int64_t G = Kp / GROUP;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        int64_t b = n / LANES, l = n % LANES;
+        int64_t t = n / 64, b = n / LANES % TILE_BLOCKS, l = n % LANES;
         for (int64_t m = 0; m < M; m++) {
             const int8_t *q = a->q + m * Kp;
             float acc = 0.0f;
             for (int64_t g = 0; g < G; g++) {
-                const uint8_t *chunks = w + (b * G + g) * 256;
+                const uint8_t *record = w + (t * G + g) * Q4_RECORD;
+                const float *scale = (const float *)(record + 1024), *minimum = (const float *)(record + 1280);
                 int32_t dot = 0;
                 for (int64_t i = 0; i < 4; i++)
                     for (int64_t j = 0; j < 4; j++) {
-                        uint8_t byte = chunks[i * 64 + 4 * l + j];
+                        uint8_t byte = record[(b * 4 + i) * 64 + 4 * l + j];
                         dot += (byte & 15) * q[g * GROUP + 8 * i + j] + (byte >> 4) * q[g * GROUP + 8 * i + 4 + j];
                     }
-                int64_t at = (b * G + g) * LANES + l;
-                acc += (float)dot * (scale[at] * a->scale[m * G + g]) + minimum[at] * a->sum[m * G + g];
+                acc += (float)dot * (scale[b * LANES + l] * a->scale[m * G + g]) +
+                       minimum[b * LANES + l] * a->sum[m * G + g];
             }
             out[m * out_stride + n] = acc;
         }
@@ -137,14 +145,16 @@ static void q8_portable(const Activations *a, int64_t M, int64_t Kp, const uint8
     int64_t G = Kp / GROUP;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        int64_t b = n / LANES, l = n % LANES;
+        int64_t t = n / 64, b = n / LANES % TILE_BLOCKS, l = n % LANES;
         for (int64_t m = 0; m < M; m++) {
             const int8_t *q = a->q + m * Kp;
             float acc = 0.0f;
             for (int64_t g = 0; g < G; g++) {
+                const uint8_t *record = w + (t * G + g) * Q8_RECORD;
                 int32_t dot = 0;
-                for (int64_t t = 8 * g; t < 8 * g + 8; t++)
-                    for (int64_t j = 0; j < 4; j++) dot += w[(b * (Kp / 4) + t) * 64 + 4 * l + j] * q[4 * t + j];
+                for (int64_t u = 0; u < 8; u++)
+                    for (int64_t j = 0; j < 4; j++)
+                        dot += record[(u * TILE_BLOCKS + b) * 64 + 4 * l + j] * q[g * GROUP + 4 * u + j];
                 acc += (float)dot * a->scale[m * G + g];
             }
             out[m * out_stride + n] = scale[n] * (acc - a->offset[m]);
@@ -171,20 +181,21 @@ VNNI static inline void store_lanes(float *out, int64_t n0, int64_t N, __m512 v)
     else if (left > 0) _mm512_mask_storeu_ps(out + n0, (__mmask16)((1u << left) - 1), v);
 }
 
-VNNI static inline void q4_tile(const Activations *a, int64_t m0, const int R, int64_t b0, const int NB,
-                                int64_t Kp, const uint8_t *w, const float *scale, const float *minimum, int64_t N,
-                                float *out, int64_t out_stride) {
+/* Blocks b0 .. b0 + NB - 1 of tile t (NB = 4: the whole record; 2: half of it) × rows m0 .. m0 + R - 1 */
+VNNI static inline void q4_tile(const Activations *a, int64_t m0, const int R, int64_t t, int b0, const int NB,
+                                int64_t Kp, const uint8_t *w, int64_t N, float *out, int64_t out_stride) {
     const int64_t G = Kp / GROUP;
     const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
     __m512 acc[MAX_TILE];
-    for (int t = 0; t < NB * R; t++) acc[t] = _mm512_setzero_ps();
+    for (int c = 0; c < NB * R; c++) acc[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
+        const uint8_t *record = w + (t * G + g) * Q4_RECORD;
         __m512i dots[MAX_TILE];
-        for (int t = 0; t < NB * R; t++) dots[t] = _mm512_setzero_si512();
+        for (int c = 0; c < NB * R; c++) dots[c] = _mm512_setzero_si512();
         for (int i = 0; i < 4; i++) {
-            __m512i lo[MAX_TILE], hi[MAX_TILE];
+            __m512i lo[TILE_BLOCKS], hi[TILE_BLOCKS];
             for (int nb = 0; nb < NB; nb++) {
-                __m512i bytes = _mm512_loadu_si512((const void *)(w + (((b0 + nb) * G + g) * 4 + i) * 64));
+                __m512i bytes = _mm512_loadu_si512((const void *)(record + ((b0 + nb) * 4 + i) * 64));
                 lo[nb] = _mm512_and_si512(bytes, low_nibbles);
                 hi[nb] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
             }
@@ -197,9 +208,10 @@ VNNI static inline void q4_tile(const Activations *a, int64_t m0, const int R, i
                 }
             }
         }
+        const float *scale = (const float *)(record + 1024), *minimum = (const float *)(record + 1280);
         for (int nb = 0; nb < NB; nb++) {
-            __m512 ws = _mm512_loadu_ps(scale + ((b0 + nb) * G + g) * LANES);
-            __m512 mn = _mm512_loadu_ps(minimum + ((b0 + nb) * G + g) * LANES);
+            __m512 ws = _mm512_loadu_ps(scale + (b0 + nb) * LANES);
+            __m512 mn = _mm512_loadu_ps(minimum + (b0 + nb) * LANES);
             for (int r = 0; r < R; r++) {
                 int64_t at = (m0 + r) * G + g;
                 __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(a->scale[at]));
@@ -209,24 +221,26 @@ VNNI static inline void q4_tile(const Activations *a, int64_t m0, const int R, i
         }
     }
     for (int nb = 0; nb < NB; nb++)
-        for (int r = 0; r < R; r++) store_lanes(out + (m0 + r) * out_stride, (b0 + nb) * LANES, N, acc[nb * R + r]);
+        for (int r = 0; r < R; r++)
+            store_lanes(out + (m0 + r) * out_stride, t * 64 + (b0 + nb) * LANES, N, acc[nb * R + r]);
 }
 
-VNNI static inline void q8_tile(const Activations *a, int64_t m0, const int R, int64_t b0, const int NB,
+VNNI static inline void q8_tile(const Activations *a, int64_t m0, const int R, int64_t t, int b0, const int NB,
                                 int64_t Kp, const uint8_t *w, const float *scale, int64_t N, float *out,
                                 int64_t out_stride) {
-    const int64_t G = Kp / GROUP, T = Kp / 4;
+    const int64_t G = Kp / GROUP;
     __m512 acc[MAX_TILE];
-    for (int t = 0; t < NB * R; t++) acc[t] = _mm512_setzero_ps();
+    for (int c = 0; c < NB * R; c++) acc[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
+        const uint8_t *record = w + (t * G + g) * Q8_RECORD;
         __m512i dots[MAX_TILE];
-        for (int t = 0; t < NB * R; t++) dots[t] = _mm512_setzero_si512();
-        for (int i = 0; i < 8; i++) {
-            __m512i codes[MAX_TILE];
+        for (int c = 0; c < NB * R; c++) dots[c] = _mm512_setzero_si512();
+        for (int u = 0; u < 8; u++) {
+            __m512i codes[TILE_BLOCKS];
             for (int nb = 0; nb < NB; nb++)
-                codes[nb] = _mm512_loadu_si512((const void *)(w + ((b0 + nb) * T + 8 * g + i) * 64));
+                codes[nb] = _mm512_loadu_si512((const void *)(record + (u * TILE_BLOCKS + b0 + nb) * 64));
             for (int r = 0; r < R; r++) {
-                __m512i x = bcast4(a->q + (m0 + r) * Kp + g * GROUP + 4 * i);
+                __m512i x = bcast4(a->q + (m0 + r) * Kp + g * GROUP + 4 * u);
                 for (int nb = 0; nb < NB; nb++) dots[nb * R + r] = _mm512_dpbusd_epi32(dots[nb * R + r], codes[nb], x);
             }
         }
@@ -237,38 +251,40 @@ VNNI static inline void q8_tile(const Activations *a, int64_t m0, const int R, i
         }
     }
     for (int nb = 0; nb < NB; nb++) {
-        __m512 ws = _mm512_loadu_ps(scale + (b0 + nb) * LANES);
+        int64_t n0 = t * 64 + (b0 + nb) * LANES;
+        __m512 ws = _mm512_loadu_ps(scale + n0);
         for (int r = 0; r < R; r++) {
             __m512 y = _mm512_mul_ps(ws, _mm512_sub_ps(acc[nb * R + r], _mm512_set1_ps(a->offset[m0 + r])));
-            store_lanes(out + (m0 + r) * out_stride, (b0 + nb) * LANES, N, y);
+            store_lanes(out + (m0 + r) * out_stride, n0, N, y);
         }
     }
 }
 
-/* One row: 4 blocks of features at a time (4 chains); more rows: 2 blocks × 4 rows. */
+/* One row: the whole tile (4 chains, one stream). More rows: each half tile (2 blocks) × 4 rows at a
+ * time (8 chains); the half's weights come from the cache after the first 4 rows. */
 #define TILED(TILE, ...)                                                                          \
     do {                                                                                          \
-        int64_t blocks = (N + LANES - 1) / LANES;                                                 \
-        int nb_step = M == 1 ? 4 : 2;                                                             \
+        int64_t tiles = (N + 63) / 64;                                                            \
         _Pragma("omp parallel for schedule(static)")                                              \
-        for (int64_t b0 = 0; b0 < blocks; b0 += nb_step) {                                        \
-            int nb = blocks - b0 < nb_step ? (int)(blocks - b0) : nb_step;                        \
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {                                               \
-                int r = M - m0 < 4 ? (int)(M - m0) : 4;                                           \
-                if (nb == 4) TILE(a, m0, 1, b0, 4, __VA_ARGS__);                                  \
-                else if (nb == 2 && r == 4) TILE(a, m0, 4, b0, 2, __VA_ARGS__);                   \
-                else if (nb == 2 && r == 3) TILE(a, m0, 3, b0, 2, __VA_ARGS__);                   \
-                else if (nb == 2 && r == 2) TILE(a, m0, 2, b0, 2, __VA_ARGS__);                   \
-                else if (nb == 2) TILE(a, m0, 1, b0, 2, __VA_ARGS__);                             \
-                else for (int k = 0; k < nb; k++)                                                 \
-                    for (int64_t m = m0; m < m0 + r; m++) TILE(a, m, 1, b0 + k, 1, __VA_ARGS__); \
+        for (int64_t t = 0; t < tiles; t++) {                                                     \
+            if (M == 1) {                                                                         \
+                TILE(a, 0, 1, t, 0, 4, __VA_ARGS__);                                              \
+                continue;                                                                         \
             }                                                                                     \
+            for (int half = 0; half < 4; half += 2)                                               \
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {                                           \
+                    int64_t r = M - m0;                                                           \
+                    if (r >= 4) TILE(a, m0, 4, t, half, 2, __VA_ARGS__);                          \
+                    else if (r == 3) TILE(a, m0, 3, t, half, 2, __VA_ARGS__);                     \
+                    else if (r == 2) TILE(a, m0, 2, t, half, 2, __VA_ARGS__);                     \
+                    else TILE(a, m0, 1, t, half, 2, __VA_ARGS__);                                 \
+                }                                                                                 \
         }                                                                                         \
     } while (0)
 
-VNNI static void q4_vnni(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, const float *scale,
-                         const float *minimum, int64_t N, float *out, int64_t out_stride) {
-    TILED(q4_tile, Kp, w, scale, minimum, N, out, out_stride);
+VNNI static void q4_vnni(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, float *out,
+                         int64_t out_stride) {
+    TILED(q4_tile, Kp, w, N, out, out_stride);
 }
 
 VNNI static void q8_vnni(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, const float *scale,
@@ -297,13 +313,13 @@ void quant_matmul_force_portable(int portable) {
     else quant_matmul_has_vnni();
 }
 
-int q4_matmul(const float *x, int64_t M, int64_t K, int64_t x_stride, const uint8_t *w, const float *scale,
-              const float *minimum, int64_t N, int64_t Kp, float *out, int64_t out_stride) {
+int q4_matmul(const float *x, int64_t M, int64_t K, int64_t x_stride, const uint8_t *w, int64_t N, int64_t Kp,
+              float *out, int64_t out_stride) {
     Activations a;
     if (alloc_activations(&a, M, Kp)) return 1;
     quantize_rows(x, M, K, x_stride, Kp, &a);
-    if (quant_matmul_has_vnni()) q4_vnni(&a, M, Kp, w, scale, minimum, N, out, out_stride);
-    else q4_portable(&a, M, Kp, w, scale, minimum, N, out, out_stride);
+    if (quant_matmul_has_vnni()) q4_vnni(&a, M, Kp, w, N, out, out_stride);
+    else q4_portable(&a, M, Kp, w, N, out, out_stride);
     free_activations(&a);
     return 0;
 }

@@ -83,15 +83,38 @@ def test_mla_kernel_equals_reference(dtype, window):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_sequence_gets_the_same_values_in_any_batch():
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_a_sequence_gets_the_same_values_in_any_batch(kind):
+    """Alone, a sequence's heads are tasks of their own; in a batch of 8 (two or more per thread) one
+    task takes all of a sequence's heads, reading each row once: the same values either way, and
+    the reference's."""
     gen = torch.Generator().manual_seed(2)
-    lens, block_size = [23, 7, 12], 4
+    lens, block_size = [23, 7, 12, 1, 40, 9, 16, 33], 4
     tables, num_blocks = random_tables(lens, block_size, None, gen)
-    cache = torch.randn(num_blocks * block_size, 2 * 2 * 16, generator=gen)
-    q = torch.randn(3, 4, 16, generator=gen)
-    together = cpu_attention.cpu_paged_gqa_decode(q, cache, tables, torch.tensor(lens), block_size, 2, 0.25)
-    alone = cpu_attention.cpu_paged_gqa_decode(q[1:2], cache, tables[1:2], torch.tensor(lens[1:2]), block_size, 2, 0.25)
-    assert torch.equal(together[1:2], alone)
+    heads, latent, rope = 4, 16, 8
+    width = 2 * 2 * 16 if kind == "gqa" else latent + heads * rope
+    cache = torch.randn(num_blocks * block_size, width, generator=gen)
+    q = torch.randn(len(lens), heads, 16, generator=gen)
+    q_rope = torch.randn(len(lens), heads, rope, generator=gen)
+
+    def decode(rows: slice) -> torch.Tensor:
+        lens_t = torch.tensor(lens[rows])
+        if kind == "gqa":
+            return cpu_attention.cpu_paged_gqa_decode(q[rows], cache, tables[rows], lens_t, block_size, 2, 0.25)
+        return cpu_attention.cpu_paged_mla_decode(q[rows], q_rope[rows], cache, tables[rows], lens_t, block_size, 0.25)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        together = decode(slice(None))
+        for b in range(len(lens)):
+            assert torch.equal(together[b:b + 1], decode(slice(b, b + 1))), b
+    finally:
+        torch.set_num_threads(threads)
+    lens_t = torch.tensor(lens)
+    want = gqa_reference(q, cache, tables, lens_t, block_size, 2, 0.25) if kind == "gqa" else \
+        mla_reference(q, q_rope, cache, tables, lens_t, block_size, 0.25)
+    assert torch.allclose(together.double(), want, rtol=1e-5, atol=1e-5)
 
 
 FAMILIES = ["llama-tiny", "custom-llm-tiny", "smart-llm-tiny"]

@@ -60,7 +60,7 @@ def test_int4_products_match_the_reference(path, shape):
     packed = integer_dot.pack_int4_dot(weight)
     for rows in ROWS:
         x = torch.randn(rows, width, generator=generator)
-        got = integer_dot.int4_dot_mm(x, *packed, features)
+        got = integer_dot.int4_dot_mm(x, packed, features)
         assert got.shape == (rows, features) and got.dtype == torch.float32
         assert relative_error(got, reference_int4(x, weight)) < 2e-6, (path, shape, rows)
 
@@ -84,21 +84,21 @@ def test_strided_zero_and_empty_activations(path):
     packed = integer_dot.pack_int4_dot(weight)
     wide = torch.randn(5, 256, generator=generator)
     x = wide[:, 64:192]                                                  # rows 256 floats apart
-    torch.testing.assert_close(integer_dot.int4_dot_mm(x, *packed, 48),
-                               integer_dot.int4_dot_mm(x.contiguous(), *packed, 48), rtol=0, atol=0)
+    torch.testing.assert_close(integer_dot.int4_dot_mm(x, packed, 48),
+                               integer_dot.int4_dot_mm(x.contiguous(), packed, 48), rtol=0, atol=0)
     x = x.clone()
     x[1] = 0                                                             # a row of zeros (scale 0)
     x[2, :32] = 0                                                        # one zero group
-    assert relative_error(integer_dot.int4_dot_mm(x, *packed, 48), reference_int4(x, weight)) < 2e-6
-    assert torch.equal(integer_dot.int4_dot_mm(x, *packed, 48)[1], weight.minimum.new_zeros(48))
-    assert integer_dot.int4_dot_mm(x[:0], *packed, 48).shape == (0, 48)
+    assert relative_error(integer_dot.int4_dot_mm(x, packed, 48), reference_int4(x, weight)) < 2e-6
+    assert torch.equal(integer_dot.int4_dot_mm(x, packed, 48)[1], weight.minimum.new_zeros(48))
+    assert integer_dot.int4_dot_mm(x[:0], packed, 48).shape == (0, 48)
 
 
 def test_packing_round_trips():
     generator = torch.Generator().manual_seed(4)
     for features, width in ((40, 96), (16, 32), (7, 64)):
         weight = quantize_int4(torch.randn(features, width, generator=generator))
-        back = integer_dot.unpack_int4_dot(*integer_dot.pack_int4_dot(weight), features)
+        back = integer_dot.unpack_int4_dot(integer_dot.pack_int4_dot(weight), features)
         assert torch.equal(back.codes, weight.codes)
         assert torch.equal(back.scale, weight.scale) and torch.equal(back.minimum, weight.minimum)
         eight = quantize_int8(torch.randn(features, width + 3, generator=generator))
@@ -113,7 +113,7 @@ def test_compiled_graphs_call_the_kernels_as_opaque_ops():
     x = torch.randn(3, 96, generator=generator)
 
     def step(x):
-        return torch.relu(integer_dot.int4_dot_mm(x * 2, *packed, 64)) + 1
+        return torch.relu(integer_dot.int4_dot_mm(x * 2, packed, 64)) + 1
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), step(x), rtol=0, atol=0)
