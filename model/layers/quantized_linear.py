@@ -131,8 +131,12 @@ class QuantizedLinear(Linear):
     def holding(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None,
                 dtype: torch.dtype = torch.float32) -> "QuantizedLinear":
         """A layer over quantized codes in their own kernel's format, or, where the shape does not
-        allow that kernel, as a float32 matrix of the very same values."""
-        fmt = weight.kind if format_supported(weight.kind, *weight.shape) else FLOAT32
+        allow that kernel, as a float32 matrix of the very same values. On a CPU with AVX512-VNNI
+        the kernel is the integer-dot one, which keeps the scales in float32: a GGUF's float16
+        scales exactly (PyTorch's int4 kernel rounds them to bfloat16)."""
+        dot = DOT_FORMATS[weight.kind]
+        fmt = dot if integer_dot.has_vnni() and format_supported(dot, *weight.shape) else \
+            weight.kind if format_supported(weight.kind, *weight.shape) else FLOAT32
         return cls.from_weight(weight, bias, fmt, fmt, dtype)
 
     def with_formats(self, small_format: str, large_format: str) -> "QuantizedLinear":
