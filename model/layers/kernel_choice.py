@@ -1,14 +1,16 @@
 """The format each Linear is stored and multiplied in, chosen by timing the candidates on this machine.
 
 CPUs differ: on an AMD EPYC with AVX512-BF16 a bfloat16 GEMM over 16 rows is 2-3× faster than
-float32 and the int4 kernel is the fastest for one row; on an Intel Xeon without native bfloat16
-float32 wins at 16 rows. So at load, for every distinct (values, out, in) of the model, each
-candidate format (model/layers/quantized_linear.py: float32, bfloat16, int8, int4, as the weight's
-values allow) is timed over 1 and 16 rows of the real shape (random weights, a few dozen
-milliseconds each, best of several runs), and each Linear takes
-- one format for both when one is within 10 % of the fastest at 1 and at 16 rows (one copy), else
-- the fastest at 1 row for steps of ≤ SMALL_ROWS rows and the fastest at 16 rows for the others
-  (two copies of the weight: e.g. int4 for one stream and bfloat16 for batches and prefill).
+float32 and PyTorch's int4 kernel beats float32 for one row; on an Intel Xeon without native
+bfloat16 float32 wins at 16 rows; with AVX512-VNNI the integer-dot formats win decode steps but a
+bfloat16 GEMM wins prompt chunks of hundreds of rows. So at load, for every distinct (values, out,
+in) of the model, each candidate format (model/layers/quantized_linear.py: float32, bfloat16, int8,
+int4, int8-dot, int4-dot, as the weight's values allow) is timed over 1, 16 and 256 rows of the real
+shape (random weights, a few dozen milliseconds each, best of several runs), and each Linear takes
+- one format for all when one is within 10 % of the fastest at every row count (one copy), else
+- for each tier (≤ SMALL_ROWS rows: timed at 1; ≤ PREFILL_ROWS: at 16; more: at 256) the format of
+  an earlier tier when it is within 10 % of that tier's fastest, else the fastest (two or three
+  copies of the weight: e.g. int4-dot for decode steps and bfloat16 for prompts).
 
 Timings are cached per CPU model, torch version and thread count in
 `~/.cache/customllm/kernel-timings.json` (`$CUSTOMLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/customllm`),
@@ -28,12 +30,12 @@ from torch import nn
 
 from model.layers.linear import Linear
 from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight
-from model.layers.quantized_linear import (DOT_FORMATS, FLOAT, FLOAT32, SMALL_ROWS, QuantizedLinear, format_supported,
-                                           formats_for, replace_module, tied_head_table)
+from model.layers.quantized_linear import (DOT_FORMATS, FLOAT, FLOAT32, QuantizedLinear, describe_tiers,
+                                           format_supported, formats_for, replace_module, tied_head_table)
 
 log = logging.getLogger("customllm.kernels")
 
-ROWS = (1, 16)                  # the rows timed: one stream, a batch of decode steps
+ROWS = (1, 16, 256)             # the rows timed: one stream, a batch of decode steps, a prompt chunk
 TIMING_SECONDS = 0.03           # time spent on one (format, rows) beyond its first runs
 ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at both row counts wins
 TIMINGS_FILE = "kernel-timings.json"
@@ -118,7 +120,7 @@ class Timings:
 
     def get(self, values: str, out_features: int, in_features: int, fmt: str) -> list[float]:
         entry = self.machine.setdefault(shape_key(values, out_features, in_features), {})
-        if fmt not in entry:
+        if len(entry.get(fmt, ())) != len(ROWS):                          # not timed, or at other rows
             entry[fmt] = time_format(fmt, values, out_features, in_features)
             self.changed = True
         return entry[fmt]
@@ -135,14 +137,20 @@ class Timings:
             log.warning("cannot cache kernel timings in %s: %s", self.path, exc)
 
 
-def pick(times: dict[str, list[float]]) -> tuple[str, str]:
-    """(small-step format, large-step format) from {format: [seconds at 1 row, at 16 rows]}."""
-    best = [min(t[i] for t in times.values()) for i in range(len(ROWS))]
-    single = [f for f, t in times.items() if all(t[i] <= ONE_COPY_SLACK * best[i] for i in range(len(ROWS)))]
+def pick(times: dict[str, list[float]]) -> tuple[str, str, str]:
+    """(small-step, large-step, prefill format) from {format: [seconds at each of ROWS]}."""
+    tiers = range(len(ROWS))
+    best = [min(t[i] for t in times.values()) for i in tiers]
+    good = [[f for f, t in times.items() if t[i] <= ONE_COPY_SLACK * best[i]] for i in tiers]
+    single = [f for f in good[0] if all(f in g for g in good)]
     if single:
-        fmt = min(single, key=lambda f: sum(times[f][i] / best[i] for i in range(len(ROWS))))
-        return fmt, fmt
-    return min(times, key=lambda f: times[f][0]), min(times, key=lambda f: times[f][-1])
+        fmt = min(single, key=lambda f: sum(times[f][i] / best[i] for i in tiers))
+        return fmt, fmt, fmt
+    chosen: list[str] = []
+    for i in tiers:
+        again = [f for f in chosen if f in good[i]]
+        chosen.append(again[0] if again else min(times, key=lambda f: times[f][i]))
+    return tuple(chosen)
 
 
 def candidates(values: str, out_features: int, in_features: int, mode: str) -> tuple[str, ...]:
@@ -175,18 +183,19 @@ def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) 
             continue                                                       # a 16-bit model: not ours to move
         options = candidates(values, out_features, in_features, mode)
         if len(options) == 1:
-            small = large = options[0]
+            tiers = (options[0],) * 3
         else:
-            small, large = pick({f: timings.get(values, out_features, in_features, f) for f in options})
-        chosen[(values, small, large)] += 1
+            tiers = pick({f: timings.get(values, out_features, in_features, f) for f in options})
+        chosen[(values, *tiers)] += 1
         if layer is None:
-            if (small, large) != (FLOAT32, FLOAT32):
-                model.lm_head = QuantizedLinear.from_weight(table, None, small, large)
+            if tiers != (FLOAT32,) * 3:
+                model.lm_head = QuantizedLinear.from_weight(table, None, *tiers[:2], prefill_format=tiers[2])
         elif isinstance(layer, QuantizedLinear):
-            if (small, large) != (layer.small_format, layer.large_format):
-                replace_module(model, name, layer.with_formats(small, large))
-        elif (small, large) != (FLOAT32, FLOAT32):
-            replace_module(model, name, QuantizedLinear.from_weight(layer.weight, layer.bias, small, large))
+            if tiers != (layer.small_format, layer.large_format, layer.prefill_format):
+                replace_module(model, name, layer.with_formats(*tiers))
+        elif tiers != (FLOAT32,) * 3:
+            replace_module(model, name, QuantizedLinear.from_weight(layer.weight, layer.bias, *tiers[:2],
+                                                                    prefill_format=tiers[2]))
     timings.save()
     log.info("weight formats (%s, %.1f s, timings in %s): %s", mode, time.monotonic() - started, timings.path,
              _describe(chosen))
@@ -194,8 +203,7 @@ def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) 
 
 
 def _describe(counts: Counter) -> str:
-    return ", ".join(f"{n} × {v} as {s}" + ("" if s == l else f" (≤ {SMALL_ROWS} rows) / {l}")
-                     for (v, s, l), n in sorted(counts.items())) or "none"
+    return ", ".join(f"{n} × {v} as {describe_tiers(*tiers)}" for (v, *tiers), n in sorted(counts.items())) or "none"
 
 
 def describe_formats(model: nn.Module) -> str:
@@ -204,8 +212,8 @@ def describe_formats(model: nn.Module) -> str:
     counts: Counter = Counter()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            counts[(module.values, module.small_format, module.large_format)] += 1
+            counts[(module.values, module.small_format, module.large_format, module.prefill_format)] += 1
         elif isinstance(module, Linear):
             fmt = str(module.weight.dtype).removeprefix("torch.")
-            counts[(FLOAT, fmt, fmt)] += 1
+            counts[(FLOAT, fmt, fmt, fmt)] += 1
     return _describe(counts)

@@ -18,8 +18,9 @@ int8 per group of 32 columns on the fly and multiply with AVX512-VNNI byte dot p
 quantized format multiplies exact bfloat16 activations.
 
 `small_format` serves steps of at most SMALL_ROWS rows (one or a few decode tokens), `large_format`
-every bigger one (decode batches, prefill chunks); model/layers/kernel_choice.py picks both per shape
-by timing them on the machine. Activations are converted at the boundary: the layer takes and returns
+steps of up to PREFILL_ROWS (decode batches), `prefill_format` bigger ones (prompt chunks);
+model/layers/kernel_choice.py picks the three per shape by timing them on the machine (one copy of
+the weight per distinct format). Activations are converted at the boundary: the layer takes and returns
 the model's dtype (float32), so norms, softmax, the cache and the logits never see bfloat16.
 
 `dense_weight()` dequantizes once and caches the [out, in] matrix (the absorbed latent attention
@@ -43,6 +44,7 @@ FORMATS = (FLOAT32, BFLOAT16, INT8, INT4, INT8_DOT, INT4_DOT)
 DOT_FORMATS = {INT4: INT4_DOT, INT8: INT8_DOT}          # values → their integer-dot format
 FLOAT = "float"                 # the values of a weight that was never quantized
 SMALL_ROWS = 4                  # steps of at most this many rows take the small-step format
+PREFILL_ROWS = 64               # steps of more rows than this take the prefill format
 MIN_QUANTIZED_OUT = 16          # narrower Linears (MoE routers: a few experts) keep float weights
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -90,10 +92,12 @@ class QuantizedLinear(Linear):
     """`y = x W^T + b` with W held in one or two formats (see the module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, values: str, small_format: str, large_format: str,
-                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 prefill_format: str | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self.values, self.small_format, self.large_format = values, small_format, large_format
+        self.prefill_format = prefill_format or large_format
         self.dtype = dtype              # the model's: what forward returns and dense_weight gives
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(dtype),
                                                                               requires_grad=False))
@@ -101,13 +105,15 @@ class QuantizedLinear(Linear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, small_format: str,
-                    large_format: str, dtype: torch.dtype = torch.float32) -> "QuantizedLinear":
-        """A layer over `weight` (float [out, in], or quantized codes) stored in the two formats; an
-        int4 or int8 format needs weights of those values (quantize first: `quantize_linear`)."""
+                    large_format: str, dtype: torch.dtype = torch.float32,
+                    prefill_format: str | None = None) -> "QuantizedLinear":
+        """A layer over `weight` (float [out, in], or quantized codes) stored in the formats (the
+        prefill one defaults to the large one); an int4 or int8 format needs weights of those values
+        (quantize first: `quantize_linear`)."""
         values = weight.kind if isinstance(weight, QuantizedWeight) else FLOAT
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, values, small_format, large_format, bias, dtype)
-        for fmt in dict.fromkeys((small_format, large_format)):
+        layer = cls(in_features, out_features, values, small_format, large_format, bias, dtype, prefill_format)
+        for fmt in layer.formats:
             if fmt not in formats_for(values) or not format_supported(fmt, out_features, in_features):
                 raise ValueError(f"a [{out_features}, {in_features}] weight of {values} values cannot be stored as {fmt}")
             if fmt == INT4:
@@ -139,13 +145,14 @@ class QuantizedLinear(Linear):
             weight.kind if format_supported(weight.kind, *weight.shape) else FLOAT32
         return cls.from_weight(weight, bias, fmt, fmt, dtype)
 
-    def with_formats(self, small_format: str, large_format: str) -> "QuantizedLinear":
+    def with_formats(self, small_format: str, large_format: str,
+                     prefill_format: str | None = None) -> "QuantizedLinear":
         """The same weights in other formats: packed ones are shared, dense ones made from
         `dense_weight()` and other packed ones from `quantized_weight()` (so a copy of int4 values
         holds exactly what the int4 product used)."""
         layer = QuantizedLinear(self.in_features, self.out_features, self.values, small_format, large_format,
-                                self.bias, self.dtype)
-        for fmt in dict.fromkeys((small_format, large_format)):
+                                self.bias, self.dtype, prefill_format)
+        for fmt in layer.formats:
             if fmt in self.formats:
                 for name in _BUFFERS[fmt]:
                     layer.register_buffer(name, getattr(self, name))
@@ -164,16 +171,18 @@ class QuantizedLinear(Linear):
 
     @property
     def formats(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.small_format, self.large_format)))
+        return tuple(dict.fromkeys((self.small_format, self.large_format, self.prefill_format)))
 
     def format_for(self, rows: int) -> str:
-        return self.small_format if rows <= SMALL_ROWS else self.large_format
+        return self.small_format if rows <= SMALL_ROWS else self.large_format if rows <= PREFILL_ROWS else \
+            self.prefill_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in x's dtype."""
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)                # [M, in]
         rows = flat.shape[0]
-        fmt = self.small_format if rows <= SMALL_ROWS else self.large_format
+        fmt = self.small_format if rows <= SMALL_ROWS else self.large_format if rows <= PREFILL_ROWS else \
+            self.prefill_format
         if fmt == INT4_DOT:                                                           # the decode path first
             y = integer_dot.int4_dot_mm(flat, self.weight_int4_dot, self.out_features)
         elif fmt == INT8_DOT:
@@ -248,10 +257,20 @@ class QuantizedLinear(Linear):
         return sum(format_bytes(fmt, self.out_features, self.in_features) for fmt in self.formats)
 
     def extra_repr(self) -> str:
-        formats = self.small_format if self.small_format == self.large_format else \
-            f"{self.small_format} (≤ {SMALL_ROWS} rows) / {self.large_format}"
+        formats = describe_tiers(self.small_format, self.large_format, self.prefill_format)
         return f"in_features={self.in_features}, out_features={self.out_features}, values={self.values}, " \
                f"format={formats}, bias={self.bias is not None}"
+
+
+def describe_tiers(small: str, large: str, prefill: str) -> str:
+    """"int4", or e.g. "int4 (≤ 4 rows) / int4-dot (≤ 64 rows) / bfloat16"."""
+    if small == large == prefill:
+        return small
+    if large == prefill:
+        return f"{small} (≤ {SMALL_ROWS} rows) / {large}"
+    if small == large:
+        return f"{small} (≤ {PREFILL_ROWS} rows) / {prefill}"
+    return f"{small} (≤ {SMALL_ROWS} rows) / {large} (≤ {PREFILL_ROWS} rows) / {prefill}"
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -316,7 +335,7 @@ def fuse_linears(parts: list[nn.Module]) -> QuantizedLinear | None:
         return None
     bias = None if first.bias is None else torch.cat([p.bias for p in parts])
     layer = QuantizedLinear(first.in_features, sum(p.out_features for p in parts), first.values,
-                            first.small_format, first.large_format, bias, first.dtype)
+                            first.small_format, first.large_format, bias, first.dtype, first.prefill_format)
     for fmt in first.formats:
         if fmt in (INT4_DOT, INT8_DOT):                    # packed in blocks of 16 features: pack again
             joined = QuantizedLinear.from_weight(QuantizedWeight.cat([p.quantized_weight() for p in parts]), None,

@@ -1,7 +1,7 @@
 """The integer-dot products (model/layers/integer_dot.py, native/quant_matmul.c) against a float64
-reference of the same arithmetic: activations rounded to int8 per group of 32 columns (scale
-max|x| / 127), int4 codes times those, plus each group's minimum times the exact sum of its x; int8
-codes times the same int8 activations. Both the AVX512-VNNI path (where this CPU has it) and the
+reference of the same arithmetic: activations rounded to two int8 digits per group of 32 columns,
+int4 codes times those, plus each group's minimum times the exact sum of its x; int8 codes times the
+same rounded activations. Both the AVX512-VNNI path (where this CPU has it) and the
 portable loop, over shapes with every kind of tail: output features not a multiple of 16 (tiles of
 1, 2 or 3 blocks), batch rows not a multiple of 4, input widths not a multiple of 64."""
 from __future__ import annotations
@@ -19,14 +19,21 @@ ROWS = [1, 2, 3, 4, 5, 9, 16]
 
 
 def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] → (the int8-rounded x, the exact x), float64; K padded to whole groups with zeros."""
+    """x [M, K] → (x as the kernels round it, the exact x), float64; K padded to whole groups with
+    zeros. The rounding, in float32 as in the C code: u = x · 127 / max|x| per group of 32,
+    hi = round(u), lo = round(256 · (u − hi)) within ±127, x ≈ max|x| / (127 · 256) · (256 · hi + lo)."""
     rows, cols = x.shape
-    padded = torch.zeros(rows, -(-cols // GROUP) * GROUP, dtype=torch.float64)
-    padded[:, :cols] = x.double()
+    padded = torch.zeros(rows, -(-cols // GROUP) * GROUP)
+    padded[:, :cols] = x
     groups = padded.view(rows, -1, GROUP)
-    amax = groups.abs().amax(-1, keepdim=True)
-    codes = torch.where(amax > 0, torch.round(groups * 127 / amax.clamp_min(1e-300)), torch.zeros_like(groups))
-    return (codes * amax / 127).view(rows, -1)[:, :cols], x.double()
+    amax = groups.abs().amax(-1, keepdim=True)                                          # float32
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    u = groups * inv
+    hi = torch.round(u)
+    lo = torch.round((u - hi) * 256).clamp(-127, 127)
+    codes = 256 * hi.double() + lo.double()
+    scale = (amax / (127.0 * 256.0)).double()
+    return (codes * scale).view(rows, -1)[:, :cols], x.double()
 
 
 def reference_int4(x: torch.Tensor, weight) -> torch.Tensor:
@@ -117,3 +124,18 @@ def test_compiled_graphs_call_the_kernels_as_opaque_ops():
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), step(x), rtol=0, atol=0)
+
+
+def test_activations_keep_about_fifteen_bits_per_group():
+    """A group with one large value (the outlier activations this model family has) keeps its small
+    values to within half of 1/32512 of the large one (one int8 digit would round values up to 2.4 to 0)."""
+    x = torch.full((1, 64), 0.01)
+    x[0, 3] = 600.0
+    x[0, 8:32] = torch.linspace(-1, 1, 24)                          # in the outlier's group
+    rounded, exact = int8_activations(x)
+    half_step = 600.0 / (127 * 256) / 2
+    assert float((rounded - exact).abs().max()) <= half_step * 1.001
+    weight = quantize_int8(torch.eye(64))                           # (nearly) the identity
+    got = integer_dot.int8_dot_mm(x, *integer_dot.pack_int8_dot(weight), 64)
+    assert relative_error(got, reference_int8(x, weight)) < 2e-6
+    assert float((got[0, 8:32].double() - exact[0, 8:32]).abs().max()) < half_step + 1e-3

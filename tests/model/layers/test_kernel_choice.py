@@ -19,11 +19,21 @@ from model.layers.quantized_linear import (BFLOAT16, FLOAT32, INT4, INT4_DOT, IN
 from tests.helpers import perturbed_model
 
 
-def test_one_format_when_it_is_near_the_fastest_at_both_row_counts():
-    assert pick({INT4: [1.0, 10.0], BFLOAT16: [1.05, 9.5], FLOAT32: [2.0, 30.0]}) == (BFLOAT16, BFLOAT16)
-    assert pick({INT4: [1.0, 10.0], BFLOAT16: [2.0, 5.0]}) == (INT4, BFLOAT16)         # two copies pay
-    assert pick({FLOAT32: [1.0, 1.0]}) == (FLOAT32, FLOAT32)
-    assert len(ROWS) == 2 and ROWS[0] == 1
+def test_one_format_when_it_is_near_the_fastest_at_every_row_count():
+    assert pick({INT4: [1.0, 10.0, 90], BFLOAT16: [1.05, 9.5, 80], FLOAT32: [2.0, 30.0, 99]}) == (BFLOAT16,) * 3
+    assert pick({INT4: [1.0, 10.0, 90], BFLOAT16: [2.0, 5.0, 40]}) == (INT4, BFLOAT16, BFLOAT16)  # two copies pay
+    assert pick({FLOAT32: [1.0, 1.0, 1.0]}) == (FLOAT32,) * 3
+    assert ROWS == (1, 16, 256)
+
+
+def test_prompt_chunks_may_take_a_third_format():
+    """int4-dot fastest for decode steps of any size, bfloat16 for prompt chunks: two copies; a
+    format an earlier tier took is kept where it is within 10 % (no third copy for 5 %)."""
+    assert pick({INT4_DOT: [1.0, 3.0, 60], BFLOAT16: [4.0, 5.0, 40], INT4: [1.5, 9.0, 90]}) == \
+        (INT4_DOT, INT4_DOT, BFLOAT16)
+    assert pick({INT4_DOT: [1.0, 3.0, 42], BFLOAT16: [4.0, 5.0, 40]}) == (INT4_DOT,) * 3
+    assert pick({INT4: [1.0, 9.0, 90], INT4_DOT: [1.5, 3.0, 60], BFLOAT16: [4.0, 5.0, 40]}) == \
+        (INT4, INT4_DOT, BFLOAT16)
 
 
 def test_candidates_follow_the_values_and_the_shapes():
@@ -47,21 +57,26 @@ def test_time_format_measures_every_format():
 
 def test_timings_are_cached_per_machine(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(kernel_choice, "time_format", lambda fmt, values, n, k: calls.append(fmt) or [1e-4, 2e-4])
+    monkeypatch.setattr(kernel_choice, "time_format", lambda fmt, values, n, k: calls.append(fmt) or [1e-4, 2e-4, 3e-3])
     path = tmp_path / "timings.json"
     timings = Timings(path)
-    assert timings.get(INT4, 64, 128, INT4) == [1e-4, 2e-4] and calls == [INT4]
+    assert timings.get(INT4, 64, 128, INT4) == [1e-4, 2e-4, 3e-3] and calls == [INT4]
     timings.save()
     saved = json.loads(path.read_text())
-    assert saved[machine_key()] == {"int4:64x128": {"int4": [1e-4, 2e-4]}}
+    assert saved[machine_key()] == {"int4:64x128": {"int4": [1e-4, 2e-4, 3e-3]}}
     again = Timings(path)
-    assert again.get(INT4, 64, 128, INT4) == [1e-4, 2e-4] and calls == [INT4]      # read, not measured
+    assert again.get(INT4, 64, 128, INT4) == [1e-4, 2e-4, 3e-3] and calls == [INT4]      # read, not measured
+    saved[machine_key()]["int4:64x128"]["int4"] = [1e-4, 2e-4]                       # timed at other rows
+    path.write_text(json.dumps(saved))
+    assert Timings(path).get(INT4, 64, 128, INT4) == [1e-4, 2e-4, 3e-3] and calls == [INT4, INT4]
     path.write_text("not json")
     assert Timings(path).data == {machine_key(): {}}                                   # a damaged file: start over
 
 
 def fake_timings(monkeypatch, tmp_path, table: dict[str, list[float]]) -> Timings:
-    monkeypatch.setattr(kernel_choice, "time_format", lambda fmt, values, n, k: table[fmt])
+    """`time_format` answering from `table`; two timings stand for 1 row and 16 and more rows."""
+    monkeypatch.setattr(kernel_choice, "time_format",
+                        lambda fmt, values, n, k: table[fmt] + table[fmt][-1:] * (len(ROWS) - len(table[fmt])))
     return Timings(tmp_path / "timings.json")
 
 
@@ -79,7 +94,7 @@ def test_chosen_formats_compute_the_same_values(name, monkeypatch, tmp_path):
     with torch.no_grad():
         expected = model.forward_full(ids)
     chosen = choose_formats(model, "measured", timings)
-    assert chosen[(INT4, INT4, BFLOAT16)] > 0
+    assert chosen[(INT4, INT4, BFLOAT16, BFLOAT16)] > 0
     for n, m in model.named_modules():
         if not isinstance(m, Linear):
             continue
@@ -134,7 +149,7 @@ def test_integer_dot_formats_hold_the_same_values(name, monkeypatch, tmp_path):
     with torch.no_grad():
         expected = model.forward_full(ids)
     chosen = choose_formats(model, "measured", timings)
-    assert chosen[(INT4, INT4_DOT, INT4_DOT)] > 0
+    assert chosen[(INT4, INT4_DOT, INT4_DOT, INT4_DOT)] > 0
     for n, m in model.named_modules():
         if isinstance(m, QuantizedLinear) and m.values != "float":
             assert m.formats == ({INT4: INT4_DOT, INT8: INT8_DOT}[m.values],)
@@ -145,3 +160,18 @@ def test_integer_dot_formats_hold_the_same_values(name, monkeypatch, tmp_path):
     # (2-3 % here, in random tiny models; tests/model/test_perplexity.py bounds the real model)
     assert float((got - expected).abs().max()) <= 0.05 * float(expected.abs().max())
     assert "as int4-dot" in describe_formats(model)
+
+
+def test_each_tier_multiplies_in_its_own_format():
+    """≤ 4 rows: the small format; ≤ 64: the large one; more: the prefill one — each step's product
+    the very one a layer holding only that format computes."""
+    from model.layers.quantize import quantize
+    weight = quantize(torch.randn(64, 96, generator=torch.Generator().manual_seed(3)), INT4)
+    tiers = QuantizedLinear.from_weight(weight, None, INT4, INT4_DOT, prefill_format=BFLOAT16)
+    assert tiers.formats == (INT4, INT4_DOT, BFLOAT16) and "(≤ 64 rows) / bfloat16" in tiers.extra_repr()
+    alone = {fmt: QuantizedLinear.from_weight(weight, None, fmt, fmt) for fmt in tiers.formats}
+    for rows, fmt in ((4, INT4), (5, INT4_DOT), (64, INT4_DOT), (65, BFLOAT16), (300, BFLOAT16)):
+        x = torch.randn(rows, 96)
+        assert torch.equal(tiers(x), alone[fmt](x)), (rows, fmt)
+    copy = tiers.with_formats(INT4_DOT, INT4_DOT)                       # prefill follows the large format
+    assert copy.formats == (INT4_DOT,) and copy.prefill_format == INT4_DOT
