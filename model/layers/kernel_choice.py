@@ -40,8 +40,8 @@ TIMING_SECONDS = 0.03           # time spent on one (format, rows) beyond its fi
 ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at both row counts wins
 TIMINGS_FILE = "kernel-timings.json"
 
-# how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in their kernels'
-# formats only (no dense copy; the faster of the two measured) and measures float32 / bfloat16 for the float ones; "measured" times
+# how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in one of their
+# kernels' formats only (one copy, no dense one: the faster of the two measured) and measures float32 / bfloat16 for the float ones; "measured" times
 # every format the values allow
 MODES = ("exact", "lean", "measured")
 
@@ -137,12 +137,13 @@ class Timings:
             log.warning("cannot cache kernel timings in %s: %s", self.path, exc)
 
 
-def pick(times: dict[str, list[float]]) -> tuple[str, str, str]:
-    """(small-step, large-step, prefill format) from {format: [seconds at each of ROWS]}."""
+def pick(times: dict[str, list[float]], one_copy: bool = False) -> tuple[str, str, str]:
+    """(small-step, large-step, prefill format) from {format: [seconds at each of ROWS]};
+    `one_copy`: the single format with the least time relative to each tier's fastest."""
     tiers = range(len(ROWS))
     best = [min(t[i] for t in times.values()) for i in tiers]
     good = [[f for f, t in times.items() if t[i] <= ONE_COPY_SLACK * best[i]] for i in tiers]
-    single = [f for f in good[0] if all(f in g for g in good)]
+    single = list(times) if one_copy else [f for f in good[0] if all(f in g for g in good)]
     if single:
         fmt = min(single, key=lambda f: sum(times[f][i] / best[i] for i in tiers))
         return fmt, fmt, fmt
@@ -185,7 +186,8 @@ def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) 
         if len(options) == 1:
             tiers = (options[0],) * 3
         else:
-            tiers = pick({f: timings.get(values, out_features, in_features, f) for f in options})
+            tiers = pick({f: timings.get(values, out_features, in_features, f) for f in options},
+                         one_copy=mode == "lean" and values != FLOAT)
         chosen[(values, *tiers)] += 1
         if layer is None:
             if tiers != (FLOAT32,) * 3:

@@ -23,6 +23,7 @@ def test_one_format_when_it_is_near_the_fastest_at_every_row_count():
     assert pick({INT4: [1.0, 10.0, 90], BFLOAT16: [1.05, 9.5, 80], FLOAT32: [2.0, 30.0, 99]}) == (BFLOAT16,) * 3
     assert pick({INT4: [1.0, 10.0, 90], BFLOAT16: [2.0, 5.0, 40]}) == (INT4, BFLOAT16, BFLOAT16)  # two copies pay
     assert pick({FLOAT32: [1.0, 1.0, 1.0]}) == (FLOAT32,) * 3
+    assert pick({INT4: [1.0, 10.0, 90], INT4_DOT: [1.5, 3.0, 60]}, one_copy=True) == (INT4_DOT,) * 3   # lean
     assert ROWS == (1, 16, 256)
 
 
