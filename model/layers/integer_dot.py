@@ -1,7 +1,8 @@
 """Integer-dot products of int4 / int8 weights (model/layers/native/quant_matmul.c): activations
-quantized to int8 per group of 32 columns on the fly, multiplied with AVX512-VNNI byte dot products
-(a portable C loop, far slower, where the CPU lacks them), as llama.cpp multiplies its Q4/Q8 blocks.
-One pass over the packed weights serves every row of a batch, so 16 rows cost little more than one.
+quantized on the fly per group of 32 columns to two int8 digits (~15 bits; llama.cpp, which
+multiplies its Q4/Q8 blocks this way, uses one), multiplied with AVX512-VNNI byte dot products (a
+portable C loop, far slower, where the CPU lacks them). One pass over the packed weights serves
+every row of a batch.
 
 The packed forms (see the C file's header for the arithmetic):
 - int4 (input width a multiple of 32): uint8 [Np/64, K/32, 1536], one record per (64 features, group

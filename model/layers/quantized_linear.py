@@ -13,9 +13,9 @@ model/layers/quantize.py) and one or two *formats* (how it is stored and multipl
 | int4-dot | codes + float32 (scale, minimum) per 32 columns, by 64 rows | int8 dot products (integer_dot) |
 | int8-dot | codes + 128 as uint8 + float32 scale per row  | int8 dot products (integer_dot)               |
 
-The two "-dot" formats (model/layers/integer_dot.py, llama.cpp's way) quantize the activations to
-int8 per group of 32 columns on the fly and multiply with AVX512-VNNI byte dot products; every other
-quantized format multiplies exact bfloat16 activations.
+The two "-dot" formats (model/layers/integer_dot.py, llama.cpp's way) quantize the activations on
+the fly per group of 32 columns to two int8 digits (~15 bits) and multiply with AVX512-VNNI byte dot
+products; every other quantized format multiplies bfloat16 activations.
 
 `small_format` serves steps of at most SMALL_ROWS rows (one or a few decode tokens), `large_format`
 steps of up to PREFILL_ROWS (decode batches), `prefill_format` bigger ones (prompt chunks);
