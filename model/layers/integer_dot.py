@@ -52,7 +52,6 @@ def has_vnni() -> bool:
 
 LANES = 16                     # output features per 512-bit register of int32 sums
 TILE = 64                      # output features per record: 4 blocks of LANES
-INT4_RECORD, INT8_RECORD = 1536, 2048
 
 
 def _round_up(n: int, multiple: int) -> int:
