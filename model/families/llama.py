@@ -226,7 +226,10 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """`forward_full` (plain causal, the reference form) and `forward_paged` (flat batch over the
     paged [K | V] cache, the serving form). With a tied head there is no `lm_head` parameter: the
-    head is `model.embed_tokens.weight`."""
+    head is `model.embed_tokens.weight`. `cpu_decode_step` (model/families/llama_cpu_step.py), when
+    set, runs the layers of a decode step on the CPU in one C call."""
+
+    cpu_decode_step = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -263,9 +266,10 @@ class LlamaForCausalLM(nn.Module):
         batch.logits_index."""
         h = self.model.embed_tokens(batch.token_ids)                                        # [T, d]
         rope = Rope.build(batch.positions, self.config, h.dtype)
-        for layer, cache_layer in zip(self.model.layers, cache):
-            h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if self.cpu_decode_step is None or not self.cpu_decode_step.run(h, rope, batch, cache):
+            for layer, cache_layer in zip(self.model.layers, cache):
+                h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.logits(self.model.norm(h[batch.logits_index]))                          # [N, V]
 
 

@@ -2,7 +2,8 @@
 
 `load(name)` compiles `name.c` of this folder (`-O3 -march=native -fopenmp`) into the cache folder
 (`$CUSTOMLLM_CACHE_DIR/native`, as model/layers/kernel_choice.py's timings), under a name that
-hashes the source, the flags, the compiler's version and the CPU, and loads it with ctypes. OpenMP
+hashes the sources (every C file here: one may include others), the flags, the compiler's version
+and the CPU, and loads it with ctypes. OpenMP
 comes from the libgomp PyTorch already loaded (same soname), so the kernels share its threads and
 its thread count. Without a compiler, or when compilation or loading fails, `load` returns None
 (with one warning) and callers keep their PyTorch path.
@@ -45,7 +46,9 @@ def _cpu_flags() -> str:
 
 def library_path(name: str, cc: str) -> Path:
     from model.layers.kernel_choice import cache_dir
-    source = (Path(__file__).parent / f"{name}.c").read_bytes()
+    folder = Path(__file__).parent
+    source = b"\0".join([(folder / f"{name}.c").read_bytes()] +
+                        [path.read_bytes() for path in sorted(folder.glob("*.[ch]")) if path.name != f"{name}.c"])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.blake2b(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]),
                           digest_size=10).hexdigest()

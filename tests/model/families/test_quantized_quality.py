@@ -8,7 +8,9 @@ GGUF) on a fixed English text (tests/data/perplexity_text.txt, 464 tokens) has a
 - the same codes in PyTorch's int4 / int8 kernels' formats (where "auto" took the integer-dot ones);
 - the same values in bfloat16 copies (what `--dtype auto` multiplies steps of more than 4 rows by
   where bfloat16 measures faster);
-- int8 everywhere (`--quantization int8`), through PyTorch's kernel and through int8-dot.
+- int8 everywhere (`--quantization int8`), through PyTorch's kernel and through int8-dot;
+- "auto" with its decode steps in one C call (model/families/llama_cpu_step.py), as `serve` runs
+  them: the greedy runs go through it.
 Greedy agreement with float32 is measured both teacher-forced (the top token at every position of
 the text) and free-running (tokens generated one decode step at a time through the paged cache).
 The figures of one run are in docs/benchmarks.md; the bounds here are looser than those figures."""
@@ -22,7 +24,9 @@ import pytest
 import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
+from model.families.llama_cpu_step import use_cpu_decode_step
 from model.layers import integer_dot
+from model.layers.cpu_decode_attention import use_cpu_decode_attention
 from model.layers.quantized_linear import (BFLOAT16, DOT_FORMATS, INT4, INT8, QuantizedLinear, quantize_model,
                                            replace_module)
 from model.loading.gguf_file import load_gguf_model
@@ -92,6 +96,12 @@ def kept():
 def variant_model(variant: str, kept, float32):
     if variant == "auto":
         return kept
+    if variant == "auto-c-step":                 # decode steps as `serve` runs them: one C call per step
+        model = copy.deepcopy(kept)
+        use_cpu_decode_attention(model)
+        if not use_cpu_decode_step(model):
+            pytest.skip("no C compiler or no AVX512-VNNI here: decode steps run layer by layer")
+        return model
     if variant == "auto-bf16-copies":
         model = copy.deepcopy(kept)
         for name, module in list(model.named_modules()):
@@ -119,7 +129,7 @@ def in_dot_formats(model):
     return model
 
 
-@pytest.mark.parametrize("variant", ["auto", "torch-kernels", "auto-bf16-copies", "int8", "int8-dot"])
+@pytest.mark.parametrize("variant", ["auto", "auto-c-step", "torch-kernels", "auto-bf16-copies", "int8", "int8-dot"])
 def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, reference, variant):
     model = variant_model(variant, kept, float32)
     layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]

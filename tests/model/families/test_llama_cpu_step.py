@@ -1,0 +1,160 @@
+"""The Llama family's decode steps in one C call (model/families/llama_cpu_step.py): the same logits
+and cache rows as the layer-by-layer path over the same integer-dot weights (up to the rounding of
+RoPE and SwiGLU, which the C step computes in its own loops), in both row-count tiers, over float32
+and bfloat16 caches, on the AVX512-VNNI and the portable product; and the steps it must leave to the
+layers (prompt chunks, tiers held in other formats, other attention, torch.compile)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.cache.batch import PagedBatch, SequenceChunk
+from model.config import preset
+from model.families import llama_cpu_step
+from model.families.llama_cpu_step import use_cpu_decode_step
+from model.layers.cpu_decode_attention import use_cpu_decode_attention
+from model.layers.quantized_linear import (BFLOAT16, INT4, INT4_DOT, INT8, INT8_DOT, QuantizedLinear, quantize_model,
+                                           replace_module)
+from tests.helpers import make_cache, perturbed_model
+
+pytestmark = pytest.mark.skipif(llama_cpu_step._kernel() is None, reason="no C compiler to build the step")
+
+BLOCK = 4
+
+
+def tiny_model(small: str = INT4_DOT, large: str = INT4_DOT, kind: str = INT4, attention: bool = True):
+    """llama-tiny with random weights (norm scales too) quantized to `kind`, its projections held in
+    `small` for ≤ 4 rows and `large` above; the head (int8) as int8-dot, whose float32 logits show
+    differences a bfloat16 product would round away."""
+    model = perturbed_model(preset("llama-tiny"), seed=3, std=0.2).eval()
+    quantize_model(model, kind)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            replace_module(model.model.layers, name, module.with_formats(small, large))
+    model.lm_head = model.lm_head.with_formats(INT8_DOT, INT8_DOT)
+    if attention:
+        use_cpu_decode_attention(model)
+    return model
+
+
+def prompts(count: int, gen: torch.Generator) -> list[list[int]]:
+    return [torch.randint(0, 512, (int(n),), generator=gen).tolist()
+            for n in torch.randint(3, 14, (count,), generator=gen)]
+
+
+def decode_run(model, seqs: list[list[int]], steps: int, cache_dtype=torch.float32, c_step: bool = True):
+    """Prefill every prompt (one chunk each), then `steps` greedy decode steps of all sequences
+    together: the logits of every decode step [steps, B, V] and the cache layers at the end."""
+    cache = make_cache(model.config, num_blocks=128, block_size=BLOCK, dtype=cache_dtype)
+    blocks_each = 128 // len(seqs)
+    tables = [list(range(b * blocks_each, (b + 1) * blocks_each)) for b in range(len(seqs))]
+    saved, model.cpu_decode_step = model.cpu_decode_step, (model.cpu_decode_step if c_step else None)
+    out = []
+    try:
+        with torch.inference_mode():
+            last = []
+            for seq, table in zip(seqs, tables):
+                logits = model.forward_paged(PagedBatch.build([SequenceChunk(seq, 0, table)], BLOCK), cache.layers)
+                last.append(int(logits[-1].argmax()))
+            lens = [len(s) for s in seqs]
+            for _ in range(steps):
+                chunks = [SequenceChunk([token], n, table) for token, n, table in zip(last, lens, tables)]
+                logits = model.forward_paged(PagedBatch.build(chunks, BLOCK, with_gather=not c_step), cache.layers)
+                out.append(logits)
+                last, lens = logits.argmax(-1).tolist(), [n + 1 for n in lens]
+    finally:
+        model.cpu_decode_step = saved
+    return torch.stack(out), cache.layers
+
+
+def assert_close_to_layers(model, rows: int, cache_dtype=torch.float32, steps: int = 4):
+    seqs = prompts(rows, torch.Generator().manual_seed(rows))
+    # teacher-forced on the layers' own tokens would hide nothing: greedy here, compared step by step
+    got, got_cache = decode_run(model, seqs, steps, cache_dtype, c_step=True)
+    want, want_cache = decode_run(model, seqs, steps, cache_dtype, c_step=False)
+    scale = float(want.abs().max())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert float((got - want).abs().max()) <= 3e-4 * scale        # differences seen: 1.2e-4 to 2.2e-4
+    for a, b in zip(got_cache, want_cache):
+        assert float((a.float() - b.float()).abs().max()) <= 2e-3 * float(b.float().abs().max()) + 1e-2
+    return got, want
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6, 13])
+def test_c_step_matches_the_layers_in_both_tiers(rows):
+    model = tiny_model()
+    assert use_cpu_decode_step(model)
+    assert set(model.cpu_decode_step.tiers) == {4, 64} and all(t is not None for t in model.cpu_decode_step.tiers.values())
+    got, want = assert_close_to_layers(model, rows)
+    assert got.shape == (4, rows, 512)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_c_step_writes_and_reads_16_bit_caches(cache_dtype):
+    model = tiny_model()
+    assert use_cpu_decode_step(model)
+    assert_close_to_layers(model, 5, cache_dtype)
+
+
+def test_c_step_with_int8_dot_weights():
+    model = tiny_model(INT8_DOT, INT8_DOT, kind=INT8)
+    assert use_cpu_decode_step(model)
+    assert_close_to_layers(model, 2)
+
+
+@pytest.fixture
+def portable_products():
+    """The C step's products through the portable loop (its library's own switch)."""
+    library = llama_cpu_step.library()
+    library.quant_matmul_force_portable(1)
+    yield
+    library.quant_matmul_force_portable(0)
+
+
+def test_c_step_on_the_portable_products(portable_products):
+    model = tiny_model()
+    assert use_cpu_decode_step(model)
+    assert_close_to_layers(model, 3, steps=2)
+
+
+def test_a_tier_in_other_formats_is_left_to_the_layers():
+    model = tiny_model(INT4_DOT, BFLOAT16)
+    assert use_cpu_decode_step(model)
+    step = model.cpu_decode_step
+    assert step.tiers[4] is not None and step.tiers[64] is None
+    cache = make_cache(model.config, num_blocks=16, block_size=BLOCK)
+    h = torch.randn(6, model.config.hidden_size)
+    before = h.clone()
+    batch = PagedBatch.build([SequenceChunk([1], 0, [b]) for b in range(6)], BLOCK, with_gather=False)
+    assert not step.run(h, None, batch, cache.layers)
+    assert torch.equal(h, before)
+    assert_close_to_layers(model, 6, steps=2)          # 6 rows: the layers; the small tier: the C step
+
+
+def test_prompt_chunks_are_left_to_the_layers():
+    model = tiny_model()
+    assert use_cpu_decode_step(model)
+    cache = make_cache(model.config, num_blocks=16, block_size=BLOCK)
+    batch = PagedBatch.build([SequenceChunk([1, 2, 3], 0, [0])], BLOCK)
+    h = torch.randn(3, model.config.hidden_size)
+    assert not model.cpu_decode_step.run(h, None, batch, cache.layers)
+
+
+def test_only_where_every_layer_qualifies():
+    assert not use_cpu_decode_step(tiny_model(attention=False))        # gathered attention: the layers
+    assert not use_cpu_decode_step(tiny_model(BFLOAT16, BFLOAT16))     # no tier in integer-dot formats
+    assert not use_cpu_decode_step(perturbed_model(preset("llama-tiny")))    # float weights
+    assert not use_cpu_decode_step(perturbed_model(preset("custom-llm-tiny")))   # another family
+    model = tiny_model()
+    model.model.layers[1].self_attn.use_decode_kernel(None)
+    assert not use_cpu_decode_step(model)
+
+
+def test_a_new_cache_is_bound_on_first_use():
+    model = tiny_model()
+    assert use_cpu_decode_step(model)
+    first, _ = decode_run(model, prompts(2, torch.Generator().manual_seed(5)), 2)
+    again, _ = decode_run(model, prompts(2, torch.Generator().manual_seed(5)), 2)     # another cache's tensors
+    assert torch.equal(first, again)
+    assert model.cpu_decode_step._cache_key is not None
