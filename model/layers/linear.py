@@ -1,8 +1,9 @@
 """`Linear`: the one linear projection every family uses, and so the one place that knows how a
 weight matrix is stored.
 
-It is `nn.Linear` (same parameters, same state-dict keys, same `forward`); what it adds is the small
-API the rest of the model uses instead of reaching into `.weight`:
+It is `nn.Linear` (same parameters, same state-dict keys, same `forward`, except that activations of
+another dtype are converted to the weight's and the result back, as a QuantizedLinear does); what
+it adds is the small API the rest of the model uses instead of reaching into `.weight`:
 
 - `dense_weight()`: the weight as a dense [out, in] tensor, for code that splits it per head (the
   absorbed latent attention of CustomLLM and ShomsherLLM) or stacks experts' weights;
@@ -26,6 +27,7 @@ float weights stay separate, so the float32 path keeps its exact products).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,6 +44,14 @@ def use_column_major_(weight: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """`y = x W^T + b` with W [out, in] (nn.Linear), plus the storage API above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → [..., out] in x's dtype. Another dtype than the weight's happens where the
+        products of one input are held in different formats (an expert whose narrow gate and up stay
+        float while its down projection takes bfloat16 activations): converted, not refused."""
+        if x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         """W as a dense [out, in] tensor (the parameter itself for a float Linear)."""
