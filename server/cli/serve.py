@@ -306,7 +306,7 @@ def run(args) -> int:
     from server.api.app import create_app
     from server.api.http_protocol import http_protocol
     from server.api.metrics import Metrics
-    from server.executor.build import build_engine
+    from server.executor.build import build_engine, freeze_loaded_objects
 
     setup_logging(args.log_level)
     config = config_from_args(args)
@@ -366,6 +366,7 @@ def run(args) -> int:
             engine.wait_ready()
         else:
             engine = build_engine(config, observer=metrics, start=False)
+            freeze_loaded_objects()
         metrics.bind_engine(engine)
         state["engine"] = engine
     except _StopLoading:

@@ -257,7 +257,7 @@ def core_main(config, to_core: str, to_front: str, parent_pid: int, log_level: s
         os._exit(1)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.executor.build import build_engine
+    from server.executor.build import build_engine, freeze_loaded_objects
     from server.executor.threads import configure_threads
 
     context = zmq.Context()
@@ -273,6 +273,7 @@ def core_main(config, to_core: str, to_front: str, parent_pid: int, log_level: s
     config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, detokenize=False))
     try:
         engine = build_engine(config, observer=observer, start=False)
+        freeze_loaded_objects()
     except Exception as exc:  # noqa: BLE001 - the front reports it and exits
         log.exception("loading the model failed: %s", exc)
         sender.send(wire.encode(wire.Dead(f"loading the model failed: {exc}")))

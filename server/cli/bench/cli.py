@@ -203,7 +203,7 @@ def run_engine(args) -> int:
                           schema, quantization=args.quantization, compile_decode=args.compile_decode,
                           decode_attention=args.decode_attention, detokenize=args.detokenize,
                           overlap_steps=args.overlap_steps, simulated_device_ms=args.simulated_device_ms,
-                          adaptive_threads=args.adaptive_threads)
+                          adaptive_threads=args.adaptive_threads, freeze_loaded=True)
     result["machine"] = machine_description()
     result["command"] = "customllm " + " ".join(sys.argv[1:])
     peers = [p for p in args.peers.split(",") if p]

@@ -24,7 +24,7 @@ import torch
 
 from server.cli.bench.memory import cache_bytes_read, measure_copy_bandwidth, weight_bytes_touched
 from server.config import EngineConfig, ModelLoadConfig, ServerConfig
-from server.executor.build import build_engine
+from server.executor.build import build_engine, freeze_loaded_objects
 from server.engine.results import NullObserver
 from server.engine.request import GenerationRequest, SamplingParams
 
@@ -78,14 +78,16 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                  threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
                  quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto",
                  max_num_batched_tokens: int | None = None, detokenize: bool = True, overlap_steps: bool = False,
-                 simulated_device_ms: float | None = None, adaptive_threads: bool = False) -> dict:
+                 simulated_device_ms: float | None = None, adaptive_threads: bool = False,
+                 freeze_loaded: bool = False) -> dict:
     """`max_num_batched_tokens` (default: 2048, or one whole prompt) bounds each step's prefill: the
     running rows decode while later prompts are filled in, so a batch decodes together only for the
     tokens left once every prompt is in; many long prompts need a larger budget. `detokenize` False:
     the engine's work as in `serve`'s engine-core process, whose API process makes the text.
     `overlap_steps`: as `serve --overlap-steps on`. `simulated_device_ms`: every forward is a wait of
     that long that leaves the host free (`ModelRunner.simulate_device`), so a step costs the host's
-    work plus that wait in series, or about the larger of the two with `overlap_steps`."""
+    work plus that wait in series, or about the larger of the two with `overlap_steps`.
+    `freeze_loaded`: as `serve` does once loaded (`freeze_loaded_objects`); the command line's run."""
     from server.executor.threads import configure_threads
     configure_threads(threads)
     timer = StepTimer()
@@ -101,6 +103,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                                                              compile_decode=compile_decode,
                                                              decode_attention=decode_attention),
                                        engine=engine_config), observer=timer, start=False)
+    if freeze_loaded:
+        freeze_loaded_objects()
     engine.core.runner.time_forward = True
     if simulated_device_ms is not None:
         engine.core.runner.simulate_device(simulated_device_ms / 1e3)
