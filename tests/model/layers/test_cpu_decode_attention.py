@@ -4,6 +4,7 @@ its fallback when no compiler is there."""
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
@@ -53,12 +54,25 @@ def mla_reference(q_latent, q_rope, cache, tables, lens, block_size, scale, wind
     return out
 
 
+@pytest.fixture(params=["best", "portable"])
+def kernel_path(request):
+    """The kernel's AVX-512 tasks where the CPU has them (widths multiples of 16), or its portable ones."""
+    library = native.load("paged_decode")
+    library.paged_decode_force_portable.argtypes = [ctypes.c_int]
+    library.paged_decode_force_portable(int(request.param == "portable"))
+    yield request.param
+    library.paged_decode_force_portable(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 16), (6, 2, 24)])
-def test_gqa_kernel_equals_reference(dtype, window, heads, kv_heads, dim):
+@pytest.mark.parametrize("window", [None, 6, 21])
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (9, 3, 64, 4), (4, 4, 16, 32),
+                                                           (6, 2, 24, 16)])
+def test_gqa_kernel_equals_reference(kernel_path, dtype, window, heads, kv_heads, dim, block_size):
+    """Blocks of 16 and 32 keys: whole groups of 16 scored at once on the AVX-512 path, the rest of
+    a block (and blocks of 4) one key at a time; widths not a multiple of 16 take the portable path."""
     gen = torch.Generator().manual_seed(heads * 7 + dim)
-    lens, block_size = [1, 17, 40, 5], 4
+    lens = [1, 17, 40, 5, 70]
     tables, num_blocks = random_tables(lens, block_size, window, gen)
     cache = (3 * torch.randn(num_blocks * block_size, 2 * kv_heads * dim, generator=gen)).to(dtype)
     q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
@@ -68,11 +82,12 @@ def test_gqa_kernel_equals_reference(dtype, window, heads, kv_heads, dim):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 5])
-def test_mla_kernel_equals_reference(dtype, window):
+@pytest.mark.parametrize("latent,rope,block_size", [(24, 8, 4), (32, 16, 16), (192, 32, 16)])
+def test_mla_kernel_equals_reference(kernel_path, dtype, window, latent, rope, block_size):
     gen = torch.Generator().manual_seed(1)
-    heads, latent, rope, lens, block_size = 3, 24, 8, [9, 1, 30], 4
+    heads, lens = 3, [9, 1, 30, 49]
     tables, num_blocks = random_tables(lens, block_size, window, gen)
     cache = torch.randn(num_blocks * block_size, latent + heads * rope, generator=gen).to(dtype)
     q_latent = torch.randn(len(lens), heads, latent, generator=gen).to(dtype)
@@ -84,12 +99,13 @@ def test_mla_kernel_equals_reference(dtype, window):
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
-def test_a_sequence_gets_the_same_values_in_any_batch(kind):
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_a_sequence_gets_the_same_values_in_any_batch(kernel_path, kind, block_size):
     """Alone, a sequence's heads are tasks of their own; in a batch of 8 (two or more per thread) one
     task takes all of a sequence's heads, reading each row once: the same values either way, and
     the reference's."""
     gen = torch.Generator().manual_seed(2)
-    lens, block_size = [23, 7, 12, 1, 40, 9, 16, 33], 4
+    lens = [23, 7, 12, 1, 40, 9, 16, 33]
     tables, num_blocks = random_tables(lens, block_size, None, gen)
     heads, latent, rope = 4, 16, 8
     width = 2 * 2 * 16 if kind == "gqa" else latent + heads * rope
