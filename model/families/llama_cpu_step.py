@@ -50,23 +50,18 @@ class LlamaShape(ctypes.Structure):
 _function: list = []           # [the C entry point, or None when it cannot be built here]
 
 
-def library():
-    """The compiled step (it holds its own copy of the product kernels), or None without a compiler."""
-    lib = native.load("llama_decode_step")
-    if lib is not None:
-        lib.quant_matmul_force_portable.argtypes = [ctypes.c_int]
-    return lib
+def force_portable_products(portable: bool) -> None:
+    """Tests: the step's products through the portable loop (its library holds its own copy of the
+    product kernels, and so its own switch), or the CPU's best again."""
+    native.function("llama_decode_step", "quant_matmul_force_portable", None, [ctypes.c_int])(int(portable))
 
 
 def _kernel():
     if not _function:
-        lib = library()
-        fn = None if lib is None else lib.llama_decode_layers
-        if fn is not None:
-            fn.restype = ctypes.c_int
-            fn.argtypes = [_PTR, _I64, ctypes.POINTER(LlamaShape), ctypes.POINTER(LlamaLayer), _I64, _PTR, _PTR,
-                           _PTR, _PTR, _I64, _PTR, _I64, _I64]
-        _function.append(fn)
+        _function.append(native.function(
+            "llama_decode_step", "llama_decode_layers", ctypes.c_int,
+            [_PTR, _I64, ctypes.POINTER(LlamaShape), ctypes.POINTER(LlamaLayer), _I64, _PTR, _PTR, _PTR, _PTR, _I64,
+             _PTR, _I64, _I64]))
     return _function[0]
 
 

@@ -26,14 +26,9 @@ def kernel_function():
     """The C entry point, or None when it cannot be built here (no compiler)."""
     global _function
     if _function is None:
-        library = native.load("paged_decode")
-        if library is None:
-            return None
-        fn = library.paged_decode
-        fn.restype = ctypes.c_int
-        fn.argtypes = [_PTR, _I64, _I64, _PTR, ctypes.c_int, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
-                       _PTR, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_float, _I64, _PTR]
-        _function = fn
+        _function = native.function("paged_decode", "paged_decode", ctypes.c_int,
+                                    [_PTR, _I64, _I64, _PTR, ctypes.c_int, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
+                                     _PTR, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_float, _I64, _PTR])
     return _function
 
 

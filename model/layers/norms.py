@@ -15,12 +15,7 @@ _kernel: list = []             # [the C function, or None when it cannot be buil
 
 def _rms_norm_kernel():
     if not _kernel:
-        library = native.load("rms_norm")
-        function = None if library is None else library.rms_norm
-        if function is not None:
-            function.restype = None
-            function.argtypes = [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_float, _PTR]
-        _kernel.append(function)
+        _kernel.append(native.function("rms_norm", "rms_norm", None, [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_float, _PTR]))
     return _kernel[0]
 
 

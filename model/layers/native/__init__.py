@@ -24,6 +24,7 @@ log = logging.getLogger("customllm.native")
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_functions: dict[tuple[str, str], object] = {}
 
 
 def compiler() -> str | None:
@@ -89,3 +90,17 @@ def load(name: str) -> ctypes.CDLL | None:
             log.warning("CPU kernel %s could not be built (%s): PyTorch ops instead", name, str(detail).strip()[:500])
     _loaded[name] = library
     return library
+
+
+def function(name: str, symbol: str, restype, argtypes: list):
+    """`symbol` of the compiled `name.c` with its C signature set (ctypes types), or None when the
+    library cannot be built here; looked up once."""
+    key = (name, symbol)
+    if key not in _functions or _loaded.get(name) is None:
+        library = load(name)
+        fn = None
+        if library is not None:
+            fn = getattr(library, symbol)
+            fn.restype, fn.argtypes = restype, argtypes
+        _functions[key] = fn
+    return _functions[key]

@@ -106,10 +106,9 @@ def test_c_step_with_int8_dot_weights():
 @pytest.fixture
 def portable_products():
     """The C step's products through the portable loop (its library's own switch)."""
-    library = llama_cpu_step.library()
-    library.quant_matmul_force_portable(1)
+    llama_cpu_step.force_portable_products(True)
     yield
-    library.quant_matmul_force_portable(0)
+    llama_cpu_step.force_portable_products(False)
 
 
 def test_c_step_on_the_portable_products(portable_products):

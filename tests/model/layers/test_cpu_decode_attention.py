@@ -57,11 +57,10 @@ def mla_reference(q_latent, q_rope, cache, tables, lens, block_size, scale, wind
 @pytest.fixture(params=["best", "portable"])
 def kernel_path(request):
     """The kernel's AVX-512 tasks where the CPU has them (widths multiples of 16), or its portable ones."""
-    library = native.load("paged_decode")
-    library.paged_decode_force_portable.argtypes = [ctypes.c_int]
-    library.paged_decode_force_portable(int(request.param == "portable"))
+    force = native.function("paged_decode", "paged_decode_force_portable", None, [ctypes.c_int])
+    force(int(request.param == "portable"))
     yield request.param
-    library.paged_decode_force_portable(0)
+    force(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
