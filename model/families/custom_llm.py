@@ -228,6 +228,11 @@ class DecoderLayer(nn.Module):
 
 
 class CustomLLMForCausalLM(nn.Module):
+    """`cpu_decode_step` (model/families/custom_llm_cpu_step.py), when set, runs the layers of a
+    decode step on the CPU in one C call."""
+
+    cpu_decode_step = None
+
     def __init__(self, config: CustomLLMConfig):
         super().__init__()
         self.config = config
@@ -270,9 +275,10 @@ class CustomLLMForCausalLM(nn.Module):
         self._check_positions(batch.max_position)
         h = self._embed(batch.token_ids, batch.positions)                     # [T, d]
         cos, sin = self._rope(batch.positions, h.dtype)                       # [T, r]
-        for layer, cache_layer in zip(self.decoder_layers, cache):
-            h = h + layer.self_attn.forward_absorbed(layer.input_norm(h), cos, sin, batch, cache_layer)
-            h = h + layer.mlp(layer.post_attn_norm(h))
+        if self.cpu_decode_step is None or not self.cpu_decode_step.run(h, cos, sin, batch, cache):
+            for layer, cache_layer in zip(self.decoder_layers, cache):
+                h = h + layer.self_attn.forward_absorbed(layer.input_norm(h), cos, sin, batch, cache_layer)
+                h = h + layer.mlp(layer.post_attn_norm(h))
         return self.lm_head(h[batch.logits_index])
 
 

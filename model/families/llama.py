@@ -266,7 +266,7 @@ class LlamaForCausalLM(nn.Module):
         batch.logits_index."""
         h = self.model.embed_tokens(batch.token_ids)                                        # [T, d]
         rope = Rope.build(batch.positions, self.config, h.dtype)
-        if self.cpu_decode_step is None or not self.cpu_decode_step.run(h, rope, batch, cache):
+        if self.cpu_decode_step is None or not self.cpu_decode_step.run(h, rope.cos, rope.sin, batch, cache):
             for layer, cache_layer in zip(self.model.layers, cache):
                 h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -223,9 +223,10 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)
         log.info("mixed precision: float16 weights for steps of 1-2 tokens, bfloat16 for larger steps")
-    if decode_attention == "cpu":
-        from model.families.llama_cpu_step import use_cpu_decode_step
-        use_cpu_decode_step(model)                  # the Llama family's decode layers in one C call
+    if decode_attention == "cpu":                   # a family's decode layers in one C call, where it has one
+        from model.families import custom_llm_cpu_step, llama_cpu_step
+        for family_step in (llama_cpu_step, custom_llm_cpu_step):
+            family_step.use_cpu_decode_step(model)
     budget = kv_cache_budget_bytes(config.engine.kv_cache_memory_gib, device)
     cache = KVCache.from_budget(model.config, budget, config.engine.block_size, dtype, device)
     log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,

@@ -72,9 +72,14 @@ def assert_close_to_layers(model, rows: int, cache_dtype=torch.float32, steps: i
     # teacher-forced on the layers' own tokens would hide nothing: greedy here, compared step by step
     got, got_cache = decode_run(model, seqs, steps, cache_dtype, c_step=True)
     want, want_cache = decode_run(model, seqs, steps, cache_dtype, c_step=False)
-    scale = float(want.abs().max())
+    difference = (got - want).abs()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert float((got - want).abs().max()) <= 3e-4 * scale        # differences seen: 1.2e-4 to 2.2e-4
+    # relative differences seen (rounding, amplified where it moves an activation's quantization):
+    # largest 1.2e-4 to 3.2e-4, mean 0.8e-4 to 1.8e-4; with a bfloat16 cache, whose rows round to 8
+    # bits, largest up to 9e-4, mean up to 2.8e-4
+    largest, mean = (2e-3, 5e-4) if cache_dtype == torch.bfloat16 else (5e-4, 2.5e-4)
+    assert float(difference.max()) <= largest * float(want.abs().max())
+    assert float(difference.mean()) <= mean * float(want.abs().mean())
     for a, b in zip(got_cache, want_cache):
         assert float((a.float() - b.float()).abs().max()) <= 2e-3 * float(b.float().abs().max()) + 1e-2
     return got, want
@@ -126,7 +131,7 @@ def test_a_tier_in_other_formats_is_left_to_the_layers():
     h = torch.randn(6, model.config.hidden_size)
     before = h.clone()
     batch = PagedBatch.build([SequenceChunk([1], 0, [b]) for b in range(6)], BLOCK, with_gather=False)
-    assert not step.run(h, None, batch, cache.layers)
+    assert not step.run(h, torch.ones(1), torch.ones(1), batch, cache.layers)
     assert torch.equal(h, before)
     assert_close_to_layers(model, 6, steps=2)          # 6 rows: the layers; the small tier: the C step
 
@@ -137,7 +142,7 @@ def test_prompt_chunks_are_left_to_the_layers():
     cache = make_cache(model.config, num_blocks=16, block_size=BLOCK)
     batch = PagedBatch.build([SequenceChunk([1, 2, 3], 0, [0])], BLOCK)
     h = torch.randn(3, model.config.hidden_size)
-    assert not model.cpu_decode_step.run(h, None, batch, cache.layers)
+    assert not model.cpu_decode_step.run(h, torch.ones(1), torch.ones(1), batch, cache.layers)
 
 
 def test_only_where_every_layer_qualifies():

@@ -1,0 +1,127 @@
+"""What the families' one-call CPU decode steps share (model/families/llama_cpu_step.py,
+model/families/custom_llm_cpu_step.py; their C in model/layers/native/*_decode_step.c): a weight in
+an integer-dot format as the C side sees it, and the Python half of a step: descriptors of the
+model's layers per row-count tier, bound to the cache's tensors, and the one call.
+
+Both C entry points take (h, rows, shape, layers, num_layers, cos, sin, slot_mapping, block_tables,
+max_blocks, context_lens, block_size, window); a family's step supplies the layer descriptors, the
+shape and its rotation tables.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from model.cache.batch import PagedBatch
+from model.layers.cpu_decode_attention import _DTYPES as CACHE_DTYPES
+from model.layers.quantize import GROUP
+from model.layers.quantized_linear import INT4_DOT, INT8_DOT, PREFILL_ROWS, SMALL_ROWS, QuantizedLinear
+
+I64, PTR = ctypes.c_int64, ctypes.c_void_p
+TIERS = (SMALL_ROWS, PREFILL_ROWS)      # steps of ≤ 4 rows, ≤ 64 rows: QuantizedLinear's decode tiers
+
+
+class DotWeight(ctypes.Structure):
+    """decode_step.h's DotWeight."""
+    _fields_ = [("bits", I64), ("packed", PTR), ("scale", PTR), ("out_features", I64), ("in_padded", I64)]
+
+
+def dot_weight(linear, rows: int) -> DotWeight | None:
+    """The packed weight a product over `rows` rows uses, when it is an integer-dot one (no bias)."""
+    if not isinstance(linear, QuantizedLinear) or linear.bias is not None:
+        return None
+    fmt = linear.format_for(rows)
+    if fmt == INT4_DOT:
+        packed = linear.weight_int4_dot
+        return DotWeight(4, packed.data_ptr(), None, linear.out_features, packed.shape[1] * GROUP)
+    if fmt == INT8_DOT:
+        packed = linear.weight_int8_dot
+        return DotWeight(8, packed.data_ptr(), linear.scale_int8_dot.data_ptr(), linear.out_features,
+                         packed.shape[1] * GROUP)
+    return None
+
+
+def hold_in_dot_formats(model, linears: list) -> int:
+    """Hold `linears` (modules of `model`) in the integer-dot format of their values where the kernel
+    choice took PyTorch's int4 / int8 kernels for a shape, in every tier (so a lean model keeps one
+    copy; dense copies for prompts stay): the C step multiplies
+    only integer-dot weights, and a step in one call gains more than a product's format does. Only
+    when every one of them is a quantized Linear without bias and the CPU has AVX512-VNNI (else the
+    step could not take them anyway); returns how many were changed."""
+    from model.layers import integer_dot
+    from model.layers.quantized_linear import DOT_FORMATS, replace_module
+    if not integer_dot.has_vnni() or not all(isinstance(m, QuantizedLinear) and m.values in DOT_FORMATS
+                                             and m.bias is None for m in linears):
+        return 0
+    names = {id(module): name for name, module in model.named_modules()}
+    changed = 0
+    for linear in linears:
+        formats = (linear.small_format, linear.large_format, linear.prefill_format)
+        moved = tuple(DOT_FORMATS.get(fmt, fmt) for fmt in formats)
+        if moved != formats:
+            replace_module(model, names[id(linear)], linear.with_formats(*moved))
+            changed += 1
+    return changed
+
+
+def step_argtypes(shape_type, layer_type) -> list:
+    return [PTR, I64, ctypes.POINTER(shape_type), ctypes.POINTER(layer_type), I64, PTR, PTR, PTR, PTR, I64, PTR,
+            I64, I64]
+
+
+class CpuDecodeStep:
+    """A model's step: `layers(rows)` gives the ctypes array of layer descriptors for a tier (None
+    when some weight of that tier is not integer-dot); each descriptor has a `cache` field, filled
+    here from the cache's tensors (re-bound when they change); `shape` has a `cache_dtype`."""
+
+    def __init__(self, kernel, shape, keep_alive: list):
+        self.kernel, self.shape, self.keep_alive = kernel, shape, keep_alive
+        self.tiers = {rows: self.layers(rows) for rows in TIERS}
+        self._cache_key: tuple | None = None
+
+    def layers(self, rows: int):
+        raise NotImplementedError
+
+    @property
+    def usable(self) -> bool:
+        return any(layers is not None for layers in self.tiers.values())
+
+    def tier_names(self) -> str:
+        return " and ".join(f"≤ {rows} rows" for rows, layers in self.tiers.items() if layers is not None)
+
+    def _bind_cache(self, cache: list[torch.Tensor]) -> bool:
+        key = tuple(layer.data_ptr() for layer in cache)
+        if key == self._cache_key:
+            return True
+        dtype = cache[0].dtype
+        if dtype not in CACHE_DTYPES or not all(layer.is_contiguous() and layer.dtype == dtype for layer in cache):
+            return False
+        for layers in self.tiers.values():
+            if layers is not None:
+                for layer, pointer in zip(layers, key):
+                    layer.cache = pointer
+        self.shape.cache_dtype = CACHE_DTYPES[dtype]
+        self._cache_key = key
+        return True
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
+            cache: list[torch.Tensor]) -> bool:
+        """Every layer of a decode-only step over h [T, d] (updated in place), cos / sin the
+        family's rotation tables for the step; False, touching nothing, when this step is not one
+        the C step takes (then the caller runs the layers)."""
+        rows = h.shape[0]
+        layers = self.tiers[SMALL_ROWS] if rows <= SMALL_ROWS else self.tiers[PREFILL_ROWS] if rows <= PREFILL_ROWS \
+            else None
+        if layers is None or not batch.is_decode_only or torch.compiler.is_compiling() or not self._bind_cache(cache):
+            return False
+        tables, lens = batch.block_tables, batch.context_lens
+        if not (tables.is_contiguous() and lens.is_contiguous() and h.is_contiguous() and cos.is_contiguous()
+                and sin.is_contiguous()):
+            return False
+        status = self.kernel(h.data_ptr(), rows, ctypes.byref(self.shape), layers, len(layers), cos.data_ptr(),
+                             sin.data_ptr(), batch.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
+                             lens.data_ptr(), batch.block_size, -1 if batch.window is None else batch.window)
+        if status:
+            raise MemoryError("decode step: no memory for a step's scratch rows")
+        return True

@@ -1,0 +1,78 @@
+/* What the whole-step decode kernels (llama_decode_step.c, custom_llm_decode_step.c) share: the
+ * product, attention and norm kernels compiled into their library, a weight in an integer-dot format
+ * as the C side sees it, and the element-wise steps of a layer (residual adds, cache writes,
+ * SwiGLU). Included by those files, not compiled on its own. */
+#ifndef DECODE_STEP_H
+#define DECODE_STEP_H
+#include "quant_matmul.c"
+#include "paged_decode.c"
+#include "rms_norm.c"
+
+typedef struct {
+    int64_t bits;                  /* 4: int4-dot; 8: int8-dot */
+    const uint8_t *packed;         /* the packed records */
+    const float *scale;            /* int8-dot: [Np]; int4-dot: unused */
+    int64_t out_features;
+    int64_t in_padded;             /* Kp: the input width rounded up to 32 */
+} DotWeight;
+
+/* out [M, N] = x [M, K] (rows x_stride floats apart) W^T */
+static int product_strided(const DotWeight *w, const float *x, int64_t M, int64_t K, int64_t x_stride, float *out) {
+    if (M == 0) return 0;
+    if (w->bits == 4)
+        return q4_matmul(x, M, K, x_stride, w->packed, w->out_features, w->in_padded, out, w->out_features);
+    return q8_matmul(x, M, K, x_stride, w->packed, w->scale, w->out_features, w->in_padded, out, w->out_features);
+}
+
+static int product(const DotWeight *w, const float *x, int64_t M, int64_t K, float *out) {
+    return product_strided(w, x, M, K, K, out);
+}
+
+/* rows [M, n] += add [M, n] */
+static void add_rows(float *rows, const float *add, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) rows[i] += add[i];
+}
+
+static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even, as PyTorch's cast */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x7fffffu)) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* the first `width` floats of each of M rows (`row` floats apart) into its cache slot, a cache row
+ * being `width` values of the cache's dtype */
+static void write_rows(void *cache, int dtype, int64_t width, const float *kv, int64_t row, int64_t M,
+                       const int64_t *slots) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *src = kv + m * row;
+        if (dtype == F32) {
+            memcpy((float *)cache + slots[m] * width, src, (size_t)width * sizeof(float));
+        } else if (dtype == BF16) {
+            uint16_t *dst = (uint16_t *)cache + slots[m] * width;
+            for (int64_t i = 0; i < width; i++) dst[i] = f32_to_bf16(src[i]);
+        } else {
+            _Float16 *dst = (_Float16 *)cache + slots[m] * width;
+            for (int64_t i = 0; i < width; i++) dst[i] = (_Float16)src[i];
+        }
+    }
+}
+
+/* SwiGLU: act[m, i] = silu(gate[m, i]) · up[m, i] from gate|up rows [M, 2I]; silu(x) = x·σ(x) with
+ * σ from e^-|x| (exp_nonpositive: vectorizes, within 2 ulp of expf) */
+static void swiglu(const float *gate_up, int64_t M, int64_t I, float *act) {
+#pragma omp parallel for schedule(static) if (M * I >= 65536)
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = gate_up + m * 2 * I, *up = gate + I;
+        float *out = act + m * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) {
+            float x = gate[i], e = exp_nonpositive(-fabsf(x));
+            float sigmoid = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+            out[i] = x * sigmoid * up[i];
+        }
+    }
+}
+
+#endif
