@@ -20,18 +20,12 @@ formats are joined then.
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
 from model.layers import native
 from model.layers.cpu_decode_attention import _mla_offsets, cpu_paged_mla_decode
-from model.layers.cpu_decode_step import (I64, PTR, CpuDecodeStep, DotWeight, dot_weight, hold_in_dot_formats,
-                                          step_argtypes)
-from model.layers.quantized_linear import fuse_quantized_projections
-
-log = logging.getLogger("customllm.model")
-
+from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, dot_weight, install, step_argtypes
 
 class CustomLayer(ctypes.Structure):
     _fields_ = [("input_norm", PTR), ("post_norm", PTR), ("input_proj", DotWeight), ("query_proj", DotWeight),
@@ -131,13 +125,4 @@ def use_cpu_decode_step(model) -> bool:
                 or moe.sync_free or not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
                                             and n.weight.is_contiguous() for n in norms):
             return False
-    changed = hold_in_dot_formats(model, list(_step_linears(model)))
-    if changed:
-        fuse_quantized_projections(model)        # parts whose formats differed can be joined now
-        log.info("%d projections' decode tiers now integer-dot, for the one-call decode step", changed)
-    step = CustomLLMCpuDecodeStep(model)
-    if not step.usable:
-        return False
-    model.cpu_decode_step = step
-    log.info("decode steps of %s: every layer in one C call (integer-dot products)", step.tier_names())
-    return True
+    return install(model, list(_step_linears(model)), CustomLLMCpuDecodeStep)

@@ -18,17 +18,12 @@ half the families share is model/layers/cpu_decode_step.py.
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
 from model.layers import native
 from model.layers.cpu_decode_attention import _gqa_offsets, cpu_paged_gqa_decode
-from model.layers.cpu_decode_step import (I64, PTR, CpuDecodeStep, DotWeight, dot_weight, hold_in_dot_formats,
-                                          step_argtypes)
-
-log = logging.getLogger("customllm.model")
-
+from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, dot_weight, install, step_argtypes
 
 class LlamaLayer(ctypes.Structure):
     _fields_ = [("input_norm", PTR), ("post_norm", PTR), ("qkv", DotWeight), ("o", DotWeight),
@@ -97,12 +92,4 @@ def use_cpu_decode_step(model) -> bool:
             return False
     linears = [linear for layer in decoder.layers for linear in (
         layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    changed = hold_in_dot_formats(model, linears)
-    if changed:
-        log.info("%d projections' decode tiers now integer-dot, for the one-call decode step", changed)
-    step = LlamaCpuDecodeStep(model)
-    if not step.usable:
-        return False
-    model.cpu_decode_step = step
-    log.info("decode steps of %s: every layer in one C call (integer-dot products)", step.tier_names())
-    return True
+    return install(model, linears, LlamaCpuDecodeStep)

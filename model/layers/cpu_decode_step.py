@@ -10,6 +10,7 @@ shape and its rotation tables.
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import torch
 
@@ -17,6 +18,8 @@ from model.cache.batch import PagedBatch
 from model.layers.cpu_decode_attention import _DTYPES as CACHE_DTYPES
 from model.layers.quantize import GROUP
 from model.layers.quantized_linear import INT4_DOT, INT8_DOT, PREFILL_ROWS, SMALL_ROWS, QuantizedLinear
+
+log = logging.getLogger("customllm.model")
 
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 TIERS = (SMALL_ROWS, PREFILL_ROWS)      # steps of ≤ 4 rows, ≤ 64 rows: QuantizedLinear's decode tiers
@@ -125,3 +128,21 @@ class CpuDecodeStep:
         if status:
             raise MemoryError("decode step: no memory for a step's scratch rows")
         return True
+
+
+def install(model, linears: list, make_step) -> bool:
+    """Hold `linears` (the projections a family's step multiplies) in integer-dot formats where the
+    kernel choice left them in PyTorch's (`hold_in_dot_formats`; parts then joinable are joined),
+    build the step (`make_step(model)`) and set it as `model.cpu_decode_step` when some tier is all
+    integer-dot; returns whether it did."""
+    from model.layers.quantized_linear import fuse_quantized_projections
+    changed = hold_in_dot_formats(model, linears)
+    if changed:
+        fuse_quantized_projections(model)        # parts whose formats differed can be joined now
+        log.info("%d projections' decode tiers now integer-dot, for the one-call decode step", changed)
+    step = make_step(model)
+    if not step.usable:
+        return False
+    model.cpu_decode_step = step
+    log.info("decode steps of %s: every layer in one C call (integer-dot products)", step.tier_names())
+    return True

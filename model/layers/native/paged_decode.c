@@ -95,15 +95,54 @@ static float softmax_weights(float *scores, int64_t n) {
     return total;
 }
 
-/* One task: sequence b's heads h0 .. h0 + count - 1 (offsets of those heads), each row read once for
- * all of them. A head's arithmetic is the same whatever its task's size: its scores, then its
- * weights, then its values summed in key order. scores: [count, n - first] of scratch. */
-#define DEFINE_TASK(NAME, T)                                                                  \
-    static void task_##NAME(const float *q, int64_t q_stride_h, const T *cache, int64_t row,  \
-                            const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
-                            int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
-                            int64_t b_w, const int64_t *v_off, int64_t v_w, float scale, float *scores, \
-                            float *o) {                                                       \
+/* The portable per-block scores and per-head values: four keys per dot (four independent sums),
+ * each head's output summed over its keys in order, then scaled by 1 / Σ weights. */
+#define DEFINE_PORTABLE_PARTS(NAME, T)                                                        \
+    static inline void scores_block_##NAME(const float *qa, const T *r, int64_t row, int64_t lo, int64_t hi, \
+                                           int64_t a_off, int64_t a_w, int64_t b_off, int64_t b_w, \
+                                           float scale, float *sc) {                          \
+        int64_t k = lo;                                                                       \
+        const T *rk = r;                                                                      \
+        for (; k + 4 <= hi; k += 4, rk += 4 * row) {                                          \
+            float a4[4], b4[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                    \
+            dot4_##NAME(qa, rk + a_off, row, a_w, a4);                                        \
+            if (b_w) dot4_##NAME(qa + a_w, rk + b_off, row, b_w, b4);                         \
+            for (int j = 0; j < 4; j++) sc[k + j] = (a4[j] + b4[j]) * scale;                  \
+        }                                                                                     \
+        for (; k < hi; k++, rk += row) {                                                      \
+            float s = dot_##NAME(qa, rk + a_off, a_w);                                        \
+            if (b_w) s += dot_##NAME(qa + a_w, rk + b_off, b_w);                              \
+            sc[k] = s * scale;                                                                \
+        }                                                                                     \
+    }                                                                                         \
+    static inline void head_values_##NAME(const T *cache, int64_t row, const int64_t *table, int64_t first, \
+                                          int64_t n, int64_t block_size, int64_t v_off, const float *w, \
+                                          float inv, float *o, int64_t v_w) {                 \
+        memset(o, 0, (size_t)v_w * sizeof(float));                                           \
+        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
+            int64_t block = table[k0 / block_size];                                           \
+            if (block < 0) continue;                                                          \
+            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
+            const T *v = cache + (block * block_size + lo - k0) * row + v_off;               \
+            for (int64_t k = lo; k < hi; k++, v += row) axpy_##NAME(o, w[k - first], v, v_w);  \
+        }                                                                                     \
+        for (int64_t i = 0; i < v_w; i++) o[i] *= inv;                                        \
+    }
+
+DEFINE_PORTABLE_PARTS(f32, float)
+DEFINE_PORTABLE_PARTS(bf16, uint16_t)
+DEFINE_PORTABLE_PARTS(f16, _Float16)
+
+/* One task: sequence b's heads h0 .. h0 + count - 1 (offsets of those heads), each row read once per
+ * block for all of them. A head's arithmetic is the same whatever its task's size: its scores
+ * (SCORES: one block's keys lo .. hi - 1), then its weights, then its values (VALUES) summed in key
+ * order. scores: [count, n - first] of scratch. ATTR: the functions' target attributes. */
+#define DEFINE_TASK(TASK, T, ATTR, SCORES, VALUES)                                            \
+    ATTR static void TASK(const float *q, int64_t q_stride_h, const T *cache, int64_t row,    \
+                          const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
+                          int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
+                          int64_t b_w, const int64_t *v_off, int64_t v_w, float scale, float *scores, \
+                          float *o) {                                                         \
         int64_t keys = n - first;                                                             \
         for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
             int64_t block = table[k0 / block_size];                                           \
@@ -111,48 +150,23 @@ static float softmax_weights(float *scores, int64_t n) {
             const T *r = cache + (block * block_size + lo - k0) * row;                       \
             for (int64_t c = 0; c < count; c++) {                                             \
                 float *sc = scores + c * keys - first;                                        \
-                if (block < 0) {                                                              \
+                if (block < 0)                                                                \
                     for (int64_t k = lo; k < hi; k++) sc[k] = -INFINITY;                      \
-                    continue;                                                                 \
-                }                                                                             \
-                const float *qa = q + c * q_stride_h;                                         \
-                int64_t k = lo;                                                               \
-                const T *rk = r;                                                              \
-                for (; k + 4 <= hi; k += 4, rk += 4 * row) {                                  \
-                    float a4[4], b4[4] = {0.0f, 0.0f, 0.0f, 0.0f};                            \
-                    dot4_##NAME(qa, rk + a_off[c], row, a_w, a4);                             \
-                    if (b_w) dot4_##NAME(qa + a_w, rk + b_off[c], row, b_w, b4);              \
-                    for (int j = 0; j < 4; j++) sc[k + j] = (a4[j] + b4[j]) * scale;          \
-                }                                                                             \
-                for (; k < hi; k++, rk += row) {                                              \
-                    float s = dot_##NAME(qa, rk + a_off[c], a_w);                             \
-                    if (b_w) s += dot_##NAME(qa + a_w, rk + b_off[c], b_w);                   \
-                    sc[k] = s * scale;                                                        \
-                }                                                                             \
+                else                                                                          \
+                    SCORES(q + c * q_stride_h, r, row, lo, hi, a_off[c], a_w, b_off[c], b_w, scale, sc); \
             }                                                                                 \
         }                                                                                     \
-        float inv[count];                                                                     \
         for (int64_t c = 0; c < count; c++) {                                                 \
             float total = softmax_weights(scores + c * keys, keys);                           \
-            inv[c] = total > 0.0f ? 1.0f / total : 0.0f;                                      \
+            VALUES(cache, row, table, first, n, block_size, v_off[c], scores + c * keys,       \
+                   total > 0.0f ? 1.0f / total : 0.0f, o + c * v_w, v_w);                     \
         }                                                                                     \
-        memset(o, 0, (size_t)(count * v_w) * sizeof(float));                                  \
-        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
-            int64_t block = table[k0 / block_size];                                           \
-            if (block < 0) continue;                                                          \
-            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
-            const T *v = cache + (block * block_size + lo - k0) * row;                       \
-            for (int64_t k = lo; k < hi; k++, v += row)                                       \
-                for (int64_t c = 0; c < count; c++)                                           \
-                    axpy_##NAME(o + c * v_w, scores[c * keys + k - first], v + v_off[c], v_w); \
-        }                                                                                     \
-        for (int64_t c = 0; c < count; c++)                                                   \
-            for (int64_t i = 0; i < v_w; i++) o[c * v_w + i] *= inv[c];                       \
     }
 
-DEFINE_TASK(f32, float)
-DEFINE_TASK(bf16, uint16_t)
-DEFINE_TASK(f16, _Float16)
+#define NO_ATTR
+DEFINE_TASK(task_f32, float, NO_ATTR, scores_block_f32, head_values_f32)
+DEFINE_TASK(task_bf16, uint16_t, NO_ATTR, scores_block_bf16, head_values_bf16)
+DEFINE_TASK(task_f16, _Float16, NO_ATTR, scores_block_f16, head_values_f16)
 
 /* ---- AVX-512 tasks --------------------------------------------------------------------------
  * The same task with 16 keys' scores at a time: one accumulator register per key (16 lanes of
@@ -237,49 +251,35 @@ AVX512 static inline __m512 sum_lanes16(const __m512 v[16]) {
         __m512 scale = _mm512_set1_ps(inv);                                                   \
         for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], scale)); \
     }                                                                                         \
-    AVX512 static void task512_##NAME(const float *q, int64_t q_stride_h, const T *cache, int64_t row, \
-                                      const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
-                                      int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
-                                      int64_t b_w, const int64_t *v_off, int64_t v_w, float scale, \
-                                      float *scores, float *o) {                              \
-        int64_t keys = n - first;                                                             \
-        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
-            int64_t block = table[k0 / block_size];                                           \
-            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
-            const T *r = cache + (block * block_size + lo - k0) * row;                       \
-            for (int64_t c = 0; c < count; c++) {                                             \
-                float *sc = scores + c * keys - first;                                        \
-                if (block < 0) {                                                              \
-                    for (int64_t k = lo; k < hi; k++) sc[k] = -INFINITY;                      \
-                    continue;                                                                 \
-                }                                                                             \
-                const float *qa = q + c * q_stride_h;                                         \
-                int64_t k = lo;                                                               \
-                for (; k + 16 <= hi; k += 16)                                                 \
-                    scores16_##NAME(qa, r + (k - lo) * row, row, a_off[c], a_w, b_off[c], b_w, scale, sc + k); \
-                for (; k < hi; k++)                                                           \
-                    sc[k] = score1_##NAME(qa, r + (k - lo) * row, a_off[c], a_w, b_off[c], b_w, scale); \
-            }                                                                                 \
-        }                                                                                     \
-        for (int64_t c = 0; c < count; c++) {                                                 \
-            float total = softmax_weights(scores + c * keys, keys);                           \
-            float inv = total > 0.0f ? 1.0f / total : 0.0f;                                   \
-            const float *w = scores + c * keys;                                               \
-            float *oc = o + c * v_w;                                                          \
-            switch (v_w / 16) {                                                               \
-            case 1: values_##NAME(cache, row, table, first, n, block_size, v_off[c], w, inv, oc, 1); break; \
-            case 2: values_##NAME(cache, row, table, first, n, block_size, v_off[c], w, inv, oc, 2); break; \
-            case 4: values_##NAME(cache, row, table, first, n, block_size, v_off[c], w, inv, oc, 4); break; \
-            case 8: values_##NAME(cache, row, table, first, n, block_size, v_off[c], w, inv, oc, 8); break; \
-            case 12: values_##NAME(cache, row, table, first, n, block_size, v_off[c], w, inv, oc, 12); break; \
-            default: values_##NAME(cache, row, table, first, n, block_size, v_off[c], w, inv, oc, 16); break; \
-            }                                                                                 \
+    AVX512 static inline void scores_block512_##NAME(const float *qa, const T *r, int64_t row, int64_t lo, \
+                                                     int64_t hi, int64_t a_off, int64_t a_w, int64_t b_off, \
+                                                     int64_t b_w, float scale, float *sc) {   \
+        int64_t k = lo;                                                                       \
+        for (; k + 16 <= hi; k += 16)                                                         \
+            scores16_##NAME(qa, r + (k - lo) * row, row, a_off, a_w, b_off, b_w, scale, sc + k); \
+        for (; k < hi; k++)                                                                   \
+            sc[k] = score1_##NAME(qa, r + (k - lo) * row, a_off, a_w, b_off, b_w, scale);     \
+    }                                                                                         \
+    AVX512 static inline void head_values512_##NAME(const T *cache, int64_t row, const int64_t *table, \
+                                                    int64_t first, int64_t n, int64_t block_size, \
+                                                    int64_t v_off, const float *w, float inv, float *o, \
+                                                    int64_t v_w) {                            \
+        switch (v_w / 16) {                                                                   \
+        case 1: values_##NAME(cache, row, table, first, n, block_size, v_off, w, inv, o, 1); break; \
+        case 2: values_##NAME(cache, row, table, first, n, block_size, v_off, w, inv, o, 2); break; \
+        case 4: values_##NAME(cache, row, table, first, n, block_size, v_off, w, inv, o, 4); break; \
+        case 8: values_##NAME(cache, row, table, first, n, block_size, v_off, w, inv, o, 8); break; \
+        case 12: values_##NAME(cache, row, table, first, n, block_size, v_off, w, inv, o, 12); break; \
+        default: values_##NAME(cache, row, table, first, n, block_size, v_off, w, inv, o, 16); break; \
         }                                                                                     \
     }
 
 DEFINE_TASK512(f32, float)
 DEFINE_TASK512(bf16, uint16_t)
 DEFINE_TASK512(f16, _Float16)
+DEFINE_TASK(task512_f32, float, AVX512, scores_block512_f32, head_values512_f32)
+DEFINE_TASK(task512_bf16, uint16_t, AVX512, scores_block512_bf16, head_values512_bf16)
+DEFINE_TASK(task512_f16, _Float16, AVX512, scores_block512_f16, head_values512_f16)
 
 static int use_avx512 = -1;    /* -1: not yet asked; set by wide_path() or paged_decode_force_portable() */
 
