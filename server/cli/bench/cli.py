@@ -121,7 +121,8 @@ def add_parser(subparsers) -> None:
                        help="threads of the peers started (default: the CPUs this process may use)")
     serve.add_argument("--start-timeout", type=float, default=900.0,
                        help="seconds each started server has to answer its health check")
-    serve.add_argument("--server-logs", default="bench-serve-logs", help="folder of the started servers' logs")
+    serve.add_argument("--server-logs", default="bench-results/serve-logs",
+                       help="folder of the started servers' logs (bench-results/ is kept out of git)")
     serve.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="comma-separated numbers of concurrent streams")
     serve.add_argument("--input-len", type=int, default=64, help="prompt length in words")
     serve.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
