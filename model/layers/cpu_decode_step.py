@@ -113,10 +113,12 @@ class CpuDecodeStep:
         """Every layer of a decode-only step over h [T, d] (updated in place), cos / sin the
         family's rotation tables for the step; False, touching nothing, when this step is not one
         the C step takes (then the caller runs the layers)."""
+        if torch.compiler.is_compiling():        # a compiled graph keeps the layers (checked before any ctypes object)
+            return False
         rows = h.shape[0]
         layers = self.tiers[SMALL_ROWS] if rows <= SMALL_ROWS else self.tiers[PREFILL_ROWS] if rows <= PREFILL_ROWS \
             else None
-        if layers is None or not batch.is_decode_only or torch.compiler.is_compiling() or not self._bind_cache(cache):
+        if layers is None or not batch.is_decode_only or not self._bind_cache(cache):
             return False
         tables, lens = batch.block_tables, batch.context_lens
         if not (tables.is_contiguous() and lens.is_contiguous() and h.is_contiguous() and cos.is_contiguous()

@@ -162,3 +162,23 @@ def test_a_new_cache_is_bound_on_first_use():
     again, _ = decode_run(model, prompts(2, torch.Generator().manual_seed(5)), 2)     # another cache's tensors
     assert torch.equal(first, again)
     assert model.cpu_decode_step._cache_key is not None
+
+
+def test_a_compiled_step_keeps_the_layers():
+    """Under torch.compile (`--compile-decode`) the C step steps aside: the graph is the layers'
+    (whose RMSNorm inside a graph is PyTorch's, so equal to the eager layers up to its rounding)."""
+    model = tiny_model()
+    assert use_cpu_decode_step(model)
+
+    def refuse(*args):
+        raise AssertionError("the C step ran inside a compiled graph")
+    model.cpu_decode_step.kernel = refuse
+    cache = make_cache(model.config, num_blocks=16, block_size=BLOCK)
+    batch = PagedBatch.build([SequenceChunk([7], 3, [0]), SequenceChunk([9], 5, [1, 2])], BLOCK, with_gather=False)
+    compiled = torch.compile(model.forward_paged, backend="eager")
+    with torch.inference_mode():
+        got = compiled(batch, cache.layers)
+        step, model.cpu_decode_step = model.cpu_decode_step, None
+        want = model.forward_paged(batch, cache.layers)
+        model.cpu_decode_step = step
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
