@@ -210,3 +210,17 @@ def test_bench_disk_tier_restarts_its_servers_and_records_both_figures(model_dir
     table = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "### bench disk-tier — " in table and "turn-2 TTFT after SIGKILL + restart" in table
     assert "| restart-1 | " in table and "| 2 | on | " in table and "load average" in table
+
+
+def test_a_prefill_length_listed_twice_is_a_new_prompt(monkeypatch):
+    """`--prefill-lens 2000,2000` times two different prompts (the second is not a prefix-cache hit)."""
+    from server.cli.bench import engine_bench
+    prompts: list[tuple[int, int]] = []
+
+    async def record(engine, batch_size, context_len, output_len, seed, grammar=None):
+        prompts.append((context_len, seed))
+    monkeypatch.setattr(engine_bench, "_run_batch", record)
+    results = engine_bench.time_to_first_tokens(None, [40, 40, 9])
+    assert [r["prompt_tokens"] for r in results] == [40, 40, 9]
+    assert [length for length, _ in prompts] == [40, 40, 9]
+    assert len({seed for _, seed in prompts}) == 3

@@ -128,7 +128,7 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
         if engine.core.threads is not None:
             result.update(adaptive_threads=True, thread_changes=engine.core.threads.num_changes,
                           threads_at_end=engine.core.threads.threads)
-        result["prefill"] = [_time_to_first_token(engine, length) for length in prefill_lens]
+        result["prefill"] = time_to_first_tokens(engine, prefill_lens)
 
     drive_engine(engine, drive)
     return result
@@ -157,11 +157,19 @@ def drive_engine(engine, work) -> None:
         raise errors[0]
 
 
-def _time_to_first_token(engine, prompt_len: int) -> dict:
-    """One request of `prompt_len` random tokens (no prefix cached) generating one token, alone."""
+def time_to_first_tokens(engine, prompt_lens) -> list[dict]:
+    """`_time_to_first_token` for each length in turn, each prompt seeded apart: a length listed
+    twice is a new prompt, not a hit in the prefix cache."""
+    return [_time_to_first_token(engine, length, seed=1_000_003 * (i + 1) + length)
+            for i, length in enumerate(prompt_lens)]
+
+
+def _time_to_first_token(engine, prompt_len: int, seed: int) -> dict:
+    """One request of `prompt_len` random tokens (seeded by `seed`; no prefix cached) generating one
+    token, alone."""
     log.info("prefill: one prompt of %d tokens", prompt_len)
     started = time.perf_counter()
-    asyncio.run(_run_batch(engine, 1, prompt_len, 1, seed=prompt_len))
+    asyncio.run(_run_batch(engine, 1, prompt_len, 1, seed=seed))
     seconds = time.perf_counter() - started
     log.info("prefill: %d tokens, first token after %.0f ms (%.0f prompt tok/s)", prompt_len, seconds * 1e3,
              prompt_len / seconds)
