@@ -341,6 +341,11 @@ def run(args) -> int:
         state["signalled"] = True
         if state["engine"] is None:
             log.info("signal %s while loading: stopping", signal.Signals(sig).name)
+            if state.get("spawning"):
+                # not in the middle of handing the engine-core child its start-up data (it would die
+                # reading half of it, with a traceback): raised once the spawn is done
+                state["stop_after_spawn"] = True
+                return
             raise _StopLoading
         log.info("signal %s: draining (grace %.0f s)", signal.Signals(sig).name, grace)
         state["shutdown"] = threading.Thread(target=shut_down, name="shutdown", daemon=True)
@@ -362,7 +367,11 @@ def run(args) -> int:
             from server.engine.core_client import EngineCoreClient
             engine = EngineCoreClient(config, observer=metrics, log_level=args.log_level)
             state["loading"] = engine
+            state["spawning"] = True
             engine.start()
+            state["spawning"] = False
+            if state.get("stop_after_spawn"):
+                raise _StopLoading
             engine.wait_ready()
         else:
             engine = build_engine(config, observer=metrics, start=False)

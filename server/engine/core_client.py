@@ -90,8 +90,9 @@ class EngineCoreClient:
         self.process = spawn.Process(target=core_main, name="customllm-engine-core", daemon=False,
                                      args=(config, to_core, to_front, os.getpid(), log_level))
         self._receiver = threading.Thread(target=self._receive, name="core-receiver", daemon=True)
-        # set once `start` has the process: a signal while it spawns (serve's stop-while-loading) can end
-        # `start` before then, and a child spawned that far reads no parent data and exits by itself
+        # set once `start` has the process: an exception while it spawns can end `start` before then, and a
+        # child spawned that far reads no parent data and exits by itself (serve holds its stop-while-
+        # loading signal until the spawn is done, so that child does not print a traceback)
         self._process_started = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
