@@ -40,14 +40,9 @@ class CustomShape(ctypes.Structure):
                 ("a_off", PTR), ("b_off", PTR), ("v_off", PTR)]
 
 
-_function: list = []           # [the C entry point, or None when it cannot be built here]
-
-
 def _kernel():
-    if not _function:
-        _function.append(native.function("custom_llm_decode_step", "custom_llm_decode_layers", ctypes.c_int,
-                                         step_argtypes(CustomShape, CustomLayer)))
-    return _function[0]
+    """The C entry point (looked up once, by native.function), or None when it cannot be built here."""
+    return native.function("custom_llm_decode_step", "custom_llm_decode_layers", ctypes.c_int, step_argtypes(CustomShape, CustomLayer))
 
 
 def _joined(module, fused: str):

@@ -36,9 +36,6 @@ class LlamaShape(ctypes.Structure):
                 ("v_off", PTR)]
 
 
-_function: list = []           # [the C entry point, or None when it cannot be built here]
-
-
 def force_portable_products(portable: bool) -> None:
     """Tests: the step's products through the portable loop (its library holds its own copy of the
     product kernels, and so its own switch), or the CPU's best again."""
@@ -46,10 +43,8 @@ def force_portable_products(portable: bool) -> None:
 
 
 def _kernel():
-    if not _function:
-        _function.append(native.function("llama_decode_step", "llama_decode_layers", ctypes.c_int,
-                                         step_argtypes(LlamaShape, LlamaLayer)))
-    return _function[0]
+    """The C entry point (looked up once, by native.function), or None when it cannot be built here."""
+    return native.function("llama_decode_step", "llama_decode_layers", ctypes.c_int, step_argtypes(LlamaShape, LlamaLayer))
 
 
 class LlamaCpuDecodeStep(CpuDecodeStep):
