@@ -103,9 +103,10 @@ class CustomLLMCpuDecodeStep(CpuDecodeStep):
         return (CustomLayer * len(layers))(*layers)
 
 
-def use_cpu_decode_step(model) -> bool:
+def use_cpu_decode_step(model, choice: tuple | None = None) -> bool:
     """Give a CustomLLM-family model on the CPU its C decode step (`model.cpu_decode_step`) when it
-    qualifies (see the module docstring); returns whether it did."""
+    qualifies (see the module docstring); returns whether it did. `choice`: (mode, Timings) of the
+    kernel choice, to time tiers it held in float formats both ways (cpu_decode_step.install)."""
     from model.families.custom_llm import DeepSeekMoE
     from model.layers.norms import RMSNorm
     if getattr(model.config, "family", None) != "custom_llm" or _kernel() is None:
@@ -120,4 +121,4 @@ def use_cpu_decode_step(model) -> bool:
                 or moe.sync_free or not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
                                             and n.weight.is_contiguous() for n in norms):
             return False
-    return install(model, list(_step_linears(model)), CustomLLMCpuDecodeStep)
+    return install(model, _step_linears, CustomLLMCpuDecodeStep, choice)

@@ -71,9 +71,15 @@ class LlamaCpuDecodeStep(CpuDecodeStep):
         return (LlamaLayer * len(layers))(*layers)
 
 
-def use_cpu_decode_step(model) -> bool:
+def _step_linears(model) -> list:
+    return [linear for layer in model.model.layers for linear in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+
+def use_cpu_decode_step(model, choice: tuple | None = None) -> bool:
     """Give a Llama-family model on the CPU its C decode step (`model.cpu_decode_step`) when it
-    qualifies (see the module docstring); returns whether it did."""
+    qualifies (see the module docstring); returns whether it did. `choice`: (mode, Timings) of the
+    kernel choice, to time tiers it held in float formats both ways (cpu_decode_step.install)."""
     from model.layers.norms import RMSNorm
     if getattr(model.config, "family", None) != "llama" or _kernel() is None:
         return False
@@ -85,6 +91,4 @@ def use_cpu_decode_step(model) -> bool:
         if layer.self_attn.decode_kernel is not cpu_paged_gqa_decode or not all(
                 isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms):
             return False
-    linears = [linear for layer in decoder.layers for linear in (
-        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    return install(model, linears, LlamaCpuDecodeStep)
+    return install(model, _step_linears, LlamaCpuDecodeStep, choice)

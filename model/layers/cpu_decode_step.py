@@ -17,7 +17,8 @@ import torch
 from model.cache.batch import PagedBatch
 from model.layers.cpu_decode_attention import _DTYPES as CACHE_DTYPES
 from model.layers.quantize import GROUP
-from model.layers.quantized_linear import INT4_DOT, INT8_DOT, PREFILL_ROWS, SMALL_ROWS, QuantizedLinear
+from model.layers.quantized_linear import (INT4_DOT, INT8_DOT, PREFILL_ROWS, SMALL_ROWS, QuantizedLinear,
+                                           replace_module)
 
 log = logging.getLogger("customllm.model")
 
@@ -45,27 +46,44 @@ def dot_weight(linear, rows: int) -> DotWeight | None:
     return None
 
 
-def hold_in_dot_formats(model, linears: list) -> int:
-    """Hold `linears` (modules of `model`) in the integer-dot format of their values where the kernel
-    choice took PyTorch's int4 / int8 kernels for a shape, in every tier (so a lean model keeps one
-    copy; dense copies for prompts stay): the C step multiplies
-    only integer-dot weights, and a step in one call gains more than a product's format does. Only
-    when every one of them is a quantized Linear without bias and the CPU has AVX512-VNNI (else the
-    step could not take them anyway); returns how many were changed."""
+def dot_capable(linears: list) -> bool:
+    """Whether every one of `linears` could be held in an integer-dot format: quantized Linears
+    without bias whose codes are at hand, on a CPU with AVX512-VNNI (else the step could not take
+    them anyway)."""
     from model.layers import integer_dot
-    from model.layers.quantized_linear import DOT_FORMATS, replace_module
-    if not integer_dot.has_vnni() or not all(isinstance(m, QuantizedLinear) and m.values in DOT_FORMATS
-                                             and m.bias is None for m in linears):
-        return 0
-    names = {id(module): name for name, module in model.named_modules()}
+    from model.layers.quantized_linear import DOT_FORMATS
+    return integer_dot.has_vnni() and all(isinstance(m, QuantizedLinear) and m.values in DOT_FORMATS
+                                          and m.bias is None and m.holds_codes for m in linears)
+
+
+def all_dot(linears: list) -> bool:
+    """Whether every one of `linears` multiplies decode steps (both tiers) in an integer-dot format."""
+    return all(dot_weight(linear, rows) is not None for linear in linears for rows in TIERS)
+
+
+def hold_in_dot_formats(model, linears: list, decode_tiers: bool = False) -> int:
+    """Hold `linears` (modules of `model`, `dot_capable`) in the integer-dot format of their values
+    where the kernel choice took PyTorch's int4 / int8 kernels for a shape, in every tier (so a lean
+    model keeps one copy; dense copies for prompts stay): the C step multiplies only integer-dot
+    weights, and a step in one call gains more than a product's format does. `decode_tiers`: also
+    where it took float32 or bfloat16 for decode steps (≤ PREFILL_ROWS rows), which is measured
+    (model/layers/cpu_step_choice.py). Returns how many were changed."""
+    from model.layers.quantized_linear import DOT_FORMATS
     changed = 0
-    for linear in linears:
-        formats = (linear.small_format, linear.large_format, linear.prefill_format)
-        moved = tuple(DOT_FORMATS.get(fmt, fmt) for fmt in formats)
-        if moved != formats:
-            replace_module(model, names[id(linear)], linear.with_formats(*moved))
+    for name, linear in _named(model, linears):
+        small, large, prefill = linear.small_format, linear.large_format, linear.prefill_format
+        if decode_tiers:
+            small, large = (DOT_FORMATS[linear.values],) * 2
+        moved = tuple(DOT_FORMATS.get(fmt, fmt) for fmt in (small, large, prefill))
+        if moved != (linear.small_format, linear.large_format, linear.prefill_format):
+            replace_module(model, name, linear.with_formats(*moved))
             changed += 1
     return changed
+
+
+def _named(model, modules: list) -> list[tuple[str, object]]:
+    names = {id(module): name for name, module in model.named_modules()}
+    return [(names[id(module)], module) for module in modules]
 
 
 def step_argtypes(shape_type, layer_type) -> list:
@@ -132,13 +150,26 @@ class CpuDecodeStep:
         return True
 
 
-def install(model, linears: list, make_step) -> bool:
-    """Hold `linears` (the projections a family's step multiplies) in integer-dot formats where the
-    kernel choice left them in PyTorch's (`hold_in_dot_formats`; parts then joinable are joined),
-    build the step (`make_step(model)`) and set it as `model.cpu_decode_step` when some tier is all
-    integer-dot; returns whether it did."""
+def install(model, linears_of, make_step, choice: tuple | None = None) -> bool:
+    """Give `model` its one-call step (`make_step(model)`, set as `model.cpu_decode_step`) where some
+    tier can be all integer-dot; returns whether it did. `linears_of(model)` lists the projections
+    the step multiplies (each joined group as one).
+
+    Without `choice`, projections the kernel choice held in PyTorch's int4 / int8 kernels move to
+    integer-dot (`hold_in_dot_formats`) and a tier it held in float32 or bfloat16 stays with the
+    layers. With `choice` = (the kernel choice's mode, its Timings), such a tier is timed both ways,
+    whole decode steps in the chosen formats and in one call over integer-dot ones, and keeps the
+    faster (model/layers/cpu_step_choice.py). Parts then joinable are joined."""
     from model.layers.quantized_linear import fuse_quantized_projections
-    changed = hold_in_dot_formats(model, linears)
+    linears = list(linears_of(model))
+    if not dot_capable(linears):
+        return False
+    measure = choice is not None and not all_dot(linears)
+    if measure:
+        from model.layers.cpu_step_choice import StepChoice
+        timing = StepChoice(model, *choice)
+        timing.time_layers()
+    changed = hold_in_dot_formats(model, linears, decode_tiers=measure)
     if changed:
         fuse_quantized_projections(model)        # parts whose formats differed can be joined now
         log.info("%d projections' decode tiers now integer-dot, for the one-call decode step", changed)
@@ -146,5 +177,10 @@ def install(model, linears: list, make_step) -> bool:
     if not step.usable:
         return False
     model.cpu_decode_step = step
+    if measure:
+        timing.time_one_call_and_choose(step, linears_of)
+        if not step.usable:
+            model.cpu_decode_step = None
+            return False
     log.info("decode steps of %s: every layer in one C call (integer-dot products)", step.tier_names())
     return True

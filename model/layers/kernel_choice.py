@@ -119,11 +119,17 @@ class Timings:
         self.changed = False
 
     def get(self, values: str, out_features: int, in_features: int, fmt: str) -> list[float]:
-        entry = self.machine.setdefault(shape_key(values, out_features, in_features), {})
-        if len(entry.get(fmt, ())) != len(ROWS):                          # not timed, or at other rows
-            entry[fmt] = time_format(fmt, values, out_features, in_features)
+        return self.measured(shape_key(values, out_features, in_features), fmt, len(ROWS),
+                             lambda: time_format(fmt, values, out_features, in_features))
+
+    def measured(self, key: str, name: str, count: int, measure) -> list[float]:
+        """The `count` timings cached under (key, name), or `measure()`'s, cached (e.g. a shape's
+        format's seconds at each of ROWS)."""
+        entry = self.machine.setdefault(key, {})
+        if len(entry.get(name, ())) != count:                             # not timed, or at other rows
+            entry[name] = list(measure())
             self.changed = True
-        return entry[fmt]
+        return entry[name]
 
     def save(self) -> None:
         if not self.changed:
@@ -162,10 +168,27 @@ def candidates(values: str, out_features: int, in_features: int, mode: str) -> t
     return packed if mode == "lean" and packed else options
 
 
-def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) -> Counter:
+def _fastest(values: str, out_features: int, in_features: int, mode: str, timings: Timings) -> tuple[str, str, str]:
+    """(small-step, large-step, prefill format) of a [out, in] weight of `values` under `mode`."""
+    options = candidates(values, out_features, in_features, mode)
+    if len(options) == 1:
+        return (options[0],) * 3
+    return pick({f: timings.get(values, out_features, in_features, f) for f in options},
+                one_copy=mode == "lean" and values != FLOAT)
+
+
+def tier_format(layer: QuantizedLinear, tier: int, mode: str, timings: Timings) -> str:
+    """The format the choice gives `layer`'s values and shape for tier `tier` (an index of ROWS):
+    what a tier goes back to when a whole step measured faster in it (model/layers/cpu_decode_step.py)."""
+    return _fastest(layer.values, layer.out_features, layer.in_features, mode, timings)[tier]
+
+
+def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None, keep_codes: bool = False) -> Counter:
     """Store every Linear of `model` (and a tied head, as a Linear of its own when it moves off
     float32) in the formats measured fastest under `mode` (see MODES). Returns a count of the
-    (small, large) formats chosen, for the log."""
+    (small, large) formats chosen, for the log. `keep_codes`: a quantized layer moved to dense
+    formats only keeps its codes reachable (`QuantizedLinear.hold_codes`) until
+    `release_held_codes(model)`, for the decode step's choice (model/layers/cpu_step_choice.py)."""
     if mode not in MODES:
         raise ValueError(f"unknown format mode {mode!r}; choose one of {', '.join(MODES)}")
     chosen: Counter = Counter()
@@ -182,19 +205,18 @@ def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None) 
         values = layer.values if isinstance(layer, QuantizedLinear) else FLOAT
         if layer is not None and not isinstance(layer, QuantizedLinear) and layer.weight.dtype != torch.float32:
             continue                                                       # a 16-bit model: not ours to move
-        options = candidates(values, out_features, in_features, mode)
-        if len(options) == 1:
-            tiers = (options[0],) * 3
-        else:
-            tiers = pick({f: timings.get(values, out_features, in_features, f) for f in options},
-                         one_copy=mode == "lean" and values != FLOAT)
+        tiers = _fastest(values, out_features, in_features, mode, timings)
         chosen[(values, *tiers)] += 1
         if layer is None:
             if tiers != (FLOAT32,) * 3:
                 model.lm_head = QuantizedLinear.from_weight(table, None, *tiers[:2], prefill_format=tiers[2])
         elif isinstance(layer, QuantizedLinear):
             if tiers != (layer.small_format, layer.large_format, layer.prefill_format):
-                replace_module(model, name, layer.with_formats(*tiers))
+                moved = layer.with_formats(*tiers)
+                if keep_codes:
+                    layer._dense = None               # kept for its packed codes alone
+                    moved.hold_codes(layer.quantized_weight)
+                replace_module(model, name, moved)
         elif tiers != (FLOAT32,) * 3:
             replace_module(model, name, QuantizedLinear.from_weight(layer.weight, layer.bias, *tiers[:2],
                                                                     prefill_format=tiers[2]))

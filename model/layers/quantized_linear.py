@@ -102,6 +102,21 @@ class QuantizedLinear(Linear):
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(dtype),
                                                                               requires_grad=False))
         self._dense: torch.Tensor | None = None
+        # a layer of quantized values held in dense formats only may keep a way to its codes (the
+        # packed layers it was made from) until the decode step's choice is made (`hold_codes`)
+        self._held_codes = None
+
+    def hold_codes(self, codes) -> None:
+        """Keep `codes` (called with no arguments: this layer's QuantizedWeight, from the packed
+        layers it was made from) for `quantized_weight()` when no format of this one holds codes;
+        `release_held_codes` lets go."""
+        if self.values != FLOAT and not set(self.formats) - {FLOAT32, BFLOAT16}:
+            self._held_codes = codes
+
+    @property
+    def holds_codes(self) -> bool:
+        """Whether `quantized_weight()` can give this layer's codes."""
+        return bool(set(self.formats) - {FLOAT32, BFLOAT16}) or self._held_codes is not None
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, small_format: str,
@@ -235,6 +250,8 @@ class QuantizedLinear(Linear):
                                    minimum.contiguous())
         if INT8 in self.formats:
             return QuantizedWeight(INT8, self.weight_int8, self.scales_int8.float()[:, None], None)
+        if self._held_codes is not None:
+            return self._held_codes()
         raise ValueError(f"a layer of {self.values} values held as {'/'.join(self.formats)} has no codes")
 
     def input_dtype(self, rows: int) -> torch.dtype | None:
@@ -349,6 +366,8 @@ def fuse_linears(parts: list[nn.Module]) -> QuantizedLinear | None:
         else:
             for name in _BUFFERS[fmt]:
                 layer.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
+    if first.values != FLOAT and all(p.holds_codes for p in parts):
+        layer.hold_codes(lambda: QuantizedWeight.cat([p.quantized_weight() for p in parts]))
     return layer
 
 
@@ -377,6 +396,17 @@ def fuse_quantized_projections(model: nn.Module) -> int:
                 module.join(fused, joined)
                 count += 1
     return count
+
+
+def release_held_codes(model: nn.Module) -> int:
+    """Let go of every layer a dense-only QuantizedLinear of `model` kept for its codes; returns how
+    many did."""
+    released = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module._held_codes is not None:
+            module._held_codes = None
+            released += 1
+    return released
 
 
 def quantized_head(model: nn.Module) -> bool:

@@ -199,9 +199,12 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
     from model.layers.cpu_layout import use_column_major_weights
-    from model.layers.kernel_choice import choose_formats
-    choose_formats(model, weight_format_mode(config.model.dtype, quantization, device))
-    from model.layers.quantized_linear import fuse_quantized_projections
+    from model.layers.kernel_choice import Timings, choose_formats
+    format_mode, timings = weight_format_mode(config.model.dtype, quantization, device), Timings()
+    decode_attention = resolve_decode_attention(config.model.decode_attention, device)
+    one_call_steps = decode_attention == "cpu" and config.model.dtype != MIXED      # float32 activations
+    choose_formats(model, format_mode, timings, keep_codes=one_call_steps)
+    from model.layers.quantized_linear import fuse_quantized_projections, release_held_codes
     fused = fuse_quantized_projections(model)     # quantized projections of one input as one product
     if fused:
         log.info("%d groups of quantized projections of one input joined into one product each", fused)
@@ -209,7 +212,6 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if moved:
         log.info("%d float32 weight matrices stored column-major (MKL's fast layout for small batches)", moved)
     kernel_layers = 0
-    decode_attention = resolve_decode_attention(config.model.decode_attention, device)
     if decode_attention == "triton":
         from model.kernels import use_triton_decode_attention
         kernel_layers = use_triton_decode_attention(model)
@@ -223,10 +225,11 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)
         log.info("mixed precision: float16 weights for steps of 1-2 tokens, bfloat16 for larger steps")
-    if decode_attention == "cpu":                   # a family's decode layers in one C call, where it has one
+    if one_call_steps:                              # a family's decode layers in one C call, where it has one
         from model.families import custom_llm_cpu_step, llama_cpu_step
         for family_step in (llama_cpu_step, custom_llm_cpu_step):
-            family_step.use_cpu_decode_step(model)
+            family_step.use_cpu_decode_step(model, choice=(format_mode, timings))
+        release_held_codes(model)
     budget = kv_cache_budget_bytes(config.engine.kv_cache_memory_gib, device)
     cache = KVCache.from_budget(model.config, budget, config.engine.block_size, dtype, device)
     log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,
