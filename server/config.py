@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelLoadConfig:
     quantization: str = "auto"        # auto (a GGUF's own, when dtype is auto) | none | int8 | int4
     served_model_name: str | None = None
     decode_attention: str = "auto"    # auto | torch | triton | cpu (decode steps' attention)
+    kv_cache_dtype: str = "auto"      # auto (the activations' dtype) | float32 | bfloat16 | float16 (CPU)
     cuda_graphs: bool = True          # decode steps replayed from CUDA graphs where the model allows
     compile_decode: bool = False      # CPU: decode steps through torch.compile, one graph per batch bucket
 

@@ -157,9 +157,9 @@ def install(model, linears_of, make_step, choice: tuple | None = None) -> bool:
 
     Without `choice`, projections the kernel choice held in PyTorch's int4 / int8 kernels move to
     integer-dot (`hold_in_dot_formats`) and a tier it held in float32 or bfloat16 stays with the
-    layers. With `choice` = (the kernel choice's mode, its Timings), such a tier is timed both ways,
-    whole decode steps in the chosen formats and in one call over integer-dot ones, and keeps the
-    faster (model/layers/cpu_step_choice.py). Parts then joinable are joined."""
+    layers. With `choice` = (the kernel choice's mode, its Timings[, the cache's dtype]), such a
+    tier is timed both ways, whole decode steps in the chosen formats and in one call over
+    integer-dot ones, and keeps the faster (model/layers/cpu_step_choice.py). Parts then joinable are joined."""
     from model.layers.quantized_linear import fuse_quantized_projections
     linears = list(linears_of(model))
     if not dot_capable(linears):

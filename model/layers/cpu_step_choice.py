@@ -35,27 +35,30 @@ BLOCK = 16
 WARMUP, RUNS = 2, 5                 # steps run before timing, steps timed (the median counts)
 
 
-def time_decode_step(model, rows: int) -> float:
+def time_decode_step(model, rows: int, cache_dtype: torch.dtype = torch.float32) -> float:
     """Median seconds of a decode step of `rows` sequences of CONTEXT tokens each, through
-    `model.forward_paged` as the runner calls it (a scratch float32 cache, every token 1)."""
+    `model.forward_paged` as the runner calls it (a scratch cache of `cache_dtype`; each row its own
+    token, so that a mixture of experts routes rows apart as real ones do)."""
     blocks_each = -(-(CONTEXT + WARMUP + RUNS) // BLOCK)
-    cache = KVCache(model.config, rows * blocks_each, BLOCK)
+    cache = KVCache(model.config, rows * blocks_each, BLOCK, cache_dtype)
     tables = [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(rows)]
-    seconds = []
+    seconds, vocab = [], model.config.vocab_size
     with torch.inference_mode():
         for step in range(WARMUP + RUNS):
-            batch = PagedBatch.build([SequenceChunk([1], CONTEXT + step, table) for table in tables], BLOCK,
-                                     with_gather=False)
+            chunks = [SequenceChunk([(row * 7919 + step * 104729 + 1) % vocab], CONTEXT + step, table)
+                      for row, table in enumerate(tables)]
+            batch = PagedBatch.build(chunks, BLOCK, with_gather=False)
             started = time.perf_counter()
             model.forward_paged(batch, cache.layers)
             seconds.append(time.perf_counter() - started)
     return statistics.median(seconds[WARMUP:])
 
 
-def step_key(model) -> str:
-    """What step timings are valid for: the model's class, config and formats (the machine is
-    Timings' own key)."""
-    digest = hashlib.blake2b(f"{model.config!r}|{describe_formats(model)}".encode(), digest_size=8).hexdigest()
+def step_key(model, cache_dtype: torch.dtype = torch.float32) -> str:
+    """What step timings are valid for: the model's class, config and formats, the cache's dtype
+    (the machine is Timings' own key)."""
+    digest = hashlib.blake2b(f"{model.config!r}|{describe_formats(model)}|{cache_dtype}".encode(),
+                             digest_size=8).hexdigest()
     return f"decode step:{type(model).__name__}:{digest}"
 
 
@@ -64,16 +67,16 @@ class StepChoice:
     the formats are the kernel choice's, then `time_one_call_and_choose(step, linears_of)` once the
     step is built over integer-dot formats."""
 
-    def __init__(self, model, mode: str, timings: Timings):
-        self.model, self.mode, self.timings = model, mode, timings
-        self.key = step_key(model)
+    def __init__(self, model, mode: str, timings: Timings, cache_dtype: torch.dtype = torch.float32):
+        self.model, self.mode, self.timings, self.cache_dtype = model, mode, timings, cache_dtype
+        self.key = step_key(model, cache_dtype)
         self.layers_s: list[float] = []
         self.measured = False
 
     def _timed(self, name: str) -> list[float]:
         def measure():
             self.measured = True
-            return [time_decode_step(self.model, rows) for rows in STEP_ROWS]
+            return [time_decode_step(self.model, rows, self.cache_dtype) for rows in STEP_ROWS]
         return self.timings.measured(self.key, name, len(STEP_ROWS), measure)
 
     def time_layers(self) -> None:

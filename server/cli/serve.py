@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from server.config import QUANTIZATIONS, ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
+from server.config import KV_CACHE_DTYPES, QUANTIZATIONS, ApiConfig, EngineConfig, ModelLoadConfig, ServerConfig
 
 log = logging.getLogger("customllm.serve")
 ENV_PREFIX = "CUSTOMLLM_"
@@ -70,6 +70,10 @@ def add_parser(subparsers) -> None:
          "triton is installed, on the CPU a C kernel that reads the paged cache in place when a C compiler is "
          "there: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
          "torch (gather each context), triton, or cpu", default="auto")
+    _add(m, "--kv-cache-dtype", "what the KV cache holds: auto (the activations' dtype: float32 on a CPU, exact), or on "
+         "a CPU bfloat16 or float16 (half the cache's bytes, so twice the tokens in --kv-cache-memory and half the "
+         "bytes a decode step reads from long contexts; keys and values rounded to 16 bits, as llama.cpp's default "
+         "float16 cache)", default="auto")
     _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (models whose decode attention runs in "
          "the Triton kernel; every family but ShomsherLLM)", bool, True)
     _add(m, "--compile-decode", "on the CPU, run decode steps through torch.compile (inductor), compiled at start-up "
@@ -177,6 +181,8 @@ def _check(args) -> None:
     for flag in ("engine_process", "overlap_steps"):
         if getattr(args, flag) not in ("auto", "on", "off"):
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: choose auto, on or off")
+    if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
     if args.quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {args.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if args.header_timeout <= 0:
@@ -212,7 +218,8 @@ def config_from_args(args) -> ServerConfig:
                               chat_template=args.chat_template, device=args.device, dtype=args.dtype,
                               quantization=args.quantization,
                               served_model_name=args.served_model_name, decode_attention=args.decode_attention,
-                              cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode),
+                              cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode,
+                              kv_cache_dtype=args.kv_cache_dtype),
         engine=EngineConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests,

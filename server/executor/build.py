@@ -14,7 +14,7 @@ import torch
 from model.cache.kv_cache import GIB, KVCache
 from model.dtypes import DTYPES, parse_dtype
 from model.loading.builtin import BUILTIN_NAME, builtin_model_path
-from server.config import ServerConfig
+from server.config import KV_CACHE_DTYPES, ServerConfig
 from server.engine.engine import Engine
 from server.engine.results import EngineObserver
 
@@ -64,6 +64,21 @@ def resolve_quantization(name: str, dtype_name: str, device: torch.device) -> st
     elif name != "none":
         raise ValueError(f"--quantization {name!r}: choose auto, none, int8 or int4")
     return name
+
+
+def resolve_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What the KV cache holds (`--kv-cache-dtype`): auto is the activations' dtype (`dtype`); another
+    one only on the CPU, whose attention paths convert what they read (the CUDA kernels and graphs
+    read the model's own dtype)."""
+    if name == "auto":
+        return dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {name!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+    chosen = getattr(torch, name)
+    if chosen != dtype and device.type != "cpu":
+        raise ValueError(f"--kv-cache-dtype {name} differs from the model's {str(dtype).removeprefix('torch.')}: "
+                         "only on the CPU")
+    return chosen
 
 
 def weight_format_mode(dtype_name: str, quantization: str, device: torch.device) -> str:
@@ -192,6 +207,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     quantization = resolve_quantization(config.model.quantization, config.model.dtype, device)
+    cache_dtype = resolve_cache_dtype(config.model.kv_cache_dtype, dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer, chat_template, name, tokenizer_source = load_model_and_tokenizer(config, device, dtype, quantization)
@@ -228,12 +244,13 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     if one_call_steps:                              # a family's decode layers in one C call, where it has one
         from model.families import custom_llm_cpu_step, llama_cpu_step
         for family_step in (llama_cpu_step, custom_llm_cpu_step):
-            family_step.use_cpu_decode_step(model, choice=(format_mode, timings))
+            family_step.use_cpu_decode_step(model, choice=(format_mode, timings, cache_dtype))
         release_held_codes(model)
     budget = kv_cache_budget_bytes(config.engine.kv_cache_memory_gib, device)
-    cache = KVCache.from_budget(model.config, budget, config.engine.block_size, dtype, device)
-    log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %d bytes per token)", cache.num_blocks,
-             cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB, cache.bytes_per_token)
+    cache = KVCache.from_budget(model.config, budget, config.engine.block_size, cache_dtype, device)
+    log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s, %d bytes per token)", cache.num_blocks,
+             cache.block_size, cache.num_blocks * cache.block_size, cache.total_bytes / GIB,
+             str(cache_dtype).removeprefix("torch."), cache.bytes_per_token)
     decode_graphs = None
     if device.type == "cuda" and config.model.cuda_graphs and kernel_layers:
         from server.executor.decode_graphs import make_decode_graphs

@@ -59,6 +59,7 @@ def add_parser(subparsers) -> None:
                         help="also time the first token of one prompt of each of these lengths")
     engine.add_argument("--compile-decode", action="store_true", help="as `serve --compile-decode`")
     engine.add_argument("--decode-attention", default="auto", help="as `serve --decode-attention`")
+    engine.add_argument("--kv-cache-dtype", default="auto", help="as `serve --kv-cache-dtype`")
     engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     engine.add_argument("--adaptive-threads", action="store_true",
                         help="threads follow the cores other processes leave free, as `serve --adaptive-threads`")
@@ -202,7 +203,8 @@ def run_engine(args) -> int:
     result = bench_engine(args.model, args.preset, args.tokenizer, args.device, args.dtype, args.batch_sizes,
                           args.context_len, args.output_len, args.kv_cache_memory, args.threads, args.prefill_lens,
                           schema, quantization=args.quantization, compile_decode=args.compile_decode,
-                          decode_attention=args.decode_attention, detokenize=args.detokenize,
+                          decode_attention=args.decode_attention, kv_cache_dtype=args.kv_cache_dtype,
+                          detokenize=args.detokenize,
                           overlap_steps=args.overlap_steps, simulated_device_ms=args.simulated_device_ms,
                           adaptive_threads=args.adaptive_threads, freeze_loaded=True)
     result["machine"] = machine_description()

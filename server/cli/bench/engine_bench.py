@@ -77,6 +77,7 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                  batch_sizes: list[int], context_len: int, output_len: int, kv_cache_gib: float | None,
                  threads: int | None = None, prefill_lens: list[int] = (), json_schema: str | None = None,
                  quantization: str = "auto", compile_decode: bool = False, decode_attention: str = "auto",
+                 kv_cache_dtype: str = "auto",
                  max_num_batched_tokens: int | None = None, detokenize: bool = True, overlap_steps: bool = False,
                  simulated_device_ms: float | None = None, adaptive_threads: bool = False,
                  freeze_loaded: bool = False) -> dict:
@@ -101,7 +102,8 @@ def bench_engine(model: str | None, preset: str | None, tokenizer: str | None, d
                                                              device=device, dtype=dtype,
                                                              quantization=quantization,
                                                              compile_decode=compile_decode,
-                                                             decode_attention=decode_attention),
+                                                             decode_attention=decode_attention,
+                                                             kv_cache_dtype=kv_cache_dtype),
                                        engine=engine_config), observer=timer, start=False)
     if freeze_loaded:
         freeze_loaded_objects()

@@ -51,7 +51,7 @@ def fake_steps(monkeypatch, layers: list[float], one_call: list[float]) -> list[
     model has a C step or not; returns the rows of every call."""
     calls = []
 
-    def fake(model, rows):
+    def fake(model, rows, cache_dtype=torch.float32):
         calls.append(rows)
         return (one_call if model.cpu_decode_step is not None else layers)[0 if rows == 1 else 1]
     monkeypatch.setattr(cpu_step_choice, "time_decode_step", fake)
