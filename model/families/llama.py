@@ -143,6 +143,7 @@ class LlamaAttention(KernelAttention, FusedProjections):
     """Decode-only steps may run in paged_gqa_decode (model/kernels), set by `use_decode_kernel`."""
 
     FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    HAS_PREFILL_DTYPE = True
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -183,7 +184,8 @@ class LlamaAttention(KernelAttention, FusedProjections):
         """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context
         (q is pre-scaled: scale 1)."""
         q, k, v = self._qkv(x, rope)                                                        # [T, H|KV, hd], [T, KV*hd]
-        out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_kernel)  # [T, H*hd]
+        out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_kernel,
+                                            self.prefill_dtype)                                # [T, H*hd]
         return self.o_proj(out)
 
 

@@ -162,6 +162,8 @@ PRESETS = {
 class GroupedQueryAttention(KernelAttention, nn.Module):
     """Decode-only steps may run in paged_gqa_decode (model/kernels), set by `use_decode_kernel`."""
 
+    HAS_PREFILL_DTYPE = True
+
     def __init__(self, cfg: SmartLLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -200,7 +202,8 @@ class GroupedQueryAttention(KernelAttention, nn.Module):
                       cache_layer: torch.Tensor) -> torch.Tensor:
         """x [T, d] → [T, d] over paged [K | V] rows; the window is in batch.attn_mask (or the kernel's)."""
         q, k, v = self._qkv(x, cos, sin)                                              # [T, H|KV, hd]
-        return self.wo(paged_grouped_query_attention(q, k, v, batch, cache_layer, self.scale, self.decode_kernel))
+        return self.wo(paged_grouped_query_attention(q, k, v, batch, cache_layer, self.scale, self.decode_kernel,
+                                                     self.prefill_dtype))
 
 
 class SwiGLU(nn.Module):

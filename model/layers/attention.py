@@ -23,6 +23,11 @@ class KernelAttention:
     `FamilyRecord.decode_kernel`; `model.kernels.use_triton_decode_attention` sets it model-wide."""
 
     decode_kernel: Callable | None = None
+    # prompt chunks' attention computed in this dtype (None: the activations' own); only families
+    # whose chunks run paged_grouped_query_attention take one (HAS_PREFILL_DTYPE), set by
+    # model/layers/prefill_attention.py where it measures faster and the mode is not exact
+    HAS_PREFILL_DTYPE = False
+    prefill_dtype: torch.dtype | None = None
 
     def use_decode_kernel(self, kernel: Callable | None) -> None:
         self.decode_kernel = kernel
@@ -83,7 +88,8 @@ def masked_softmax(scores: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
 
 
 def paged_grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch,
-                                  cache_layer: torch.Tensor, scale: float, decode_kernel=None) -> torch.Tensor:
+                                  cache_layer: torch.Tensor, scale: float, decode_kernel=None,
+                                  prefill_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One layer's grouped-query attention over the paged `[K of every kv head | V of every kv head]`
     cache → [T, H*hd] in q's dtype, ready for the output projection.
 
@@ -92,8 +98,8 @@ def paged_grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     are `scale · q·k` (a caller whose q is pre-scaled passes 1.0). The new [K | V] rows are written
     first; then a decode-only step runs in `decode_kernel` (paged_gqa_decode's signature) when one
     is set, or over the gathered context as one grouped product per sequence; a step with prefill
-    chunks runs PyTorch's fused attention. Without a kernel, float16 on the CPU computes in float32
-    (`attention_dtype`)."""
+    chunks runs PyTorch's fused attention, in `prefill_dtype` when one is given. Without a kernel,
+    float16 on the CPU computes in float32 (`attention_dtype`)."""
     out_dtype, heads, hd = q.dtype, q.shape[1], q.shape[2]
     kv = k.shape[1]
     write_rows(cache_layer, batch, torch.cat([k.flatten(1), v.flatten(1)], dim=-1))      # [T, 2*KV*hd]
@@ -101,7 +107,7 @@ def paged_grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         out = decode_kernel(q, cache_layer, batch.block_tables, batch.context_lens, batch.block_size, kv,
                             scale, batch.window)                                         # [B, H, hd]
         return out.flatten(1).to(out_dtype)
-    dtype = attention_dtype(q)
+    dtype = prefill_dtype if prefill_dtype is not None and not batch.is_decode_only else attention_dtype(q)
     context = gather_context(cache_layer, batch)                                         # [B, K, 2*KV*hd]
     if context.dtype != dtype:
         context = context.to(dtype)

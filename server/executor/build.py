@@ -237,6 +237,9 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
         cpu_layers = use_cpu_decode_attention(model)
         if cpu_layers:
             log.info("decode attention: CPU paged decode kernel (cache read in place) in %d layers", cpu_layers)
+    if device.type == "cpu" and dtype == torch.float32 and format_mode != "exact":
+        from model.layers.prefill_attention import use_prefill_attention_dtype
+        use_prefill_attention_dtype(model, timings)  # rounded activations already: prompts' attention may be 16-bit
     small_step_model = None
     if config.model.dtype == MIXED:
         small_step_model = copy.deepcopy(model).to(torch.float16)

@@ -79,6 +79,7 @@ def test_one_compilation_per_bucket_and_none_while_serving():
     from torch._dynamo.testing import CompileCounter
 
     from model.cache.batch import PagedBatch, SequenceChunk
+    torch._dynamo.reset()                               # no graph compiled by an earlier test to reuse
     model = kernel_model()
     cache = make_cache(model.config, num_blocks=40, block_size=4)
     counter = CompileCounter()

@@ -10,13 +10,17 @@ GGUF) on a fixed English text (tests/data/perplexity_text.txt, 464 tokens) has a
   where bfloat16 measures faster);
 - int8 everywhere (`--quantization int8`), through PyTorch's kernel and through int8-dot;
 - "auto" with its decode steps in one C call (model/families/llama_cpu_step.py), as `serve` runs
-  them: the greedy runs go through it.
+  them: the greedy runs go through it;
+- "auto" with its prompt's attention in bfloat16 (model/layers/prefill_attention.py), as `serve`
+  runs prompts where bfloat16 measures faster: the text's perplexity through the paged prefill path
+  (the whole text as one prompt chunk), the greedy runs' prompts too.
 Greedy agreement with float32 is measured both teacher-forced (the top token at every position of
 the text) and free-running (tokens generated one decode step at a time through the paged cache).
 The figures of one run are in docs/benchmarks.md; the bounds here are looser than those figures."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -26,6 +30,7 @@ import torch
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.families.llama_cpu_step import use_cpu_decode_step
 from model.layers import integer_dot
+from model.layers.attention import KernelAttention
 from model.layers.cpu_decode_attention import use_cpu_decode_attention
 from model.layers.quantized_linear import (BFLOAT16, DOT_FORMATS, INT4, INT8, QuantizedLinear, quantize_model,
                                            replace_module)
@@ -51,10 +56,17 @@ def text_ids(float32):
     return torch.tensor([ids])
 
 
-def text_nll(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Mean negative log-likelihood of the text's next tokens, and the top token at every position."""
+def text_nll(model, ids: torch.Tensor, paged: bool = False) -> tuple[float, torch.Tensor]:
+    """Mean negative log-likelihood of the text's next tokens, and the top token at every position;
+    `paged`: through forward_paged, the text as one prompt chunk returning every position's logits."""
     with torch.inference_mode():
-        logits = model.forward_full(ids)[0].float()                                  # [T, V]
+        if paged:
+            cache = make_cache(model.config, num_blocks=-(-ids.shape[1] // 16), block_size=16)
+            batch = PagedBatch.build([SequenceChunk(ids[0].tolist(), 0, list(range(cache.num_blocks)))], 16)
+            batch = dataclasses.replace(batch, logits_index=torch.arange(ids.shape[1]))
+            logits = model.forward_paged(batch, cache.layers).float()                 # [T, V]
+        else:
+            logits = model.forward_full(ids)[0].float()                              # [T, V]
     nll = -torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).mean()
     return float(nll), logits.argmax(-1)
 
@@ -102,6 +114,12 @@ def variant_model(variant: str, kept, float32):
         if not use_cpu_decode_step(model):
             pytest.skip("no C compiler or no AVX512-VNNI here: decode steps run layer by layer")
         return model
+    if variant == "auto-bf16-prompt-attention":
+        model = copy.deepcopy(kept)
+        for module in model.modules():
+            if isinstance(module, KernelAttention):
+                module.prefill_dtype = torch.bfloat16
+        return model
     if variant == "auto-bf16-copies":
         model = copy.deepcopy(kept)
         for name, module in list(model.named_modules()):
@@ -129,7 +147,8 @@ def in_dot_formats(model):
     return model
 
 
-@pytest.mark.parametrize("variant", ["auto", "auto-c-step", "torch-kernels", "auto-bf16-copies", "int8", "int8-dot"])
+@pytest.mark.parametrize("variant", ["auto", "auto-c-step", "auto-bf16-prompt-attention", "torch-kernels",
+                                     "auto-bf16-copies", "int8", "int8-dot"])
 def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, reference, variant):
     model = variant_model(variant, kept, float32)
     layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
@@ -138,7 +157,7 @@ def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, refer
         assert {m.formats for m in [*layers, model.lm_head]} == {(DOT_FORMATS[m.values],) for m in layers} | {("int8-dot",)}
     assert model.lm_head.values == INT8
     base_nll, base_top, expected = reference
-    nll, top = text_nll(model, text_ids)
+    nll, top = text_nll(model, text_ids, paged=variant == "auto-bf16-prompt-attention")
     ratio = math.exp(nll - base_nll)
     forced = float((top == base_top).float().mean())
     equal = [agreement(e, greedy(model, float32.tokenizer.encode(p), STEPS)) for p, e in zip(PROMPTS, expected)]
