@@ -204,6 +204,14 @@ class LlamaMLP(FusedProjections):
         return [self.intermediate_size, self.intermediate_size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] → [..., d]. Where both products take 16-bit inputs at this many rows (bfloat16
+        copies for prompt chunks), the [..., 2I] intermediate stays 16-bit: no float32 copy of it
+        made and converted back, half the bytes through SwiGLU."""
+        rows = x.numel() // x.shape[-1]
+        dtype = self.gate_up_proj.input_dtype(rows)
+        if dtype is not None and dtype != x.dtype and self.down_proj.input_dtype(rows) == dtype:
+            gate, up = self.gate_up_proj(x.to(dtype)).chunk(2, dim=-1)                     # [..., I] each, dtype
+            return self.down_proj(F.silu(gate) * up).to(x.dtype)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                                   # [..., I] each
         return self.down_proj(F.silu(gate) * up)
 
