@@ -70,7 +70,7 @@ def hold_in_dot_formats(model, linears: list, decode_tiers: bool = False) -> int
     (model/layers/cpu_step_choice.py). Returns how many were changed."""
     from model.layers.quantized_linear import DOT_FORMATS
     changed = 0
-    for name, linear in _named(model, linears):
+    for name, linear in with_names(model, linears):
         small, large, prefill = linear.small_format, linear.large_format, linear.prefill_format
         if decode_tiers:
             small, large = (DOT_FORMATS[linear.values],) * 2
@@ -81,7 +81,8 @@ def hold_in_dot_formats(model, linears: list, decode_tiers: bool = False) -> int
     return changed
 
 
-def _named(model, modules: list) -> list[tuple[str, object]]:
+def with_names(model, modules: list) -> list[tuple[str, object]]:
+    """(name in `model`, module) of each of `modules`, for `replace_module`."""
     names = {id(module): name for name, module in model.named_modules()}
     return [(names[id(module)], module) for module in modules]
 

@@ -23,7 +23,7 @@ import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.cache.kv_cache import KVCache
-from model.layers.cpu_decode_step import TIERS, _named
+from model.layers.cpu_decode_step import TIERS, with_names
 from model.layers.kernel_choice import ROWS, Timings, describe_formats, tier_format
 from model.layers.quantized_linear import replace_module
 
@@ -90,7 +90,7 @@ class StepChoice:
         self.timings.save()
         slower = [index for index, rows in enumerate(TIERS)
                   if step.tiers[rows] is not None and one_call_s[index] > self.layers_s[index]]
-        for name, linear in _named(self.model, list(linears_of(self.model))):
+        for name, linear in with_names(self.model, list(linears_of(self.model))):
             formats = [linear.small_format, linear.large_format, linear.prefill_format]
             for index in slower:
                 formats[index] = tier_format(linear, index, self.mode, self.timings)
