@@ -105,8 +105,9 @@ class CustomLLMCpuDecodeStep(CpuDecodeStep):
 
 def use_cpu_decode_step(model, choice: tuple | None = None) -> bool:
     """Give a CustomLLM-family model on the CPU its C decode step (`model.cpu_decode_step`) when it
-    qualifies (see the module docstring); returns whether it did. `choice`: (mode, Timings) of the
-    kernel choice, to time tiers it held in float formats both ways (cpu_decode_step.install)."""
+    qualifies (see the module docstring); returns whether it did. `choice`: (mode, Timings, cache
+    dtype) of the kernel choice, to time tiers it held in float formats both ways
+    (cpu_decode_step.install)."""
     from model.families.custom_llm import DeepSeekMoE
     from model.layers.norms import RMSNorm
     if getattr(model.config, "family", None) != "custom_llm" or _kernel() is None:

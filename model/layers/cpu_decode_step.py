@@ -112,6 +112,12 @@ class CpuDecodeStep:
     def tier_names(self) -> str:
         return " and ".join(f"≤ {rows} rows" for rows, layers in self.tiers.items() if layers is not None)
 
+    def rebuild(self, off: list[int]) -> None:
+        """Descriptors made again over the model's layers as they are now, tiers `off` (row
+        limits) left to the layers; the cache is bound again at the next step."""
+        self.tiers = {rows: None if rows in off else self.layers(rows) for rows in TIERS}
+        self._cache_key = None
+
     def _bind_cache(self, cache: list[torch.Tensor]) -> bool:
         key = tuple(layer.data_ptr() for layer in cache)
         if key == self._cache_key:

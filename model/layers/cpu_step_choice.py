@@ -86,7 +86,6 @@ class StepChoice:
         """Tiers whose steps are slower in one call go back to the kernel choice's formats and to
         the layers; `step.tiers` is rebuilt over the formats that stay."""
         one_call_s = self._timed("one call")
-        step._cache_key = None                 # the scratch cache is gone: bind the real one
         self.timings.save()
         slower = [index for index, rows in enumerate(TIERS)
                   if step.tiers[rows] is not None and one_call_s[index] > self.layers_s[index]]
@@ -96,7 +95,7 @@ class StepChoice:
                 formats[index] = tier_format(linear, index, self.mode, self.timings)
             if tuple(formats) != (linear.small_format, linear.large_format, linear.prefill_format):
                 replace_module(self.model, name, linear.with_formats(*formats))
-        step.tiers = {rows: None if index in slower else step.layers(rows) for index, rows in enumerate(TIERS)}
+        step.rebuild(off=[TIERS[index] for index in slower])      # and forget the scratch cache
         timed = " / ".join(str(rows) for rows in STEP_ROWS)
         log.info("decode steps at %s rows (%s): layer by layer %s ms, in one call %s ms: %s", timed,
                  "measured" if self.measured else "cached", _ms(self.layers_s), _ms(one_call_s),

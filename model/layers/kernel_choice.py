@@ -179,7 +179,8 @@ def _fastest(values: str, out_features: int, in_features: int, mode: str, timing
 
 def tier_format(layer: QuantizedLinear, tier: int, mode: str, timings: Timings) -> str:
     """The format the choice gives `layer`'s values and shape for tier `tier` (an index of ROWS):
-    what a tier goes back to when a whole step measured faster in it (model/layers/cpu_decode_step.py)."""
+    what a tier goes back to when its decode steps measured slower in one call
+    (model/layers/cpu_step_choice.py)."""
     return _fastest(layer.values, layer.out_features, layer.in_features, mode, timings)[tier]
 
 
@@ -214,8 +215,7 @@ def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None, 
             if tiers != (layer.small_format, layer.large_format, layer.prefill_format):
                 moved = layer.with_formats(*tiers)
                 if keep_codes:
-                    layer._dense = None               # kept for its packed codes alone
-                    moved.hold_codes(layer.quantized_weight)
+                    moved.hold_codes(layer.codes_source())
                 replace_module(model, name, moved)
         elif tiers != (FLOAT32,) * 3:
             replace_module(model, name, QuantizedLinear.from_weight(layer.weight, layer.bias, *tiers[:2],

@@ -113,6 +113,12 @@ class QuantizedLinear(Linear):
         if self.values != FLOAT and not set(self.formats) - {FLOAT32, BFLOAT16}:
             self._held_codes = codes
 
+    def codes_source(self):
+        """`quantized_weight` of this layer, for a layer made from it to `hold_codes`: its dense
+        cache is dropped first (it is kept for its packed codes alone)."""
+        self._dense = None
+        return self.quantized_weight
+
     @property
     def holds_codes(self) -> bool:
         """Whether `quantized_weight()` can give this layer's codes."""
