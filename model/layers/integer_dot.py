@@ -1,7 +1,8 @@
 """Integer-dot products of int4 / int8 weights (model/layers/native/quant_matmul.c): activations
 quantized on the fly per group of 32 columns to two int8 digits (~15 bits; llama.cpp, which
-multiplies its Q4/Q8 blocks this way, uses one), multiplied with AVX512-VNNI byte dot products (a
-portable C loop, far slower, where the CPU lacks them). One pass over the packed weights serves
+multiplies its Q4/Q8 blocks this way, uses one), multiplied with AVX512-VNNI byte dot products, or,
+for batches of 12 rows or more where the CPU has them, with AMX tiles (the same integer sums); a
+portable C loop, far slower, where the CPU lacks both. One pass over the packed weights serves
 every row of a batch.
 
 The packed forms (see the C file's header for the arithmetic):
@@ -34,8 +35,10 @@ def library():
         lib.q4_matmul.restype = lib.q8_matmul.restype = ctypes.c_int
         lib.q4_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64]
         lib.q8_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64]
-        lib.quant_matmul_has_vnni.restype = ctypes.c_int
+        lib.quant_matmul_has_vnni.restype = lib.quant_matmul_has_amx.restype = ctypes.c_int
         lib.quant_matmul_force_portable.argtypes = [ctypes.c_int]
+        lib.quant_matmul_force_path.restype = ctypes.c_int
+        lib.quant_matmul_force_path.argtypes = [ctypes.c_int]
         _library = lib
     return _library
 
@@ -48,6 +51,21 @@ def has_vnni() -> bool:
     """Whether the products take the AVX512-VNNI path on this CPU (else the portable loop)."""
     lib = library()
     return bool(lib is not None and lib.quant_matmul_has_vnni())
+
+
+def has_amx() -> bool:
+    """Whether batches of rows take the AMX tiles on this CPU (Intel Sapphire Rapids and later)."""
+    lib = library()
+    return bool(lib is not None and lib.quant_matmul_has_amx())
+
+
+PATHS = ("portable", "vnni", "amx")     # the C side's paths, slowest first
+
+
+def force_path(highest: str) -> str:
+    """Tests: products through the best path this CPU allows, at most `highest` (one of PATHS);
+    returns the one taken."""
+    return PATHS[library().quant_matmul_force_path(PATHS.index(highest))]
 
 
 LANES = 16                     # output features per 512-bit register of int32 sums

@@ -12,7 +12,7 @@ shape (random weights, a few dozen milliseconds each, best of several runs), and
   an earlier tier when it is within 10 % of that tier's fastest, else the fastest (two or three
   copies of the weight: e.g. int4-dot for decode steps and bfloat16 for prompts).
 
-Timings are cached per CPU model, torch version and thread count in
+Timings are cached per CPU model, torch version, thread count and version of the C kernels in
 `~/.cache/customllm/kernel-timings.json` (`$CUSTOMLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/customllm`),
 so later loads on the same machine measure nothing. Delete the file to measure again.
 """
@@ -65,8 +65,10 @@ def cpu_model() -> str:
 
 
 def machine_key() -> str:
-    """What timings are valid for: the CPU model, torch version and thread count."""
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    """What timings are valid for: the CPU model, torch version, thread count and the C kernels' sources."""
+    from model.layers import native
+    return (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+            f" | kernels {native.sources_digest()}")
 
 
 def shape_key(values: str, out_features: int, in_features: int) -> str:

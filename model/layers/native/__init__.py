@@ -45,6 +45,13 @@ def _cpu_flags() -> str:
     return platform.machine()
 
 
+def sources_digest() -> str:
+    """A short hash of every C source here: what timings of these kernels are valid for."""
+    folder = Path(__file__).parent
+    source = b"\0".join(path.read_bytes() for path in sorted(folder.glob("*.[ch]")))
+    return hashlib.blake2b(source, digest_size=6).hexdigest()
+
+
 def library_path(name: str, cc: str) -> Path:
     from model.layers.kernel_choice import cache_dir
     folder = Path(__file__).parent

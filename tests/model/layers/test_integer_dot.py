@@ -1,9 +1,10 @@
 """The integer-dot products (model/layers/integer_dot.py, native/quant_matmul.c) against a float64
 reference of the same arithmetic: activations rounded to two int8 digits per group of 32 columns,
 int4 codes times those, plus each group's minimum times the exact sum of its x; int8 codes times the
-same rounded activations. Both the AVX512-VNNI path (where this CPU has it) and the
-portable loop, over shapes with every kind of tail: output features not a multiple of 16 (tiles of
-1, 2 or 3 blocks), batch rows not a multiple of 4, input widths not a multiple of 64."""
+same rounded activations. Every path this CPU has (AMX tiles for batches of 12 rows or more,
+AVX512-VNNI, the portable loop), over shapes with every kind of tail: output features not a multiple
+of 16 (tiles of 1, 2 or 3 blocks), batch rows not a multiple of 4 or of the tiles' 16, input widths
+not a multiple of 64."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ from model.layers.quantize import GROUP, quantize_int4, quantize_int8
 pytestmark = pytest.mark.skipif(not integer_dot.available(), reason="no C compiler: the kernels cannot be built")
 
 SHAPES = [(960, 576), (40, 32), (48, 96), (1000, 64), (100, 608), (16, 160), (7 * 16 + 3, 224)]
-ROWS = [1, 2, 3, 4, 5, 9, 16]
+ROWS = [1, 2, 3, 4, 5, 9, 16, 17, 35]
 
 
 def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,13 +47,15 @@ def reference_int8(x: torch.Tensor, weight) -> torch.Tensor:
     return int8_activations(x)[0] @ weight.dequantize().double().t()
 
 
-@pytest.fixture(params=["vnni", "portable"])
+@pytest.fixture(params=integer_dot.PATHS)
 def path(request):
     if request.param == "vnni" and not integer_dot.has_vnni():
         pytest.skip("this CPU has no AVX512-VNNI")
-    integer_dot.library().quant_matmul_force_portable(int(request.param == "portable"))
+    if request.param == "amx" and not integer_dot.has_amx():
+        pytest.skip("this CPU (or its kernel) gives no AMX tiles")
+    assert integer_dot.force_path(request.param) == request.param
     yield request.param
-    integer_dot.library().quant_matmul_force_portable(0)
+    integer_dot.force_path(integer_dot.PATHS[-1])
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
