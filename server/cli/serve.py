@@ -70,10 +70,11 @@ def add_parser(subparsers) -> None:
          "triton is installed, on the CPU a C kernel that reads the paged cache in place when a C compiler is "
          "there: MLA for CustomLLM, grouped-query for Llama and SmartLLM; ShomsherLLM has none), "
          "torch (gather each context), triton, or cpu", default="auto")
-    _add(m, "--kv-cache-dtype", "what the KV cache holds: auto (the activations' dtype: float32 on a CPU, exact), or on "
-         "a CPU bfloat16 or float16 (half the cache's bytes, so twice the tokens in --kv-cache-memory and half the "
-         "bytes a decode step reads from long contexts; keys and values rounded to 16 bits, as llama.cpp's default "
-         "float16 cache)", default="auto")
+    _add(m, "--kv-cache-dtype", "what the KV cache holds: auto (on a CPU float16 with --dtype auto or --quantization, "
+         "the exact float32 with --dtype float32; elsewhere the activations' dtype), or on a CPU float32, bfloat16 or "
+         "float16 (16 bits: half the cache's bytes, so twice the tokens in --kv-cache-memory and half the bytes a "
+         "decode step reads from long contexts; keys and values rounded, as llama.cpp's default float16 cache)",
+         default="auto")
     _add(m, "--cuda-graphs", "on CUDA, replay decode steps from CUDA graphs (models whose decode attention runs in "
          "the Triton kernel; every family but ShomsherLLM)", bool, True)
     _add(m, "--compile-decode", "on the CPU, run decode steps through torch.compile (inductor), compiled at start-up "

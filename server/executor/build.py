@@ -66,12 +66,16 @@ def resolve_quantization(name: str, dtype_name: str, device: torch.device) -> st
     return name
 
 
-def resolve_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """What the KV cache holds (`--kv-cache-dtype`): auto is the activations' dtype (`dtype`); another
-    one only on the CPU, whose attention paths convert what they read (the CUDA kernels and graphs
-    read the model's own dtype)."""
+def resolve_cache_dtype(name: str, dtype: torch.dtype, device: torch.device, format_mode: str = "exact") -> torch.dtype:
+    """What the KV cache holds (`--kv-cache-dtype`). auto: float16 on the CPU when the weights' formats
+    are chosen by speed (`format_mode` "measured" or "lean": `--dtype auto`, `--quantization`) over
+    float32 activations (half the bytes of long contexts, twice the tokens per GiB; llama.cpp's default
+    too), else the activations' dtype (`dtype`: `--dtype float32` keeps the exact float32 cache).
+    Another dtype only on the CPU, whose attention paths convert what they read (the CUDA kernels and
+    graphs read the model's own dtype)."""
     if name == "auto":
-        return dtype
+        fast = device.type == "cpu" and format_mode != "exact" and dtype == torch.float32
+        return torch.float16 if fast else dtype
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"--kv-cache-dtype {name!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
     chosen = getattr(torch, name)
@@ -207,7 +211,8 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     quantization = resolve_quantization(config.model.quantization, config.model.dtype, device)
-    cache_dtype = resolve_cache_dtype(config.model.kv_cache_dtype, dtype, device)
+    format_mode = weight_format_mode(config.model.dtype, quantization, device)
+    cache_dtype = resolve_cache_dtype(config.model.kv_cache_dtype, dtype, device, format_mode)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer, chat_template, name, tokenizer_source = load_model_and_tokenizer(config, device, dtype, quantization)
@@ -216,7 +221,7 @@ def build_engine(config: ServerConfig, observer: EngineObserver | None = None, s
                          f"{model.config.vocab_size}; pass the model's own tokenizer")
     from model.layers.cpu_layout import use_column_major_weights
     from model.layers.kernel_choice import Timings, choose_formats
-    format_mode, timings = weight_format_mode(config.model.dtype, quantization, device), Timings()
+    timings = Timings()
     decode_attention = resolve_decode_attention(config.model.decode_attention, device)
     one_call_steps = decode_attention == "cpu" and config.model.dtype != MIXED      # float32 activations
     choose_formats(model, format_mode, timings, keep_codes=one_call_steps)

@@ -57,7 +57,9 @@ def _linears(model):
 
 
 def test_float32_is_exact(tmp_path):
-    model = _engine(tmp_path, dtype="float32").model
+    engine = _engine(tmp_path, dtype="float32")
+    model = engine.model
+    assert engine.cache.dtype == torch.float32
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert all(m.weight.dtype == torch.float32 for m in _linears(model))
 
@@ -67,7 +69,7 @@ def test_quantization_flag_quantizes_a_float_checkpoint(tmp_path, kind):
     engine = _engine(tmp_path, dtype="auto", quantization=kind)
     quantized = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear) and m.values == kind]
     assert quantized and all(m.formats in ((kind,), (DOT_FORMATS[kind],)) for m in quantized)   # lean: a kernel's
-    assert engine.cache.dtype == torch.float32                                  # activations and cache float32
+    assert engine.cache.dtype == torch.float16                 # float32 activations, a float16 cache by default
     with torch.no_grad():
         assert torch.isfinite(engine.model.forward_full(torch.tensor([[5, 70, 263, 9]]))).all()
 

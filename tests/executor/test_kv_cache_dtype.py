@@ -1,6 +1,7 @@
-"""`--kv-cache-dtype` (server/executor/build.py): the cache in the activations' dtype by default, or
-16-bit on a CPU (twice the tokens in the same memory); an engine over a 16-bit cache generates
-through the layers and through the one-call decode step, staying close to the float32 cache."""
+"""`--kv-cache-dtype` (server/executor/build.py): by default float16 on a CPU whose weights' formats
+are chosen by speed, else the activations' dtype; 16-bit on a CPU when asked (twice the tokens in the
+same memory); an engine over a 16-bit cache generates through the layers and through the one-call
+decode step, staying close to the float32 cache."""
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,12 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_cache_dtype_resolves():
-    assert resolve_cache_dtype("auto", torch.float32, CPU) == torch.float32
+    assert resolve_cache_dtype("auto", torch.float32, CPU) == torch.float32               # --dtype float32: exact
+    assert resolve_cache_dtype("auto", torch.float32, CPU, "measured") == torch.float16   # --dtype auto
+    assert resolve_cache_dtype("auto", torch.float32, CPU, "lean") == torch.float16       # --quantization int4
+    assert resolve_cache_dtype("auto", torch.bfloat16, CPU, "exact") == torch.bfloat16    # --dtype mixed
     assert resolve_cache_dtype("auto", torch.bfloat16, CUDA) == torch.bfloat16
+    assert resolve_cache_dtype("float32", torch.float32, CPU, "measured") == torch.float32
     assert resolve_cache_dtype("float16", torch.float32, CPU) == torch.float16
     assert resolve_cache_dtype("bfloat16", torch.bfloat16, CUDA) == torch.bfloat16      # the model's own
     with pytest.raises(ValueError, match="only on the CPU"):
@@ -65,7 +70,7 @@ def _greedy(tmp_path, quantization: str, kv_cache_dtype: str):
 def test_a_16_bit_cache_generates_close_to_a_float32_one(tmp_path, quantization):
     """int4: the custom-llm model's decode steps in one call (where this CPU has the step), over
     the cache's 16-bit rows."""
-    exact, exact_tokens = _greedy(tmp_path, quantization, "auto")
+    exact, exact_tokens = _greedy(tmp_path, quantization, "float32")
     half, half_tokens = _greedy(tmp_path, quantization, "float16")
     assert exact.cache.dtype == torch.float32 and half.cache.dtype == torch.float16
     if quantization == "int4" and custom_llm_cpu_step._kernel() is not None and integer_dot.has_vnni():
