@@ -52,11 +52,19 @@ static void rope_heads(float *x, int64_t M, int64_t row, int64_t heads, int64_t 
         }
 }
 
+/* whether a per-head product over M rows of a float32 weight of `weights` values is split between
+ * threads: when the weight is 128 KB or more (one thread alone streams it at about half the memory's
+ * bandwidth; the 973M model's W_uk and W_uv are 288 and 576 KB a layer), or the work is 256k
+ * multiply-adds or more */
+static inline int worth_splitting(int64_t M, int64_t weights) {
+    return weights >= 32768 || M * weights >= 262144;
+}
+
 /* out[m, h, j] = Σ_i x[m, h, i] · w[h, i, j] (w [H, I, J]), x rows x_stride / heads x_head floats
  * apart, out rows out_stride / heads out_head apart: the absorbed query (i = nope, j = latent) */
 static void per_head_product(const float *x, int64_t x_stride, int64_t x_head, const float *w, int64_t M,
                              int64_t H, int64_t I, int64_t J, float *out, int64_t out_stride, int64_t out_head) {
-#pragma omp parallel for collapse(2) schedule(static) if (M * H * I * J >= 262144)
+#pragma omp parallel for collapse(2) schedule(static) if (worth_splitting(M, H * I * J))
     for (int64_t m = 0; m < M; m++)
         for (int64_t h = 0; h < H; h++) {
             const float *xh = x + m * x_stride + h * x_head, *wh = w + h * I * J;
@@ -72,7 +80,7 @@ static void per_head_product(const float *x, int64_t x_stride, int64_t x_head, c
 
 /* out[m, h, v] = Σ_l x[m, h, l] · w[h, v, l] (w [H, V, L]): the attention output through W_uv */
 static void per_head_output(const float *x, const float *w, int64_t M, int64_t H, int64_t V, int64_t L, float *out) {
-#pragma omp parallel for collapse(2) schedule(static) if (M * H * V * L >= 262144)
+#pragma omp parallel for collapse(2) schedule(static) if (worth_splitting(M, H * V * L))
     for (int64_t m = 0; m < M; m++)
         for (int64_t h = 0; h < H; h++) {
             const float *xh = x + (m * H + h) * L;
