@@ -15,6 +15,7 @@ import logging
 import torch
 
 from model.cache.batch import PagedBatch
+from model.layers import integer_dot
 from model.layers.cpu_decode_attention import _DTYPES as CACHE_DTYPES
 from model.layers.quantize import GROUP
 from model.layers.quantized_linear import (INT4_DOT, INT8_DOT, PREFILL_ROWS, SMALL_ROWS, QuantizedLinear,
@@ -28,7 +29,8 @@ TIERS = (SMALL_ROWS, PREFILL_ROWS)      # steps of ≤ 4 rows, ≤ 64 rows: Quan
 
 class DotWeight(ctypes.Structure):
     """decode_step.h's DotWeight."""
-    _fields_ = [("bits", I64), ("packed", PTR), ("scale", PTR), ("out_features", I64), ("in_padded", I64)]
+    _fields_ = [("bits", I64), ("packed", PTR), ("scale", PTR), ("out_features", I64), ("in_padded", I64),
+                ("half_scales", I64)]
 
 
 def dot_weight(linear, rows: int) -> DotWeight | None:
@@ -38,11 +40,12 @@ def dot_weight(linear, rows: int) -> DotWeight | None:
     fmt = linear.format_for(rows)
     if fmt == INT4_DOT:
         packed = linear.weight_int4_dot
-        return DotWeight(4, packed.data_ptr(), None, linear.out_features, packed.shape[1] * GROUP)
+        return DotWeight(4, packed.data_ptr(), None, linear.out_features, packed.shape[1] * GROUP,
+                         int(integer_dot.int4_half_scales(packed)))
     if fmt == INT8_DOT:
         packed = linear.weight_int8_dot
         return DotWeight(8, packed.data_ptr(), linear.scale_int8_dot.data_ptr(), linear.out_features,
-                         packed.shape[1] * GROUP)
+                         packed.shape[1] * GROUP, 0)
     return None
 
 

@@ -6,8 +6,9 @@ portable C loop, far slower, where the CPU lacks both. One pass over the packed 
 every row of a batch.
 
 The packed forms (see the C file's header for the arithmetic):
-- int4 (input width a multiple of 32): uint8 [Np/64, K/32, 1536], one record per (64 features, group
-  of 32 columns): codes, then float32 scales and minimums;
+- int4 (input width a multiple of 32): uint8 [Np/64, K/32, R], one record per (64 features, group
+  of 32 columns): codes, then scales and minimums, float16 (R = 1280) when every one is a float16
+  value (GGUF's Q4_0 / Q4_1 blocks, `--quantization int4`), else float32 (R = 1536);
 - int8: uint8 [Np/64, Kp/32, 2048] (codes + 128), scale float32 [Np];
 with Np the output width rounded up to 64 and Kp the input width to 32. Inside torch.compile the products are opaque ops
 (`customllm::int4_dot_mm`, `customllm::int8_dot_mm`).
@@ -33,7 +34,7 @@ def library():
         if lib is None:
             return None
         lib.q4_matmul.restype = lib.q8_matmul.restype = ctypes.c_int
-        lib.q4_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64]
+        lib.q4_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
         lib.q8_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64]
         lib.quant_matmul_has_vnni.restype = lib.quant_matmul_has_amx.restype = ctypes.c_int
         lib.quant_matmul_force_portable.argtypes = [ctypes.c_int]
@@ -76,9 +77,20 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+RECORD_HALF, RECORD_FLOAT = 1280, 1536   # int4 record bytes with float16 / float32 scales and minimums
+
+
+def _exact_in_half(values: torch.Tensor) -> bool:
+    """Whether every value is a normal float16 one (or zero), so float16 holds it exactly."""
+    magnitude = values.abs()
+    normal = (magnitude == 0) | ((magnitude >= 2.0 ** -14) & (magnitude <= 65504.0))
+    return bool(normal.all()) and torch.equal(values.half().float(), values)
+
+
 def pack_int4_dot(weight: QuantizedWeight) -> torch.Tensor:
-    """uint8 [Np/64, G, 1536]: per (tile, group) the codes [4 blocks][4 chunks][64], then scale and
-    minimum float32 [4 blocks][16] (see the C file)."""
+    """uint8 [Np/64, G, R]: per (tile, group) the codes [4 blocks][4 chunks][64], then scale and
+    minimum [4 blocks][16] (see the C file): float16 (R = 1280) when they all are float16 values,
+    float32 (R = 1536) otherwise."""
     assert weight.kind == INT4
     rows, cols = weight.shape
     n_pad, groups = _round_up(rows, TILE), cols // GROUP
@@ -87,13 +99,20 @@ def pack_int4_dot(weight: QuantizedWeight) -> torch.Tensor:
     # [T, 4 blocks, 16 lanes, G, 4 chunks, 2 nibbles, 4 columns] → [T, G, blocks, chunks, lanes, columns]
     split = codes.view(n_pad // TILE, 4, LANES, groups, 4, 2, 4).permute(0, 3, 1, 4, 5, 2, 6)
     nibbles = (split[..., 0, :, :] | (split[..., 1, :, :] << 4)).reshape(n_pad // TILE, groups, 1024)
-    return torch.cat([nibbles, _tile_floats(weight.scale, n_pad), _tile_floats(weight.minimum, n_pad)], dim=2)
+    dtype = torch.float16 if _exact_in_half(weight.scale) and _exact_in_half(weight.minimum) else torch.float32
+    return torch.cat([nibbles, _tile_floats(weight.scale, n_pad, dtype), _tile_floats(weight.minimum, n_pad, dtype)],
+                     dim=2)
 
 
-def _tile_floats(per_group: torch.Tensor, n_pad: int) -> torch.Tensor:
-    """float32 [N, G] → its bytes as uint8 [Np/64, G, 256] ([4 blocks][16 lanes] per group)."""
+def int4_half_scales(packed: torch.Tensor) -> bool:
+    """Whether a packed int4 weight's records hold float16 scales (else float32)."""
+    return packed.shape[2] == RECORD_HALF
+
+
+def _tile_floats(per_group: torch.Tensor, n_pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """float32 [N, G] → its bytes in `dtype` as uint8 [Np/64, G, 64 · size] ([4 blocks][16 lanes] per group)."""
     rows, groups = per_group.shape
-    padded = torch.zeros(n_pad, groups)
+    padded = torch.zeros(n_pad, groups, dtype=dtype)
     padded[:rows] = per_group
     tiled = padded.view(n_pad // TILE, TILE, groups).transpose(1, 2).contiguous()      # [T, G, 64]
     return tiled.view(torch.uint8)
@@ -105,11 +124,13 @@ def unpack_int4_dot(packed: torch.Tensor, rows: int) -> QuantizedWeight:
     chunks = packed[..., :1024].reshape(tiles, groups, 4, 4, 1, LANES, 4)            # [T, G, b, i, 1, l, j]
     split = torch.cat([chunks & 15, chunks >> 4], dim=4)                              # [T, G, b, i, 2, l, j]
     codes = split.permute(0, 2, 5, 1, 3, 4, 6).reshape(tiles * TILE, groups * GROUP)[:rows]
+    dtype = torch.float16 if int4_half_scales(packed) else torch.float32
+    width = TILE * dtype.itemsize
 
     def per_group(start: int) -> torch.Tensor:
-        floats = packed[..., start:start + 256].contiguous().view(torch.float32)      # [T, G, 64]
+        floats = packed[..., start:start + width].contiguous().view(dtype).float()   # [T, G, 64]
         return floats.transpose(1, 2).reshape(tiles * TILE, groups)[:rows].contiguous()
-    return QuantizedWeight(INT4, codes.contiguous(), per_group(1024), per_group(1280))
+    return QuantizedWeight(INT4, codes.contiguous(), per_group(1024), per_group(1024 + width))
 
 
 def pack_int8_dot(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +169,8 @@ def int4_dot_mm(x: torch.Tensor, packed: torch.Tensor, features: int) -> torch.T
     rows, cols = x.shape
     out = torch.empty(rows, features, dtype=torch.float32)
     if rows and library().q4_matmul(x.data_ptr(), rows, cols, x.stride(0), packed.data_ptr(), features,
-                                    packed.shape[1] * GROUP, out.data_ptr(), out.stride(0)):
+                                    packed.shape[1] * GROUP, out.data_ptr(), out.stride(0),
+                                    int(int4_half_scales(packed))):
         raise MemoryError("int4_dot_mm: no memory for the quantized activations")
     return out
 

@@ -64,6 +64,20 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
+def _half_minimum(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`zero` (bfloat16 values) moved, where that takes at most one float16 step at the minimum's
+    magnitude, to a multiple of that step still in bfloat16, so that minimum = zero - 8·scale is a
+    float16 value too
+    (the integer-dot kernels then hold scales and minimums in float16: 5 bits a weight, not 6).
+    Groups where no such zero is near keep theirs."""
+    _, exponent = torch.frexp(zero.abs() + 8 * scale)                                 # |minimum| < 2^exponent
+    step = torch.ldexp(torch.ones_like(scale), exponent - 11)                         # float16's step there
+    snapped = _bf16(torch.round(zero / step) * step)
+    minimum = snapped - 8 * scale
+    exact = (minimum.half().float() == minimum) & (minimum.abs() >= 2.0 ** -14)       # a normal float16
+    return torch.where(exact & ((snapped - zero).abs() <= step), snapped, zero)
+
+
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor) -> QuantizedWeight:
     """Asymmetric int4 per group of 32 columns: each group's [min, max] over the 16 codes. Scale and
@@ -75,7 +89,7 @@ def quantize_int4(weight: torch.Tensor) -> QuantizedWeight:
     low, high = groups.amin(-1), groups.amax(-1)                                      # [N, G]
     scale = _bf16((high - low) / 15)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))                     # constant group
-    zero = _bf16(low + 8 * scale)                                                     # kernel's zero point
+    zero = _half_minimum(_bf16(low + 8 * scale), scale)                               # kernel's zero point
     minimum = zero - 8 * scale
     codes = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, 15)
     return QuantizedWeight(INT4, codes.to(torch.uint8).view(rows, cols), scale, minimum)

@@ -14,13 +14,15 @@ typedef struct {
     const float *scale;            /* int8-dot: [Np]; int4-dot: unused */
     int64_t out_features;
     int64_t in_padded;             /* Kp: the input width rounded up to 32 */
+    int64_t half_scales;           /* int4-dot: 1 when its records hold float16 scales, 0 float32 ones */
 } DotWeight;
 
 /* out [M, N] = x [M, K] (rows x_stride floats apart) W^T */
 static int product_strided(const DotWeight *w, const float *x, int64_t M, int64_t K, int64_t x_stride, float *out) {
     if (M == 0) return 0;
     if (w->bits == 4)
-        return q4_matmul(x, M, K, x_stride, w->packed, w->out_features, w->in_padded, out, w->out_features);
+        return q4_matmul(x, M, K, x_stride, w->packed, w->out_features, w->in_padded, out, w->out_features,
+                         (int)w->half_scales);
     return q8_matmul(x, M, K, x_stride, w->packed, w->scale, w->out_features, w->in_padded, out, w->out_features);
 }
 

