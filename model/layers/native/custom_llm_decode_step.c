@@ -14,11 +14,6 @@
  * cos / sin [M, r] (rope_cos_sin's tables). A cache layer is rows [S, L + H·r]. Returns 0, or 1
  * when scratch memory could not be had. */
 #include "decode_step.h"
-#include <x86intrin.h>
-#include <stdio.h>
-static double T[32]; static const char *N[32]; static int64_t calls;
-void prof_dump(void){for(int i=0;i<32;i++) if(N[i]) printf("%2d %-40.40s %.3f ms\n",i,N[i],T[i]/2.6e6/calls);calls=0;memset(T,0,sizeof T);}
-#define TICK(i,name) do{uint64_t _t=__rdtsc();T[i]+=_t-_last;N[i]=name;_last=_t;}while(0)
 
 typedef struct {
     const float *input_norm, *post_norm;    /* [d] each */
@@ -159,27 +154,21 @@ int custom_llm_decode_layers(float *h, int64_t M, const CustomShape *shape, cons
     float *y = act + M * I, *moe = y + M * d, *routed = moe + M * d, *xe = routed + M * d;
     float *weights = xe + M * d;
     int64_t *rows_of_expert = experts + M * k;
-    int failed = 0; uint64_t _last=__rdtsc(); calls++;
+    int failed = 0;
     for (int64_t l = 0; l < num_layers && !failed; l++) {
         const CustomLayer *layer = &layers[l];
         /* attention */
         rms_norm(h, M, d, d, layer->input_norm, shape->eps, normed);
-        TICK(0,"rms_norm(h, M, d, d, layer->input_norm, ");
         failed |= product(&layer->input_proj, normed, M, d, proj_in);            /* [M, c_kv | c_q | k_rope] */
         failed |= product_strided(&layer->query_proj, proj_in + L, M, L, in_width, proj_q);  /* [M, q_nope | q_rope] */
         rope_heads(proj_q + H * nope, M, query_width, H, r, cos, sin);
-        TICK(1,"rope_heads(proj_q + H * nope, M, query_w");
         rope_heads(proj_in + 2 * L, M, in_width, H, r, cos, sin);
-        TICK(2,"rope_heads(proj_in + 2 * L, M, in_width,");
         for (int64_t m = 0; m < M; m++) {                                         /* [c_kv | k_rope] rows */
             memcpy(cache_rows + m * row, proj_in + m * in_width, (size_t)L * sizeof(float));
             memcpy(cache_rows + m * row + L, proj_in + m * in_width + 2 * L, (size_t)(H * r) * sizeof(float));
         }
-        TICK(3,"}");
         write_rows(layer->cache, shape->cache_dtype, row, cache_rows, row, M, slots);
-        TICK(4,"write_rows(layer->cache, shape->cache_dt");
         per_head_product(proj_q, query_width, nope, layer->w_uk, M, H, nope, L, q, H * (L + r), L + r);
-        TICK(5,"per_head_product(proj_q, query_width, no");
         for (int64_t m = 0; m < M; m++)                                           /* q = [q_latent | q_rope] */
             for (int64_t hh = 0; hh < H; hh++)
                 memcpy(q + (m * H + hh) * (L + r) + L, proj_q + m * query_width + H * nope + hh * r,
@@ -189,23 +178,17 @@ int custom_llm_decode_layers(float *h, int64_t M, const CustomShape *shape, cons
                                window, att) != 0;                                 /* [M, H, L] */
         per_head_output(att, layer->w_uv, M, H, hd, L, out);                      /* [M, H·hd] */
         failed |= product(&layer->o, out, M, H * hd, proj);
-        TICK(6,"failed |= product(&layer->o, out, M, H *");
         add_rows(h, proj, M * d);
-        TICK(7,"add_rows(h, proj, M * d);");
         /* mixture of experts */
         rms_norm(h, M, d, d, layer->post_norm, shape->eps, normed);
-        TICK(8,"rms_norm(h, M, d, d, layer->post_norm, s");
         for (int64_t s = 0; s < S; s++) {
             failed |= expert(&layer->gate_up[s], &layer->down[s], normed, M, d, I, gu, act, s ? y : moe);
             if (s) add_rows(moe, y, M * d);
         }
-        TICK(9,"}");
         if (S > 1)
             for (int64_t i = 0; i < M * d; i++) moe[i] /= (float)S;
         route(normed, M, d, layer->router, layer->routing_bias, E, k, experts, weights);
-        TICK(10,"route(normed, M, d, layer->router, layer");
         memset(routed, 0, (size_t)(M * d) * sizeof(float));
-        TICK(11,"memset(routed, 0, (size_t)(M * d) * size");
         for (int64_t e = 0; e < E; e++) {
             int64_t n = 0;
             for (int64_t m = 0; m < M; m++)
@@ -226,11 +209,8 @@ int custom_llm_decode_layers(float *h, int64_t M, const CustomShape *shape, cons
                 for (int64_t i = 0; i < d; i++) dst[i] += src[i] * w;
             }
         }
-        TICK(12,"}");
         add_rows(moe, routed, M * d);
-        TICK(13,"add_rows(moe, routed, M * d);");
         add_rows(h, moe, M * d);
-        TICK(14,"add_rows(h, moe, M * d);");
     }
     free(scratch);
     free(experts);
