@@ -21,7 +21,7 @@ import ctypes
 
 import torch
 
-from model.layers import native
+from model.layers import integer_dot, native
 from model.layers.cpu_decode_attention import _gqa_offsets, cpu_paged_gqa_decode
 from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, dot_weight, install, step_argtypes
 
@@ -39,7 +39,8 @@ class LlamaShape(ctypes.Structure):
 def force_portable_products(portable: bool) -> None:
     """Tests: the step's products through the portable loop (its library holds its own copy of the
     product kernels, and so its own switch), or the CPU's best again."""
-    native.function("llama_decode_step", "quant_matmul_force_portable", None, [ctypes.c_int])(int(portable))
+    force = native.function("llama_decode_step", "quant_matmul_force_path", ctypes.c_int, [ctypes.c_int])
+    force(0 if portable else len(integer_dot.PATHS) - 1)
 
 
 def _kernel():

@@ -20,7 +20,7 @@ import ctypes
 import torch
 
 from model.layers import native
-from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight
+from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight, exact_in_half
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _library = None
@@ -37,7 +37,6 @@ def library():
         lib.q4_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
         lib.q8_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64]
         lib.quant_matmul_has_vnni.restype = lib.quant_matmul_has_amx.restype = ctypes.c_int
-        lib.quant_matmul_force_portable.argtypes = [ctypes.c_int]
         lib.quant_matmul_force_path.restype = ctypes.c_int
         lib.quant_matmul_force_path.argtypes = [ctypes.c_int]
         _library = lib
@@ -80,13 +79,6 @@ def _round_up(n: int, multiple: int) -> int:
 RECORD_HALF, RECORD_FLOAT = 1280, 1536   # int4 record bytes with float16 / float32 scales and minimums
 
 
-def _exact_in_half(values: torch.Tensor) -> bool:
-    """Whether every value is a normal float16 one (or zero), so float16 holds it exactly."""
-    magnitude = values.abs()
-    normal = (magnitude == 0) | ((magnitude >= 2.0 ** -14) & (magnitude <= 65504.0))
-    return bool(normal.all()) and torch.equal(values.half().float(), values)
-
-
 def pack_int4_dot(weight: QuantizedWeight) -> torch.Tensor:
     """uint8 [Np/64, G, R]: per (tile, group) the codes [4 blocks][4 chunks][64], then scale and
     minimum [4 blocks][16] (see the C file): float16 (R = 1280) when they all are float16 values,
@@ -99,7 +91,8 @@ def pack_int4_dot(weight: QuantizedWeight) -> torch.Tensor:
     # [T, 4 blocks, 16 lanes, G, 4 chunks, 2 nibbles, 4 columns] → [T, G, blocks, chunks, lanes, columns]
     split = codes.view(n_pad // TILE, 4, LANES, groups, 4, 2, 4).permute(0, 3, 1, 4, 5, 2, 6)
     nibbles = (split[..., 0, :, :] | (split[..., 1, :, :] << 4)).reshape(n_pad // TILE, groups, 1024)
-    dtype = torch.float16 if _exact_in_half(weight.scale) and _exact_in_half(weight.minimum) else torch.float32
+    held = bool(exact_in_half(weight.scale).all() and exact_in_half(weight.minimum).all())
+    dtype = torch.float16 if held else torch.float32
     return torch.cat([nibbles, _tile_floats(weight.scale, n_pad, dtype), _tile_floats(weight.minimum, n_pad, dtype)],
                      dim=2)
 

@@ -64,6 +64,13 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
+def exact_in_half(values: torch.Tensor) -> torch.Tensor:
+    """Which float32 values float16 holds exactly as normal numbers (or zero): bool, same shape."""
+    magnitude = values.abs()
+    normal = (magnitude == 0) | ((magnitude >= 2.0 ** -14) & (magnitude <= 65504.0))
+    return normal & (values.half().float() == values)
+
+
 def _half_minimum(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`zero` (bfloat16 values) moved, where that takes at most one float16 step at the minimum's
     magnitude, to a multiple of that step still in bfloat16, so that minimum = zero - 8·scale is a
@@ -74,8 +81,7 @@ def _half_minimum(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     step = torch.ldexp(torch.ones_like(scale), exponent - 11)                         # float16's step there
     snapped = _bf16(torch.round(zero / step) * step)
     minimum = snapped - 8 * scale
-    exact = (minimum.half().float() == minimum) & (minimum.abs() >= 2.0 ** -14)       # a normal float16
-    return torch.where(exact & ((snapped - zero).abs() <= step), snapped, zero)
+    return torch.where(exact_in_half(minimum) & ((snapped - zero).abs() <= step), snapped, zero)
 
 
 @torch.no_grad()

@@ -611,11 +611,6 @@ int quant_matmul_force_path(int highest) {
     return chosen;
 }
 
-/* tests: the portable path on this CPU too (1) or the CPU's best again (0) */
-void quant_matmul_force_portable(int portable) {
-    quant_matmul_force_path(portable ? PORTABLE : AMX_PATH);
-}
-
 static int tiles_for(int64_t M) {
 #ifdef HAVE_AMX_COMPILER
     return path() == AMX_PATH && M >= AMX_MIN_ROWS;
