@@ -20,7 +20,9 @@ from torch import nn
 
 from model.cache.batch import PagedBatch
 from model.config import BaseModelConfig
-from model.layers.attention import KernelAttention, paged_grouped_query_attention
+from model.layers import prompt_ops
+from model.layers.attention import (KernelAttention, gather_context, grouped_query_attention,
+                                    paged_grouped_query_attention)
 from model.layers.linear import Linear
 from model.layers.norms import RMSNorm
 from model.layers.rope import rope_cos_sin
@@ -183,10 +185,42 @@ class LlamaAttention(KernelAttention, FusedProjections):
                       cache_layer: torch.Tensor) -> torch.Tensor:
         """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context
         (q is pre-scaled: scale 1)."""
+        if not batch.is_decode_only and self.prefill_dtype == torch.bfloat16:
+            out = self._prompt_in_bfloat16(x, rope, batch, cache_layer)
+            if out is not None:
+                return out
         q, k, v = self._qkv(x, rope)                                                        # [T, H|KV, hd], [T, KV*hd]
         out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_kernel,
                                             self.prefill_dtype)                                # [T, H*hd]
         return self.o_proj(out)
+
+
+    def _prompt_in_bfloat16(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
+                            cache_layer: torch.Tensor) -> torch.Tensor | None:
+        """A prompt chunk's layer where both products take bfloat16 inputs and attention runs in
+        bfloat16: q|k|v stays bfloat16 through RoPE, the cache write and the attention (one C pass,
+        model/layers/prompt_ops.py), a lone prompt from position 0 attends to its own keys without
+        gathering them back from the cache → [T, d] in x's dtype; None where that does not apply."""
+        cfg = self.cfg
+        rows, bf16 = x.shape[0], torch.bfloat16
+        if self.qkv_proj.input_dtype(rows) != bf16 or self.o_proj.input_dtype(rows) != bf16 \
+                or not prompt_ops.available(x.new_empty(0, dtype=bf16)):
+            return None
+        qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
+        rotated = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
+                                      cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)
+        if rotated is None:
+            return None
+        q, kv = rotated                                                                     # [T, H, hd], [T, 2*KV*hd]
+        if kv is None:
+            kv = gather_context(cache_layer, batch).to(bf16)                                # [B, K, 2*KV*hd]
+        else:
+            kv = kv[None]                                                                   # [1, T, 2*KV*hd]
+        width = cfg.num_kv_heads * cfg.head_dim
+        keys = kv[..., :width].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)   # [B, KV, K, hd]
+        values = kv[..., width:].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)  # [B, KV, K, hd]
+        out = grouped_query_attention(q, keys, values, batch, 1.0)                          # [T, H, hd] bf16
+        return self.o_proj(out.reshape(rows, -1)).to(x.dtype)                              # [T, d]
 
 
 class LlamaMLP(FusedProjections):
@@ -210,8 +244,12 @@ class LlamaMLP(FusedProjections):
         rows = x.numel() // x.shape[-1]
         dtype = self.gate_up_proj.input_dtype(rows)
         if dtype is not None and dtype != x.dtype and self.down_proj.input_dtype(rows) == dtype:
-            gate, up = self.gate_up_proj(x.to(dtype)).chunk(2, dim=-1)                     # [..., I] each, dtype
-            return self.down_proj(F.silu(gate) * up).to(x.dtype)
+            gate_up = self.gate_up_proj(x.to(dtype))                                        # [..., 2I] dtype
+            act = prompt_ops.swiglu(gate_up)                                                # [..., I] or None
+            if act is None:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            return self.down_proj(act).to(x.dtype)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                                   # [..., I] each
         return self.down_proj(F.silu(gate) * up)
 

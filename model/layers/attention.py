@@ -73,12 +73,12 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     [B, KV, K, hd], query head h reading kv head h // (H / KV), masked by batch.attn_mask (causal,
     window, released blocks) → [T, H, hd]. PyTorch's fused attention: no [Q, K] score matrix is
     kept, which is what a long prefill chunk costs otherwise."""
-    queries = pad_queries(q, batch).transpose(1, 2)                                  # [B, H, Q, hd]
-    causal = batch.plain_causal
+    causal = batch.plain_causal          # one sequence from position 0: its queries need no padding
+    queries = (q[None] if causal else pad_queries(q, batch)).transpose(1, 2)         # [B, H, Q, hd]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None if causal else batch.attn_mask[:, None],
                                          is_causal=causal, scale=scale,
                                          enable_gqa=keys.shape[1] != queries.shape[1])  # [B, H, Q, hd]
-    return unpad_queries(out.transpose(1, 2), batch)                                 # [T, H, hd]
+    return out[0].transpose(0, 1) if causal else unpad_queries(out.transpose(1, 2), batch)   # [T, H, hd]
 
 
 def masked_softmax(scores: torch.Tensor, batch: PagedBatch) -> torch.Tensor:

@@ -43,6 +43,25 @@ static inline uint16_t f32_to_bf16(float f) {          /* round to nearest even,
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* n float32 values to float16 (round to nearest even) and back, 8 at a time in F16C where the compiler
+ * targets it (GCC 12 leaves `(_Float16)x` loops scalar) */
+static void f32_to_f16_n(const float *src, _Float16 *dst, int64_t n) {
+    int64_t i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = (_Float16)src[i];
+}
+
+static void f16_to_f32_n(const _Float16 *src, float *dst, int64_t n) {
+    int64_t i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = (float)src[i];
+}
+
 /* the first `width` floats of each of M rows (`row` floats apart) into its cache slot, a cache row
  * being `width` values of the cache's dtype */
 static void write_rows(void *cache, int dtype, int64_t width, const float *kv, int64_t row, int64_t M,
@@ -55,25 +74,26 @@ static void write_rows(void *cache, int dtype, int64_t width, const float *kv, i
             uint16_t *dst = (uint16_t *)cache + slots[m] * width;
             for (int64_t i = 0; i < width; i++) dst[i] = f32_to_bf16(src[i]);
         } else {
-            _Float16 *dst = (_Float16 *)cache + slots[m] * width;
-            for (int64_t i = 0; i < width; i++) dst[i] = (_Float16)src[i];
+            f32_to_f16_n(src, (_Float16 *)cache + slots[m] * width, width);
         }
     }
 }
 
-/* SwiGLU: act[m, i] = silu(gate[m, i]) · up[m, i] from gate|up rows [M, 2I]; silu(x) = x·σ(x) with
- * σ from e^-|x| (exp_nonpositive: vectorizes, within 2 ulp of expf) */
+/* silu(x) = x·σ(x) = x / (1 + e^-x), from e^-|x| (exp_nonpositive: vectorizes, within 2 ulp of expf)
+ * so that nothing overflows, with one division (what bounds a vectorized loop of these) */
+static inline float silu(float x) {
+    float e = exp_nonpositive(-fabsf(x));
+    return (x >= 0.0f ? x : x * e) / (1.0f + e);
+}
+
+/* SwiGLU: act[m, i] = silu(gate[m, i]) · up[m, i] from gate|up rows [M, 2I] */
 static void swiglu(const float *gate_up, int64_t M, int64_t I, float *act) {
 #pragma omp parallel for schedule(static) if (M * I >= 65536)
     for (int64_t m = 0; m < M; m++) {
         const float *gate = gate_up + m * 2 * I, *up = gate + I;
         float *out = act + m * I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; i++) {
-            float x = gate[i], e = exp_nonpositive(-fabsf(x));
-            float sigmoid = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-            out[i] = x * sigmoid * up[i];
-        }
+        for (int64_t i = 0; i < I; i++) out[i] = silu(gate[i]) * up[i];
     }
 }
 

@@ -1,11 +1,13 @@
 """The Llama MLP keeps its intermediate in 16 bits where both products take 16-bit inputs at that
 many rows (bfloat16 copies for prompt chunks): the down projection is handed bfloat16, the output
-stays within bfloat16's rounding of the float32 intermediate's, and other formats keep float32."""
+stays within bfloat16's rounding of the float32 intermediate's (its very rounding where SwiGLU runs in
+C), and other formats keep float32."""
 from __future__ import annotations
 
 import torch
 
 from model.config import preset
+from model.layers import prompt_ops
 from model.layers.quantized_linear import BFLOAT16, INT4, INT4_DOT, QuantizedLinear, quantize_model, replace_module
 from tests.helpers import perturbed_model
 
@@ -38,7 +40,10 @@ def test_prompt_rows_stay_16_bit_between_the_products():
     with torch.inference_mode():                      # the float32 intermediate, rounded at down's input
         gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
         want = mlp.down_proj(torch.nn.functional.silu(gate) * up)
-    assert 0 < float((out - want).abs().max()) <= 0.02 * float(want.abs().max())
+    # SwiGLU in C (model/layers/prompt_ops.py) rounds the float32 intermediate once, as down's input
+    # cast does; PyTorch's bfloat16 ops round twice
+    tolerance = 0.002 if prompt_ops.available(x.bfloat16()) else 0.02
+    assert float((out - want).abs().max()) <= tolerance * float(want.abs().max())
 
 
 def test_other_formats_keep_a_float32_intermediate():

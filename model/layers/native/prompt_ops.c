@@ -1,0 +1,84 @@
+/* The element-wise steps of a prompt chunk's layer on bfloat16 activations, one pass each where PyTorch
+ * takes several ops and a float32 copy of every tensor (docs/architecture.md, "Prompt chunks"):
+ *
+ * prompt_rope_qkv: a fused q|k|v product's bfloat16 rows [T, (H + 2KV)·hd] → rotate_half RoPE of the
+ *   H query and KV key heads (float32 arithmetic; cos / sin [T, H + KV, hd] as model/families/llama.py's
+ *   `Rope`: query rows pre-scaled, sin signed; every query head's row is the same, and every key head's,
+ *   so only heads 0 and H are read), the rotated keys and the values written to their cache
+ *   slots in the cache's dtype, the queries out as bfloat16 [T, H, hd] and, when kv_out is given, the
+ *   [K | V] rows as bfloat16 [T, 2·KV·hd] rounded from the cache's values (what gathering the cache
+ *   and converting it gives, so a prompt attends alike whether its keys come from here or the cache).
+ * prompt_swiglu: gate|up bfloat16 rows [T, 2I] → silu(gate)·up as bfloat16 [T, I], rounded once. */
+#include "decode_step.h"
+
+/* GCC's loops over 512-bit vectors where the CPU has them (its default for -march=native is 256 bits):
+ * SwiGLU's one division per value is what bounds it, and halves with the width */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define WIDE_VECTORS
+#endif
+
+#define CHUNK 256                                       /* values converted per pass of a row */
+
+/* the vectorizable forms of bf16_to_f32 / f32_to_bf16 over n values */
+static void bf16_to_f32_n(const uint16_t *src, float *dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)src[i] << 16;
+        memcpy(&dst[i], &bits, sizeof bits);
+    }
+}
+
+static void f32_to_bf16_n(const float *src, uint16_t *dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &src[i], sizeof bits);
+        uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, quiet_nan = (bits >> 16) | 0x40u;
+        dst[i] = (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+    }
+}
+
+void prompt_rope_qkv(const uint16_t *qkv, int64_t T, int64_t H, int64_t KV, int64_t hd, const float *cos,
+                     const float *sin, const int64_t *slots, void *cache, int32_t cache_dtype, uint16_t *q_out,
+                     uint16_t *kv_out) {
+    const int64_t rotated_heads = H + KV, width = (H + 2 * KV) * hd, kv_width = 2 * KV * hd, half = hd / 2;
+#pragma omp parallel for schedule(static) if (T * width >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        float x[width], out[rotated_heads * hd];        /* this token's q|k|v; its rotated q|k, then v */
+        bf16_to_f32_n(qkv + t * width, x, width);
+        for (int64_t j = 0; j < rotated_heads; j++) {
+            const int64_t table_row = t * rotated_heads + (j < H ? 0 : H);     /* heads alike: see above */
+            const float *c = cos + table_row * hd, *s = sin + table_row * hd;
+            const float *in = x + j * hd;
+            float *o = out + j * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) o[i] = in[i] * c[i] + in[i + half] * s[i];
+#pragma omp simd
+            for (int64_t i = half; i < hd; i++) o[i] = in[i] * c[i] + in[i - half] * s[i];
+        }
+        f32_to_bf16_n(out, q_out + t * H * hd, H * hd);
+        float *kv = out + H * hd;                        /* [K | V]: the rotated keys, then the values */
+        memcpy(kv + KV * hd, x + rotated_heads * hd, (size_t)(KV * hd) * sizeof(float));
+        write_rows(cache, cache_dtype, kv_width, kv, kv_width, 1, slots + t);
+        if (!kv_out) continue;
+        if (cache_dtype == F16) f16_to_f32_n((const _Float16 *)cache + slots[t] * kv_width, kv, kv_width);
+        f32_to_bf16_n(kv, kv_out + t * kv_width, kv_width);
+    }
+}
+
+WIDE_VECTORS void prompt_swiglu(const uint16_t *gate_up, int64_t T, int64_t I, uint16_t *act) {
+#pragma omp parallel for schedule(static) if (T * I >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t start = 0; start < I; start += CHUNK) {
+            const int64_t n = I - start < CHUNK ? I - start : CHUNK;
+            float gate[CHUNK], up[CHUNK];
+            bf16_to_f32_n(gate_up + t * 2 * I + start, gate, n);
+            bf16_to_f32_n(gate_up + t * 2 * I + I + start, up, n);
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
+            f32_to_bf16_n(gate, act + t * I + start, n);
+        }
+    }
+}

@@ -1,0 +1,66 @@
+"""A prompt chunk's element-wise steps on bfloat16 activations in C (native/prompt_ops.c).
+
+Where a layer's products take bfloat16 inputs for a prompt chunk (`--dtype auto` or `--quantization`
+on a CPU with fast bfloat16 products) and its attention runs in bfloat16, the q|k|v product's output
+goes straight to RoPE, the cache and the attention, and gate|up's to SwiGLU, without the float32 copy,
+the seven PyTorch ops and the casts each costs otherwise (a fifth of a 512-token prefill of the
+built-in model). Every function returns None where its kernel does not apply (another device or
+dtype, no C compiler, inside torch.compile); the caller then keeps its PyTorch ops.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from model.layers import native
+from model.layers.cpu_decode_attention import _DTYPES as CACHE_DTYPES
+
+_I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
+def _kernel(symbol: str, argtypes: list):
+    return native.function("prompt_ops", symbol, None, argtypes)
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels serve activations like x (bfloat16 on a CPU, a compiler at hand)."""
+    return (x.is_cpu and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+            and _kernel("prompt_swiglu", [_PTR, _I64, _I64, _PTR]) is not None)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+             cache_layer: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+             with_kv: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """qkv bfloat16 [T, (H + 2KV)·hd] → rotate_half RoPE (cos / sin float32 [T, H + KV, hd]); the
+    [K | V] rows written to cache_layer [S, 2·KV·hd] at slot_mapping [T]; returns q bfloat16
+    [T, H, hd] and, with `with_kv`, the [K | V] rows as bfloat16 [T, 2·KV·hd] (from the cache's
+    rounding), or None where the kernel does not apply."""
+    tokens = qkv.shape[0]
+    if not (qkv.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
+            and sin.is_contiguous() and cache_layer.is_contiguous() and cache_layer.dtype in CACHE_DTYPES
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and cos.shape == (tokens, heads + kv_heads, head_dim)
+            and qkv.shape[1] == (heads + 2 * kv_heads) * head_dim and cache_layer.shape[1] == 2 * kv_heads * head_dim):
+        return None
+    kernel = _kernel("prompt_rope_qkv", [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I32, _PTR, _PTR])
+    if kernel is None:
+        return None
+    q = qkv.new_empty(tokens, heads, head_dim)                                               # [T, H, hd]
+    kv = qkv.new_empty(tokens, 2 * kv_heads * head_dim) if with_kv else None                 # [T, 2·KV·hd]
+    kernel(qkv.data_ptr(), tokens, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+           slot_mapping.data_ptr(), cache_layer.data_ptr(), CACHE_DTYPES[cache_layer.dtype], q.data_ptr(),
+           kv.data_ptr() if kv is not None else None)
+    return q, kv
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """gate|up bfloat16 [..., 2I] → silu(gate)·up bfloat16 [..., I] (float32 arithmetic, one rounding),
+    or None where the kernel does not apply."""
+    if not (available(gate_up) and gate_up.is_contiguous()):
+        return None
+    inner = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // gate_up.shape[-1]
+    act = gate_up.new_empty(*gate_up.shape[:-1], inner)                                        # [..., I]
+    _kernel("prompt_swiglu", [_PTR, _I64, _I64, _PTR])(gate_up.data_ptr(), rows, inner, act.data_ptr())
+    return act
