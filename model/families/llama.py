@@ -185,33 +185,32 @@ class LlamaAttention(KernelAttention, FusedProjections):
                       cache_layer: torch.Tensor) -> torch.Tensor:
         """x [T, d] → [T, d]: write this step's [K | V] rows, then attend over each sequence's context
         (q is pre-scaled: scale 1)."""
-        if not batch.is_decode_only and self.prefill_dtype == torch.bfloat16:
-            out = self._prompt_in_bfloat16(x, rope, batch, cache_layer)
-            if out is not None:
-                return out
+        if not batch.is_decode_only and self.takes_bfloat16_prompt(x.shape[0], cache_layer, rope):
+            return self.prompt_in_bfloat16(x, rope, batch, cache_layer).to(x.dtype)
         q, k, v = self._qkv(x, rope)                                                        # [T, H|KV, hd], [T, KV*hd]
         out = paged_grouped_query_attention(q, k, v, batch, cache_layer, 1.0, self.decode_kernel,
                                             self.prefill_dtype)                                # [T, H*hd]
         return self.o_proj(out)
 
 
-    def _prompt_in_bfloat16(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
-                            cache_layer: torch.Tensor) -> torch.Tensor | None:
-        """A prompt chunk's layer where both products take bfloat16 inputs and attention runs in
-        bfloat16: q|k|v stays bfloat16 through RoPE, the cache write and the attention (one C pass,
-        model/layers/prompt_ops.py), a lone prompt from position 0 attends to its own keys without
-        gathering them back from the cache → [T, d] in x's dtype; None where that does not apply."""
+    def takes_bfloat16_prompt(self, rows: int, cache_layer: torch.Tensor, rope: Rope) -> bool:
+        """Whether a prompt chunk of `rows` rows runs `prompt_in_bfloat16`: both products take bfloat16
+        inputs at that many rows, attention runs in bfloat16, and the C kernels serve the cache."""
+        bf16 = torch.bfloat16
+        return (self.prefill_dtype == bf16 and self.qkv_proj.input_dtype(rows) == bf16
+                and self.o_proj.input_dtype(rows) == bf16 and prompt_ops.rope_applies(cache_layer, rope.cos, rope.sin))
+
+    def prompt_in_bfloat16(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
+                           cache_layer: torch.Tensor) -> torch.Tensor:
+        """A prompt chunk's attention where `takes_bfloat16_prompt`: x [T, d] → [T, d] bfloat16. q|k|v
+        stays bfloat16 through RoPE, the cache write and the attention (one C pass,
+        model/layers/prompt_ops.py); a lone prompt from position 0 attends to its own keys without
+        gathering them back from the cache."""
         cfg = self.cfg
-        rows, bf16 = x.shape[0], torch.bfloat16
-        if self.qkv_proj.input_dtype(rows) != bf16 or self.o_proj.input_dtype(rows) != bf16 \
-                or not prompt_ops.available(x.new_empty(0, dtype=bf16)):
-            return None
+        bf16 = torch.bfloat16
         qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
-        rotated = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
-                                      cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)
-        if rotated is None:
-            return None
-        q, kv = rotated                                                                     # [T, H, hd], [T, 2*KV*hd]
+        q, kv = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
+                                    cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)  # [T, H, hd], [T, 2*KV*hd]
         if kv is None:
             kv = gather_context(cache_layer, batch).to(bf16)                                # [B, K, 2*KV*hd]
         else:
@@ -220,7 +219,7 @@ class LlamaAttention(KernelAttention, FusedProjections):
         keys = kv[..., :width].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)   # [B, KV, K, hd]
         values = kv[..., width:].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)  # [B, KV, K, hd]
         out = grouped_query_attention(q, keys, values, batch, 1.0)                          # [T, H, hd] bf16
-        return self.o_proj(out.reshape(rows, -1)).to(x.dtype)                              # [T, d]
+        return self.o_proj(out.reshape(x.shape[0], -1))                                    # [T, d] bf16
 
 
 class LlamaMLP(FusedProjections):
@@ -237,13 +236,18 @@ class LlamaMLP(FusedProjections):
     def part_sizes(self, fused: str) -> list[int]:
         return [self.intermediate_size, self.intermediate_size]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] → [..., d]. Where both products take 16-bit inputs at this many rows (bfloat16
-        copies for prompt chunks), the [..., 2I] intermediate stays 16-bit: no float32 copy of it
-        made and converted back, half the bytes through SwiGLU."""
-        rows = x.numel() // x.shape[-1]
+    def sixteen_bit_dtype(self, rows: int) -> torch.dtype | None:
+        """The 16-bit dtype both products compute on at this many rows (bfloat16 copies for prompt
+        chunks), or None."""
         dtype = self.gate_up_proj.input_dtype(rows)
-        if dtype is not None and dtype != x.dtype and self.down_proj.input_dtype(rows) == dtype:
+        return dtype if dtype is not None and self.down_proj.input_dtype(rows) == dtype else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] → [..., d] in x's dtype. Where both products take 16-bit inputs at this many rows,
+        the [..., 2I] intermediate stays 16-bit: no float32 copy of it made and converted back, half
+        the bytes through SwiGLU (one C pass for bfloat16, model/layers/prompt_ops.py)."""
+        dtype = self.sixteen_bit_dtype(x.numel() // x.shape[-1])
+        if dtype is not None:
             gate_up = self.gate_up_proj(x.to(dtype))                                        # [..., 2I] dtype
             act = prompt_ops.swiglu(gate_up)                                                # [..., I] or None
             if act is None:
@@ -309,12 +313,38 @@ class LlamaForCausalLM(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.logits(self.model.norm(h))                                              # [B, T, V]
 
+    def _prompt_layers_in_bfloat16(self, h: torch.Tensor, rope: Rope, batch: PagedBatch,
+                                   cache: list[torch.Tensor]) -> bool:
+        """A step with prompt chunks through layers whose products and attention all take bfloat16
+        for its rows: the activations between the products stay bfloat16, each residual add and the
+        norm after it one C pass (model/layers/prompt_ops.py); h [T, d] float32 is updated in place.
+        False (h untouched) where that does not apply."""
+        layers, rows = self.model.layers, h.shape[0]
+        if batch.is_decode_only or not layers or not all(
+                layer.self_attn.takes_bfloat16_prompt(rows, cache_layer, rope)
+                and layer.mlp.sixteen_bit_dtype(rows) == torch.bfloat16
+                for layer, cache_layer in zip(layers, cache)):
+            return False
+        normed = layers[0].input_layernorm(h).to(torch.bfloat16)                            # [T, d] bf16
+        for index, (layer, cache_layer) in enumerate(zip(layers, cache)):
+            attention = layer.self_attn.prompt_in_bfloat16(normed, rope, batch, cache_layer)  # [T, d] bf16
+            post = layer.post_attention_layernorm
+            normed = prompt_ops.add_rms_norm(h, attention, post.weight, post.eps)
+            mlp = layer.mlp(normed)                                                         # [T, d] bf16
+            if index + 1 < len(layers):
+                following = layers[index + 1].input_layernorm
+                normed = prompt_ops.add_rms_norm(h, mlp, following.weight, following.eps)
+            else:
+                h += mlp.float()
+        return True
+
     def forward_paged(self, batch: PagedBatch, cache: list[torch.Tensor]) -> torch.Tensor:
         """One step over the paged cache (one [S, 2*KV*hd] tensor per layer) → logits [N, V] for
         batch.logits_index."""
         h = self.model.embed_tokens(batch.token_ids)                                        # [T, d]
         rope = Rope.build(batch.positions, self.config, h.dtype)
-        if self.cpu_decode_step is None or not self.cpu_decode_step.run(h, rope.cos, rope.sin, batch, cache):
+        if (self.cpu_decode_step is None or not self.cpu_decode_step.run(h, rope.cos, rope.sin, batch, cache)) \
+                and not self._prompt_layers_in_bfloat16(h, rope, batch, cache):
             for layer, cache_layer in zip(self.model.layers, cache):
                 h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -29,6 +29,13 @@ def available(x: torch.Tensor) -> bool:
             and _kernel("prompt_swiglu", [_PTR, _I64, _I64, _PTR]) is not None)
 
 
+def rope_applies(cache_layer: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope_qkv` serves this cache layer and these rotation tables (shapes aside)."""
+    return (cache_layer.is_cpu and cache_layer.is_contiguous() and cache_layer.dtype in CACHE_DTYPES
+            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and available(torch.empty(0, dtype=torch.bfloat16)))
+
+
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
              cache_layer: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
              with_kv: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -37,15 +44,12 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mappi
     [T, H, hd] and, with `with_kv`, the [K | V] rows as bfloat16 [T, 2·KV·hd] (from the cache's
     rounding), or None where the kernel does not apply."""
     tokens = qkv.shape[0]
-    if not (qkv.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
-            and sin.is_contiguous() and cache_layer.is_contiguous() and cache_layer.dtype in CACHE_DTYPES
+    if not (rope_applies(cache_layer, cos, sin) and qkv.is_contiguous() and qkv.dtype == torch.bfloat16
             and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
             and cos.shape == (tokens, heads + kv_heads, head_dim)
             and qkv.shape[1] == (heads + 2 * kv_heads) * head_dim and cache_layer.shape[1] == 2 * kv_heads * head_dim):
         return None
     kernel = _kernel("prompt_rope_qkv", [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I32, _PTR, _PTR])
-    if kernel is None:
-        return None
     q = qkv.new_empty(tokens, heads, head_dim)                                               # [T, H, hd]
     kv = qkv.new_empty(tokens, 2 * kv_heads * head_dim) if with_kv else None                 # [T, 2·KV·hd]
     kernel(qkv.data_ptr(), tokens, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
@@ -64,3 +68,16 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor | None:
     act = gate_up.new_empty(*gate_up.shape[:-1], inner)                                        # [..., I]
     _kernel("prompt_swiglu", [_PTR, _I64, _I64, _PTR])(gate_up.data_ptr(), rows, inner, act.data_ptr())
     return act
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The residual add and the next RMSNorm: h float32 [T, d] += y bfloat16 [T, d] in place, and
+    returns w · h / sqrt(mean(h²) + eps) as bfloat16 [T, d]; None (h untouched) where the kernel
+    does not apply."""
+    if not (available(y) and y.is_contiguous() and h.dtype == weight.dtype == torch.float32 and h.is_contiguous()
+            and h.shape == y.shape and h.dim() == 2 and weight.shape == (h.shape[1],)):
+        return None
+    out = torch.empty_like(y)                                                                 # [T, d]
+    _kernel("prompt_add_rms_norm", [_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_float, _PTR])(
+        h.data_ptr(), y.data_ptr(), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out

@@ -8,7 +8,8 @@
  *   slots in the cache's dtype, the queries out as bfloat16 [T, H, hd] and, when kv_out is given, the
  *   [K | V] rows as bfloat16 [T, 2·KV·hd] rounded from the cache's values (what gathering the cache
  *   and converting it gives, so a prompt attends alike whether its keys come from here or the cache).
- * prompt_swiglu: gate|up bfloat16 rows [T, 2I] → silu(gate)·up as bfloat16 [T, I], rounded once. */
+ * prompt_swiglu: gate|up bfloat16 rows [T, 2I] → silu(gate)·up as bfloat16 [T, I], rounded once.
+ * prompt_add_rms_norm: the residual add of a product's bfloat16 output and the next norm (below). */
 #include "decode_step.h"
 
 /* GCC's loops over 512-bit vectors where the CPU has them (its default for -march=native is 256 bits):
@@ -79,6 +80,34 @@ WIDE_VECTORS void prompt_swiglu(const uint16_t *gate_up, int64_t T, int64_t I, u
 #pragma omp simd
             for (int64_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
             f32_to_bf16_n(gate, act + t * I + start, n);
+        }
+    }
+}
+
+/* The residual add and the next RMSNorm of a prompt chunk's layer: h [T, d] float32 += y [T, d]
+ * bfloat16, then out [T, d] bfloat16 = w · h / sqrt(mean(h²) + eps) (rms_norm.c's arithmetic), rounded
+ * once: where PyTorch converts y to float32, adds, normalises and converts back in four passes. */
+WIDE_VECTORS void prompt_add_rms_norm(float *h, const uint16_t *y, int64_t T, int64_t d, const float *w, float eps,
+                                      uint16_t *out) {
+#pragma omp parallel for schedule(static) if (T * d >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        float *row = h + t * d;
+        float normed[CHUNK];
+        for (int64_t start = 0; start < d; start += CHUNK) {
+            const int64_t n = d - start < CHUNK ? d - start : CHUNK;
+            bf16_to_f32_n(y + t * d + start, normed, n);
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) row[start + i] += normed[i];
+        }
+        float squares = 0.0f;
+#pragma omp simd reduction(+:squares)
+        for (int64_t i = 0; i < d; i++) squares += row[i] * row[i];
+        const float inv = 1.0f / sqrtf(squares / (float)d + eps);
+        for (int64_t start = 0; start < d; start += CHUNK) {
+            const int64_t n = d - start < CHUNK ? d - start : CHUNK;
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) normed[i] = w[start + i] * (row[start + i] * inv);
+            f32_to_bf16_n(normed, out + t * d + start, n);
         }
     }
 }

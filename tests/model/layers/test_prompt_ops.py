@@ -139,3 +139,21 @@ def test_decode_steps_keep_their_own_path(monkeypatch):
     with torch.inference_mode():
         model.forward_paged(PagedBatch.build([SequenceChunk([5], 0, [0])], 4), cache.layers)
     assert calls == []
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (9, 64), (70, 576)])
+def test_add_rms_norm_adds_in_place_and_normalises_as_rms_norm(shape):
+    from model.layers.norms import RMSNorm
+    generator = torch.Generator().manual_seed(shape[1])
+    h = torch.randn(*shape, generator=generator)
+    y = torch.randn(*shape, generator=generator).bfloat16()
+    norm = RMSNorm(shape[1], 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(shape[1], generator=generator))
+        want_h = h + y.float()
+        want = norm(want_h)
+        out = prompt_ops.add_rms_norm(h, y, norm.weight, norm.eps)
+    assert torch.equal(h, want_h)                                             # the same float32 adds
+    assert out.dtype == torch.bfloat16 and within_one_rounding(out, want)
+    assert prompt_ops.add_rms_norm(h, y.float(), norm.weight, norm.eps) is None
+    assert prompt_ops.add_rms_norm(h[:, :-1], y[:, :-1], norm.weight, norm.eps) is None
