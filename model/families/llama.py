@@ -146,6 +146,7 @@ class LlamaAttention(KernelAttention, FusedProjections):
 
     FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
     HAS_PREFILL_DTYPE = True
+    TILE_ATTENTION = True
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -205,12 +206,16 @@ class LlamaAttention(KernelAttention, FusedProjections):
         """A prompt chunk's attention where `takes_bfloat16_prompt`: x [T, d] → [T, d] bfloat16. q|k|v
         stays bfloat16 through RoPE, the cache write and the attention (one C pass,
         model/layers/prompt_ops.py); a lone prompt from position 0 attends to its own keys without
-        gathering them back from the cache."""
+        gathering them back from the cache, in the tile-unit kernel where `prompt_tile_attention`."""
         cfg = self.cfg
         bf16 = torch.bfloat16
         qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
         q, kv = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
                                     cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)  # [T, H, hd], [T, 2*KV*hd]
+        if kv is not None and self.prompt_tile_attention:
+            out = prompt_ops.causal_attention(q, kv, cfg.num_kv_heads)                      # [T, H, hd] bf16
+            if out is not None:
+                return self.o_proj(out.view(x.shape[0], -1))                               # [T, d] bf16
         if kv is None:
             kv = gather_context(cache_layer, batch).to(bf16)                                # [B, K, 2*KV*hd]
         else:

@@ -28,6 +28,10 @@ class KernelAttention:
     # model/layers/prefill_attention.py where it measures faster and the mode is not exact
     HAS_PREFILL_DTYPE = False
     prefill_dtype: torch.dtype | None = None
+    # a lone prompt's attention from position 0 in the tile-unit kernel (model/layers/prompt_ops.py), in
+    # families that can (TILE_ATTENTION), set where measured faster than PyTorch's bfloat16 one
+    TILE_ATTENTION = False
+    prompt_tile_attention = False
 
     def use_decode_kernel(self, kernel: Callable | None) -> None:
         self.decode_kernel = kernel

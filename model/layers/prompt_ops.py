@@ -81,3 +81,31 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     _kernel("prompt_add_rms_norm", [_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_float, _PTR])(
         h.data_ptr(), y.data_ptr(), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr())
     return out
+
+
+def has_tile_attention() -> bool:
+    """Whether `causal_attention` runs here (a CPU with AMX-BF16, a compiler that knows it)."""
+    fn = native.function("prompt_attention", "prompt_attention_has_amx_bf16", ctypes.c_int, [])
+    return fn is not None and bool(fn())
+
+
+def tile_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether `causal_attention` takes this attention shape (hd 32 or 64: the output in tile registers)."""
+    return heads % kv_heads == 0 and head_dim in (32, 64)
+
+
+def causal_attention(q: torch.Tensor, kv: torch.Tensor, kv_heads: int, scale: float = 1.0) -> torch.Tensor | None:
+    """Causal attention of one prompt from position 0 over its own keys on the CPU's tile unit
+    (native/prompt_attention.c): q bfloat16 [T, H, hd], kv bfloat16 [T, 2·KV·hd] = [K | V] →
+    [T, H, hd] bfloat16; None where it does not run (no AMX-BF16, another head size)."""
+    tokens, heads, head_dim = q.shape
+    if not (available(q) and q.is_contiguous() and kv.dtype == torch.bfloat16 and kv.is_contiguous()
+            and kv.shape == (tokens, 2 * kv_heads * head_dim) and tile_attention_fits(heads, kv_heads, head_dim)
+            and has_tile_attention()):
+        return None
+    out = torch.empty_like(q)                                                                  # [T, H, hd]
+    kernel = native.function("prompt_attention", "prompt_causal_attention", ctypes.c_int,
+                             [_PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR])
+    if kernel(q.data_ptr(), kv.data_ptr(), tokens, heads, kv_heads, head_dim, scale, out.data_ptr()):
+        return None
+    return out

@@ -116,3 +116,25 @@ def test_serving_takes_it_where_measured_faster_but_never_in_exact_float32(dtype
     want = torch.bfloat16 if dtype == "auto" else None
     assert {m.prefill_dtype for m in attention_modules(engine.model)} == {want}
     assert len(calls) == (2 if dtype == "auto" else 0)
+
+
+@pytest.mark.parametrize("tiles_seconds, expected", [(0.5, True), (3.0, False)])
+def test_the_tile_kernel_where_it_measures_faster_than_bfloat16(tiles_seconds, expected, monkeypatch, tmp_path):
+    from model.layers import prompt_ops
+    fake_attention_timings(monkeypatch, float32=2.0, bfloat16=1.0)
+    timed = []
+    monkeypatch.setattr(prefill_attention, "time_tile_attention", lambda *shape: timed.append(shape) or tiles_seconds)
+    monkeypatch.setattr(prompt_ops, "has_tile_attention", lambda: True)
+    model = perturbed_model(preset("llama-tiny").replace(head_dim=32), seed=1)
+    timings = Timings(tmp_path / "timings.json")
+    assert use_prefill_attention_dtype(model, timings) == torch.bfloat16
+    assert {m.prompt_tile_attention for m in attention_modules(model)} == {expected}
+    assert timed == [(4, 2, 32)]
+    use_prefill_attention_dtype(perturbed_model(preset("llama-tiny").replace(head_dim=32), seed=1), timings)
+    assert len(timed) == 1                                                   # cached
+    narrow = perturbed_model(preset("llama-tiny"), seed=1)                   # 16-wide heads: the kernel does not fit
+    use_prefill_attention_dtype(narrow, Timings(tmp_path / "other.json"))
+    assert {m.prompt_tile_attention for m in attention_modules(narrow)} == {False} and len(timed) == 1
+    window = perturbed_model(preset("smart-llm-tiny").replace(hidden_size=128), seed=1)   # 32-wide heads, no kernel
+    use_prefill_attention_dtype(window, Timings(tmp_path / "third.json"))
+    assert {m.prompt_tile_attention for m in attention_modules(window)} == {False}

@@ -80,10 +80,10 @@ def test_swiglu_rounds_once_from_float32(shape):
     assert prompt_ops.swiglu(gate_up[:, ::2]) is None                         # strided
 
 
-def bfloat16_prompt_model():
-    """llama-tiny with int4 weights multiplied as bfloat16 copies at every row count and prompt attention
-    in bfloat16: the layers the C prompt path serves."""
-    model = perturbed_model(preset("llama-tiny"), seed=3, std=0.2).eval()
+def bfloat16_prompt_model(config=None):
+    """llama-tiny (or `config`) with int4 weights multiplied as bfloat16 copies at every row count and
+    prompt attention in bfloat16: the layers the C prompt path serves."""
+    model = perturbed_model(config or preset("llama-tiny"), seed=3, std=0.2).eval()
     quantize_model(model, INT4)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear) and name != "lm_head":
@@ -157,3 +157,79 @@ def test_add_rms_norm_adds_in_place_and_normalises_as_rms_norm(shape):
     assert out.dtype == torch.bfloat16 and within_one_rounding(out, want)
     assert prompt_ops.add_rms_norm(h, y.float(), norm.weight, norm.eps) is None
     assert prompt_ops.add_rms_norm(h[:, :-1], y[:, :-1], norm.weight, norm.eps) is None
+
+
+tiles = pytest.mark.skipif(not prompt_ops.has_tile_attention(), reason="no AMX-BF16 here: PyTorch's attention serves")
+
+
+def reference_attention(q: torch.Tensor, kv: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Causal grouped-query attention in float32 of the same bfloat16 inputs → [T, H, hd]."""
+    tokens, heads, hd = q.shape
+    keys = kv[:, : kv_heads * hd].float().unflatten(-1, (kv_heads, hd)).transpose(0, 1)     # [KV, T, hd]
+    values = kv[:, kv_heads * hd:].float().unflatten(-1, (kv_heads, hd)).transpose(0, 1)    # [KV, T, hd]
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), keys, values, is_causal=True, scale=1.0,
+                                         enable_gqa=True)                                 # [H, T, hd]
+    return out.transpose(0, 1)
+
+
+@tiles
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (2, 1, 64)])
+@pytest.mark.parametrize("tokens", [1, 7, 16, 33, 100, 300])
+def test_tile_attention_is_causal_grouped_attention(heads, kv_heads, head_dim, tokens):
+    generator = torch.Generator().manual_seed(tokens * heads + head_dim)
+    q = (torch.randn(tokens, heads, head_dim, generator=generator) / 4).bfloat16()
+    kv = torch.randn(tokens, 2 * kv_heads * head_dim, generator=generator).bfloat16()
+    got = prompt_ops.causal_attention(q, kv, kv_heads)
+    want = reference_attention(q, kv, kv_heads)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    # the weights are rounded to bfloat16 for the product with V, as PyTorch's bfloat16 kernel does
+    assert float((got.float() - want).abs().max()) <= 0.02 * float(want.abs().max())
+    assert torch.equal(got[0].float(), kv[0, kv_heads * head_dim:].float().view(kv_heads, head_dim)
+                       .repeat_interleave(heads // kv_heads, 0))                # the first query sees itself only
+
+
+@tiles
+def test_tile_attention_redoes_a_block_whose_later_scores_dwarf_its_first():
+    """The first 32 keys score ~0, one later key ~150 (scale 1): shifting by the first block's maximum
+    would overflow float32, so the block is redone with the true maximum."""
+    tokens, heads, kv_heads, hd = 80, 2, 1, 32
+    q = torch.zeros(tokens, heads, hd)
+    q[:, :, 0] = 12.0
+    kv = torch.zeros(tokens, 2 * kv_heads * hd)
+    kv[:, hd:] = torch.randn(tokens, hd, generator=torch.Generator().manual_seed(0))      # values
+    kv[50, 0] = 12.5                                                                      # key 50 scores 150
+    q, kv = q.bfloat16(), kv.bfloat16()
+    got = prompt_ops.causal_attention(q, kv, kv_heads)
+    want = reference_attention(q, kv, kv_heads)
+    assert torch.isfinite(got.float()).all()
+    assert float((got.float() - want).abs().max()) <= 0.02 * float(want.abs().max())
+    assert torch.equal(got[60:].float(), kv[50, hd:].float().expand(20, heads, hd))       # key 50 takes it all
+
+
+def test_tile_attention_declines_other_shapes():
+    q = torch.randn(5, 4, 16).bfloat16()
+    assert prompt_ops.causal_attention(q, torch.randn(5, 2 * 2 * 16).bfloat16(), 2) is None      # hd 16
+    q = torch.randn(5, 4, 32)
+    assert prompt_ops.causal_attention(q, torch.randn(5, 2 * 2 * 32), 2) is None                 # float32
+
+
+@tiles
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_a_lone_prompt_attends_in_the_tile_kernel(cache_dtype, monkeypatch):
+    """llama-tiny with 32-wide heads: a prompt alone from position 0 through the tile kernel gives what
+    PyTorch's bfloat16 attention gives, within bfloat16's rounding; chunks after the first keep it."""
+    config = preset("llama-tiny").replace(head_dim=32)
+    sequences = [list(range(3, 90))]
+    model = bfloat16_prompt_model(config)
+    want, want_cache, _ = run_prompts(model, sequences, 100, cache_dtype, monkeypatch, kernels=True)
+    calls = []
+    original = prompt_ops.causal_attention
+    monkeypatch.setattr(prompt_ops, "causal_attention", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    for module in model.modules():
+        if getattr(module, "TILE_ATTENTION", False):
+            module.prompt_tile_attention = True
+    got, got_cache, _ = run_prompts(model, sequences, 100, cache_dtype, monkeypatch, kernels=True)
+    assert calls == [len(sequences[0])] * config.num_layers
+    assert float((got[0] - want[0]).abs().max()) <= 0.02 * float(want[0].abs().max())
+    for g, w in zip(got_cache.layers, want_cache.layers):
+        assert float((g.float() - w.float()).abs().max()) <= 0.02 * float(w.float().abs().max())

@@ -1,0 +1,308 @@
+/* Causal attention of one prompt from position 0 over its own keys, bfloat16 in and out, on Intel's tile
+ * unit (AMX-BF16): per (query head, block of 16 queries), the scores of blocks of 32 keys in tiles, the
+ * softmax weights in AVX-512, their products with V summed in tiles that hold the block's output.
+ *
+ * q [T, H, hd] bfloat16 (pre-scaled or times `scale`), kv [T, 2·KV·hd] bfloat16 = [K of every kv head |
+ * V of every kv head]; query head h reads kv head h / (H / KV). out [T, H, hd] bfloat16. hd 32 or 64
+ * (the output's hd / 16 tiles and four working tiles fill the eight). Scores and sums in float32 (the
+ * tile unit's bfloat16 products accumulate in float32), weights exp(s - shift) rounded to bfloat16 for
+ * the product with V, the output divided by the float32 sum of the unrounded weights. The shift is the
+ * maximum of each query's first 32 scores (one pass: a softmax is the same whatever its scores are
+ * shifted by); where a later score exceeds it by so much that the weights could leave float32's range,
+ * the block is redone with the true maximum, found in a first pass.
+ *
+ * Before the loop the keys and values are laid out once per call as the tile unit's B operands (pairs
+ * of bfloat16 along the summed dimension): K^T per 16 keys × 32 dims, V per 32 keys × 16 dims; the
+ * queries per head, padded to a multiple of 16 rows. Returns 0; 1 when this CPU or compiler has no
+ * AMX-BF16, or memory could not be had (nothing written). */
+#include "decode_step.h"
+
+int prompt_attention_has_amx_bf16(void);
+
+#ifdef HAVE_AMX_COMPILER
+#define AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+#define Q_ROWS 16              /* queries per block */
+#define KEYS 32                /* keys per block: two 16-key score tiles, one 32-key product with V */
+#define MAX_HD 64              /* the output's hd / 16 tiles stay in tile registers */
+/* tile registers (literal numbers, as quant_matmul.c's) */
+#define T_SCORES 0             /* 16 queries × 16 keys of scores, float32 */
+#define T_QUERY 1              /* 16 queries × 32 dims, bfloat16 */
+#define T_OPERAND 2            /* K^T (16 dim pairs × 16 keys × 2) or V (16 key pairs × 16 dims × 2) */
+#define T_WEIGHTS 3            /* 16 queries × 32 keys of softmax weights, bfloat16 */
+#define T_OUT0 4               /* output dims 0..15 of the 16 queries, float32; T_OUT1..3: dims 16..63 */
+#define T_OUT1 5
+#define T_OUT2 6
+#define T_OUT3 7
+
+AMX_BF16 static void load_attention_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = T_SCORES; t <= T_OUT3; t++) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* keys and values of kv head g as B operands: K^T tiles [T32 / 16][hd / 32][16][32], V tiles
+ * [T32 / 32][hd / 16][16][32] (T32: T rounded up to 32, the keys past T zero) */
+static void lay_out_keys_values(const uint16_t *kv, int64_t T, int64_t T32, int64_t KV, int64_t hd, int64_t g,
+                                uint16_t *keys, uint16_t *values) {
+    const int64_t row = 2 * KV * hd, chunks = hd / 32, blocks = hd / 16;
+    for (int64_t block = 0; block < T32 / 16; block++)
+        for (int64_t c = 0; c < chunks; c++) {
+            uint32_t *tile = (uint32_t *)(keys + (block * chunks + c) * 512);      /* [16 dim pairs][16 keys] */
+            for (int64_t n = 0; n < 16; n++) {
+                int64_t key = block * 16 + n;
+                const uint16_t *k = kv + key * row + g * hd + c * 32;
+                for (int64_t p = 0; p < 16; p++) {
+                    uint32_t pair = 0;
+                    if (key < T) memcpy(&pair, k + 2 * p, sizeof pair);
+                    tile[p * 16 + n] = pair;
+                }
+            }
+        }
+    for (int64_t block = 0; block < T32 / 32; block++)
+        for (int64_t b = 0; b < blocks; b++) {
+            uint16_t *tile = values + (block * blocks + b) * 512;                  /* [16 key pairs][16 dims][2] */
+            for (int64_t p = 0; p < 16; p++)
+                for (int64_t e = 0; e < 2; e++) {
+                    int64_t key = block * 32 + 2 * p + e;
+                    const uint16_t *v = kv + key * row + KV * hd + g * hd + b * 16;
+                    for (int64_t n = 0; n < 16; n++) tile[p * 32 + 2 * n + e] = key < T ? v[n] : 0;
+                }
+        }
+}
+
+/* 2^t for t ≤ 0, 16 at a time: 2^n · 2^f (f in [-0.5, 0.5], degree-6 Taylor polynomial, relative error
+ * ~1e-7); t below -126 gives 0 (masked keys come as -inf) */
+AMX_BF16 static inline __m512 exp2_nonpositive(__m512 t) {
+    t = _mm512_max_ps(t, _mm512_set1_ps(-127.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores of the block's 16 queries × keys 32·kb .. 32·kb + 31 → scores [16][32] float32 */
+AMX_BF16 static inline void block_scores(const uint16_t *queries, const uint16_t *keys, int64_t hd, int64_t kb,
+                                         float *scores) {
+    const int64_t chunks = hd / 32;
+    for (int half = 0; half < 2; half++) {
+        _tile_zero(T_SCORES);
+        for (int64_t c = 0; c < chunks; c++) {
+            _tile_loadd(T_QUERY, queries + c * 32, hd * 2);
+            _tile_loadd(T_OPERAND, keys + ((2 * kb + half) * chunks + c) * 512, 64);
+            _tile_dpbf16ps(T_SCORES, T_QUERY, T_OPERAND);
+        }
+        _tile_stored(T_SCORES, scores + half * 16, KEYS * 4);
+    }
+}
+
+/* scores of keys a query may not see (past its position) → -inf; `visible`: keys of the block it sees */
+AMX_BF16 static inline void mask_row(__m512 *lo, __m512 *hi, int64_t visible) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 masked = _mm512_set1_ps(-INFINITY);
+    int32_t v = visible < 0 ? 0 : visible > KEYS ? KEYS : (int32_t)visible;
+    *lo = _mm512_mask_mov_ps(masked, _mm512_cmplt_epi32_mask(lanes, _mm512_set1_epi32(v)), *lo);
+    *hi = _mm512_mask_mov_ps(masked, _mm512_cmplt_epi32_mask(lanes, _mm512_set1_epi32(v - 16)), *hi);
+}
+
+/* the weights [16 queries][32 keys] in T_WEIGHTS times V tiles v (one per 16 dims) into the output tiles */
+#define VALUE_PRODUCT(V, BLOCKS, B, TILE)                                                         \
+    if (BLOCKS > B) {                                                                             \
+        _tile_loadd(T_OPERAND, V + B * 512, 64);                                                  \
+        _tile_dpbf16ps(TILE, T_WEIGHTS, T_OPERAND);                                               \
+    }
+#define VALUE_PRODUCTS(V, BLOCKS)                                                                 \
+    VALUE_PRODUCT(V, BLOCKS, 0, T_OUT0)                                                           \
+    VALUE_PRODUCT(V, BLOCKS, 1, T_OUT1)                                                           \
+    VALUE_PRODUCT(V, BLOCKS, 2, T_OUT2)                                                           \
+    VALUE_PRODUCT(V, BLOCKS, 3, T_OUT3)
+
+/* the output tiles, divided by each query's sum of weights, → out rows (the block's queries before T) */
+AMX_BF16 static void finish_block(float *acc, const __m512 *row_sum, int64_t T, int64_t H, int64_t hd, int64_t q0,
+                                  uint16_t *out, int64_t h, int64_t blocks) {
+    _tile_stored(T_OUT0, acc, hd * 4);
+    if (blocks > 1) _tile_stored(T_OUT1, acc + 16, hd * 4);
+    if (blocks > 2) _tile_stored(T_OUT2, acc + 32, hd * 4);
+    if (blocks > 3) _tile_stored(T_OUT3, acc + 48, hd * 4);
+    for (int64_t r = 0; r < Q_ROWS && q0 + r < T; r++) {
+        const float inverse = 1.0f / _mm512_reduce_add_ps(row_sum[r]);
+        uint16_t *o = out + ((q0 + r) * H + h) * hd;
+        for (int64_t i = 0; i < hd; i++) o[i] = f32_to_bf16(acc[r * hd + i] * inverse);
+    }
+}
+
+/* one (query head h, block of 16 queries from q0), in two passes over its keys: the rows' maxima, then
+ * the weights exp(scale·(s - max)) and their products with V summed in the output tiles (no rescaling:
+ * the max is known) */
+AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
+                                 int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+    /* two score buffers: the tile unit computes block kb + 1's while the vector unit reads block kb's */
+    _Alignas(64) float scores[2][Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
+    _Alignas(64) uint16_t weights[Q_ROWS * KEYS];
+    __m512 row_max[Q_ROWS], row_sum[Q_ROWS];
+    const int64_t blocks = hd / 16, last = q0 + Q_ROWS - 1 < T - 1 ? q0 + Q_ROWS - 1 : T - 1;
+    const int64_t key_blocks = (last + KEYS) / KEYS;            /* keys 0 .. last */
+    queries += q0 * hd;
+    for (int r = 0; r < Q_ROWS; r++) {
+        row_max[r] = _mm512_set1_ps(-INFINITY);
+        row_sum[r] = _mm512_setzero_ps();
+    }
+    block_scores(queries, keys, hd, 0, scores[0]);
+    for (int64_t kb = 0; kb < key_blocks; kb++) {
+        if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
+        const float *block = scores[kb & 1];
+        const int diagonal = kb * KEYS + KEYS - 1 > q0;          /* some key lies past some query */
+        for (int r = 0; r < Q_ROWS; r++) {
+            __m512 lo = _mm512_load_ps(block + r * KEYS), hi = _mm512_load_ps(block + r * KEYS + 16);
+            if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
+            row_max[r] = _mm512_max_ps(row_max[r], _mm512_max_ps(lo, hi));
+        }
+    }
+    float bias[Q_ROWS];                                          /* scale·log2(e)·max, per query */
+    const float to_exp2 = scale * 1.4426950408889634f;
+    for (int r = 0; r < Q_ROWS; r++) bias[r] = _mm512_reduce_max_ps(row_max[r]) * to_exp2;
+    _tile_zero(T_OUT0);
+    _tile_zero(T_OUT1);
+    _tile_zero(T_OUT2);
+    _tile_zero(T_OUT3);
+    block_scores(queries, keys, hd, 0, scores[0]);
+    for (int64_t kb = 0; kb < key_blocks; kb++) {
+        if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
+        const float *block = scores[kb & 1];
+        const int diagonal = kb * KEYS + KEYS - 1 > q0;
+        for (int r = 0; r < Q_ROWS; r++) {
+            __m512 lo = _mm512_load_ps(block + r * KEYS), hi = _mm512_load_ps(block + r * KEYS + 16);
+            if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
+            const __m512 factor = _mm512_set1_ps(to_exp2), shift = _mm512_set1_ps(bias[r]);
+            lo = exp2_nonpositive(_mm512_fmsub_ps(lo, factor, shift));
+            hi = exp2_nonpositive(_mm512_fmsub_ps(hi, factor, shift));
+            row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
+            _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        _tile_loadd(T_WEIGHTS, weights, KEYS * 2);
+        const uint16_t *v = values + kb * blocks * 512;
+        VALUE_PRODUCTS(v, blocks)
+    }
+    finish_block(acc, row_sum, T, H, hd, q0, out, h, blocks);
+}
+
+/* the same in one pass: softmax is the same whatever a row's scores are shifted by, and the shift only
+ * keeps e^x in float32's range; the maximum of the first block of keys (which holds the first key, often
+ * the largest) serves for all, and the block is redone in two passes where a later score exceeds it by
+ * so much that the weights or their sum leave float32's range (returns 1; nothing written). */
+AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
+                                   int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+    _Alignas(64) float scores[2][Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
+    _Alignas(64) uint16_t weights[Q_ROWS * KEYS];
+    __m512 row_sum[Q_ROWS], largest = _mm512_set1_ps(-INFINITY);
+    float bias[Q_ROWS];                                          /* scale·log2(e)·(block 0's max), per query */
+    const float to_exp2 = scale * 1.4426950408889634f;
+    const int64_t blocks = hd / 16, last = q0 + Q_ROWS - 1 < T - 1 ? q0 + Q_ROWS - 1 : T - 1;
+    const int64_t key_blocks = (last + KEYS) / KEYS;            /* keys 0 .. last */
+    queries += q0 * hd;
+    block_scores(queries, keys, hd, 0, scores[0]);
+    for (int r = 0; r < Q_ROWS; r++) {
+        __m512 lo = _mm512_load_ps(scores[0] + r * KEYS), hi = _mm512_load_ps(scores[0] + r * KEYS + 16);
+        if (KEYS - 1 > q0) mask_row(&lo, &hi, q0 + r + 1);
+        bias[r] = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi)) * to_exp2;
+        row_sum[r] = _mm512_setzero_ps();
+    }
+    _tile_zero(T_OUT0);
+    _tile_zero(T_OUT1);
+    _tile_zero(T_OUT2);
+    _tile_zero(T_OUT3);
+    for (int64_t kb = 0; kb < key_blocks; kb++) {
+        if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
+        const float *block = scores[kb & 1];
+        const int diagonal = kb * KEYS + KEYS - 1 > q0;
+        for (int r = 0; r < Q_ROWS; r++) {
+            __m512 lo = _mm512_load_ps(block + r * KEYS), hi = _mm512_load_ps(block + r * KEYS + 16);
+            if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
+            const __m512 factor = _mm512_set1_ps(to_exp2), shift = _mm512_set1_ps(bias[r]);
+            lo = _mm512_fmsub_ps(lo, factor, shift);
+            hi = _mm512_fmsub_ps(hi, factor, shift);
+            largest = _mm512_max_ps(largest, _mm512_max_ps(lo, hi));
+            lo = exp2_nonpositive(lo);                               /* valid up to 2^127: checked below */
+            hi = exp2_nonpositive(hi);
+            row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
+            _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        _tile_loadd(T_WEIGHTS, weights, KEYS * 2);
+        const uint16_t *v = values + kb * blocks * 512;
+        VALUE_PRODUCTS(v, blocks)
+    }
+    /* a weight up to 2^64 and a sum of at most 2^31 of them stay finite in float32 and bfloat16 */
+    if (_mm512_reduce_max_ps(largest) > 64.0f) return 1;
+    finish_block(acc, row_sum, T, H, hd, q0, out, h, blocks);
+    return 0;
+}
+
+static void query_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
+                        int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+    if (one_pass_block(queries, keys, values, T, H, hd, q0, scale, out, h))
+        two_pass_block(queries, keys, values, T, H, hd, q0, scale, out, h);
+}
+
+int prompt_attention_has_amx_bf16(void) {
+    unsigned eax, ebx, ecx, edx;
+    /* quant_matmul's AMX path asked Linux for the tile state; AMX-BF16 is CPUID leaf 7 EDX bit 22 */
+    return quant_matmul_has_amx() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1);
+}
+
+int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, int64_t H, int64_t KV, int64_t hd,
+                            float scale, uint16_t *out) {
+    if (!prompt_attention_has_amx_bf16() || hd % 32 || hd > MAX_HD || H % KV) return 1;
+    const int64_t T16 = (T + 15) / 16 * 16, T32 = (T + 31) / 32 * 32, group = H / KV;
+    uint16_t *queries = calloc((size_t)(H * T16 * hd), sizeof(uint16_t));
+    uint16_t *keys = malloc((size_t)(KV * T32 * hd) * sizeof(uint16_t));
+    uint16_t *values = malloc((size_t)(KV * T32 * hd) * sizeof(uint16_t));
+    if (!queries || !keys || !values) {
+        free(queries);
+        free(keys);
+        free(values);
+        return 1;
+    }
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < KV; g++)
+            lay_out_keys_values(kv, T, T32, KV, hd, g, keys + g * T32 * hd, values + g * T32 * hd);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t h = 0; h < H; h++)
+                memcpy(queries + (h * T16 + t) * hd, q + (t * H + h) * hd, (size_t)hd * sizeof(uint16_t));
+        load_attention_tiles();
+        const int64_t query_blocks = T16 / 16;
+        /* the longest blocks (the last queries) first, so that the short ones even out the threads */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < H * query_blocks; task++) {
+            const int64_t qb = query_blocks - 1 - task / H, h = task % H;
+            query_block(queries + h * T16 * hd, keys + (h / group) * T32 * hd, values + (h / group) * T32 * hd, T, H,
+                        hd, qb * 16, scale, out, h);
+        }
+        _tile_release();
+    }
+    free(queries);
+    free(keys);
+    free(values);
+    return 0;
+}
+#else
+int prompt_attention_has_amx_bf16(void) { return 0; }
+
+int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, int64_t H, int64_t KV, int64_t hd,
+                            float scale, uint16_t *out) {
+    (void)q, (void)kv, (void)T, (void)H, (void)KV, (void)hd, (void)scale, (void)out;
+    return 1;
+}
+#endif
