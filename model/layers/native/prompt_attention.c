@@ -141,22 +141,22 @@ AMX_BF16 static void finish_block(float *acc, const __m512 *row_sum, int64_t T, 
     }
 }
 
-/* one (query head h, block of 16 queries from q0), in two passes over its keys: the rows' maxima, then
- * the weights exp(scale·(s - max)) and their products with V summed in the output tiles (no rescaling:
- * the max is known) */
-AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
-                                 int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
-    /* two score buffers: the tile unit computes block kb + 1's while the vector unit reads block kb's */
-    _Alignas(64) float scores[2][Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
+/* The block of 16 queries from q0: its weights exp(scale·s - bias[r]) (2^·: bias in log2 units) over
+ * keys 0 .. last and their products with V summed in the output tiles, each query's weights summed into
+ * row_sum; returns the largest exponent seen (a weight is 2^that at most). Scores are computed two
+ * blocks deep: the tile unit computes block kb + 1's while the vector unit reads block kb's. */
+AMX_BF16 static inline __attribute__((always_inline)) float weighted_values(
+        const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t hd, int64_t q0,
+        int64_t key_blocks, const float *bias, float to_exp2, __m512 *row_sum) {
+    _Alignas(64) float scores[2][Q_ROWS * KEYS];
     _Alignas(64) uint16_t weights[Q_ROWS * KEYS];
-    __m512 row_max[Q_ROWS], row_sum[Q_ROWS];
-    const int64_t blocks = hd / 16, last = q0 + Q_ROWS - 1 < T - 1 ? q0 + Q_ROWS - 1 : T - 1;
-    const int64_t key_blocks = (last + KEYS) / KEYS;            /* keys 0 .. last */
-    queries += q0 * hd;
-    for (int r = 0; r < Q_ROWS; r++) {
-        row_max[r] = _mm512_set1_ps(-INFINITY);
-        row_sum[r] = _mm512_setzero_ps();
-    }
+    const int64_t blocks = hd / 16;
+    __m512 largest = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < Q_ROWS; r++) row_sum[r] = _mm512_setzero_ps();
+    _tile_zero(T_OUT0);
+    _tile_zero(T_OUT1);
+    _tile_zero(T_OUT2);
+    _tile_zero(T_OUT3);
     block_scores(queries, keys, hd, 0, scores[0]);
     for (int64_t kb = 0; kb < key_blocks; kb++) {
         if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
@@ -165,74 +165,11 @@ AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *key
         for (int r = 0; r < Q_ROWS; r++) {
             __m512 lo = _mm512_load_ps(block + r * KEYS), hi = _mm512_load_ps(block + r * KEYS + 16);
             if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
-            row_max[r] = _mm512_max_ps(row_max[r], _mm512_max_ps(lo, hi));
-        }
-    }
-    float bias[Q_ROWS];                                          /* scale·log2(e)·max, per query */
-    const float to_exp2 = scale * 1.4426950408889634f;
-    for (int r = 0; r < Q_ROWS; r++) bias[r] = _mm512_reduce_max_ps(row_max[r]) * to_exp2;
-    _tile_zero(T_OUT0);
-    _tile_zero(T_OUT1);
-    _tile_zero(T_OUT2);
-    _tile_zero(T_OUT3);
-    block_scores(queries, keys, hd, 0, scores[0]);
-    for (int64_t kb = 0; kb < key_blocks; kb++) {
-        if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
-        const float *block = scores[kb & 1];
-        const int diagonal = kb * KEYS + KEYS - 1 > q0;
-        for (int r = 0; r < Q_ROWS; r++) {
-            __m512 lo = _mm512_load_ps(block + r * KEYS), hi = _mm512_load_ps(block + r * KEYS + 16);
-            if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
-            const __m512 factor = _mm512_set1_ps(to_exp2), shift = _mm512_set1_ps(bias[r]);
-            lo = exp2_nonpositive(_mm512_fmsub_ps(lo, factor, shift));
-            hi = exp2_nonpositive(_mm512_fmsub_ps(hi, factor, shift));
-            row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
-            _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
-        _tile_loadd(T_WEIGHTS, weights, KEYS * 2);
-        const uint16_t *v = values + kb * blocks * 512;
-        VALUE_PRODUCTS(v, blocks)
-    }
-    finish_block(acc, row_sum, T, H, hd, q0, out, h, blocks);
-}
-
-/* the same in one pass: softmax is the same whatever a row's scores are shifted by, and the shift only
- * keeps e^x in float32's range; the maximum of the first block of keys (which holds the first key, often
- * the largest) serves for all, and the block is redone in two passes where a later score exceeds it by
- * so much that the weights or their sum leave float32's range (returns 1; nothing written). */
-AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
-                                   int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
-    _Alignas(64) float scores[2][Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
-    _Alignas(64) uint16_t weights[Q_ROWS * KEYS];
-    __m512 row_sum[Q_ROWS], largest = _mm512_set1_ps(-INFINITY);
-    float bias[Q_ROWS];                                          /* scale·log2(e)·(block 0's max), per query */
-    const float to_exp2 = scale * 1.4426950408889634f;
-    const int64_t blocks = hd / 16, last = q0 + Q_ROWS - 1 < T - 1 ? q0 + Q_ROWS - 1 : T - 1;
-    const int64_t key_blocks = (last + KEYS) / KEYS;            /* keys 0 .. last */
-    queries += q0 * hd;
-    block_scores(queries, keys, hd, 0, scores[0]);
-    for (int r = 0; r < Q_ROWS; r++) {
-        __m512 lo = _mm512_load_ps(scores[0] + r * KEYS), hi = _mm512_load_ps(scores[0] + r * KEYS + 16);
-        if (KEYS - 1 > q0) mask_row(&lo, &hi, q0 + r + 1);
-        bias[r] = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi)) * to_exp2;
-        row_sum[r] = _mm512_setzero_ps();
-    }
-    _tile_zero(T_OUT0);
-    _tile_zero(T_OUT1);
-    _tile_zero(T_OUT2);
-    _tile_zero(T_OUT3);
-    for (int64_t kb = 0; kb < key_blocks; kb++) {
-        if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
-        const float *block = scores[kb & 1];
-        const int diagonal = kb * KEYS + KEYS - 1 > q0;
-        for (int r = 0; r < Q_ROWS; r++) {
-            __m512 lo = _mm512_load_ps(block + r * KEYS), hi = _mm512_load_ps(block + r * KEYS + 16);
-            if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
             const __m512 factor = _mm512_set1_ps(to_exp2), shift = _mm512_set1_ps(bias[r]);
             lo = _mm512_fmsub_ps(lo, factor, shift);
             hi = _mm512_fmsub_ps(hi, factor, shift);
             largest = _mm512_max_ps(largest, _mm512_max_ps(lo, hi));
-            lo = exp2_nonpositive(lo);                               /* valid up to 2^127: checked below */
+            lo = exp2_nonpositive(lo);                               /* right up to 2^127: see one_pass_block */
             hi = exp2_nonpositive(hi);
             row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
             _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -241,9 +178,61 @@ AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys
         const uint16_t *v = values + kb * blocks * 512;
         VALUE_PRODUCTS(v, blocks)
     }
-    /* a weight up to 2^64 and a sum of at most 2^31 of them stay finite in float32 and bfloat16 */
-    if (_mm512_reduce_max_ps(largest) > 64.0f) return 1;
-    finish_block(acc, row_sum, T, H, hd, q0, out, h, blocks);
+    return _mm512_reduce_max_ps(largest);
+}
+
+/* keys 0 .. last of the block of 16 queries from q0 (the last one's, or T - 1) */
+static int64_t key_blocks_of(int64_t q0, int64_t T) {
+    const int64_t last = q0 + Q_ROWS - 1 < T - 1 ? q0 + Q_ROWS - 1 : T - 1;
+    return (last + KEYS) / KEYS;
+}
+
+/* one (query head h, block of 16 queries from q0), in two passes over its keys: each query's maximum
+ * score, then the weights shifted by it (none above 1) */
+AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
+                                    int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+    _Alignas(64) float scores[Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
+    __m512 row_max[Q_ROWS], row_sum[Q_ROWS];
+    float bias[Q_ROWS];
+    const int64_t key_blocks = key_blocks_of(q0, T);
+    const float to_exp2 = scale * 1.4426950408889634f;
+    queries += q0 * hd;
+    for (int r = 0; r < Q_ROWS; r++) row_max[r] = _mm512_set1_ps(-INFINITY);
+    for (int64_t kb = 0; kb < key_blocks; kb++) {
+        block_scores(queries, keys, hd, kb, scores);
+        const int diagonal = kb * KEYS + KEYS - 1 > q0;
+        for (int r = 0; r < Q_ROWS; r++) {
+            __m512 lo = _mm512_load_ps(scores + r * KEYS), hi = _mm512_load_ps(scores + r * KEYS + 16);
+            if (diagonal) mask_row(&lo, &hi, q0 + r - kb * KEYS + 1);
+            row_max[r] = _mm512_max_ps(row_max[r], _mm512_max_ps(lo, hi));
+        }
+    }
+    for (int r = 0; r < Q_ROWS; r++) bias[r] = _mm512_reduce_max_ps(row_max[r]) * to_exp2;
+    weighted_values(queries, keys, values, hd, q0, key_blocks, bias, to_exp2, row_sum);
+    finish_block(acc, row_sum, T, H, hd, q0, out, h, hd / 16);
+}
+
+/* the same in one pass: softmax is the same whatever a row's scores are shifted by, and the shift only
+ * keeps e^x in float32's range; the maximum of the first block of keys (which holds the first key, often
+ * the largest) serves for all. A weight up to 2^64 and a sum of at most 2^31 of them stay finite in
+ * float32 and bfloat16: where a later score exceeds the shift by more, returns 1 (nothing written) and the
+ * block is redone in two passes. */
+AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
+                                   int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+    _Alignas(64) float scores[Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
+    __m512 row_sum[Q_ROWS];
+    float bias[Q_ROWS];
+    const float to_exp2 = scale * 1.4426950408889634f;
+    queries += q0 * hd;
+    block_scores(queries, keys, hd, 0, scores);
+    for (int r = 0; r < Q_ROWS; r++) {
+        __m512 lo = _mm512_load_ps(scores + r * KEYS), hi = _mm512_load_ps(scores + r * KEYS + 16);
+        if (KEYS - 1 > q0) mask_row(&lo, &hi, q0 + r + 1);
+        bias[r] = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi)) * to_exp2;
+    }
+    if (weighted_values(queries, keys, values, hd, q0, key_blocks_of(q0, T), bias, to_exp2, row_sum) > 64.0f)
+        return 1;
+    finish_block(acc, row_sum, T, H, hd, q0, out, h, hd / 16);
     return 0;
 }
 
