@@ -210,8 +210,9 @@ class LlamaAttention(KernelAttention, FusedProjections):
         cfg = self.cfg
         bf16 = torch.bfloat16
         qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
+        # q [T, H, hd]; kv [T, 2*KV*hd] for a lone prompt from position 0, else None
         q, kv = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
-                                    cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)  # [T, H, hd], [T, 2*KV*hd]
+                                    cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)
         if kv is not None and self.prompt_tile_attention:
             out = prompt_ops.causal_attention(q, kv, cfg.num_kv_heads)                      # [T, H, hd] bf16
             if out is not None:

@@ -13,7 +13,7 @@
 #include "decode_step.h"
 
 /* GCC's loops over 512-bit vectors where the CPU has them (its default for -march=native is 256 bits):
- * SwiGLU's one division per value is what bounds it, and halves with the width */
+ * the conversions and the norm's passes halve with the width */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
 #define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
 #else
@@ -77,8 +77,7 @@ WIDE_VECTORS void prompt_swiglu(const uint16_t *gate_up, int64_t T, int64_t I, u
             float gate[CHUNK], up[CHUNK];
             bf16_to_f32_n(gate_up + t * 2 * I + start, gate, n);
             bf16_to_f32_n(gate_up + t * 2 * I + I + start, up, n);
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
+            silu_times(gate, up, n, gate);
             f32_to_bf16_n(gate, act + t * I + start, n);
         }
     }
