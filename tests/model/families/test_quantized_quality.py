@@ -13,7 +13,10 @@ GGUF) on a fixed English text (tests/data/perplexity_text.txt, 464 tokens) has a
   them: the greedy runs go through it;
 - "auto" with its prompt's attention in bfloat16 (model/layers/prefill_attention.py), as `serve`
   runs prompts where bfloat16 measures faster: the text's perplexity through the paged prefill path
-  (the whole text as one prompt chunk), the greedy runs' prompts too.
+  (the whole text as one prompt chunk), the greedy runs' prompts too;
+- "auto" with its prompts as `serve` runs them where bfloat16 measures faster: bfloat16 copies for
+  prompt chunks, bfloat16 activations between them (model/layers/prompt_ops.py) and, on a CPU with
+  AMX-BF16, the lone prompt's attention in the tile-unit kernel.
 Greedy agreement with float32 is measured both teacher-forced (the top token at every position of
 the text) and free-running (tokens generated one decode step at a time through the paged cache).
 The figures of one run are in docs/benchmarks.md; the bounds here are looser than those figures."""
@@ -29,7 +32,7 @@ import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.families.llama_cpu_step import use_cpu_decode_step
-from model.layers import integer_dot
+from model.layers import integer_dot, prompt_ops
 from model.layers.attention import KernelAttention
 from model.layers.cpu_decode_attention import use_cpu_decode_attention
 from model.layers.quantized_linear import (BFLOAT16, DOT_FORMATS, INT4, INT8, QuantizedLinear, quantize_model,
@@ -120,6 +123,16 @@ def variant_model(variant: str, kept, float32):
             if isinstance(module, KernelAttention):
                 module.prefill_dtype = torch.bfloat16
         return model
+    if variant == "auto-bf16-prompts":           # prompts as `serve` runs them on a CPU with fast bfloat16
+        model = copy.deepcopy(kept)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                replace_module(model, name, module.with_formats(module.small_format, module.large_format, BFLOAT16))
+        for module in model.modules():
+            if isinstance(module, KernelAttention):
+                module.prefill_dtype = torch.bfloat16
+                module.prompt_tile_attention = prompt_ops.has_tile_attention()
+        return model
     if variant == "auto-bf16-copies":
         model = copy.deepcopy(kept)
         for name, module in list(model.named_modules()):
@@ -147,8 +160,8 @@ def in_dot_formats(model):
     return model
 
 
-@pytest.mark.parametrize("variant", ["auto", "auto-c-step", "auto-bf16-prompt-attention", "torch-kernels",
-                                     "auto-bf16-copies", "int8", "int8-dot"])
+@pytest.mark.parametrize("variant", ["auto", "auto-c-step", "auto-bf16-prompt-attention", "auto-bf16-prompts",
+                                     "torch-kernels", "auto-bf16-copies", "int8", "int8-dot"])
 def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, reference, variant):
     model = variant_model(variant, kept, float32)
     layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
@@ -157,7 +170,7 @@ def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, refer
         assert {m.formats for m in [*layers, model.lm_head]} == {(DOT_FORMATS[m.values],) for m in layers} | {("int8-dot",)}
     assert model.lm_head.values == INT8
     base_nll, base_top, expected = reference
-    nll, top = text_nll(model, text_ids, paged=variant == "auto-bf16-prompt-attention")
+    nll, top = text_nll(model, text_ids, paged=variant in ("auto-bf16-prompt-attention", "auto-bf16-prompts"))
     ratio = math.exp(nll - base_nll)
     forced = float((top == base_top).float().mean())
     equal = [agreement(e, greedy(model, float32.tokenizer.encode(p), STEPS)) for p, e in zip(PROMPTS, expected)]
