@@ -193,7 +193,6 @@ class LlamaAttention(KernelAttention, FusedProjections):
                                             self.prefill_dtype)                                # [T, H*hd]
         return self.o_proj(out)
 
-
     def takes_bfloat16_prompt(self, rows: int, cache_layer: torch.Tensor, rope: Rope) -> bool:
         """Whether a prompt chunk of `rows` rows runs `prompt_in_bfloat16`: both products take bfloat16
         inputs at that many rows, attention runs in bfloat16, and the C kernels serve the cache."""
