@@ -23,17 +23,20 @@ def _kernel(symbol: str, argtypes: list):
     return native.function("prompt_ops", symbol, None, argtypes)
 
 
+def built() -> bool:
+    """Whether the kernels can run here (a C compiler at hand, not inside torch.compile)."""
+    return not torch.compiler.is_compiling() and _kernel("prompt_swiglu", [_PTR, _I64, _I64, _PTR]) is not None
+
+
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels serve activations like x (bfloat16 on a CPU, a compiler at hand)."""
-    return (x.is_cpu and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
-            and _kernel("prompt_swiglu", [_PTR, _I64, _I64, _PTR]) is not None)
+    """Whether the kernels serve activations like x (bfloat16 on a CPU)."""
+    return x.is_cpu and x.dtype == torch.bfloat16 and built()
 
 
 def rope_applies(cache_layer: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether `rope_qkv` serves this cache layer and these rotation tables (shapes aside)."""
     return (cache_layer.is_cpu and cache_layer.is_contiguous() and cache_layer.dtype in CACHE_DTYPES
-            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
-            and available(torch.empty(0, dtype=torch.bfloat16)))
+            and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous() and built())
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,

@@ -16,7 +16,7 @@ from model.layers.quantize import INT4
 from model.layers.quantized_linear import BFLOAT16, QuantizedLinear, quantize_model, replace_module
 from tests.helpers import make_cache, paged_logits_chunked, perturbed_model
 
-pytestmark = pytest.mark.skipif(not prompt_ops.available(torch.empty(0, dtype=torch.bfloat16)),
+pytestmark = pytest.mark.skipif(not prompt_ops.built(),
                                 reason="no C compiler: PyTorch's ops serve")
 
 BF16_STEP = 2.0 ** -7          # one bfloat16 rounding step, relative
@@ -95,12 +95,13 @@ def bfloat16_prompt_model(config=None):
 
 
 def run_prompts(model, sequences, chunk, cache_dtype, monkeypatch, kernels: bool):
+    """Logits and cache of `sequences` in chunks, through the C prompt path (`kernels`: calls lists each
+    RoPE call's with_kv) or PyTorch's ops (the kernels reported absent: calls stays empty)."""
     calls = []
-    if kernels:
-        original = prompt_ops.rope_qkv
-        monkeypatch.setattr(prompt_ops, "rope_qkv", lambda *a, **k: calls.append(k["with_kv"]) or original(*a, **k))
-    else:
-        monkeypatch.setattr(prompt_ops, "available", lambda x: False)
+    original = prompt_ops.rope_qkv
+    monkeypatch.setattr(prompt_ops, "rope_qkv", lambda *a, **k: calls.append(k["with_kv"]) or original(*a, **k))
+    if not kernels:
+        monkeypatch.setattr(prompt_ops, "built", lambda: False)
     cache = make_cache(model.config, num_blocks=96, block_size=4, dtype=cache_dtype)
     with torch.inference_mode():
         logits = paged_logits_chunked(model, cache, sequences, chunk)
@@ -116,8 +117,9 @@ def run_prompts(model, sequences, chunk, cache_dtype, monkeypatch, kernels: bool
 ])
 def test_prompt_layers_in_c_match_pytorchs_ops(sequences, chunk, own_keys, cache_dtype, monkeypatch):
     model = bfloat16_prompt_model()
-    want, want_cache, _ = run_prompts(model, sequences, chunk, cache_dtype, monkeypatch, kernels=False)
+    want, want_cache, none = run_prompts(model, sequences, chunk, cache_dtype, monkeypatch, kernels=False)
     got, got_cache, calls = run_prompts(model, sequences, chunk, cache_dtype, monkeypatch, kernels=True)
+    assert none == []
     assert calls and len(calls) % model.config.num_layers == 0
     assert all(calls) if own_keys else not all(calls)    # a first chunk from position 0 still has its own keys
     for g, w in zip(got, want):
