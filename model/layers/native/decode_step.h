@@ -86,26 +86,32 @@ static inline float silu(float x) {
     return (x >= 0.0f ? x : x * e) / (1.0f + e);
 }
 
-/* silu(gate[i]) · up[i] for i < n into out. With AVX-512, 16 at a time: e^-x as 2^n · a degree-6
- * polynomial (relative error ~1e-7) and the division as a reciprocal estimate refined once (~1e-7):
- * the division is what bounds the plain loop. */
+#if defined(__AVX512F__) || defined(HAVE_AMX_COMPILER)
+/* 2^t, 16 at a time, t clamped to [-127, 126] (below -126: 0 or a subnormal, so -inf gives 0): 2^n ·
+ * 2^f with f in [-0.5, 0.5] by a degree-6 Taylor polynomial (relative error ~1e-7) */
+__attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) {
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(126.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* silu(gate[i]) · up[i] for i < n into out. With AVX-512, 16 at a time: e^-x by exp2_16 and the
+ * division as a reciprocal estimate refined once (~1e-7): the division is what bounds the plain loop. */
 static void silu_times(const float *gate, const float *up, int64_t n, float *out) {
     int64_t i = 0;
 #ifdef __AVX512F__
     const __m512 log2e = _mm512_set1_ps(-1.4426950408889634f), one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
     for (; i + 16 <= n; i += 16) {
         __m512 x = _mm512_loadu_ps(gate + i);
-        __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, log2e), _mm512_set1_ps(-127.0f)),
-                                 _mm512_set1_ps(126.0f));                       /* log2 e^-x, kept finite */
-        __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 f = _mm512_sub_ps(t, k), p = _mm512_set1_ps(1.5403530e-4f);
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-        p = _mm512_fmadd_ps(p, f, one);
-        __m512 d = _mm512_add_ps(one, _mm512_scalef_ps(p, k));                 /* 1 + e^-x */
+        __m512 d = _mm512_add_ps(one, exp2_16(_mm512_mul_ps(x, log2e)));        /* 1 + e^-x, finite */
         __m512 r = _mm512_rcp14_ps(d);
         r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two));                      /* one Newton step */
         _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, r), _mm512_loadu_ps(up + i)));

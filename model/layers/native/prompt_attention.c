@@ -76,21 +76,6 @@ static void lay_out_keys_values(const uint16_t *kv, int64_t T, int64_t T32, int6
         }
 }
 
-/* 2^t for t ≤ 0, 16 at a time: 2^n · 2^f (f in [-0.5, 0.5], degree-6 Taylor polynomial, relative error
- * ~1e-7); t below -126 gives 0 (masked keys come as -inf) */
-AMX_BF16 static inline __m512 exp2_nonpositive(__m512 t) {
-    t = _mm512_max_ps(t, _mm512_set1_ps(-127.0f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(1.5403530e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* scores of the block's 16 queries × keys 32·kb .. 32·kb + 31 → scores [16][32] float32 */
 AMX_BF16 static inline void block_scores(const uint16_t *queries, const uint16_t *keys, int64_t hd, int64_t kb,
                                          float *scores) {
@@ -169,8 +154,8 @@ AMX_BF16 static inline __attribute__((always_inline)) float weighted_values(
             lo = _mm512_fmsub_ps(lo, factor, shift);
             hi = _mm512_fmsub_ps(hi, factor, shift);
             largest = _mm512_max_ps(largest, _mm512_max_ps(lo, hi));
-            lo = exp2_nonpositive(lo);                               /* right up to 2^127: see one_pass_block */
-            hi = exp2_nonpositive(hi);
+            lo = exp2_16(lo);                               /* right up to 2^126: see one_pass_block */
+            hi = exp2_16(hi);
             row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
             _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
@@ -236,10 +221,25 @@ AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys
     return 0;
 }
 
-static void query_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
+AMX_BF16 static void query_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
                         int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
     if (one_pass_block(queries, keys, values, T, H, hd, q0, scale, out, h))
         two_pass_block(queries, keys, values, T, H, hd, q0, scale, out, h);
+}
+
+/* this thread's share of the (query head, block of 16 queries) tasks, inside the parallel region */
+AMX_BF16 static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
+                            int64_t hd, int64_t group, float scale, uint16_t *out) {
+    const int64_t T16 = (T + 15) / 16 * 16, T32 = (T + 31) / 32 * 32, query_blocks = T16 / 16;
+    load_attention_tiles();
+    /* the longest blocks (the last queries) first, so that the short ones even out the threads */
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < H * query_blocks; task++) {
+        const int64_t qb = query_blocks - 1 - task / H, h = task % H;
+        query_block(queries + h * T16 * hd, keys + (h / group) * T32 * hd, values + (h / group) * T32 * hd, T, H, hd,
+                    qb * 16, scale, out, h);
+    }
+    _tile_release();
 }
 
 int prompt_attention_has_amx_bf16(void) {
@@ -270,16 +270,7 @@ int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, in
         for (int64_t t = 0; t < T; t++)
             for (int64_t h = 0; h < H; h++)
                 memcpy(queries + (h * T16 + t) * hd, q + (t * H + h) * hd, (size_t)hd * sizeof(uint16_t));
-        load_attention_tiles();
-        const int64_t query_blocks = T16 / 16;
-        /* the longest blocks (the last queries) first, so that the short ones even out the threads */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < H * query_blocks; task++) {
-            const int64_t qb = query_blocks - 1 - task / H, h = task % H;
-            query_block(queries + h * T16 * hd, keys + (h / group) * T32 * hd, values + (h / group) * T32 * hd, T, H,
-                        hd, qb * 16, scale, out, h);
-        }
-        _tile_release();
+        attend(queries, keys, values, T, H, hd, group, scale, out);
     }
     free(queries);
     free(keys);
