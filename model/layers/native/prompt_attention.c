@@ -114,7 +114,8 @@ AMX_BF16 static inline void mask_row(__m512 *lo, __m512 *hi, int64_t visible) {
 
 /* the output tiles, divided by each query's sum of weights, → out rows (the block's queries before T) */
 AMX_BF16 static void finish_block(float *acc, const __m512 *row_sum, int64_t T, int64_t H, int64_t hd, int64_t q0,
-                                  uint16_t *out, int64_t h, int64_t blocks) {
+                                  uint16_t *out, int64_t h) {
+    const int64_t blocks = hd / 16;
     _tile_stored(T_OUT0, acc, hd * 4);
     if (blocks > 1) _tile_stored(T_OUT1, acc + 16, hd * 4);
     if (blocks > 2) _tile_stored(T_OUT2, acc + 32, hd * 4);
@@ -194,7 +195,7 @@ AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *key
     }
     for (int r = 0; r < Q_ROWS; r++) bias[r] = _mm512_reduce_max_ps(row_max[r]) * to_exp2;
     weighted_values(queries, keys, values, hd, q0, key_blocks, bias, to_exp2, row_sum);
-    finish_block(acc, row_sum, T, H, hd, q0, out, h, hd / 16);
+    finish_block(acc, row_sum, T, H, hd, q0, out, h);
 }
 
 /* the same in one pass: softmax is the same whatever a row's scores are shifted by, and the shift only
@@ -217,7 +218,7 @@ AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys
     }
     if (weighted_values(queries, keys, values, hd, q0, key_blocks_of(q0, T), bias, to_exp2, row_sum) > 64.0f)
         return 1;
-    finish_block(acc, row_sum, T, H, hd, q0, out, h, hd / 16);
+    finish_block(acc, row_sum, T, H, hd, q0, out, h);
     return 0;
 }
 
