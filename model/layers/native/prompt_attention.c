@@ -4,12 +4,13 @@
  *
  * q [T, H, hd] bfloat16 (pre-scaled or times `scale`), kv [T, 2·KV·hd] bfloat16 = [K of every kv head |
  * V of every kv head]; query head h reads kv head h / (H / KV). out [T, H, hd] bfloat16. hd 32 or 64
- * (the output's hd / 16 tiles and four working tiles fill the eight). Scores and sums in float32 (the
+ * (the output's hd / 16 tiles, the block's queries in hd / 32, one tile for scores or weights and one for
+ * K or V fill the eight). Scores and sums in float32 (the
  * tile unit's bfloat16 products accumulate in float32), weights exp(s - shift) rounded to bfloat16 for
  * the product with V, the output divided by the float32 sum of the unrounded weights. The shift is the
  * maximum of each query's first 32 scores (one pass: a softmax is the same whatever its scores are
- * shifted by); where a later score exceeds it by so much that the weights could leave float32's range,
- * the block is redone with the true maximum, found in a first pass.
+ * shifted by); where a later score exceeds it by so much that a query's weights sum past 2^64, the
+ * block is redone with the true maximum, found in a first pass.
  *
  * Before the loop the keys and values are laid out once per call as the tile unit's B operands (pairs
  * of bfloat16 along the summed dimension): K^T per 16 keys × 32 dims, V per 32 keys × 16 dims; the
@@ -26,10 +27,11 @@ int prompt_attention_has_amx_bf16(void);
 #define KEYS 32                /* keys per block: two 16-key score tiles, one 32-key product with V */
 #define MAX_HD 64              /* the output's hd / 16 tiles stay in tile registers */
 /* tile registers (literal numbers, as quant_matmul.c's) */
-#define T_SCORES 0             /* 16 queries × 16 keys of scores, float32 */
-#define T_QUERY 1              /* 16 queries × 32 dims, bfloat16 */
-#define T_OPERAND 2            /* K^T (16 dim pairs × 16 keys × 2) or V (16 key pairs × 16 dims × 2) */
-#define T_WEIGHTS 3            /* 16 queries × 32 keys of softmax weights, bfloat16 */
+#define T_SCORES 0             /* 16 queries × 16 keys of scores, float32, or × 32 keys of weights, bfloat16 */
+#define T_WEIGHTS 0
+#define T_QUERY0 1             /* 16 queries × dims 0..31, bfloat16; T_QUERY1: dims 32..63 */
+#define T_QUERY1 2
+#define T_OPERAND 3            /* K^T (16 dim pairs × 16 keys × 2) or V (16 key pairs × 16 dims × 2) */
 #define T_OUT0 4               /* output dims 0..15 of the 16 queries, float32; T_OUT1..3: dims 16..63 */
 #define T_OUT1 5
 #define T_OUT2 6
@@ -77,24 +79,43 @@ static void lay_out_keys_values(const uint16_t *kv, int64_t T, int64_t T32, int6
 }
 
 /* scores of the block's 16 queries × keys 32·kb .. 32·kb + 31 → scores [16][32] float32 */
-AMX_BF16 static inline void block_scores(const uint16_t *queries, const uint16_t *keys, int64_t hd, int64_t kb,
-                                         float *scores) {
+AMX_BF16 static inline void block_scores(const uint16_t *keys, int64_t hd, int64_t kb, float *scores) {
     const int64_t chunks = hd / 32;
     for (int half = 0; half < 2; half++) {
+        const uint16_t *k = keys + (2 * kb + half) * chunks * 512;
         _tile_zero(T_SCORES);
-        for (int64_t c = 0; c < chunks; c++) {
-            _tile_loadd(T_QUERY, queries + c * 32, hd * 2);
-            _tile_loadd(T_OPERAND, keys + ((2 * kb + half) * chunks + c) * 512, 64);
-            _tile_dpbf16ps(T_SCORES, T_QUERY, T_OPERAND);
+        _tile_loadd(T_OPERAND, k, 64);
+        _tile_dpbf16ps(T_SCORES, T_QUERY0, T_OPERAND);
+        if (chunks > 1) {
+            _tile_loadd(T_OPERAND, k + 512, 64);
+            _tile_dpbf16ps(T_SCORES, T_QUERY1, T_OPERAND);
         }
         _tile_stored(T_SCORES, scores + half * 16, KEYS * 4);
     }
 }
 
-/* scores of keys a query may not see (past its position) → -inf; `visible`: keys of the block it sees */
+/* the block's 16 queries (hd / 32 tiles) into T_QUERY0, T_QUERY1 */
+AMX_BF16 static inline void load_queries(const uint16_t *queries, int64_t hd) {
+    _tile_loadd(T_QUERY0, queries, hd * 2);
+    if (hd > 32) _tile_loadd(T_QUERY1, queries + 32, hd * 2);
+}
+
+/* 2^t for a softmax weight that is rounded to bfloat16 next: a degree-3 polynomial on [-0.5, 0.5] (relative
+ * error 7.5e-5, under bfloat16's 2^-9) times 2^n, half exp2_16's work. t finite: far below zero gives 0
+ * (the masked scores are -1e30, not -inf); above 128, inf (a block the sum check sends to two passes). */
+AMX_BF16 static inline __m512 exp2_weights(__m512 t) {
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(0.0551716531f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2426111615f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609919f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280713f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores of keys a query may not see (past its position) → -1e30 (a weight of 0); `visible`: keys of the block it sees */
 AMX_BF16 static inline void mask_row(__m512 *lo, __m512 *hi, int64_t visible) {
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 masked = _mm512_set1_ps(-INFINITY);
+    const __m512 masked = _mm512_set1_ps(-1e30f);
     int32_t v = visible < 0 ? 0 : visible > KEYS ? KEYS : (int32_t)visible;
     *lo = _mm512_mask_mov_ps(masked, _mm512_cmplt_epi32_mask(lanes, _mm512_set1_epi32(v)), *lo);
     *hi = _mm512_mask_mov_ps(masked, _mm512_cmplt_epi32_mask(lanes, _mm512_set1_epi32(v - 16)), *hi);
@@ -121,31 +142,34 @@ AMX_BF16 static void finish_block(float *acc, const __m512 *row_sum, int64_t T, 
     if (blocks > 2) _tile_stored(T_OUT2, acc + 32, hd * 4);
     if (blocks > 3) _tile_stored(T_OUT3, acc + 48, hd * 4);
     for (int64_t r = 0; r < Q_ROWS && q0 + r < T; r++) {
-        const float inverse = 1.0f / _mm512_reduce_add_ps(row_sum[r]);
+        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(row_sum[r]));
         uint16_t *o = out + ((q0 + r) * H + h) * hd;
-        for (int64_t i = 0; i < hd; i++) o[i] = f32_to_bf16(acc[r * hd + i] * inverse);
+        for (int64_t i = 0; i < hd; i += 32) {
+            const __m512 lo = _mm512_mul_ps(_mm512_load_ps(acc + r * hd + i), inverse);
+            const __m512 hi = _mm512_mul_ps(_mm512_load_ps(acc + r * hd + i + 16), inverse);
+            _mm512_storeu_si512((void *)(o + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
     }
 }
 
-/* The block of 16 queries from q0: its weights exp(scale·s - bias[r]) (2^·: bias in log2 units) over
- * keys 0 .. last and their products with V summed in the output tiles, each query's weights summed into
- * row_sum; returns the largest exponent seen (a weight is 2^that at most). Scores are computed two
- * blocks deep: the tile unit computes block kb + 1's while the vector unit reads block kb's. */
-AMX_BF16 static inline __attribute__((always_inline)) float weighted_values(
-        const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t hd, int64_t q0,
+/* The block of 16 queries from q0 (in T_QUERY0/1): its weights exp(scale·s - bias[r]) (2^·: bias in
+ * log2 units) over keys 0 .. last and their products with V summed in the output tiles, each query's
+ * weights summed into row_sum. Scores are computed two blocks deep: the tile unit computes block
+ * kb + 1's while the vector unit reads block kb's. */
+AMX_BF16 static inline __attribute__((always_inline)) void weighted_values(
+        const uint16_t *keys, const uint16_t *values, int64_t hd, int64_t q0,
         int64_t key_blocks, const float *bias, float to_exp2, __m512 *row_sum) {
     _Alignas(64) float scores[2][Q_ROWS * KEYS];
     _Alignas(64) uint16_t weights[Q_ROWS * KEYS];
     const int64_t blocks = hd / 16;
-    __m512 largest = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < Q_ROWS; r++) row_sum[r] = _mm512_setzero_ps();
     _tile_zero(T_OUT0);
     _tile_zero(T_OUT1);
     _tile_zero(T_OUT2);
     _tile_zero(T_OUT3);
-    block_scores(queries, keys, hd, 0, scores[0]);
+    block_scores(keys, hd, 0, scores[0]);
     for (int64_t kb = 0; kb < key_blocks; kb++) {
-        if (kb + 1 < key_blocks) block_scores(queries, keys, hd, kb + 1, scores[(kb + 1) & 1]);
+        if (kb + 1 < key_blocks) block_scores(keys, hd, kb + 1, scores[(kb + 1) & 1]);
         const float *block = scores[kb & 1];
         const int diagonal = kb * KEYS + KEYS - 1 > q0;          /* some key lies past some query */
         for (int r = 0; r < Q_ROWS; r++) {
@@ -154,9 +178,8 @@ AMX_BF16 static inline __attribute__((always_inline)) float weighted_values(
             const __m512 factor = _mm512_set1_ps(to_exp2), shift = _mm512_set1_ps(bias[r]);
             lo = _mm512_fmsub_ps(lo, factor, shift);
             hi = _mm512_fmsub_ps(hi, factor, shift);
-            largest = _mm512_max_ps(largest, _mm512_max_ps(lo, hi));
-            lo = exp2_16(lo);                               /* right up to 2^126: see one_pass_block */
-            hi = exp2_16(hi);
+            lo = exp2_weights(lo);
+            hi = exp2_weights(hi);
             row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
             _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
@@ -164,7 +187,6 @@ AMX_BF16 static inline __attribute__((always_inline)) float weighted_values(
         const uint16_t *v = values + kb * blocks * 512;
         VALUE_PRODUCTS(v, blocks)
     }
-    return _mm512_reduce_max_ps(largest);
 }
 
 /* keys 0 .. last of the block of 16 queries from q0 (the last one's, or T - 1) */
@@ -184,8 +206,9 @@ AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *key
     const float to_exp2 = scale * 1.4426950408889634f;
     queries += q0 * hd;
     for (int r = 0; r < Q_ROWS; r++) row_max[r] = _mm512_set1_ps(-INFINITY);
+    load_queries(queries, hd);
     for (int64_t kb = 0; kb < key_blocks; kb++) {
-        block_scores(queries, keys, hd, kb, scores);
+        block_scores(keys, hd, kb, scores);
         const int diagonal = kb * KEYS + KEYS - 1 > q0;
         for (int r = 0; r < Q_ROWS; r++) {
             __m512 lo = _mm512_load_ps(scores + r * KEYS), hi = _mm512_load_ps(scores + r * KEYS + 16);
@@ -194,15 +217,15 @@ AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *key
         }
     }
     for (int r = 0; r < Q_ROWS; r++) bias[r] = _mm512_reduce_max_ps(row_max[r]) * to_exp2;
-    weighted_values(queries, keys, values, hd, q0, key_blocks, bias, to_exp2, row_sum);
+    weighted_values(keys, values, hd, q0, key_blocks, bias, to_exp2, row_sum);
     finish_block(acc, row_sum, T, H, hd, q0, out, h);
 }
 
 /* the same in one pass: softmax is the same whatever a row's scores are shifted by, and the shift only
  * keeps e^x in float32's range; the maximum of the first block of keys (which holds the first key, often
- * the largest) serves for all. A weight up to 2^64 and a sum of at most 2^31 of them stay finite in
- * float32 and bfloat16: where a later score exceeds the shift by more, returns 1 (nothing written) and the
- * block is redone in two passes. */
+ * the largest) serves for all. Weights whose sum stays within 2^64 (each one within it too) keep the
+ * output's sums finite in float32 and bfloat16: where a query's sum exceeds it (or is inf or NaN: a weight
+ * past float32's range), returns 1 (nothing written) and the block is redone in two passes. */
 AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
                                    int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
     _Alignas(64) float scores[Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
@@ -210,14 +233,16 @@ AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys
     float bias[Q_ROWS];
     const float to_exp2 = scale * 1.4426950408889634f;
     queries += q0 * hd;
-    block_scores(queries, keys, hd, 0, scores);
+    load_queries(queries, hd);
+    block_scores(keys, hd, 0, scores);
     for (int r = 0; r < Q_ROWS; r++) {
         __m512 lo = _mm512_load_ps(scores + r * KEYS), hi = _mm512_load_ps(scores + r * KEYS + 16);
         if (KEYS - 1 > q0) mask_row(&lo, &hi, q0 + r + 1);
         bias[r] = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi)) * to_exp2;
     }
-    if (weighted_values(queries, keys, values, hd, q0, key_blocks_of(q0, T), bias, to_exp2, row_sum) > 64.0f)
-        return 1;
+    weighted_values(keys, values, hd, q0, key_blocks_of(q0, T), bias, to_exp2, row_sum);
+    for (int r = 0; r < Q_ROWS; r++)
+        if (!(_mm512_reduce_add_ps(row_sum[r]) <= 0x1p64f)) return 1;
     finish_block(acc, row_sum, T, H, hd, q0, out, h);
     return 0;
 }
