@@ -13,8 +13,8 @@
  * block is redone with the true maximum, found in a first pass.
  *
  * Before the loop the keys and values are laid out once per call as the tile unit's B operands (pairs
- * of bfloat16 along the summed dimension): K^T per 16 keys × 32 dims, V per 32 keys × 16 dims; the
- * queries per head, padded to a multiple of 16 rows. Returns 0; 1 when this CPU or compiler has no
+ * of bfloat16 along the summed dimension): K^T per 16 keys × 32 dims, V per 32 keys × 16 dims. The
+ * queries are read in place (a block's 16 rows H·hd apart). Returns 0; 1 when this CPU or compiler has no
  * AMX-BF16, or memory could not be had (nothing written). */
 #include "decode_step.h"
 
@@ -48,12 +48,13 @@ AMX_BF16 static void load_attention_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* keys and values of kv head g as B operands: K^T tiles [T32 / 16][hd / 32][16][32], V tiles
- * [T32 / 32][hd / 16][16][32] (T32: T rounded up to 32, the keys past T zero) */
-static void lay_out_keys_values(const uint16_t *kv, int64_t T, int64_t T32, int64_t KV, int64_t hd, int64_t g,
-                                uint16_t *keys, uint16_t *values) {
+/* keys 32·kb .. 32·kb + 31 and their values, of kv head g, as B operands: K^T tiles
+ * [T32 / 16][hd / 32][16][32], V tiles [T32 / 32][hd / 16][16][32] of the head (T32: T rounded up to 32,
+ * the keys past T zero) */
+static void lay_out_key_block(const uint16_t *kv, int64_t T, int64_t KV, int64_t hd, int64_t g, int64_t kb,
+                              uint16_t *keys, uint16_t *values) {
     const int64_t row = 2 * KV * hd, chunks = hd / 32, blocks = hd / 16;
-    for (int64_t block = 0; block < T32 / 16; block++)
+    for (int64_t block = 2 * kb; block < 2 * kb + 2; block++)
         for (int64_t c = 0; c < chunks; c++) {
             uint32_t *tile = (uint32_t *)(keys + (block * chunks + c) * 512);      /* [16 dim pairs][16 keys] */
             for (int64_t n = 0; n < 16; n++) {
@@ -66,16 +67,15 @@ static void lay_out_keys_values(const uint16_t *kv, int64_t T, int64_t T32, int6
                 }
             }
         }
-    for (int64_t block = 0; block < T32 / 32; block++)
-        for (int64_t b = 0; b < blocks; b++) {
-            uint16_t *tile = values + (block * blocks + b) * 512;                  /* [16 key pairs][16 dims][2] */
-            for (int64_t p = 0; p < 16; p++)
-                for (int64_t e = 0; e < 2; e++) {
-                    int64_t key = block * 32 + 2 * p + e;
-                    const uint16_t *v = kv + key * row + KV * hd + g * hd + b * 16;
-                    for (int64_t n = 0; n < 16; n++) tile[p * 32 + 2 * n + e] = key < T ? v[n] : 0;
-                }
-        }
+    for (int64_t b = 0; b < blocks; b++) {
+        uint16_t *tile = values + (kb * blocks + b) * 512;                         /* [16 key pairs][16 dims][2] */
+        for (int64_t p = 0; p < 16; p++)
+            for (int64_t e = 0; e < 2; e++) {
+                int64_t key = kb * 32 + 2 * p + e;
+                const uint16_t *v = kv + key * row + KV * hd + g * hd + b * 16;
+                for (int64_t n = 0; n < 16; n++) tile[p * 32 + 2 * n + e] = key < T ? v[n] : 0;
+            }
+    }
 }
 
 /* scores of the block's 16 queries × keys 32·kb .. 32·kb + 31 → scores [16][32] float32 */
@@ -94,10 +94,10 @@ AMX_BF16 static inline void block_scores(const uint16_t *keys, int64_t hd, int64
     }
 }
 
-/* the block's 16 queries (hd / 32 tiles) into T_QUERY0, T_QUERY1 */
-AMX_BF16 static inline void load_queries(const uint16_t *queries, int64_t hd) {
-    _tile_loadd(T_QUERY0, queries, hd * 2);
-    if (hd > 32) _tile_loadd(T_QUERY1, queries + 32, hd * 2);
+/* the block's 16 query rows (`stride` bytes apart; hd / 32 tiles) into T_QUERY0, T_QUERY1 */
+AMX_BF16 static inline void load_queries(const uint16_t *queries, int64_t stride, int64_t hd) {
+    _tile_loadd(T_QUERY0, queries, stride);
+    if (hd > 32) _tile_loadd(T_QUERY1, queries + 32, stride);
 }
 
 /* 2^t for a softmax weight that is rounded to bfloat16 next: a degree-3 polynomial on [-0.5, 0.5] (relative
@@ -195,18 +195,18 @@ static int64_t key_blocks_of(int64_t q0, int64_t T) {
     return (last + KEYS) / KEYS;
 }
 
-/* one (query head h, block of 16 queries from q0), in two passes over its keys: each query's maximum
- * score, then the weights shifted by it (none above 1) */
-AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
-                                    int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+/* one (query head h, block of 16 queries from q0: rows `stride` bytes apart), in two passes over its keys:
+ * each query's maximum score, then the weights shifted by it (none above 1) */
+AMX_BF16 static void two_pass_block(const uint16_t *queries, int64_t stride, const uint16_t *keys,
+                                    const uint16_t *values, int64_t T, int64_t H, int64_t hd, int64_t q0, float scale,
+                                    uint16_t *out, int64_t h) {
     _Alignas(64) float scores[Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
     __m512 row_max[Q_ROWS], row_sum[Q_ROWS];
     float bias[Q_ROWS];
     const int64_t key_blocks = key_blocks_of(q0, T);
     const float to_exp2 = scale * 1.4426950408889634f;
-    queries += q0 * hd;
     for (int r = 0; r < Q_ROWS; r++) row_max[r] = _mm512_set1_ps(-INFINITY);
-    load_queries(queries, hd);
+    load_queries(queries, stride, hd);
     for (int64_t kb = 0; kb < key_blocks; kb++) {
         block_scores(keys, hd, kb, scores);
         const int diagonal = kb * KEYS + KEYS - 1 > q0;
@@ -226,14 +226,14 @@ AMX_BF16 static void two_pass_block(const uint16_t *queries, const uint16_t *key
  * the largest) serves for all. Weights whose sum stays within 2^64 (each one within it too) keep the
  * output's sums finite in float32 and bfloat16: where a query's sum exceeds it (or is inf or NaN: a weight
  * past float32's range), returns 1 (nothing written) and the block is redone in two passes. */
-AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T,
-                                   int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+AMX_BF16 static int one_pass_block(const uint16_t *queries, int64_t stride, const uint16_t *keys,
+                                   const uint16_t *values, int64_t T, int64_t H, int64_t hd, int64_t q0, float scale,
+                                   uint16_t *out, int64_t h) {
     _Alignas(64) float scores[Q_ROWS * KEYS], acc[Q_ROWS * MAX_HD];
     __m512 row_sum[Q_ROWS];
     float bias[Q_ROWS];
     const float to_exp2 = scale * 1.4426950408889634f;
-    queries += q0 * hd;
-    load_queries(queries, hd);
+    load_queries(queries, stride, hd);
     block_scores(keys, hd, 0, scores);
     for (int r = 0; r < Q_ROWS; r++) {
         __m512 lo = _mm512_load_ps(scores + r * KEYS), hi = _mm512_load_ps(scores + r * KEYS + 16);
@@ -247,14 +247,25 @@ AMX_BF16 static int one_pass_block(const uint16_t *queries, const uint16_t *keys
     return 0;
 }
 
-AMX_BF16 static void query_block(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
-                        int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
-    if (one_pass_block(queries, keys, values, T, H, hd, q0, scale, out, h))
-        two_pass_block(queries, keys, values, T, H, hd, q0, scale, out, h);
+/* query head h's block of 16 queries from q0, read in place from q [T, H, hd] (the last block, past T,
+ * from a zero-padded copy) */
+AMX_BF16 static void query_block(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t T,
+                                 int64_t H, int64_t hd, int64_t q0, float scale, uint16_t *out, int64_t h) {
+    _Alignas(64) uint16_t padded[Q_ROWS * MAX_HD];
+    const uint16_t *queries = q + (q0 * H + h) * hd;
+    int64_t stride = H * hd * (int64_t)sizeof(uint16_t);
+    if (q0 + Q_ROWS > T) {
+        memset(padded, 0, sizeof padded);
+        for (int64_t r = 0; q0 + r < T; r++) memcpy(padded + r * hd, queries + r * H * hd, (size_t)hd * sizeof(uint16_t));
+        queries = padded;
+        stride = hd * (int64_t)sizeof(uint16_t);
+    }
+    if (one_pass_block(queries, stride, keys, values, T, H, hd, q0, scale, out, h))
+        two_pass_block(queries, stride, keys, values, T, H, hd, q0, scale, out, h);
 }
 
 /* this thread's share of the (query head, block of 16 queries) tasks, inside the parallel region */
-AMX_BF16 static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
+AMX_BF16 static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
                             int64_t hd, int64_t group, float scale, uint16_t *out) {
     const int64_t T16 = (T + 15) / 16 * 16, T32 = (T + 31) / 32 * 32, query_blocks = T16 / 16;
     load_attention_tiles();
@@ -262,8 +273,8 @@ AMX_BF16 static void attend(const uint16_t *queries, const uint16_t *keys, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < H * query_blocks; task++) {
         const int64_t qb = query_blocks - 1 - task / H, h = task % H;
-        query_block(queries + h * T16 * hd, keys + (h / group) * T32 * hd, values + (h / group) * T32 * hd, T, H, hd,
-                    qb * 16, scale, out, h);
+        query_block(q, keys + (h / group) * T32 * hd, values + (h / group) * T32 * hd, T, H, hd, qb * 16, scale, out,
+                    h);
     }
     _tile_release();
 }
@@ -277,28 +288,22 @@ int prompt_attention_has_amx_bf16(void) {
 int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, int64_t H, int64_t KV, int64_t hd,
                             float scale, uint16_t *out) {
     if (!prompt_attention_has_amx_bf16() || hd % 32 || hd > MAX_HD || H % KV) return 1;
-    const int64_t T16 = (T + 15) / 16 * 16, T32 = (T + 31) / 32 * 32, group = H / KV;
-    uint16_t *queries = calloc((size_t)(H * T16 * hd), sizeof(uint16_t));
+    const int64_t T32 = (T + 31) / 32 * 32, group = H / KV;
     uint16_t *keys = malloc((size_t)(KV * T32 * hd) * sizeof(uint16_t));
     uint16_t *values = malloc((size_t)(KV * T32 * hd) * sizeof(uint16_t));
-    if (!queries || !keys || !values) {
-        free(queries);
+    if (!keys || !values) {
         free(keys);
         free(values);
         return 1;
     }
 #pragma omp parallel
     {
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(static) collapse(2)
         for (int64_t g = 0; g < KV; g++)
-            lay_out_keys_values(kv, T, T32, KV, hd, g, keys + g * T32 * hd, values + g * T32 * hd);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t h = 0; h < H; h++)
-                memcpy(queries + (h * T16 + t) * hd, q + (t * H + h) * hd, (size_t)hd * sizeof(uint16_t));
-        attend(queries, keys, values, T, H, hd, group, scale, out);
+            for (int64_t kb = 0; kb < T32 / 32; kb++)
+                lay_out_key_block(kv, T, KV, hd, g, kb, keys + g * T32 * hd, values + g * T32 * hd);
+        attend(q, keys, values, T, H, hd, group, scale, out);
     }
-    free(queries);
     free(keys);
     free(values);
     return 0;
