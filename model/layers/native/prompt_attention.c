@@ -100,22 +100,11 @@ AMX_BF16 static inline void load_queries(const uint16_t *queries, int64_t stride
     if (hd > 32) _tile_loadd(T_QUERY1, queries + 32, stride);
 }
 
-/* 2^t for a softmax weight that is rounded to bfloat16 next: a degree-3 polynomial on [-0.5, 0.5] (relative
- * error 7.5e-5, under bfloat16's 2^-9) times 2^n, half exp2_16's work. t finite: far below zero gives 0
- * (the masked scores are -1e30, not -inf); above 128, inf (a block the sum check sends to two passes). */
-AMX_BF16 static inline __m512 exp2_weights(__m512 t) {
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(0.0551716531f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2426111615f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609919f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280713f));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* scores of keys a query may not see (past its position) → -1e30 (a weight of 0); `visible`: keys of the block it sees */
+/* scores of keys a query may not see (past its position) → -1e30 (a weight of 0); `visible`: keys of the
+ * block it sees */
 AMX_BF16 static inline void mask_row(__m512 *lo, __m512 *hi, int64_t visible) {
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 masked = _mm512_set1_ps(-1e30f);
+    const __m512 masked = _mm512_set1_ps(-1e30f);                 /* finite: exp2_16_rounded_next gives 0 */
     int32_t v = visible < 0 ? 0 : visible > KEYS ? KEYS : (int32_t)visible;
     *lo = _mm512_mask_mov_ps(masked, _mm512_cmplt_epi32_mask(lanes, _mm512_set1_epi32(v)), *lo);
     *hi = _mm512_mask_mov_ps(masked, _mm512_cmplt_epi32_mask(lanes, _mm512_set1_epi32(v - 16)), *hi);
@@ -178,8 +167,8 @@ AMX_BF16 static inline __attribute__((always_inline)) void weighted_values(
             const __m512 factor = _mm512_set1_ps(to_exp2), shift = _mm512_set1_ps(bias[r]);
             lo = _mm512_fmsub_ps(lo, factor, shift);
             hi = _mm512_fmsub_ps(hi, factor, shift);
-            lo = exp2_weights(lo);
-            hi = exp2_weights(hi);
+            lo = exp2_16_rounded_next(lo);
+            hi = exp2_16_rounded_next(hi);
             row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_add_ps(lo, hi));
             _mm512_store_si512((void *)(weights + r * KEYS), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
