@@ -23,18 +23,36 @@
 
 #define CHUNK 256                                       /* values converted per pass of a row */
 
-/* the vectorizable forms of bf16_to_f32 / f32_to_bf16 over n values */
+#ifdef __AVX512BF16__
+/* 16 bfloat16 values → float32 (exact: the bits shifted up) */
+static inline __m512 bf16_16_to_ps(const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+}
+#endif
+
+/* bf16_to_f32 / f32_to_bf16 over n values: with AVX512-BF16, 16 / 32 at a time (its conversion rounds
+ * alike but flushes float32 subnormals to zero), the rest in loops the compiler vectorizes */
 static void bf16_to_f32_n(const uint16_t *src, float *dst, int64_t n) {
+    int64_t done = 0;
+#ifdef __AVX512BF16__
+    for (; done + 16 <= n; done += 16) _mm512_storeu_ps(dst + done, bf16_16_to_ps(src + done));
+#endif
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = done; i < n; i++) {
         uint32_t bits = (uint32_t)src[i] << 16;
         memcpy(&dst[i], &bits, sizeof bits);
     }
 }
 
 static void f32_to_bf16_n(const float *src, uint16_t *dst, int64_t n) {
+    int64_t done = 0;
+#ifdef __AVX512BF16__
+    for (; done + 32 <= n; done += 32)
+        _mm512_storeu_si512((void *)(dst + done), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + done + 16),
+                                                                               _mm512_loadu_ps(src + done)));
+#endif
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = done; i < n; i++) {
         uint32_t bits;
         memcpy(&bits, &src[i], sizeof bits);
         uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, quiet_nan = (bits >> 16) | 0x40u;
@@ -42,7 +60,7 @@ static void f32_to_bf16_n(const float *src, uint16_t *dst, int64_t n) {
     }
 }
 
-void prompt_rope_qkv(const uint16_t *qkv, int64_t T, int64_t H, int64_t KV, int64_t hd, const float *cos,
+WIDE_VECTORS void prompt_rope_qkv(const uint16_t *qkv, int64_t T, int64_t H, int64_t KV, int64_t hd, const float *cos,
                      const float *sin, const int64_t *slots, void *cache, int32_t cache_dtype, uint16_t *q_out,
                      uint16_t *kv_out) {
     const int64_t rotated_heads = H + KV, width = (H + 2 * KV) * hd, kv_width = 2 * KV * hd, half = hd / 2;
@@ -71,11 +89,6 @@ void prompt_rope_qkv(const uint16_t *qkv, int64_t T, int64_t H, int64_t KV, int6
 }
 
 #ifdef __AVX512BF16__
-/* 16 bfloat16 values → float32 (exact: the bits shifted up) */
-static inline __m512 bf16_16_to_ps(const uint16_t *src) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
-}
-
 /* silu(gate)·up for 16: e^-x by exp2_16_rounded_next, 1 / (1 + e^-x) by the reciprocal estimate (relative
  * error 2^-14): within 2e-4 of the float32 value, which is rounded to bfloat16 next */
 static inline __m512 silu_times_16(__m512 gate, __m512 up) {
