@@ -269,9 +269,14 @@ AMX_BF16 static void attend(const uint16_t *q, const uint16_t *keys, const uint1
 }
 
 int prompt_attention_has_amx_bf16(void) {
-    unsigned eax, ebx, ecx, edx;
-    /* quant_matmul's AMX path asked Linux for the tile state; AMX-BF16 is CPUID leaf 7 EDX bit 22 */
-    return quant_matmul_has_amx() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1);
+    /* quant_matmul's AMX path asked Linux for the tile state; AMX-BF16 is CPUID leaf 7 EDX bit 22, read
+     * once (CPUID traps to the hypervisor in a virtual machine: tens of µs) */
+    static int amx_bf16 = -1;
+    if (amx_bf16 < 0) {
+        unsigned eax, ebx, ecx, edx;
+        amx_bf16 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1);
+    }
+    return quant_matmul_has_amx() && amx_bf16;
 }
 
 int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, int64_t H, int64_t KV, int64_t hd,
