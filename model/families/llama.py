@@ -200,31 +200,38 @@ class LlamaAttention(KernelAttention, FusedProjections):
         return (self.prefill_dtype == bf16 and self.qkv_proj.input_dtype(rows) == bf16
                 and self.o_proj.input_dtype(rows) == bf16 and prompt_ops.rope_applies(cache_layer, rope.cos, rope.sin))
 
-    def prompt_in_bfloat16(self, x: torch.Tensor, rope: Rope, batch: PagedBatch,
-                           cache_layer: torch.Tensor) -> torch.Tensor:
+    def prompt_in_bfloat16(self, x: torch.Tensor, rope: Rope, batch: PagedBatch, cache_layer: torch.Tensor,
+                           out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """A prompt chunk's attention where `takes_bfloat16_prompt`: x [T, d] → [T, d] bfloat16. q|k|v
         stays bfloat16 through RoPE, the cache write and the attention (one C pass,
         model/layers/prompt_ops.py); a lone prompt from position 0 attends to its own keys without
-        gathering them back from the cache, in the tile-unit kernel where `prompt_tile_attention`."""
+        gathering them back from the cache, in the tile-unit kernel where `prompt_tile_attention`.
+        `out_rows` [N]: every row's keys and values are cached, but only these rows' output is made,
+        as float32 [N, d] (none: no attention at all)."""
         cfg = self.cfg
         bf16 = torch.bfloat16
         qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
         # q [T, H, hd]; kv [T, 2*KV*hd] for a lone prompt from position 0, else None
         q, kv = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
                                     cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)
+        if out_rows is not None and not out_rows.numel():
+            return x.new_zeros(0, x.shape[1], dtype=torch.float32)
+        out = None
         if kv is not None and self.prompt_tile_attention:
             out = prompt_ops.causal_attention(q, kv, cfg.num_kv_heads)                      # [T, H, hd] bf16
-            if out is not None:
-                return self.o_proj(out.view(x.shape[0], -1))                               # [T, d] bf16
-        if kv is None:
-            kv = gather_context(cache_layer, batch).to(bf16)                                # [B, K, 2*KV*hd]
-        else:
-            kv = kv[None]                                                                   # [1, T, 2*KV*hd]
-        width = cfg.num_kv_heads * cfg.head_dim
-        keys = kv[..., :width].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)   # [B, KV, K, hd]
-        values = kv[..., width:].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)  # [B, KV, K, hd]
-        out = grouped_query_attention(q, keys, values, batch, 1.0)                          # [T, H, hd] bf16
-        return self.o_proj(out.reshape(x.shape[0], -1))                                    # [T, d] bf16
+        if out is None:
+            if kv is None:
+                kv = gather_context(cache_layer, batch).to(bf16)                            # [B, K, 2*KV*hd]
+            else:
+                kv = kv[None]                                                               # [1, T, 2*KV*hd]
+            width = cfg.num_kv_heads * cfg.head_dim
+            keys = kv[..., :width].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)   # [B, KV, K, hd]
+            values = kv[..., width:].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)  # [B, KV, K, hd]
+            out = grouped_query_attention(q, keys, values, batch, 1.0)                      # [T, H, hd] bf16
+        out = out.reshape(x.shape[0], -1)                                                   # [T, H*hd] bf16
+        if out_rows is None:
+            return self.o_proj(out)                                                         # [T, d] bf16
+        return self.o_proj(out[out_rows].float())                                           # [N, d] float32
 
 
 class LlamaMLP(FusedProjections):
@@ -319,41 +326,46 @@ class LlamaForCausalLM(nn.Module):
         return self.logits(self.model.norm(h))                                              # [B, T, V]
 
     def _prompt_layers_in_bfloat16(self, h: torch.Tensor, rope: Rope, batch: PagedBatch,
-                                   cache: list[torch.Tensor]) -> bool:
+                                   cache: list[torch.Tensor]) -> torch.Tensor | None:
         """A step with prompt chunks through layers whose products and attention all take bfloat16
         for its rows: the activations between the products stay bfloat16, each residual add and the
-        norm after it one C pass (model/layers/prompt_ops.py); h [T, d] float32 is updated in place.
-        False (h untouched) where that does not apply."""
+        norm after it one C pass (model/layers/prompt_ops.py); h [T, d] float32, the residual stream, is
+        updated in place up to the last layer. Returns the last layer's output at batch.logits_index [N, d] float32: that layer's keys and
+        values go to the cache for every row, but its attention output, o product and MLP go on for
+        those rows only (the others' would feed nothing). None (h untouched) where this does not apply."""
         layers, rows = self.model.layers, h.shape[0]
         if batch.is_decode_only or not layers or not all(
                 layer.self_attn.takes_bfloat16_prompt(rows, cache_layer, rope)
                 and layer.mlp.sixteen_bit_dtype(rows) == torch.bfloat16
                 for layer, cache_layer in zip(layers, cache)):
-            return False
+            return None
         normed = layers[0].input_layernorm(h).to(torch.bfloat16)                            # [T, d] bf16
-        for index, (layer, cache_layer) in enumerate(zip(layers, cache)):
+        for layer, following, cache_layer in zip(layers[:-1], layers[1:], cache[:-1]):
             attention = layer.self_attn.prompt_in_bfloat16(normed, rope, batch, cache_layer)  # [T, d] bf16
             post = layer.post_attention_layernorm
             normed = prompt_ops.add_rms_norm(h, attention, post.weight, post.eps)
-            mlp = layer.mlp(normed)                                                         # [T, d] bf16
-            if index + 1 < len(layers):
-                following = layers[index + 1].input_layernorm
-                normed = prompt_ops.add_rms_norm(h, mlp, following.weight, following.eps)
-            else:
-                h += mlp.float()
-        return True
+            norm = following.input_layernorm
+            normed = prompt_ops.add_rms_norm(h, layer.mlp(normed), norm.weight, norm.eps)
+        last, rows = layers[-1], batch.logits_index
+        out = h[rows] + last.self_attn.prompt_in_bfloat16(normed, rope, batch, cache[-1], out_rows=rows)  # [N, d]
+        if rows.numel():
+            out = out + last.mlp(last.post_attention_layernorm(out))
+        return out
 
     def forward_paged(self, batch: PagedBatch, cache: list[torch.Tensor]) -> torch.Tensor:
         """One step over the paged cache (one [S, 2*KV*hd] tensor per layer) → logits [N, V] for
         batch.logits_index."""
         h = self.model.embed_tokens(batch.token_ids)                                        # [T, d]
         rope = Rope.build(batch.positions, self.config, h.dtype)
-        if (self.cpu_decode_step is None or not self.cpu_decode_step.run(h, rope.cos, rope.sin, batch, cache)) \
-                and not self._prompt_layers_in_bfloat16(h, rope, batch, cache):
+        if self.cpu_decode_step is not None and self.cpu_decode_step.run(h, rope.cos, rope.sin, batch, cache):
+            return self.logits(self.model.norm(h[batch.logits_index]))                     # [N, V]
+        out = self._prompt_layers_in_bfloat16(h, rope, batch, cache)                       # [N, d] or None
+        if out is None:
             for layer, cache_layer in zip(self.model.layers, cache):
                 h = h + layer.self_attn.forward_paged(layer.input_layernorm(h), rope, batch, cache_layer)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.logits(self.model.norm(h[batch.logits_index]))                          # [N, V]
+            out = h[batch.logits_index]
+        return self.logits(self.model.norm(out))                                            # [N, V]
 
 
 FAMILY = FamilyRecord(

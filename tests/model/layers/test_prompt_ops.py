@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.config import preset
+from model.families import llama
 from model.families.llama import Rope, _rotate
 from model.layers import prompt_ops
 from model.layers.quantize import INT4
@@ -131,6 +132,30 @@ def test_prompt_layers_in_c_match_pytorchs_ops(sequences, chunk, own_keys, cache
     # layer 0's rows come from the same q|k|v (no SwiGLU before them): equal but for float32 arithmetic's
     # last bit (a fused multiply-add in C), which a float16 cache may round to its neighbouring value
     torch.testing.assert_close(got_cache.layers[0].float(), want_cache.layers[0].float(), rtol=2.0 ** -10, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk, rows_out", [(100, 2), (24, 0)])
+def test_the_last_layer_goes_on_with_the_logits_rows_only(chunk, rows_out, monkeypatch):
+    """Two prompts in one step: every layer caches every row's keys and values, but the last layer's
+    MLP takes only the rows whose logits are asked for (two: one per prompt), and a chunk that asks for
+    none (the first of a chunked prompt) runs no attention in the last layer."""
+    model = bfloat16_prompt_model()
+    layers = model.model.layers
+    seen, attended = [], []
+    monkeypatch.setattr(layers[-1].mlp, "forward", lambda x: seen.append(x.shape[0]) or torch.zeros_like(x))
+    original = llama.grouped_query_attention                     # llama-tiny's 16-wide heads: not the tile kernel
+    monkeypatch.setattr(llama, "grouped_query_attention", lambda q, *a: attended.append(q.shape[0]) or original(q, *a))
+    cache = make_cache(model.config, num_blocks=32, block_size=4)
+    prompts = [list(range(3, 40)), list(range(50, 61))] if rows_out else [list(range(3, 40))]
+    tables = [list(range(0, 10)), list(range(10, 13))]
+    chunks = [SequenceChunk(ids[:chunk], 0, table, needs_logits=len(ids) <= chunk)
+              for ids, table in zip(prompts, tables)]
+    with torch.inference_mode():
+        logits = model.forward_paged(PagedBatch.build(chunks, 4), cache.layers)
+    assert logits.shape[0] == rows_out
+    assert seen == ([rows_out] if rows_out else [])
+    assert len(attended) == model.config.num_layers - (0 if rows_out else 1)
+    assert cache.layers[-1][: len(prompts[0][:chunk])].abs().sum() > 0          # the last layer's rows are cached
 
 
 def test_decode_steps_keep_their_own_path(monkeypatch):
