@@ -62,6 +62,9 @@ class PagedBatch:
     # one sequence's first chunk with no window: attn_mask is plain causal (Q = K), so fused attention
     # may take is_causal instead (no mask read, the tiles above the diagonal skipped)
     plain_causal: bool = False
+    # every chunk a prompt from position 0 with no window: each attends to its own tokens only, rows
+    # prompt_starts[b] .. prompt_starts[b + 1] - 1 of the step ([B + 1] int64); else None
+    prompt_starts: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "PagedBatch":
         """This batch with its tensors on `device` (the same object when they are there already): a
@@ -118,8 +121,10 @@ class PagedBatch:
         ends = starts + lens                                                        # [B]
         logits_index = (flat_starts + lens - 1)[needs]
         put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        prompt_starts = torch.cat([flat_starts, lens.sum().view(1)]) if window is None and not starts.any() else None
         kernel_fields = dict(is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
-                             block_size=block_size, window=window, max_position=int(ends.max()) - 1)
+                             block_size=block_size, window=window, max_position=int(ends.max()) - 1,
+                             prompt_starts=None if prompt_starts is None else put(prompt_starts))
         if not with_gather:
             return PagedBatch(put(token_ids), put(positions), put(slot_mapping), None, None, None, None,
                               put(logits_index), **kernel_fields)

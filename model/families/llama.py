@@ -204,23 +204,23 @@ class LlamaAttention(KernelAttention, FusedProjections):
                            out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """A prompt chunk's attention where `takes_bfloat16_prompt`: x [T, d] → [T, d] bfloat16. q|k|v
         stays bfloat16 through RoPE, the cache write and the attention (one C pass,
-        model/layers/prompt_ops.py); a lone prompt from position 0 attends to its own keys without
-        gathering them back from the cache, in the tile-unit kernel where `prompt_tile_attention`.
+        model/layers/prompt_ops.py); prompts from position 0 attend to their own keys without gathering
+        them back from the cache, in the tile-unit kernel where `prompt_tile_attention`.
         `out_rows` [N]: every row's keys and values are cached, but only these rows' output is made,
         as float32 [N, d] (none: no attention at all)."""
         cfg = self.cfg
         bf16 = torch.bfloat16
         qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
-        # q [T, H, hd]; kv [T, 2*KV*hd] for a lone prompt from position 0, else None
+        # q [T, H, hd]; kv [T, 2*KV*hd] where every chunk is a prompt from position 0 (its own keys), else None
         q, kv = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
-                                    cfg.num_kv_heads, cfg.head_dim, with_kv=batch.plain_causal)
+                                    cfg.num_kv_heads, cfg.head_dim, with_kv=batch.prompt_starts is not None)
         if out_rows is not None and not out_rows.numel():
             return x.new_zeros(0, x.shape[1], dtype=torch.float32)
         out = None
         if kv is not None and self.prompt_tile_attention:
-            out = prompt_ops.causal_attention(q, kv, cfg.num_kv_heads)                      # [T, H, hd] bf16
+            out = prompt_ops.causal_attention(q, kv, cfg.num_kv_heads, starts=batch.prompt_starts)  # [T, H, hd]
         if out is None:
-            if kv is None:
+            if kv is None or not batch.plain_causal:
                 kv = gather_context(cache_layer, batch).to(bf16)                            # [B, K, 2*KV*hd]
             else:
                 kv = kv[None]                                                               # [1, T, 2*KV*hd]

@@ -98,18 +98,25 @@ def tile_attention_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
     return heads % kv_heads == 0 and head_dim in (32, 64)
 
 
-def causal_attention(q: torch.Tensor, kv: torch.Tensor, kv_heads: int, scale: float = 1.0) -> torch.Tensor | None:
-    """Causal attention of one prompt from position 0 over its own keys on the CPU's tile unit
-    (native/prompt_attention.c): q bfloat16 [T, H, hd], kv bfloat16 [T, 2·KV·hd] = [K | V] →
-    [T, H, hd] bfloat16; None where it does not run (no AMX-BF16, another head size)."""
+def causal_attention(q: torch.Tensor, kv: torch.Tensor, kv_heads: int, scale: float = 1.0,
+                     starts: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Causal attention of prompts from position 0, each over its own keys, on the CPU's tile unit
+    (native/prompt_attention.c): q bfloat16 [T, H, hd], kv bfloat16 [T, 2·KV·hd] = [K | V] → [T, H, hd]
+    bfloat16; `starts` int64 [B + 1]: prompt b is rows starts[b] .. starts[b + 1] - 1 (None: one
+    prompt). None where it does not run (no AMX-BF16, another head size)."""
     tokens, heads, head_dim = q.shape
     if not (available(q) and q.is_contiguous() and kv.dtype == torch.bfloat16 and kv.is_contiguous()
             and kv.shape == (tokens, 2 * kv_heads * head_dim) and tile_attention_fits(heads, kv_heads, head_dim)
             and has_tile_attention()):
         return None
+    if starts is None:
+        starts = torch.tensor([0, tokens])
+    assert starts.dtype == torch.int64 and int(starts[0]) == 0 and int(starts[-1]) == tokens
+    starts = starts.contiguous()
     out = torch.empty_like(q)                                                                  # [T, H, hd]
     kernel = native.function("prompt_attention", "prompt_causal_attention", ctypes.c_int,
-                             [_PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR])
-    if kernel(q.data_ptr(), kv.data_ptr(), tokens, heads, kv_heads, head_dim, scale, out.data_ptr()):
+                             [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR])
+    if kernel(q.data_ptr(), kv.data_ptr(), starts.data_ptr(), starts.numel() - 1, heads, kv_heads, head_dim, scale,
+              out.data_ptr()):
         return None
     return out

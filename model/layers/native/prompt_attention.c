@@ -1,9 +1,10 @@
-/* Causal attention of one prompt from position 0 over its own keys, bfloat16 in and out, on Intel's tile
- * unit (AMX-BF16): per (query head, block of 16 queries), the scores of blocks of 32 keys in tiles, the
- * softmax weights in AVX-512, their products with V summed in tiles that hold the block's output.
+/* Causal attention of prompts from position 0, each over its own keys, bfloat16 in and out, on Intel's
+ * tile unit (AMX-BF16): per (prompt, query head, block of 16 queries), the scores of blocks of 32 keys in
+ * tiles, the softmax weights in AVX-512, their products with V summed in tiles that hold the block's output.
  *
  * q [T, H, hd] bfloat16 (pre-scaled or times `scale`), kv [T, 2·KV·hd] bfloat16 = [K of every kv head |
- * V of every kv head]; query head h reads kv head h / (H / KV). out [T, H, hd] bfloat16. hd 32 or 64
+ * V of every kv head], prompt s being rows starts[s] .. starts[s + 1] - 1; query head h reads kv head
+ * h / (H / KV). out [T, H, hd] bfloat16. hd 32 or 64
  * (the output's hd / 16 tiles, the block's queries in hd / 32, one tile for scores or weights and one for
  * K or V fill the eight). Scores and sums in float32 (the
  * tile unit's bfloat16 products accumulate in float32), weights exp(s - shift) rounded to bfloat16 for
@@ -253,17 +254,46 @@ AMX_BF16 static void query_block(const uint16_t *q, const uint16_t *keys, const 
         two_pass_block(queries, stride, keys, values, T, H, hd, q0, scale, out, h);
 }
 
+/* The prompts of one call: prompt s is rows starts[s] .. starts[s + 1] - 1 of q, kv and out, its keys
+ * and values laid out from key_offset[s] (KV · T32 · hd each, T32 its length rounded up to 32). */
+typedef struct {
+    const uint16_t *q, *kv;
+    uint16_t *out, *keys, *values;
+    const int64_t *starts;
+    int64_t prompts, H, KV, hd;
+    int64_t *key_offset;         /* [prompts + 1] */
+    int64_t *layout_first;       /* [prompts + 1]: the first of each prompt's KV · T32 / 32 layout tasks */
+    int64_t *blocks;             /* [query blocks of all prompts]: prompt · 2^32 + block, longest first */
+} Prompts;
+
+static int64_t length_of(const Prompts *p, int64_t s) { return p->starts[s + 1] - p->starts[s]; }
+
+static int64_t rounded_32(int64_t n) { return (n + 31) / 32 * 32; }
+
+/* the prompt whose range of `first` (nondecreasing, first[0] = 0) holds i */
+static int64_t prompt_of(const int64_t *first, int64_t prompts, int64_t i) {
+    int64_t lo = 0, hi = prompts - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (first[mid] <= i) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 /* this thread's share of the (query head, block of 16 queries) tasks, inside the parallel region */
-AMX_BF16 static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t T, int64_t H,
-                            int64_t hd, int64_t group, float scale, uint16_t *out) {
-    const int64_t T16 = (T + 15) / 16 * 16, T32 = (T + 31) / 32 * 32, query_blocks = T16 / 16;
+AMX_BF16 static void attend(const Prompts *p, float scale) {
+    const int64_t H = p->H, hd = p->hd, group = p->H / p->KV, row = H * hd;
+    int64_t count = 0;
+    for (int64_t s = 0; s < p->prompts; s++) count += (length_of(p, s) + 15) / 16;
     load_attention_tiles();
     /* the longest blocks (the last queries) first, so that the short ones even out the threads */
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < H * query_blocks; task++) {
-        const int64_t qb = query_blocks - 1 - task / H, h = task % H;
-        query_block(q, keys + (h / group) * T32 * hd, values + (h / group) * T32 * hd, T, H, hd, qb * 16, scale, out,
-                    h);
+    for (int64_t task = 0; task < H * count; task++) {
+        const int64_t block = p->blocks[task / H], s = block >> 32, qb = block & 0xffffffff, h = task % H;
+        const int64_t T = length_of(p, s), T32 = rounded_32(T), own = p->key_offset[s] + (h / group) * T32 * hd;
+        query_block(p->q + p->starts[s] * row, p->keys + own, p->values + own, T, H, hd, qb * 16, scale,
+                    p->out + p->starts[s] * row, h);
     }
     _tile_release();
 }
@@ -279,35 +309,57 @@ int prompt_attention_has_amx_bf16(void) {
     return quant_matmul_has_amx() && amx_bf16;
 }
 
-int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, int64_t H, int64_t KV, int64_t hd,
-                            float scale, uint16_t *out) {
-    if (!prompt_attention_has_amx_bf16() || hd % 32 || hd > MAX_HD || H % KV) return 1;
-    const int64_t T32 = (T + 31) / 32 * 32, group = H / KV;
-    uint16_t *keys = malloc((size_t)(KV * T32 * hd) * sizeof(uint16_t));
-    uint16_t *values = malloc((size_t)(KV * T32 * hd) * sizeof(uint16_t));
-    if (!keys || !values) {
-        free(keys);
-        free(values);
-        return 1;
+int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, const int64_t *starts, int64_t prompts, int64_t H,
+                            int64_t KV, int64_t hd, float scale, uint16_t *out) {
+    if (!prompt_attention_has_amx_bf16() || hd % 32 || hd > MAX_HD || H % KV || prompts < 1) return 1;
+    Prompts p = {q, kv, out, NULL, NULL, starts, prompts, H, KV, hd, NULL, NULL, NULL};
+    int64_t most_blocks = 0, count = 0;
+    p.key_offset = malloc((size_t)(prompts + 1) * sizeof(int64_t));
+    p.layout_first = malloc((size_t)(prompts + 1) * sizeof(int64_t));
+    if (p.key_offset && p.layout_first) {
+        p.key_offset[0] = p.layout_first[0] = 0;
+        for (int64_t s = 0; s < prompts; s++) {
+            const int64_t T32 = rounded_32(length_of(&p, s)), blocks = (length_of(&p, s) + 15) / 16;
+            p.key_offset[s + 1] = p.key_offset[s] + KV * T32 * hd;
+            p.layout_first[s + 1] = p.layout_first[s] + KV * (T32 / 32);
+            most_blocks = blocks > most_blocks ? blocks : most_blocks;
+            count += blocks;
+        }
+        p.keys = malloc((size_t)p.key_offset[prompts] * sizeof(uint16_t));
+        p.values = malloc((size_t)p.key_offset[prompts] * sizeof(uint16_t));
+        p.blocks = malloc((size_t)(count ? count : 1) * sizeof(int64_t));
     }
+    const int ready = p.key_offset && p.layout_first && p.keys && p.values && p.blocks;
+    if (ready) {
+        int64_t n = 0;
+        for (int64_t qb = most_blocks - 1; qb >= 0; qb--)
+            for (int64_t s = 0; s < prompts; s++)
+                if (qb < (length_of(&p, s) + 15) / 16) p.blocks[n++] = s << 32 | qb;
 #pragma omp parallel
-    {
-#pragma omp for schedule(static) collapse(2)
-        for (int64_t g = 0; g < KV; g++)
-            for (int64_t kb = 0; kb < T32 / 32; kb++)
-                lay_out_key_block(kv, T, KV, hd, g, kb, keys + g * T32 * hd, values + g * T32 * hd);
-        attend(q, keys, values, T, H, hd, group, scale, out);
+        {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < p.layout_first[prompts]; i++) {
+                const int64_t s = prompt_of(p.layout_first, prompts, i), T = length_of(&p, s), T32 = rounded_32(T);
+                const int64_t g = (i - p.layout_first[s]) / (T32 / 32), kb = (i - p.layout_first[s]) % (T32 / 32);
+                const int64_t own = p.key_offset[s] + g * T32 * hd;
+                lay_out_key_block(kv + starts[s] * 2 * KV * hd, T, KV, hd, g, kb, p.keys + own, p.values + own);
+            }
+            attend(&p, scale);
+        }
     }
-    free(keys);
-    free(values);
-    return 0;
+    free(p.key_offset);
+    free(p.layout_first);
+    free(p.keys);
+    free(p.values);
+    free(p.blocks);
+    return !ready;
 }
 #else
 int prompt_attention_has_amx_bf16(void) { return 0; }
 
-int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, int64_t T, int64_t H, int64_t KV, int64_t hd,
-                            float scale, uint16_t *out) {
-    (void)q, (void)kv, (void)T, (void)H, (void)KV, (void)hd, (void)scale, (void)out;
+int prompt_causal_attention(const uint16_t *q, const uint16_t *kv, const int64_t *starts, int64_t prompts, int64_t H,
+                            int64_t KV, int64_t hd, float scale, uint16_t *out) {
+    (void)q, (void)kv, (void)starts, (void)prompts, (void)H, (void)KV, (void)hd, (void)scale, (void)out;
     return 1;
 }
 #endif

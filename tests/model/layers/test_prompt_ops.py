@@ -114,7 +114,7 @@ def run_prompts(model, sequences, chunk, cache_dtype, monkeypatch, kernels: bool
 @pytest.mark.parametrize("sequences, chunk, own_keys", [
     ([list(range(3, 70))], 100, True),                           # one prompt from position 0: its own keys
     ([list(range(3, 70))], 24, False),                           # later chunks read the prefix from the cache
-    ([list(range(3, 40)), list(range(50, 61))], 100, False),     # two prompts in one step
+    ([list(range(3, 40)), list(range(50, 61))], 100, True),      # two prompts in one step: their own keys
 ])
 def test_prompt_layers_in_c_match_pytorchs_ops(sequences, chunk, own_keys, cache_dtype, monkeypatch):
     model = bfloat16_prompt_model()
@@ -216,6 +216,23 @@ def test_tile_attention_is_causal_grouped_attention(heads, kv_heads, head_dim, t
 
 
 @tiles
+def test_tile_attention_keeps_prompts_apart():
+    """Several prompts in one call: each attends to its own keys only, as if it were alone."""
+    heads, kv_heads, hd, lengths = 9, 3, 64, [37, 1, 16, 70, 5]
+    generator = torch.Generator().manual_seed(5)
+    tokens = sum(lengths)
+    q = (torch.randn(tokens, heads, hd, generator=generator) / 4).bfloat16()
+    kv = torch.randn(tokens, 2 * kv_heads * hd, generator=generator).bfloat16()
+    starts = torch.tensor([0] + lengths).cumsum(0)
+    got = prompt_ops.causal_attention(q, kv, kv_heads, starts=starts)
+    for first, last in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        alone = prompt_ops.causal_attention(q[first:last].contiguous(), kv[first:last].contiguous(), kv_heads)
+        assert torch.equal(got[first:last], alone)
+        want = reference_attention(q[first:last], kv[first:last], kv_heads)
+        assert float((got[first:last].float() - want).abs().max()) <= 0.02 * float(want.abs().max())
+
+
+@tiles
 def test_tile_attention_redoes_a_block_whose_later_scores_dwarf_its_first():
     """The first 32 keys score ~0, one later key ~150 (scale 1): shifting by the first block's maximum
     would overflow float32, so the block is redone with the true maximum."""
@@ -242,21 +259,23 @@ def test_tile_attention_declines_other_shapes():
 
 @tiles
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_a_lone_prompt_attends_in_the_tile_kernel(cache_dtype, monkeypatch):
-    """llama-tiny with 32-wide heads: a prompt alone from position 0 through the tile kernel gives what
-    PyTorch's bfloat16 attention gives, within bfloat16's rounding; chunks after the first keep it."""
+@pytest.mark.parametrize("sequences", [[list(range(3, 90))], [list(range(3, 90)), list(range(100, 117)), [7, 8, 9]]])
+def test_prompts_attend_in_the_tile_kernel(sequences, cache_dtype, monkeypatch):
+    """llama-tiny with 32-wide heads: prompts from position 0 (alone or several in one step) through the
+    tile kernel give what PyTorch's bfloat16 attention gives, within bfloat16's rounding."""
     config = preset("llama-tiny").replace(head_dim=32)
-    sequences = [list(range(3, 90))]
     model = bfloat16_prompt_model(config)
     want, want_cache, _ = run_prompts(model, sequences, 100, cache_dtype, monkeypatch, kernels=True)
     calls = []
     original = prompt_ops.causal_attention
-    monkeypatch.setattr(prompt_ops, "causal_attention", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    monkeypatch.setattr(prompt_ops, "causal_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or original(q, *a, **k))
     for module in model.modules():
         if getattr(module, "TILE_ATTENTION", False):
             module.prompt_tile_attention = True
     got, got_cache, _ = run_prompts(model, sequences, 100, cache_dtype, monkeypatch, kernels=True)
-    assert calls == [len(sequences[0])] * config.num_layers
-    assert float((got[0] - want[0]).abs().max()) <= 0.02 * float(want[0].abs().max())
+    assert calls == [sum(map(len, sequences))] * config.num_layers
+    for g, w in zip(got, want):
+        assert float((g - w).abs().max()) <= 0.02 * float(w.abs().max())
     for g, w in zip(got_cache.layers, want_cache.layers):
         assert float((g.float() - w.float()).abs().max()) <= 0.02 * float(w.float().abs().max())
