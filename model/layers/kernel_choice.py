@@ -12,6 +12,10 @@ shape (random weights, a few dozen milliseconds each, best of several runs), and
   an earlier tier when it is within 10 % of that tier's fastest, else the fastest (two or three
   copies of the weight: e.g. int4-dot for decode steps and bfloat16 for prompts).
 
+A dense prompt product (float32, bfloat16) is also timed at 768, 1,024 and 1,280 rows whole and in
+512-row pieces: oneDNN's blocking for some row counts between one and three pieces is up to 1.6×
+slower than for the pieces (o and down products on a 2-core Xeon), so those row ranges go in pieces.
+
 Timings are cached per CPU model, torch version, thread count and version of the C kernels in
 `~/.cache/customllm/kernel-timings.json` (`$CUSTOMLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/customllm`),
 so later loads on the same machine measure nothing. Delete the file to measure again.
@@ -30,14 +34,17 @@ from torch import nn
 
 from model.layers.linear import Linear
 from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight
-from model.layers.quantized_linear import (DOT_FORMATS, FLOAT, FLOAT32, QuantizedLinear, describe_tiers,
-                                           format_supported, formats_for, replace_module, tied_head_table)
+from model.layers.quantized_linear import (BFLOAT16, DOT_FORMATS, FLOAT, FLOAT32, PROMPT_PIECE_ROWS, QuantizedLinear,
+                                           describe_tiers, format_supported, formats_for, replace_module,
+                                           tied_head_table)
 
 log = logging.getLogger("customllm.kernels")
 
 ROWS = (1, 16, 256)             # the rows timed: one stream, a batch of decode steps, a prompt chunk
 TIMING_SECONDS = 0.03           # time spent on one (format, rows) beyond its first runs
 ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at both row counts wins
+PIECE_AT = (768, 1024, 1280)    # prompt rows at which a dense product is timed whole and in pieces
+PIECE_GAIN = 1.10               # pieces must be this much faster to be taken
 TIMINGS_FILE = "kernel-timings.json"
 
 # how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in one of their
@@ -75,6 +82,19 @@ def shape_key(values: str, out_features: int, in_features: int) -> str:
     return f"{values}:{out_features}x{in_features}"
 
 
+def _best_seconds(run, seconds: float) -> float:
+    """The least time of `run()` over at least two runs (up to 100 within `seconds`), after one untimed
+    (allocation)."""
+    run()
+    best, runs, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while runs < 2 or (time.perf_counter() < deadline and runs < 100):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+        runs += 1
+    return best
+
+
 def time_format(fmt: str, values: str, out_features: int, in_features: int,
                 seconds: float = TIMING_SECONDS) -> list[float]:
     """Best seconds of one product over each of ROWS rows by a [out, in] layer of `values` stored as
@@ -85,15 +105,34 @@ def time_format(fmt: str, values: str, out_features: int, in_features: int,
     with torch.inference_mode():
         for rows in ROWS:
             x = torch.randn(rows, in_features, generator=generator)
-            layer(x)                                                      # first call: allocation
-            best, runs, deadline = float("inf"), 0, time.perf_counter() + seconds
-            while runs < 2 or (time.perf_counter() < deadline and runs < 100):
-                started = time.perf_counter()
-                layer(x)
-                best = min(best, time.perf_counter() - started)
-                runs += 1
-            found.append(best)
+            found.append(_best_seconds(lambda: layer(x), seconds))
     return found
+
+
+def time_pieces(fmt: str, values: str, out_features: int, in_features: int,
+                seconds: float = TIMING_SECONDS) -> list[float]:
+    """Best seconds of a [out, in] dense (`fmt`: float32 or bfloat16) product over each of PIECE_AT
+    rows, whole and in PROMPT_PIECE_ROWS-row pieces: [whole, pieces] for each."""
+    generator = torch.Generator().manual_seed(0)
+    layer = QuantizedLinear.from_weight(_placeholder(values, out_features, in_features), None, fmt, fmt)
+    found = []
+    with torch.inference_mode():
+        for rows in PIECE_AT:
+            x = torch.randn(rows, in_features, generator=generator)
+            for pieces in ((), ((PROMPT_PIECE_ROWS, rows),)):
+                layer.prompt_pieces = pieces
+                found.append(_best_seconds(lambda: layer(x), seconds))
+    return found
+
+
+def piece_ranges(seconds: list[float]) -> tuple[tuple[int, int], ...]:
+    """`time_pieces`' [whole, pieces] seconds → the row ranges that go in pieces: each PIECE_AT row
+    count's (half-way to its neighbours; the first from PROMPT_PIECE_ROWS) where pieces took at most
+    1 / PIECE_GAIN of the whole product's time."""
+    edges = [PROMPT_PIECE_ROWS] + [(a + b) // 2 for a, b in zip(PIECE_AT, PIECE_AT[1:])] + \
+        [PIECE_AT[-1] + (PIECE_AT[-1] - PIECE_AT[-2]) // 2]
+    return tuple((edges[i], edges[i + 1]) for i in range(len(PIECE_AT))
+                 if seconds[2 * i + 1] * PIECE_GAIN <= seconds[2 * i])
 
 
 def _placeholder(values: str, out_features: int, in_features: int) -> torch.Tensor | QuantizedWeight:
@@ -123,6 +162,11 @@ class Timings:
     def get(self, values: str, out_features: int, in_features: int, fmt: str) -> list[float]:
         return self.measured(shape_key(values, out_features, in_features), fmt, len(ROWS),
                              lambda: time_format(fmt, values, out_features, in_features))
+
+    def pieces(self, values: str, out_features: int, in_features: int, fmt: str) -> tuple[tuple[int, int], ...]:
+        """The row ranges in which a [out, in] `fmt` product goes in pieces (`piece_ranges`)."""
+        return piece_ranges(self.measured(shape_key(values, out_features, in_features), f"{fmt} in pieces",
+                                          2 * len(PIECE_AT), lambda: time_pieces(fmt, values, out_features, in_features)))
 
     def measured(self, key: str, name: str, count: int, measure) -> list[float]:
         """The `count` timings cached under (key, name), or `measure()`'s, cached (e.g. a shape's
@@ -222,6 +266,10 @@ def choose_formats(model: nn.Module, mode: str, timings: Timings | None = None, 
         elif tiers != (FLOAT32,) * 3:
             replace_module(model, name, QuantizedLinear.from_weight(layer.weight, layer.bias, *tiers[:2],
                                                                     prefill_format=tiers[2]))
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLinear) and name != "lm_head" and layer.prefill_format in (FLOAT32, BFLOAT16):
+            layer.prompt_pieces = timings.pieces(layer.values, layer.out_features, layer.in_features,
+                                                 layer.prefill_format)
     timings.save()
     log.info("weight formats (%s, %.1f s, timings in %s): %s", mode, time.monotonic() - started, timings.path,
              _describe(chosen))

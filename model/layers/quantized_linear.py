@@ -45,6 +45,7 @@ DOT_FORMATS = {INT4: INT4_DOT, INT8: INT8_DOT}          # values → their integ
 FLOAT = "float"                 # the values of a weight that was never quantized
 SMALL_ROWS = 4                  # steps of at most this many rows take the small-step format
 PREFILL_ROWS = 64               # steps of more rows than this take the prefill format
+PROMPT_PIECE_ROWS = 512         # the rows of one piece of a dense product taken in pieces (`prompt_pieces`)
 MIN_QUANTIZED_OUT = 16          # narrower Linears (MoE routers: a few experts) keep float weights
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -102,6 +103,9 @@ class QuantizedLinear(Linear):
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(dtype),
                                                                               requires_grad=False))
         self._dense: torch.Tensor | None = None
+        # row ranges (lo, hi] whose dense (float32, bfloat16) products run in PROMPT_PIECE_ROWS-row pieces:
+        # where oneDNN's blocking for that many rows measured slower than for the pieces (kernel_choice)
+        self.prompt_pieces: tuple[tuple[int, int], ...] = ()
         # a layer of quantized values held in dense formats only may keep a way to its codes (the
         # packed layers it was made from) until the decode step's choice is made (`hold_codes`)
         self._held_codes = None
@@ -173,6 +177,8 @@ class QuantizedLinear(Linear):
         holds exactly what the int4 product used)."""
         layer = QuantizedLinear(self.in_features, self.out_features, self.values, small_format, large_format,
                                 self.bias, self.dtype, prefill_format)
+        if layer.prefill_format == self.prefill_format:
+            layer.prompt_pieces = self.prompt_pieces
         for fmt in layer.formats:
             if fmt in self.formats:
                 for name in _BUFFERS[fmt]:
@@ -211,9 +217,9 @@ class QuantizedLinear(Linear):
         elif fmt == INT4 and rows:
             y = _INT4_MM(flat.to(torch.bfloat16).contiguous(), self.weight_int4, GROUP, self.scale_zeros_int4)
         elif fmt == FLOAT32:
-            y = F.linear(flat.to(self.weight_f32.dtype), self.weight_f32)
+            y = self._dense_product(flat.to(self.weight_f32.dtype), self.weight_f32)
         elif fmt == BFLOAT16:
-            y = F.linear(flat.to(torch.bfloat16), self.weight_bf16)
+            y = self._dense_product(flat.to(torch.bfloat16), self.weight_bf16)
         elif rows == 0:
             y = flat.new_zeros(0, self.out_features)
         else:
@@ -223,6 +229,16 @@ class QuantizedLinear(Linear):
         if bias is not None:
             y = y + bias.to(x.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _dense_product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [M, in] W^T → [M, out], in PROMPT_PIECE_ROWS-row pieces where M lies in a `prompt_pieces` range."""
+        rows = x.shape[0]
+        if rows <= PROMPT_PIECE_ROWS or not any(lo < rows <= hi for lo, hi in self.prompt_pieces):
+            return F.linear(x, weight)
+        out = x.new_empty(rows, weight.shape[0])                                     # [M, out]
+        for start in range(0, rows, PROMPT_PIECE_ROWS):
+            torch.mm(x[start:start + PROMPT_PIECE_ROWS], weight.t(), out=out[start:start + PROMPT_PIECE_ROWS])
+        return out
 
     def dense_weight(self) -> torch.Tensor:
         """W [out, in] in the model's dtype: the values the products multiply by, dequantized once

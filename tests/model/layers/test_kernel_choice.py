@@ -12,7 +12,7 @@ import torch
 from model.config import preset
 from model.layers import kernel_choice
 from model.layers.kernel_choice import (ROWS, Timings, candidates, choose_formats, describe_formats, machine_key,
-                                        pick, time_format)
+                                        pick, piece_ranges, time_format)
 from model.layers.linear import Linear
 from model.layers.quantized_linear import (BFLOAT16, FLOAT32, INT4, INT4_DOT, INT8, INT8_DOT, QuantizedLinear,
                                            quantize_model)
@@ -74,10 +74,13 @@ def test_timings_are_cached_per_machine(tmp_path, monkeypatch):
     assert Timings(path).data == {machine_key(): {}}                                   # a damaged file: start over
 
 
-def fake_timings(monkeypatch, tmp_path, table: dict[str, list[float]]) -> Timings:
-    """`time_format` answering from `table`; two timings stand for 1 row and 16 and more rows."""
+def fake_timings(monkeypatch, tmp_path, table: dict[str, list[float]], pieces: list[float] | None = None) -> Timings:
+    """`time_format` answering from `table`; two timings stand for 1 row and 16 and more rows.
+    `time_pieces` answers `pieces` ([whole, in pieces] at each of PIECE_AT rows; default: whole faster)."""
     monkeypatch.setattr(kernel_choice, "time_format",
                         lambda fmt, values, n, k: table[fmt] + table[fmt][-1:] * (len(ROWS) - len(table[fmt])))
+    monkeypatch.setattr(kernel_choice, "time_pieces",
+                        lambda fmt, values, n, k: pieces or [1.0, 2.0] * len(kernel_choice.PIECE_AT))
     return Timings(tmp_path / "timings.json")
 
 
@@ -176,3 +179,35 @@ def test_each_tier_multiplies_in_its_own_format():
         assert torch.equal(tiers(x), alone[fmt](x)), (rows, fmt)
     copy = tiers.with_formats(INT4_DOT, INT4_DOT)                       # prefill follows the large format
     assert copy.formats == (INT4_DOT,) and copy.prefill_format == INT4_DOT
+
+
+def test_piece_ranges_follow_the_rows_where_pieces_won():
+    assert piece_ranges([1.0, 2.0] * 3) == ()
+    assert piece_ranges([1.0, 0.5, 1.0, 0.95, 1.0, 0.8]) == ((512, 896), (1152, 1408))   # 0.95: under the 10 %
+
+
+def test_dense_prompt_products_go_in_pieces_where_they_measured_faster(monkeypatch, tmp_path):
+    """Pieces faster at 1,024 rows only: every layer with a dense prompt format takes 896 < rows ≤ 1,152
+    in 512-row pieces (and gives what the whole product gives), other row counts whole; the head stays
+    whole (its prompt rows are the few whose logits are asked for)."""
+    timings = fake_timings(monkeypatch, tmp_path, {INT4: [1.0, 10.0], BFLOAT16: [2.0, 4.0], FLOAT32: [3.0, 20.0],
+                                                  INT8: [1.5, 12.0], INT4_DOT: [5.0, 50.0], INT8_DOT: [5.0, 50.0]},
+                           pieces=[1.0, 2.0, 2.0, 1.0, 1.0, 2.0])
+    model = perturbed_model(preset("llama-tiny"), seed=1)
+    quantize_model(model, INT4)
+    choose_formats(model, "measured", timings)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert all(m.prompt_pieces == ((896, 1152),) for n, m in layers.items() if n != "lm_head")
+    layer = layers["model.layers.0.mlp.down_proj"]
+    products = []
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(a[0].shape[0]) or torch.ops.aten.mm.out(*a, **k))
+    with torch.inference_mode():
+        for rows, pieces in ((1000, [512, 488]), (1200, []), (700, [])):
+            x = torch.randn(rows, layer.in_features)
+            got = layer(x)
+            assert products == pieces
+            layer.prompt_pieces = ()
+            whole = layer(x)
+            layer.prompt_pieces = ((896, 1152),)
+            products.clear()
+            torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
