@@ -1,5 +1,5 @@
 /* The element-wise steps of a prompt chunk's layer on bfloat16 activations, one pass each where PyTorch
- * takes several ops and a float32 copy of every tensor (docs/architecture.md, "Prompt chunks"):
+ * takes several ops and a float32 copy of every tensor (README.md, "Speed on a CPU"):
  *
  * prompt_rope_qkv: a fused q|k|v product's bfloat16 rows [T, (H + 2KV)·hd] → rotate_half RoPE of the
  *   H query and KV key heads (float32 arithmetic; cos / sin [T, H + KV, hd] as model/families/llama.py's
