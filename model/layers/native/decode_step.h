@@ -86,34 +86,6 @@ static inline float silu(float x) {
     return (x >= 0.0f ? x : x * e) / (1.0f + e);
 }
 
-#if defined(__AVX512F__) || defined(HAVE_AMX_COMPILER)
-/* 2^t, 16 at a time, t clamped to [-127, 126] (below -126: 0 or a subnormal, so -inf gives 0): 2^n ·
- * 2^f with f in [-0.5, 0.5] by a degree-6 Taylor polynomial (relative error ~1e-7) */
-__attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) {
-    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(126.0f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(1.5403530e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* 2^t for a value rounded to bfloat16 next (a softmax weight, a SwiGLU output), half exp2_16's work: a
- * degree-3 polynomial on [-0.5, 0.5] (relative error 7.5e-5, under bfloat16's 2^-9) times 2^n, no
- * clamping: t far below zero gives 0, above 128 inf, t ±inf or NaN gives NaN. */
-__attribute__((target("avx512f"))) static inline __m512 exp2_16_rounded_next(__m512 t) {
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(0.0551716531f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2426111615f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609919f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280713f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
 
 /* silu(gate[i]) · up[i] for i < n into out. With AVX-512, 16 at a time: e^-x by exp2_16 and the
  * division as a reciprocal estimate refined once (~1e-7): the division is what bounds the plain loop. */

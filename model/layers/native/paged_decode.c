@@ -136,13 +136,13 @@ DEFINE_PORTABLE_PARTS(f16, _Float16)
 /* One task: sequence b's heads h0 .. h0 + count - 1 (offsets of those heads), each row read once per
  * block for all of them. A head's arithmetic is the same whatever its task's size: its scores
  * (SCORES: one block's keys lo .. hi - 1), then its weights, then its values (VALUES) summed in key
- * order. scores: [count, n - first] of scratch. ATTR: the functions' target attributes. */
-#define DEFINE_TASK(TASK, T, ATTR, SCORES, VALUES)                                            \
-    ATTR static void TASK(const float *q, int64_t q_stride_h, const T *cache, int64_t row,    \
-                          const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
-                          int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
-                          int64_t b_w, const int64_t *v_off, int64_t v_w, float scale, float *scores, \
-                          float *o) {                                                         \
+ * order. scores: [count, n - first] of scratch. ATTR: the functions' target attributes.
+ * DEFINE_TASK_SCORES: the scores part, of every head of the task. */
+#define DEFINE_TASK_SCORES(TASK_SCORES, T, ATTR, SCORES)                                      \
+    ATTR static inline void TASK_SCORES(const float *q, int64_t q_stride_h, const T *cache, int64_t row, \
+                                        const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
+                                        int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
+                                        int64_t b_w, float scale, float *scores) {            \
         int64_t keys = n - first;                                                             \
         for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
             int64_t block = table[k0 / block_size];                                           \
@@ -156,6 +156,18 @@ DEFINE_PORTABLE_PARTS(f16, _Float16)
                     SCORES(q + c * q_stride_h, r, row, lo, hi, a_off[c], a_w, b_off[c], b_w, scale, sc); \
             }                                                                                 \
         }                                                                                     \
+    }
+
+#define DEFINE_TASK(TASK, T, ATTR, SCORES, VALUES)                                            \
+    DEFINE_TASK_SCORES(TASK##_scores, T, ATTR, SCORES)                                        \
+    ATTR static void TASK(const float *q, int64_t q_stride_h, const T *cache, int64_t row,    \
+                          const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
+                          int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
+                          int64_t b_w, const int64_t *v_off, int64_t v_w, float scale, float *scores, \
+                          float *o) {                                                         \
+        int64_t keys = n - first;                                                             \
+        TASK##_scores(q, q_stride_h, cache, row, table, first, n, block_size, count, a_off, a_w, b_off, b_w, \
+                      scale, scores);                                                         \
         for (int64_t c = 0; c < count; c++) {                                                 \
             float total = softmax_weights(scores + c * keys, keys);                           \
             VALUES(cache, row, table, first, n, block_size, v_off[c], scores + c * keys,       \
@@ -183,6 +195,58 @@ AVX512 static inline __m512 load16_bf16(const uint16_t *p) {
 }
 AVX512 static inline __m512 load16_f16(const _Float16 *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* 2^t, 16 at a time, t clamped to [-127, 126] (below -126: 0 or a subnormal, so -inf gives 0): 2^n ·
+ * 2^f with f in [-0.5, 0.5] by a degree-6 Taylor polynomial (relative error ~1e-7) */
+AVX512 static inline __m512 exp2_16(__m512 t) {
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(126.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 2^t for a value rounded to bfloat16 next (a softmax weight, a SwiGLU output), half exp2_16's work: a
+ * degree-3 polynomial on [-0.5, 0.5] (relative error 7.5e-5, under bfloat16's 2^-9) times 2^n, no
+ * clamping: t far below zero gives 0, above 128 inf, t ±inf or NaN gives NaN. */
+AVX512 static inline __m512 exp2_16_rounded_next(__m512 t) {
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(0.0551716531f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2426111615f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609919f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280713f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* softmax_weights 16 scores at a time: e^(s - max) as 2^((s - max)·log2 e) (exp2_16, within ~1e-7 of
+ * expf), -inf scores (keys in no block) weighing exactly 0; the sum lane-wise, then across lanes */
+AVX512 static float softmax_weights512(float *scores, int64_t n) {
+    __m512 most = _mm512_set1_ps(-INFINITY);
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(scores + k));
+    float m = _mm512_reduce_max_ps(most);
+    for (; k < n; k++) m = scores[k] > m ? scores[k] : m;
+    if (m == -INFINITY) {
+        memset(scores, 0, (size_t)n * sizeof(float));
+        return 0.0f;
+    }
+    const __m512 shift = _mm512_set1_ps(m), log2e = _mm512_set1_ps(1.4426950408889634f);
+    __m512 sum = _mm512_setzero_ps();
+    for (k = 0; k < n; k += 16) {
+        const __mmask16 lanes = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        const __m512 s = _mm512_maskz_loadu_ps(lanes, scores + k);
+        const __mmask16 weighed = _mm512_mask_cmp_ps_mask(lanes, s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 w = _mm512_maskz_mov_ps(weighed, exp2_16(_mm512_mul_ps(_mm512_sub_ps(s, shift), log2e)));
+        _mm512_mask_storeu_ps(scores + k, lanes, w);
+        sum = _mm512_add_ps(sum, w);
+    }
+    return _mm512_reduce_add_ps(sum);
 }
 
 /* lane j of the result = the sum of the 16 lanes of v[j] */
@@ -277,9 +341,98 @@ AVX512 static inline __m512 sum_lanes16(const __m512 v[16]) {
 DEFINE_TASK512(f32, float)
 DEFINE_TASK512(bf16, uint16_t)
 DEFINE_TASK512(f16, _Float16)
-DEFINE_TASK(task512_f32, float, AVX512, scores_block512_f32, head_values512_f32)
-DEFINE_TASK(task512_bf16, uint16_t, AVX512, scores_block512_bf16, head_values512_bf16)
-DEFINE_TASK(task512_f16, _Float16, AVX512, scores_block512_f16, head_values512_f16)
+/* Heads of a task that read the same values (grouped-query attention's heads of one kv head; every head
+ * of a latent cache), up to 4 of hd ≤ 64, sum their outputs over each value row loaded once; each head's
+ * arithmetic is the single head's, in the same order. (Converting a 16-bit cache's key rows once for
+ * such heads, instead of once a head, measured slower where the cache streams from memory.) */
+
+/* the heads from c sharing head c's value offset: c .. returned - 1 */
+static int64_t group_end(const int64_t *v_off, int64_t c, int64_t count) {
+    int64_t g = c + 1;
+    while (g < count && v_off[g] == v_off[c]) g++;
+    return g;
+}
+
+#define DEFINE_GROUPED_VALUES(NAME, T)                                                        \
+    /* heads' outputs o + h·v_w (h < G) = inv[h] · Σ_k w[h·w_stride + k] · v_k[v_off ..], keys in order */ \
+    AVX512 static inline __attribute__((always_inline)) void group_values_##NAME(               \
+            const T *cache, int64_t row, const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
+            int64_t v_off, const float *w, int64_t w_stride, const float *inv, float *o, const int NV, \
+            const int G) {                                                                    \
+        __m512 acc[4][4];                                                                     \
+        for (int h = 0; h < G; h++)                                                           \
+            for (int i = 0; i < NV; i++) acc[h][i] = _mm512_setzero_ps();                     \
+        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
+            int64_t block = table[k0 / block_size];                                           \
+            if (block < 0) continue;                                                          \
+            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
+            const T *v = cache + (block * block_size + lo - k0) * row + v_off;               \
+            for (int64_t k = lo; k < hi; k++, v += row) {                                     \
+                __m512 values[4];                                                             \
+                for (int i = 0; i < NV; i++) values[i] = load16_##NAME(v + 16 * i);            \
+                for (int h = 0; h < G; h++) {                                                 \
+                    __m512 wk = _mm512_set1_ps(w[h * w_stride + k - first]);                  \
+                    for (int i = 0; i < NV; i++) acc[h][i] = _mm512_fmadd_ps(wk, values[i], acc[h][i]); \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (int h = 0; h < G; h++)                                                           \
+            for (int i = 0; i < NV; i++)                                                      \
+                _mm512_storeu_ps(o + h * NV * 16 + 16 * i, _mm512_mul_ps(acc[h][i], _mm512_set1_ps(inv[h]))); \
+    }                                                                                         \
+    /* group_values for G heads (2 .. 4) of v_w 16, 32 or 64; 0 where it does not take them */ \
+    AVX512 static int grouped_values_##NAME(const T *cache, int64_t row, const int64_t *table, int64_t first, \
+                                            int64_t n, int64_t block_size, int64_t v_off, const float *w, \
+                                            int64_t w_stride, const float *inv, float *o, int64_t v_w, int64_t G) { \
+        switch (G * 100 + v_w / 16) {                                                         \
+        case 201: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 1, 2); return 1; \
+        case 202: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 2, 2); return 1; \
+        case 204: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 4, 2); return 1; \
+        case 301: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 1, 3); return 1; \
+        case 302: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 2, 3); return 1; \
+        case 304: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 4, 3); return 1; \
+        case 401: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 1, 4); return 1; \
+        case 402: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 2, 4); return 1; \
+        case 404: group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, w_stride, inv, o, 4, 4); return 1; \
+        default: return 0;                                                                    \
+        }                                                                                     \
+    }
+
+DEFINE_GROUPED_VALUES(f32, float)
+DEFINE_GROUPED_VALUES(bf16, uint16_t)
+DEFINE_GROUPED_VALUES(f16, _Float16)
+
+/* the AVX-512 task: DEFINE_TASK's, heads sharing their values summed together (group_values) */
+#define DEFINE_GROUPED_TASK512(TASK, NAME, T)                                                 \
+    DEFINE_TASK_SCORES(TASK##_scores, T, AVX512, scores_block512_##NAME)                      \
+    AVX512 static void TASK(const float *q, int64_t q_stride_h, const T *cache, int64_t row,  \
+                            const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
+                            int64_t count, const int64_t *a_off, int64_t a_w, const int64_t *b_off, \
+                            int64_t b_w, const int64_t *v_off, int64_t v_w, float scale, float *scores, \
+                            float *o) {                                                       \
+        const int64_t keys = n - first;                                                       \
+        TASK##_scores(q, q_stride_h, cache, row, table, first, n, block_size, count, a_off, a_w, b_off, b_w, \
+                      scale, scores);                                                         \
+        for (int64_t c = 0, g; c < count; c = g) {            /* up to 4 heads sharing their values */ \
+            g = group_end(v_off, c, count);                                             \
+            g = g - c > 4 ? c + 4 : g;                                                        \
+            float inv[4];                                                                     \
+            for (int64_t h = c; h < g; h++) {                                                 \
+                float total = softmax_weights512(scores + h * keys, keys);                    \
+                inv[h - c] = total > 0.0f ? 1.0f / total : 0.0f;                              \
+            }                                                                                 \
+            if (g - c > 1 && grouped_values_##NAME(cache, row, table, first, n, block_size, v_off[c], \
+                                                   scores + c * keys, keys, inv, o + c * v_w, v_w, g - c)) \
+                continue;                                                                     \
+            for (int64_t h = c; h < g; h++)                                                   \
+                head_values512_##NAME(cache, row, table, first, n, block_size, v_off[h], scores + h * keys, \
+                                      inv[h - c], o + h * v_w, v_w);                          \
+        }                                                                                     \
+    }
+
+DEFINE_GROUPED_TASK512(task512_f32, f32, float)
+DEFINE_GROUPED_TASK512(task512_bf16, bf16, uint16_t)
+DEFINE_GROUPED_TASK512(task512_f16, f16, _Float16)
 
 static int use_avx512 = -1;    /* -1: not yet asked; set by wide_path() or paged_decode_force_portable() */
 
