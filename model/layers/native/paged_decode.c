@@ -133,6 +133,13 @@ DEFINE_PORTABLE_PARTS(f32, float)
 DEFINE_PORTABLE_PARTS(bf16, uint16_t)
 DEFINE_PORTABLE_PARTS(f16, _Float16)
 
+/* the next block's rows into the cache while this block's are scored, by a task of several heads (a
+ * sequence's in a batch; a task of one head reads a small part of each row): the blocks of a
+ * sequence lie anywhere in the cache, where the hardware's prefetcher does not follow */
+static inline void prefetch_block(const void *rows, int64_t bytes) {
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)rows + at, 0, 3);
+}
+
 /* One task: sequence b's heads h0 .. h0 + count - 1 (offsets of those heads), each row read once per
  * block for all of them. A head's arithmetic is the same whatever its task's size: its scores
  * (SCORES: one block's keys lo .. hi - 1), then its weights, then its values (VALUES) summed in key
@@ -148,6 +155,9 @@ DEFINE_PORTABLE_PARTS(f16, _Float16)
             int64_t block = table[k0 / block_size];                                           \
             int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
             const T *r = cache + (block * block_size + lo - k0) * row;                       \
+            if (count > 1 && k0 + block_size < n && table[k0 / block_size + 1] >= 0)          \
+                prefetch_block(cache + table[k0 / block_size + 1] * block_size * row,         \
+                               block_size * row * (int64_t)sizeof(T));                        \
             for (int64_t c = 0; c < count; c++) {                                             \
                 float *sc = scores + c * keys - first;                                        \
                 if (block < 0)                                                                \
