@@ -95,34 +95,35 @@ def _best_seconds(run, seconds: float) -> float:
     return best
 
 
-def time_format(fmt: str, values: str, out_features: int, in_features: int,
-                seconds: float = TIMING_SECONDS) -> list[float]:
-    """Best seconds of one product over each of ROWS rows by a [out, in] layer of `values` stored as
-    `fmt` (random weights of that shape)."""
+def _time_rows(fmt: str, values: str, out_features: int, in_features: int, rows_list: tuple[int, ...],
+               variants: tuple = ((),), seconds: float = TIMING_SECONDS) -> list[float]:
+    """Best seconds of one product by a [out, in] layer of `values` stored as `fmt` (random weights of
+    that shape) over each of `rows_list` rows, for each of `variants` (its `prompt_pieces`) in turn."""
     generator = torch.Generator().manual_seed(0)
     layer = QuantizedLinear.from_weight(_placeholder(values, out_features, in_features), None, fmt, fmt)
     found = []
     with torch.inference_mode():
-        for rows in ROWS:
+        for rows in rows_list:
             x = torch.randn(rows, in_features, generator=generator)
-            found.append(_best_seconds(lambda: layer(x), seconds))
+            for pieces in variants:
+                layer.prompt_pieces = pieces
+                found.append(_best_seconds(lambda: layer(x), seconds))
     return found
+
+
+def time_format(fmt: str, values: str, out_features: int, in_features: int,
+                seconds: float = TIMING_SECONDS) -> list[float]:
+    """Best seconds of one product over each of ROWS rows by a [out, in] layer of `values` stored as
+    `fmt` (random weights of that shape)."""
+    return _time_rows(fmt, values, out_features, in_features, ROWS, seconds=seconds)
 
 
 def time_pieces(fmt: str, values: str, out_features: int, in_features: int,
                 seconds: float = TIMING_SECONDS) -> list[float]:
     """Best seconds of a [out, in] dense (`fmt`: float32 or bfloat16) product over each of PIECE_AT
     rows, whole and in PROMPT_PIECE_ROWS-row pieces: [whole, pieces] for each."""
-    generator = torch.Generator().manual_seed(0)
-    layer = QuantizedLinear.from_weight(_placeholder(values, out_features, in_features), None, fmt, fmt)
-    found = []
-    with torch.inference_mode():
-        for rows in PIECE_AT:
-            x = torch.randn(rows, in_features, generator=generator)
-            for pieces in ((), ((PROMPT_PIECE_ROWS, rows),)):
-                layer.prompt_pieces = pieces
-                found.append(_best_seconds(lambda: layer(x), seconds))
-    return found
+    return _time_rows(fmt, values, out_features, in_features, PIECE_AT,
+                      ((), ((PROMPT_PIECE_ROWS, PIECE_AT[-1]),)), seconds)
 
 
 def piece_ranges(seconds: list[float]) -> tuple[tuple[int, int], ...]:

@@ -278,6 +278,39 @@ AVX512 static inline __m512 sum_lanes16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+#define DEFINE_GROUP_VALUES(NAME, T)                                                            \
+    /* G heads' outputs o + h·v_w (v_w = 16·NV) = inv[h] · Σ_k w[h·w_stride + k] · v_k[v_off ..], keys \
+     * in order, sums in registers (G·NV of them: 16 at most) */                              \
+    AVX512 static inline __attribute__((always_inline)) void group_values_##NAME(               \
+            const T *cache, int64_t row, const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
+            int64_t v_off, const float *w, int64_t w_stride, const float *inv, float *o, const int NV, \
+            const int G) {                                                                    \
+        __m512 acc[4][16];                                                                    \
+        for (int h = 0; h < G; h++)                                                           \
+            for (int i = 0; i < NV; i++) acc[h][i] = _mm512_setzero_ps();                     \
+        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
+            int64_t block = table[k0 / block_size];                                           \
+            if (block < 0) continue;                                                          \
+            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
+            const T *v = cache + (block * block_size + lo - k0) * row + v_off;               \
+            for (int64_t k = lo; k < hi; k++, v += row) {                                     \
+                __m512 values[16];                                                            \
+                for (int i = 0; i < NV; i++) values[i] = load16_##NAME(v + 16 * i);            \
+                for (int h = 0; h < G; h++) {                                                 \
+                    __m512 wk = _mm512_set1_ps(w[h * w_stride + k - first]);                  \
+                    for (int i = 0; i < NV; i++) acc[h][i] = _mm512_fmadd_ps(wk, values[i], acc[h][i]); \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (int h = 0; h < G; h++)                                                           \
+            for (int i = 0; i < NV; i++)                                                      \
+                _mm512_storeu_ps(o + h * NV * 16 + 16 * i, _mm512_mul_ps(acc[h][i], _mm512_set1_ps(inv[h]))); \
+    }
+
+DEFINE_GROUP_VALUES(f32, float)
+DEFINE_GROUP_VALUES(bf16, uint16_t)
+DEFINE_GROUP_VALUES(f16, _Float16)
+
 #define DEFINE_TASK512(NAME, T)                                                               \
     /* scores of the 16 rows r, r + row, …: q·[row[a_off..] | row[b_off..]] * scale */         \
     AVX512 static inline void scores16_##NAME(const float *q, const T *r, int64_t row, int64_t a_off, \
@@ -310,20 +343,7 @@ AVX512 static inline __m512 sum_lanes16(const __m512 v[16]) {
     AVX512 static inline __attribute__((always_inline)) void values_##NAME(                  \
             const T *cache, int64_t row, const int64_t *table, int64_t first, int64_t n,       \
             int64_t block_size, int64_t v_off, const float *w, float inv, float *o, const int NV) { \
-        __m512 acc[16];                                                                       \
-        for (int i = 0; i < NV; i++) acc[i] = _mm512_setzero_ps();                            \
-        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
-            int64_t block = table[k0 / block_size];                                           \
-            if (block < 0) continue;                                                          \
-            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
-            const T *v = cache + (block * block_size + lo - k0) * row + v_off;               \
-            for (int64_t k = lo; k < hi; k++, v += row) {                                     \
-                __m512 wk = _mm512_set1_ps(w[k - first]);                                     \
-                for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(wk, load16_##NAME(v + 16 * i), acc[i]); \
-            }                                                                                 \
-        }                                                                                     \
-        __m512 scale = _mm512_set1_ps(inv);                                                   \
-        for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[i], scale)); \
+        group_values_##NAME(cache, row, table, first, n, block_size, v_off, w, 0, &inv, o, NV, 1); \
     }                                                                                         \
     AVX512 static inline void scores_block512_##NAME(const float *qa, const T *r, int64_t row, int64_t lo, \
                                                      int64_t hi, int64_t a_off, int64_t a_w, int64_t b_off, \
@@ -364,32 +384,6 @@ static int64_t group_end(const int64_t *v_off, int64_t c, int64_t count) {
 }
 
 #define DEFINE_GROUPED_VALUES(NAME, T)                                                        \
-    /* heads' outputs o + h·v_w (h < G) = inv[h] · Σ_k w[h·w_stride + k] · v_k[v_off ..], keys in order */ \
-    AVX512 static inline __attribute__((always_inline)) void group_values_##NAME(               \
-            const T *cache, int64_t row, const int64_t *table, int64_t first, int64_t n, int64_t block_size, \
-            int64_t v_off, const float *w, int64_t w_stride, const float *inv, float *o, const int NV, \
-            const int G) {                                                                    \
-        __m512 acc[4][4];                                                                     \
-        for (int h = 0; h < G; h++)                                                           \
-            for (int i = 0; i < NV; i++) acc[h][i] = _mm512_setzero_ps();                     \
-        for (int64_t k0 = first - first % block_size; k0 < n; k0 += block_size) {            \
-            int64_t block = table[k0 / block_size];                                           \
-            if (block < 0) continue;                                                          \
-            int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
-            const T *v = cache + (block * block_size + lo - k0) * row + v_off;               \
-            for (int64_t k = lo; k < hi; k++, v += row) {                                     \
-                __m512 values[4];                                                             \
-                for (int i = 0; i < NV; i++) values[i] = load16_##NAME(v + 16 * i);            \
-                for (int h = 0; h < G; h++) {                                                 \
-                    __m512 wk = _mm512_set1_ps(w[h * w_stride + k - first]);                  \
-                    for (int i = 0; i < NV; i++) acc[h][i] = _mm512_fmadd_ps(wk, values[i], acc[h][i]); \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
-        for (int h = 0; h < G; h++)                                                           \
-            for (int i = 0; i < NV; i++)                                                      \
-                _mm512_storeu_ps(o + h * NV * 16 + 16 * i, _mm512_mul_ps(acc[h][i], _mm512_set1_ps(inv[h]))); \
-    }                                                                                         \
     /* group_values for G heads (2 .. 4) of v_w 16, 32 or 64; 0 where it does not take them */ \
     AVX512 static int grouped_values_##NAME(const T *cache, int64_t row, const int64_t *table, int64_t first, \
                                             int64_t n, int64_t block_size, int64_t v_off, const float *w, \
