@@ -1,9 +1,11 @@
 """Integer-dot products of int4 / int8 weights (model/layers/native/quant_matmul.c): activations
 quantized on the fly per group of 32 columns to two int8 digits (~15 bits; llama.cpp, which
 multiplies its Q4/Q8 blocks this way, uses one), multiplied with AVX512-VNNI byte dot products, or,
-for batches of 12 rows or more where the CPU has them, with AMX tiles (the same integer sums); a
-portable C loop, far slower, where the CPU lacks both. One pass over the packed weights serves
-every row of a batch.
+for batches of AMX_MIN_ROWS rows or more where the CPU has them, with AMX tiles (the same integer
+sums); a portable C loop, far slower, where the CPU lacks both. One pass over the packed weights
+serves every row of a batch. int8 weights on the tiles take activations with one scale per row
+instead (two digits relative to the row's largest value): their integer sums then run over whole
+rows in the tiles, with no scaling per group, and the product is bound by the weights' bytes.
 
 The packed forms (see the C file's header for the arithmetic):
 - int4 (input width a multiple of 32): uint8 [Np/64, K/32, R], one record per (64 features, group
@@ -60,6 +62,7 @@ def has_amx() -> bool:
 
 
 PATHS = ("portable", "vnni", "amx")     # the C side's paths, slowest first
+AMX_MIN_ROWS = 12                       # rows from which a product takes the tiles (quant_matmul.c)
 
 
 def force_path(highest: str) -> str:

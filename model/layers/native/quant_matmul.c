@@ -99,15 +99,17 @@ static int alloc_activations(Activations *a, int64_t M, int64_t Mp, int64_t Kp) 
 }
 
 /* one group of n <= 32 floats → 32 high and 32 low digits (zero beyond n), its scale xs, float sum
- * and code sum (of 256 · hi + lo) */
+ * and code sum (of 256 · hi + lo). The digits are relative to the group's largest |x|, or to
+ * `row_amax` when that is not negative (the whole row's: one scale for all its groups) */
 static inline void quantize_group(const float *x, int64_t n, int8_t *hi, int8_t *lo, float *scale, float *sum,
-                                  int32_t *qsum) {
+                                  int32_t *qsum, float row_amax) {
     float amax = 0.0f, s = 0.0f;
     for (int64_t i = 0; i < n; i++) {
         float v = fabsf(x[i]);
         amax = v > amax ? v : amax;
         s += x[i];
     }
+    if (row_amax >= 0.0f) amax = row_amax;
     float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t total = 0;
     for (int64_t i = 0; i < GROUP; i++) {
@@ -126,11 +128,11 @@ static inline void quantize_group(const float *x, int64_t n, int8_t *hi, int8_t 
 
 /* quantize_group with AVX512: the same float arithmetic per value (the float sum in another order) */
 VNNI static inline void quantize_group_avx512(const float *x, int64_t n, int8_t *hi, int8_t *lo, float *scale,
-                                              float *sum, int32_t *qsum) {
+                                              float *sum, int32_t *qsum, float row_amax) {
     __mmask16 first = (__mmask16)(n >= LANES ? 0xFFFF : (1u << n) - 1);
     __mmask16 second = (__mmask16)(n >= GROUP ? 0xFFFF : (n > LANES ? (1u << (n - LANES)) - 1 : 0));
     __m512 x0 = _mm512_maskz_loadu_ps(first, x), x1 = _mm512_maskz_loadu_ps(second, x + LANES);
-    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    float amax = row_amax >= 0.0f ? row_amax : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
     float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m512 inverse = _mm512_set1_ps(inv), steps = _mm512_set1_ps(256.0f);
     const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
@@ -151,19 +153,39 @@ VNNI static inline void quantize_group_avx512(const float *x, int64_t n, int8_t 
     *qsum = _mm512_reduce_add_epi32(total);
 }
 
-static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride, int64_t Kp, Activations *a) {
+/* max |x[i]| of a row of K floats */
+static float abs_max(const float *x, int64_t K) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    return amax;
+}
+
+VNNI static float abs_max_avx512(const float *x, int64_t K) {
+    __m512 most = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= K; k += LANES) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    if (k < K) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << (K - k)) - 1), x + k)));
+    return _mm512_reduce_max_ps(most);
+}
+
+/* every row's groups; `whole_row`: digits relative to the row's largest |x| (one scale for the row,
+ * repeated in each of its groups' entries), else to each group's */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride, int64_t Kp, Activations *a,
+                          int whole_row) {
     int64_t G = Kp / GROUP;
     int vector = path() >= VNNI_PATH;
 #pragma omp parallel for schedule(static) if (M * K >= 16384)
     for (int64_t m = 0; m < M; m++) {
         double offset = 0.0;
+        float row_amax = -1.0f;
+        if (whole_row) row_amax = (vector ? abs_max_avx512 : abs_max)(x + m * x_stride, K);
         for (int64_t g = 0; g < G; g++) {
             int64_t first = g * GROUP, n = K - first;
             n = n < 0 ? 0 : (n > GROUP ? GROUP : n);
             int32_t qsum;
             (vector ? quantize_group_avx512 : quantize_group)(x + m * x_stride + first, n, a->q + m * Kp + first,
                                                               a->lo + m * Kp + first, &a->scale[m * G + g],
-                                                              &a->sum[m * G + g], &qsum);
+                                                              &a->sum[m * G + g], &qsum, row_amax);
             offset += 128.0 * a->scale[m * G + g] * qsum;
         }
         a->offset[m] = (float)offset;
@@ -516,28 +538,38 @@ AMX static inline void q4_amx_block(const Activations *a, int64_t m0, int64_t t,
         store_lanes(out + (m0 + r) * out_stride, t * 64 + b * LANES, N, acc[r]);
 }
 
-/* int8: the record's quads of block b are the B tile as they lie (rows 4 blocks · 64 bytes apart) */
+/* int8: the record's quads of block b are the B tile as they lie (rows 4 blocks · 64 bytes apart).
+ * The activations carry one scale per row (quantize_rows' whole_row), so no group needs scaling of
+ * its own: every group's products accumulate in the same two sum tiles (high digits, low digits),
+ * stored once per block, and a row's output is scale[n] · (xs · (256 · Σhi + Σlo) − offset). The
+ * tile unit and the weights' bytes bound it, not the vector code a per-group scaling costs. */
 AMX static inline void q8_amx_block(const Activations *a, int64_t m0, int64_t t, int b, int64_t Kp,
                                     const uint8_t *w, const float *scale, int64_t N, float *out, int64_t out_stride,
                                     int64_t M) {
     const int64_t G = Kp / GROUP;
-    _Alignas(64) GroupSums sums[2];
-    __m512 acc[TILE_ROWS];
-    for (int r = 0; r < TILE_ROWS; r++) acc[r] = _mm512_setzero_ps();
-    group_products(a, m0, 0, Kp, w + t * G * Q8_RECORD + b * 64, TILE_BLOCKS * 64);
+    _Alignas(64) GroupSums sums;
+    _tile_zero(T_SUM_HI_EVEN);
+    _tile_zero(T_SUM_LO_EVEN);
     for (int64_t g = 0; g < G; g++) {
-        if (g + 1 < G) group_products(a, m0, g + 1, Kp, w + (t * G + g + 1) * Q8_RECORD + b * 64, TILE_BLOCKS * 64);
-        store_group(g, sums);
+        _tile_loadd(T_HI, a->q + m0 * Kp + g * GROUP, Kp);
+        _tile_loadd(T_LO, a->lo + m0 * Kp + g * GROUP, Kp);
+        _tile_loadd(T_CODES, w + (t * G + g) * Q8_RECORD + b * 64, TILE_BLOCKS * 64);
+        _tile_dpbsud(T_SUM_HI_EVEN, T_HI, T_CODES);
+        _tile_dpbsud(T_SUM_LO_EVEN, T_LO, T_CODES);
         if (b == 0 && m0 == 0) prefetch_ahead(w + (t * G + g) * Q8_RECORD, Q8_RECORD);
-#pragma GCC unroll 16
-        for (int r = 0; r < TILE_ROWS; r++)
-            acc[r] = _mm512_fmadd_ps(group_dot(sums[g & 1], r), _mm512_set1_ps(a->scale[(m0 + r) * G + g]), acc[r]);
     }
+    _tile_stored(T_SUM_HI_EVEN, sums[0], 64);
+    _tile_stored(T_SUM_LO_EVEN, sums[1], 64);
     int64_t n0 = t * 64 + b * LANES;
     __m512 ws = _mm512_loadu_ps(scale + n0);
-    for (int r = 0; r < TILE_ROWS && m0 + r < M; r++)
-        store_lanes(out + (m0 + r) * out_stride, n0, N,
-                    _mm512_mul_ps(ws, _mm512_sub_ps(acc[r], _mm512_set1_ps(a->offset[m0 + r]))));
+    for (int r = 0; r < TILE_ROWS && m0 + r < M; r++) {
+        /* 256 · Σhi in float: Σhi may pass int32's range once multiplied */
+        __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[0][r])),
+                                     _mm512_set1_ps(256.0f),
+                                     _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[1][r])));
+        __m512 acc = _mm512_mul_ps(dot, _mm512_set1_ps(a->scale[(m0 + r) * G]));
+        store_lanes(out + (m0 + r) * out_stride, n0, N, _mm512_mul_ps(ws, _mm512_sub_ps(acc, _mm512_set1_ps(a->offset[m0 + r]))));
+    }
 }
 
 /* every (block of 16 features, 16 rows) is one task; a thread loads the tile configuration once */
@@ -626,7 +658,7 @@ int q4_matmul(const float *x, int64_t M, int64_t K, int64_t x_stride, const uint
     Activations a;
     int tiles = tiles_for(M);
     if (alloc_activations(&a, M, tiles ? (M + 15) / 16 * 16 : M, Kp)) return 1;
-    quantize_rows(x, M, K, x_stride, Kp, &a);
+    quantize_rows(x, M, K, x_stride, Kp, &a, 0);
 #ifdef HAVE_AMX_COMPILER
     if (tiles) q4_amx(&a, M, Kp, w, N, out, out_stride, half);
     else
@@ -642,7 +674,7 @@ int q8_matmul(const float *x, int64_t M, int64_t K, int64_t x_stride, const uint
     Activations a;
     int tiles = tiles_for(M);
     if (alloc_activations(&a, M, tiles ? (M + 15) / 16 * 16 : M, Kp)) return 1;
-    quantize_rows(x, M, K, x_stride, Kp, &a);
+    quantize_rows(x, M, K, x_stride, Kp, &a, tiles);          /* the tiles sum whole rows: one scale a row */
 #ifdef HAVE_AMX_COMPILER
     if (tiles) q8_amx(&a, M, Kp, w, scale, N, out, out_stride);
     else

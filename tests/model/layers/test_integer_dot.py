@@ -1,7 +1,7 @@
 """The integer-dot products (model/layers/integer_dot.py, native/quant_matmul.c) against a float64
 reference of the same arithmetic: activations rounded to two int8 digits per group of 32 columns,
 int4 codes times those, plus each group's minimum times the exact sum of its x; int8 codes times the
-same rounded activations. Every path this CPU has (AMX tiles for batches of 12 rows or more,
+same rounded activations (on the AMX tiles: two digits relative to the whole row). Every path this CPU has (AMX tiles for batches of 12 rows or more,
 AVX512-VNNI, the portable loop), over shapes with every kind of tail: output features not a multiple
 of 16 (tiles of 1, 2 or 3 blocks), batch rows not a multiple of 4 or of the tiles' 16, input widths
 not a multiple of 64."""
@@ -21,15 +21,18 @@ SHAPES = [(960, 576), (40, 32), (48, 96), (1000, 64), (100, 608), (16, 160), (7 
 ROWS = [1, 2, 3, 4, 5, 9, 16, 17, 35]
 
 
-def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_activations(x: torch.Tensor, whole_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → (x as the kernels round it, the exact x), float64; K padded to whole groups with
-    zeros. The rounding, in float32 as in the C code: u = x · 127 / max|x| per group of 32,
-    hi = round(u), lo = round(256 · (u − hi)) within ±127, x ≈ max|x| / (127 · 256) · (256 · hi + lo)."""
+    zeros. The rounding, in float32 as in the C code: u = x · 127 / max|x| per group of 32 (per row:
+    `whole_row`), hi = round(u), lo = round(256 · (u − hi)) within ±127,
+    x ≈ max|x| / (127 · 256) · (256 · hi + lo)."""
     rows, cols = x.shape
     padded = torch.zeros(rows, -(-cols // GROUP) * GROUP)
     padded[:, :cols] = x
     groups = padded.view(rows, -1, GROUP)
     amax = groups.abs().amax(-1, keepdim=True)                                          # float32
+    if whole_row:
+        amax = amax.amax(1, keepdim=True).expand_as(amax)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     u = groups * inv
     hi = torch.round(u)
@@ -45,8 +48,10 @@ def reference_int4(x: torch.Tensor, weight) -> torch.Tensor:
     return rounded @ (weight.dequantize().double() - minimum).t() + exact @ minimum.t()
 
 
-def reference_int8(x: torch.Tensor, weight) -> torch.Tensor:
-    return int8_activations(x)[0] @ weight.dequantize().double().t()
+def reference_int8(x: torch.Tensor, weight, path: str = "vnni") -> torch.Tensor:
+    """The int8 product as `path` rounds x: per group, or per row on the tiles (AMX_MIN_ROWS rows and more)."""
+    whole_row = path == "amx" and x.shape[0] >= integer_dot.AMX_MIN_ROWS
+    return int8_activations(x, whole_row)[0] @ weight.dequantize().double().t()
 
 
 @pytest.fixture(params=integer_dot.PATHS)
@@ -100,7 +105,7 @@ def test_int8_products_match_the_reference(path, shape):
         x = torch.randn(rows, width, generator=generator)
         got = integer_dot.int8_dot_mm(x, *packed, features)
         assert got.shape == (rows, features)
-        assert relative_error(got, reference_int8(x, weight)) < 2e-6, (path, shape, rows)
+        assert relative_error(got, reference_int8(x, weight, path)) < 2e-6, (path, shape, rows)
 
 
 def test_strided_zero_and_empty_activations(path):
@@ -157,3 +162,22 @@ def test_activations_keep_about_fifteen_bits_per_group():
     got = integer_dot.int8_dot_mm(x, *integer_dot.pack_int8_dot(weight), 64)
     assert relative_error(got, reference_int8(x, weight)) < 2e-6
     assert float((got[0, 8:32].double() - exact[0, 8:32]).abs().max()) < half_step + 1e-3
+
+
+def test_int8_tiles_round_each_row_once():
+    """On the tiles an int8 product's activations have one scale per row: a row whose groups differ
+    by orders of magnitude keeps ~15 bits relative to its largest value (not to each group's), and the
+    result is that rounding's product exactly (the per-group reference would differ)."""
+    if not integer_dot.has_amx():
+        pytest.skip("this CPU (or its kernel) gives no AMX tiles")
+    generator = torch.Generator().manual_seed(6)
+    weight = quantize_int8(torch.randn(64, 96, generator=generator))
+    packed = integer_dot.pack_int8_dot(weight)
+    x = torch.randn(integer_dot.AMX_MIN_ROWS, 96, generator=generator)
+    x[:, 32:64] *= 1e-3                                                 # a quiet middle group
+    got = integer_dot.int8_dot_mm(x, *packed, 64)
+    assert relative_error(got, reference_int8(x, weight, "amx")) < 2e-6
+    rounded, exact = int8_activations(x, whole_row=True)
+    # within one step of each row's own grid (half a step, or one where the low digit is clamped at ±127)
+    steps = x.double().abs().amax(1) / (127 * 256)                                 # [rows]
+    assert bool(((rounded - exact).abs().amax(1) <= steps * 1.001).all())
