@@ -25,7 +25,7 @@ import torch
 
 from model.layers import native
 from model.layers.cpu_decode_attention import _mla_offsets, cpu_paged_mla_decode
-from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, dot_weight, install, step_argtypes
+from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, install, step_argtypes
 
 class CustomLayer(ctypes.Structure):
     _fields_ = [("input_norm", PTR), ("post_norm", PTR), ("input_proj", DotWeight), ("query_proj", DotWeight),
@@ -90,9 +90,9 @@ class CustomLLMCpuDecodeStep(CpuDecodeStep):
             attn, moe = layer.self_attn, layer.mlp.moe
             experts = [*moe.shared_experts, *moe.routed_experts]
             projections = [_joined(attn, "input_proj"), _joined(attn, "query_proj"), attn.o_proj]
-            weights = [dot_weight(p, rows) for p in projections]
-            gate_up = [dot_weight(_joined(e, "gate_up_proj"), rows) for e in experts]
-            down = [dot_weight(e.down_proj, rows) for e in experts]
+            weights = [self.weight(p, rows) for p in projections]
+            gate_up = [self.weight(_joined(e, "gate_up_proj"), rows) for e in experts]
+            down = [self.weight(e.down_proj, rows) for e in experts]
             if any(w is None for w in [*weights, *gate_up, *down]):
                 return None
             gate_up_array, down_array = (DotWeight * len(experts))(*gate_up), (DotWeight * len(experts))(*down)

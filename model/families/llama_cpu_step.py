@@ -23,7 +23,7 @@ import torch
 
 from model.layers import integer_dot, native
 from model.layers.cpu_decode_attention import _gqa_offsets, cpu_paged_gqa_decode
-from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, dot_weight, install, step_argtypes
+from model.layers.cpu_decode_step import I64, PTR, CpuDecodeStep, DotWeight, install, step_argtypes
 
 class LlamaLayer(ctypes.Structure):
     _fields_ = [("input_norm", PTR), ("post_norm", PTR), ("qkv", DotWeight), ("o", DotWeight),
@@ -63,7 +63,7 @@ class LlamaCpuDecodeStep(CpuDecodeStep):
         layers = []
         for layer in self.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            weights = [dot_weight(linear, rows) for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+            weights = [self.weight(linear, rows) for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                                 mlp.down_proj)]
             if any(w is None for w in weights):
                 return None

@@ -17,7 +17,7 @@ import torch
 from model.cache.batch import PagedBatch
 from model.layers import integer_dot
 from model.layers.cpu_decode_attention import _DTYPES as CACHE_DTYPES
-from model.layers.quantize import GROUP
+from model.layers.quantize import GROUP, INT4, INT8, quantize
 from model.layers.quantized_linear import (INT4_DOT, INT8_DOT, PREFILL_ROWS, SMALL_ROWS, QuantizedLinear,
                                            replace_module)
 
@@ -49,6 +49,13 @@ def dot_weight(linear, rows: int) -> DotWeight | None:
     return None
 
 
+def batch_copy_applies(linear) -> bool:
+    """Whether the step's batch tier could multiply `linear` by an int8-dot copy: int4 values it
+    multiplies in int4-dot there, no bias."""
+    return (isinstance(linear, QuantizedLinear) and linear.values == INT4 and linear.bias is None
+            and linear.format_for(PREFILL_ROWS) == INT4_DOT)
+
+
 def dot_capable(linears: list) -> bool:
     """Whether every one of `linears` could be held in an integer-dot format: quantized Linears
     without bias whose codes are at hand, on a CPU with AVX512-VNNI (else the step could not take
@@ -75,8 +82,8 @@ def hold_in_dot_formats(model, linears: list, decode_tiers: bool = False) -> int
     changed = 0
     for name, linear in with_names(model, linears):
         small, large, prefill = linear.small_format, linear.large_format, linear.prefill_format
-        if decode_tiers:
-            small, large = (DOT_FORMATS[linear.values],) * 2
+        if decode_tiers:                # an int8-dot copy of int4 values is integer-dot already
+            small, large = (fmt if fmt in DOT_FORMATS.values() else DOT_FORMATS[linear.values] for fmt in (small, large))
         moved = tuple(DOT_FORMATS.get(fmt, fmt) for fmt in (small, large, prefill))
         if moved != (linear.small_format, linear.large_format, linear.prefill_format):
             replace_module(model, name, linear.with_formats(*moved))
@@ -102,11 +109,40 @@ class CpuDecodeStep:
 
     def __init__(self, kernel, shape, keep_alive: list):
         self.kernel, self.shape, self.keep_alive = kernel, shape, keep_alive
+        # id(linear) → (linear, packed, scale): int8-dot copies of int4 weights for batches of decode
+        # steps (`use_batch_copies`), the linear kept so that its id names it alone
+        self.batch_copies: dict[int, tuple] = {}
         self.tiers = {rows: self.layers(rows) for rows in TIERS}
         self._cache_key: tuple | None = None
 
     def layers(self, rows: int):
         raise NotImplementedError
+
+    def weight(self, linear, rows: int) -> DotWeight | None:
+        """What a product of `linear` over `rows` rows multiplies by in the step: its int8-dot copy
+        for a batch (more than SMALL_ROWS rows) where the step holds one, else `dot_weight`."""
+        entry = self.batch_copies.get(id(linear)) if rows > SMALL_ROWS else None
+        if entry is not None and entry[0] is linear:
+            _, packed, scale = entry
+            return DotWeight(8, packed.data_ptr(), scale.data_ptr(), linear.out_features, packed.shape[1] * GROUP, 0)
+        return dot_weight(linear, rows)
+
+    def use_batch_copies(self, linears: list) -> int:
+        """Batches of decode steps multiply the int4 weights among `linears` by int8-dot copies of
+        them, requantized per row: on AMX tiles an int8-dot product sums whole rows with no scaling
+        per group of 32 (model/layers/native/quant_matmul.c), where int4-dot's per-group arithmetic
+        bounds it. Only the step's batch tier reads them: one-row steps and prompt chunks keep the
+        int4 values themselves. Returns how many copies were made."""
+        for linear in linears:
+            if batch_copy_applies(linear) and id(linear) not in self.batch_copies:
+                weight = quantize(linear.quantized_weight().dequantize(), INT8)
+                self.batch_copies[id(linear)] = (linear, *integer_dot.pack_int8_dot(weight))
+        self.rebuild(off=[rows for rows, layers in self.tiers.items() if layers is None])
+        return len(self.batch_copies)
+
+    def drop_batch_copies(self) -> None:
+        self.batch_copies = {}
+        self.rebuild(off=[rows for rows, layers in self.tiers.items() if layers is None])
 
     @property
     def usable(self) -> bool:
@@ -193,4 +229,7 @@ def install(model, linears_of, make_step, choice: tuple | None = None) -> bool:
             model.cpu_decode_step = None
             return False
     log.info("decode steps of %s: every layer in one C call (integer-dot products)", step.tier_names())
+    if choice is not None and choice[0] == "measured":
+        from model.layers.cpu_step_choice import choose_batch_copies
+        choose_batch_copies(model, step, list(linears_of(model)), *choice[1:])
     return True

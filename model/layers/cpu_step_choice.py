@@ -11,6 +11,10 @@ are timed both ways, at 1 and at 16 rows (the tiers' rows in kernel_choice.ROWS)
 cache of CONTEXT tokens a row: layer by layer in the chosen formats, then in one call; a tier whose
 step is slower in one call goes back to the formats the kernel choice gives its (now maybe joined)
 projections. The timings are cached with the kernel timings, by model shape and chosen formats.
+
+On a CPU with AMX tiles a step's batch tier may also multiply its int4 weights by int8-dot copies
+(`CpuDecodeStep.use_batch_copies`: whole rows summed in the tiles, no per-group scaling): whole
+16-row steps are timed in one call with and without them, and the copies stay where faster.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import torch
 
 from model.cache.batch import PagedBatch, SequenceChunk
 from model.cache.kv_cache import KVCache
-from model.layers.cpu_decode_step import TIERS, with_names
+from model.layers import integer_dot
+from model.layers.cpu_decode_step import TIERS, batch_copy_applies, with_names
 from model.layers.kernel_choice import ROWS, Timings, describe_formats, tier_format
 from model.layers.quantized_linear import replace_module
 
@@ -104,3 +109,27 @@ class StepChoice:
 
 def _ms(seconds: list[float]) -> str:
     return " / ".join(f"{s * 1e3:.1f}" for s in seconds)
+
+
+def choose_batch_copies(model, step, linears: list, timings: Timings,
+                        cache_dtype: torch.dtype = torch.float32) -> bool:
+    """Give `step`'s batch tier int8-dot copies of its int4 weights where whole decode steps of
+    STEP_ROWS[-1] rows in one call time faster with them (AMX tiles only: elsewhere int8-dot has the
+    same per-group arithmetic as int4-dot and more bytes); returns whether it did. Cached with the
+    kernel timings."""
+    batch = TIERS[-1]
+    if not integer_dot.has_amx() or step.tiers.get(batch) is None or not any(map(batch_copy_applies, linears)):
+        return False
+    rows, key = STEP_ROWS[-1], step_key(model, cache_dtype)
+    without = timings.measured(key, "batch in one call over int4-dot", 1,
+                               lambda: [time_decode_step(model, rows, cache_dtype)])[0]
+    made = step.use_batch_copies(linears)
+    with_copies = timings.measured(key, "batch in one call over int8-dot copies", 1,
+                                   lambda: [time_decode_step(model, rows, cache_dtype)])[0]
+    timings.save()
+    keep = with_copies < without
+    if not keep:
+        step.drop_batch_copies()
+    log.info("decode steps of %d rows in one call: %.1f ms over int4-dot, %.1f ms over %d int8-dot copies: %s",
+             rows, without * 1e3, with_copies * 1e3, made, "copies kept" if keep else "no copies")
+    return keep

@@ -16,7 +16,11 @@ GGUF) on a fixed English text (tests/data/perplexity_text.txt, 464 tokens) has a
   (the whole text as one prompt chunk), the greedy runs' prompts too;
 - "auto" with its prompts as `serve` runs them where bfloat16 measures faster: bfloat16 copies for
   prompt chunks, bfloat16 activations between them (model/layers/prompt_ops.py) and, on a CPU with
-  AMX-BF16, the lone prompt's attention in the tile-unit kernel.
+  AMX-BF16, the lone prompt's attention in the tile-unit kernel;
+- "int8-dot" is also what the one-call decode step's int8-dot copies hold for batches of decode
+  steps where AMX tiles make them faster (`CpuDecodeStep.use_batch_copies`: the float32 model's
+  weights are the file's int4 values, so quantizing them to int8 requantizes those), here for every
+  row count: the copies' worst case.
 Greedy agreement with float32 is measured both teacher-forced (the top token at every position of
 the text) and free-running (tokens generated one decode step at a time through the paged cache).
 The figures of one run are in docs/benchmarks.md; the bounds here are looser than those figures."""
