@@ -41,6 +41,23 @@ class SequenceChunk:
         return self.start_pos + len(self.token_ids)
 
 
+def _prompts_from_position_0(starts: torch.Tensor, lens: torch.Tensor, flat_starts: torch.Tensor,
+                             window: int | None, max_q: int) -> tuple[torch.Tensor | None, int]:
+    """(prompt_starts, leading_decodes) of a step with chunks starting at `starts` [B] of `lens` [B]
+    tokens: every chunk a prompt from position 0 → (row bounds [B + 1], 0); D leading one-token
+    chunks, then only prompts from position 0 → (their row bounds counted from row D [B - D + 1], D);
+    else (None, 0). Never with a window, nor in a decode-only step."""
+    if window is not None or max_q == 1:
+        return None, 0
+    if not starts.any():
+        return torch.cat([flat_starts, lens.sum().view(1)]), 0
+    decodes = int(torch.cumprod(lens == 1, 0).sum())                    # the leading one-token chunks
+    if decodes == 0 or starts[decodes:].any():
+        return None, 0
+    prompt_rows = flat_starts[decodes:] - decodes                       # [B - D]
+    return torch.cat([prompt_rows, (lens.sum() - decodes).view(1)]), decodes
+
+
 @dataclass
 class PagedBatch:
     token_ids: torch.Tensor      # [T] int64
@@ -63,8 +80,12 @@ class PagedBatch:
     # may take is_causal instead (no mask read, the tiles above the diagonal skipped)
     plain_causal: bool = False
     # every chunk a prompt from position 0 with no window: each attends to its own tokens only, rows
-    # prompt_starts[b] .. prompt_starts[b + 1] - 1 of the step ([B + 1] int64); else None
+    # prompt_starts[b] .. prompt_starts[b + 1] - 1 of the step ([B + 1] int64); else None. With
+    # leading_decodes D > 0 (a continuous-batching step: running sequences' one-token decodes, then
+    # new prompts) the first D chunks are single tokens, each reading its context from the cache, and
+    # prompt_starts covers the rows after them, counted from row D.
     prompt_starts: torch.Tensor | None = None
+    leading_decodes: int = 0
 
     def to(self, device: torch.device | str) -> "PagedBatch":
         """This batch with its tensors on `device` (the same object when they are there already): a
@@ -121,10 +142,11 @@ class PagedBatch:
         ends = starts + lens                                                        # [B]
         logits_index = (flat_starts + lens - 1)[needs]
         put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        prompt_starts = torch.cat([flat_starts, lens.sum().view(1)]) if window is None and not starts.any() else None
+        prompt_starts, leading_decodes = _prompts_from_position_0(starts, lens, flat_starts, window, max_q)
         kernel_fields = dict(is_decode_only=max_q == 1, block_tables=put(tables), context_lens=put(ends),
                              block_size=block_size, window=window, max_position=int(ends.max()) - 1,
-                             prompt_starts=None if prompt_starts is None else put(prompt_starts))
+                             prompt_starts=None if prompt_starts is None else put(prompt_starts),
+                             leading_decodes=leading_decodes)
         if not with_gather:
             return PagedBatch(put(token_ids), put(positions), put(slot_mapping), None, None, None, None,
                               put(logits_index), **kernel_fields)

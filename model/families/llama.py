@@ -218,7 +218,7 @@ class LlamaAttention(KernelAttention, FusedProjections):
             return x.new_zeros(0, x.shape[1], dtype=torch.float32)
         out = None
         if kv is not None and self.prompt_tile_attention:
-            out = prompt_ops.causal_attention(q, kv, cfg.num_kv_heads, starts=batch.prompt_starts)  # [T, H, hd]
+            out = self._own_keys_attention(q, kv, batch, cache_layer)                       # [T, H, hd]
         if out is None:
             if kv is None or not batch.plain_causal:
                 kv = gather_context(cache_layer, batch).to(bf16)                            # [B, K, 2*KV*hd]
@@ -232,6 +232,28 @@ class LlamaAttention(KernelAttention, FusedProjections):
         if out_rows is None:
             return self.o_proj(out)                                                         # [T, d] bf16
         return self.o_proj(out[out_rows].float())                                           # [N, d] float32
+
+
+    def _own_keys_attention(self, q: torch.Tensor, kv: torch.Tensor, batch: PagedBatch,
+                            cache_layer: torch.Tensor) -> torch.Tensor | None:
+        """Attention of a step whose prompts all start at position 0 (batch.prompt_starts), q [T, H, hd]
+        and kv [T, 2·KV·hd] bfloat16 → [T, H, hd] bfloat16: the prompts over their own keys in the
+        tile kernel; the one-token chunks before them (batch.leading_decodes: running sequences'
+        decodes in the same step) in the decode kernel, over the cache where it sits. None where a
+        kernel does not run (the caller gathers the context instead)."""
+        cfg, decodes = self.cfg, batch.leading_decodes
+        if decodes == 0:
+            return prompt_ops.causal_attention(q, kv, cfg.num_kv_heads, starts=batch.prompt_starts)
+        if self.decode_kernel is None:
+            return None
+        prompts = prompt_ops.causal_attention(q[decodes:], kv[decodes:], cfg.num_kv_heads,
+                                              starts=batch.prompt_starts)                    # [T - D, H, hd]
+        if prompts is None:
+            return None
+        tokens = self.decode_kernel(q[:decodes], cache_layer, batch.block_tables[:decodes],
+                                    batch.context_lens[:decodes], batch.block_size, cfg.num_kv_heads, 1.0,
+                                    batch.window)                                            # [D, H, hd] float32
+        return torch.cat([tokens.to(prompts.dtype), prompts])                               # [T, H, hd]
 
 
 class LlamaMLP(FusedProjections):

@@ -279,3 +279,75 @@ def test_prompts_attend_in_the_tile_kernel(sequences, cache_dtype, monkeypatch):
         assert float((g - w).abs().max()) <= 0.02 * float(w.abs().max())
     for g, w in zip(got_cache.layers, want_cache.layers):
         assert float((g.float() - w.float()).abs().max()) <= 0.02 * float(w.float().abs().max())
+
+
+@pytest.mark.parametrize("chunks, want_starts, want_decodes", [
+    ([(0, 5), (0, 3)], [0, 5, 8], 0),                 # prompts from position 0 only
+    ([(7, 1), (4, 1), (0, 5), (0, 3)], [0, 5, 8], 2),  # two running sequences' decodes, then two new prompts
+    ([(0, 1), (0, 4)], [0, 1, 5], 0),                 # a one-token prompt from position 0 is a prompt too
+    ([(7, 1), (0, 1), (0, 4)], [0, 4], 2),            # ... unless it is among the leading one-token chunks
+    ([(7, 1), (4, 2), (0, 3)], None, 0),              # a prompt continuing from the cache: no own-key split
+    ([(0, 5), (7, 1)], None, 0),                      # a decode after a prompt: the rows are not in that order
+    ([(7, 1), (4, 1)], None, 0),                      # decode-only steps have their own path
+])
+def test_a_step_names_its_prompts_from_position_0(chunks, want_starts, want_decodes):
+    batch = PagedBatch.build([SequenceChunk(list(range(3, 3 + n)), start, list(range(4 * i, 4 * i + 4)))
+                              for i, (start, n) in enumerate(chunks)], 4)
+    assert batch.leading_decodes == want_decodes
+    got = None if batch.prompt_starts is None else batch.prompt_starts.tolist()
+    assert got == want_starts
+
+
+@tiles
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decodes_beside_new_prompts_attend_in_the_kernels(cache_dtype, monkeypatch):
+    """A continuous-batching step (two running sequences decode one token each while two new prompts
+    start): the prompts attend in the tile kernel over their own keys, the decodes in the decode kernel
+    over the cache, and together they give what PyTorch's bfloat16 attention over the gathered
+    context gives, within bfloat16's rounding."""
+    from model.layers.cpu_decode_attention import use_cpu_decode_attention
+
+    config = preset("llama-tiny").replace(head_dim=32)
+    model = bfloat16_prompt_model(config)
+    for module in model.modules():
+        if getattr(module, "TILE_ATTENTION", False):
+            module.prompt_tile_attention = True
+    assert use_cpu_decode_attention(model) == config.num_layers
+    decoded = []
+    for layer in model.model.layers:
+        kernel = layer.self_attn.decode_kernel
+        layer.self_attn.use_decode_kernel(lambda q, *a, kernel=kernel: decoded.append(q.shape[0]) or kernel(q, *a))
+    running, prompts = [list(range(3, 40)), list(range(60, 71))], [list(range(100, 130)), [5, 6, 7]]
+    tables = [list(range(0, 10)), list(range(10, 13)), list(range(20, 28)), list(range(30, 31))]
+
+    def mixed_step(kernels: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        attended = []
+        original = prompt_ops.causal_attention
+        monkeypatch.setattr(prompt_ops, "causal_attention",
+                            lambda q, *a, **k: attended.append(q.shape[0]) or original(q, *a, **k))
+        if not kernels:
+            monkeypatch.setattr(prompt_ops, "built", lambda: False)
+        cache = make_cache(model.config, num_blocks=32, block_size=4, dtype=cache_dtype)
+        with torch.inference_mode():
+            model.forward_paged(PagedBatch.build([SequenceChunk(ids[:-1], 0, table[: -(-(len(ids) - 1) // 4)])
+                                                  for ids, table in zip(running, tables)], 4), cache.layers)
+            chunks = ([SequenceChunk(ids[-1:], len(ids) - 1, table[: -(-len(ids) // 4)])
+                       for ids, table in zip(running, tables)]
+                      + [SequenceChunk(ids, 0, table[: -(-len(ids) // 4)]) for ids, table in zip(prompts, tables[2:])])
+            batch = PagedBatch.build(chunks, 4)
+            assert batch.leading_decodes == 2
+            batch.logits_index = torch.arange(batch.token_ids.shape[0])          # every row's logits
+            logits = model.forward_paged(batch, cache.layers)
+        monkeypatch.undo()
+        first_step = [sum(map(len, running)) - 2] * config.num_layers        # the running ones' prompts
+        assert attended == (first_step + [sum(map(len, prompts))] * config.num_layers if kernels else [])
+        return logits, cache.layers
+
+    want, want_cache = mixed_step(kernels=False)
+    assert decoded == []
+    got, got_cache = mixed_step(kernels=True)
+    assert decoded == [2] * config.num_layers
+    assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max())
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
+    for g, w in zip(got_cache, want_cache):
+        assert float((g.float() - w.float()).abs().max()) <= 0.02 * float(w.float().abs().max())
