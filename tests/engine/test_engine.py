@@ -239,3 +239,75 @@ def test_mixed_precision_uses_the_small_step_model_for_decode_steps():
     seq.output_token_ids.append(5)
     runner.execute([ScheduledChunk(seq, 8, 1).sequence_chunk(runner.cache.block_size)])
     assert calls == [("bf16", 8), ("fp16", 1)]
+
+
+class StepTokens:
+    """An observer keeping the tokens each step computed."""
+
+    def __init__(self):
+        from server.engine.results import NullObserver
+        self.steps: list[int] = []
+        for name in dir(NullObserver):
+            if name.startswith("on_") and name != "on_step":
+                setattr(self, name, getattr(NullObserver(), name))
+
+    def on_step(self, num_scheduled_tokens: int, shared: bool = False) -> None:
+        self.steps.append(num_scheduled_tokens)
+
+
+def test_a_burst_after_an_idle_spell_prefills_in_one_step(monkeypatch):
+    """Requests reaching an idle engine after it woke for the first one (while it waits for the rest of
+    a burst, each within the quiet gap of the last) prefill in the same step as the first."""
+    from server.engine import engine as engine_module
+    from server.engine.engine import Engine
+    monkeypatch.setattr(engine_module, "BURST_QUIET_S", 1.0)       # the arrivals below come microseconds apart
+    gathering = threading.Event()
+    original = Engine._gather_burst
+    monkeypatch.setattr(Engine, "_gather_burst", lambda self: gathering.set() or original(self))
+    observer = StepTokens()
+    engine = tiny_engine(observer=observer, burst_window_ms=5000.0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    tokens = {i: [] for i in range(len(prompts))}
+    finished = [threading.Event() for _ in prompts]
+
+    def submit(i):
+        def emit(out):
+            tokens[i].extend(out.token_ids)
+            if out.finish_reason is not None:
+                finished[i].set()
+        engine.submit(request(f"b{i}", prompts[i], max_tokens=2, temperature=0, ignore_eos=True), emit)
+    try:
+        submit(0)
+        assert gathering.wait(timeout=30)          # the engine took the first request and waits for more
+        submit(1)
+        submit(2)
+        assert all(done.wait(timeout=30) for done in finished)
+    finally:
+        engine.stop()
+    assert [len(t) for t in tokens.values()] == [2, 2, 2]
+    assert observer.steps[0] == sum(map(len, prompts))               # every prompt in the first step
+
+
+def test_requests_reaching_a_busy_engine_do_not_wait(monkeypatch):
+    """The burst wait is for an idle engine only: a request arriving while others run joins the next
+    step; with burst_window_ms 0 nothing ever waits."""
+    from server.engine.engine import Engine
+    waits = []
+    original = Engine._gather_burst
+    monkeypatch.setattr(Engine, "_gather_burst", lambda self: waits.append(1) or original(self))
+    for window, expected in ((50.0, [1]), (0.0, [])):
+        waits.clear()
+        engine = tiny_engine(burst_window_ms=window)
+
+        async def running_then_another():
+            first = engine.generate(request("long", [5, 6, 7], max_tokens=40, temperature=0, ignore_eos=True))
+            await first.__anext__()                                     # the engine is busy with it now
+            late = await collect(engine, request("late", [8, 9], max_tokens=2, temperature=0, ignore_eos=True))
+            rest = [out async for out in first]
+            return late, rest
+        try:
+            late, rest = asyncio.run(running_then_another())
+        finally:
+            engine.stop()
+        assert len(late[2]) == 2 and rest[-1].finish_reason == "length"
+        assert waits == expected
