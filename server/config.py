@@ -53,9 +53,6 @@ class EngineConfig:
     adaptive_threads: bool = False
     # pipeline decode steps one deep: plan step N+1 and finish step N while the forward runs (overlap.py)
     overlap_steps: bool = False
-    # after an idle spell, new requests may wait up to this long for the rest of a burst, each within
-    # BURST_QUIET_S of the last, so that their prompts share one prefill step (Engine._gather_burst; 0: off)
-    burst_window_ms: float = 0.0
     # prompt-lookup speculation (server/engine/speculation.py), for requests that ask for it
     num_speculative_tokens: int = 0            # draft tokens verified per step (0: off)
     prompt_lookup_max: int = 3                 # longest n-gram looked up

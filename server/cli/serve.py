@@ -19,7 +19,6 @@ MIN_CPUS_FOR_ENGINE_PROCESS = 4
 # the fair step's least cap on a CPU: this project's 2-core machine decodes the built-in model in 15 ms
 # at 1 row, 21 ms at 4 and 39 ms at 8 (docs/benchmarks.md, "Tenant fairness")
 CPU_FAIR_STEP_TOKENS = 4
-DEFAULT_BURST_WINDOW_MS = 8.0      # serve's --burst-window-ms (the engine's own default is off)
 
 
 def _env_name(flag: str) -> str:
@@ -106,9 +105,6 @@ def add_parser(subparsers) -> None:
          "most max(N, keys × the lightest key's requests) tokens, shared equally across the keys, so one key's "
          "flood cannot slow another key's few streams to the pace of a full batch: N, 0 (off), or auto: "
          f"{CPU_FAIR_STEP_TOKENS} on a CPU (a step's cost grows with its rows), off with CUDA", default="auto")
-    _add(e, "--burst-window-ms", "after an idle spell, how long new requests may wait for the rest of a burst "
-         "(each within 1 ms of the last) so that their prompts share one prefill step; 0: off", float,
-         DEFAULT_BURST_WINDOW_MS)
     _add(e, "--max-sessions", "most sessions kept", int, defaults_engine.max_sessions)
     _add(e, "--session-ttl", "seconds an idle session keeps its cache", float, defaults_engine.session_idle_ttl_s)
     _add(e, "--max-session-pinned-fraction", "share of the cache sessions may pin", float,
@@ -196,7 +192,7 @@ def _check(args) -> None:
                           ("max_stop_strings", 0), ("max_stop_chars", 1), ("max_logit_bias", 0), ("max_tokens_limit", 1),
                           ("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
                           ("max_waiting_requests", 0), ("max_sessions", 0), ("shutdown_grace", 0),
-                          ("grammar_cache_size", 1), ("burst_window_ms", 0)):
+                          ("grammar_cache_size", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}")
     if args.max_waiting_per_tenant is not None and args.max_waiting_per_tenant < 1:
@@ -238,7 +234,7 @@ def config_from_args(args) -> ServerConfig:
                             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                             overlap_steps=overlap_steps_wanted(args.overlap_steps, args.device),
                             fair_step_tokens=fair_step_tokens_wanted(args.fair_step_tokens, args.device),
-                            adaptive_threads=args.adaptive_threads, burst_window_ms=args.burst_window_ms),
+                            adaptive_threads=args.adaptive_threads),
         api=ApiConfig(host=args.host, port=args.port, api_keys=api_keys_from(args),
                       metrics_require_auth=args.metrics_auth, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                       max_sequences_per_request=args.max_sequences_per_request,

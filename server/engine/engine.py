@@ -36,7 +36,6 @@ from server.engine.streams import OutputStream, hand_over, merge_outputs
 
 log = logging.getLogger("customllm.engine")
 MAX_CONSECUTIVE_STEP_FAILURES = 3
-BURST_QUIET_S = 0.001           # a burst is over when no request has arrived for this long (_gather_burst)
 
 
 class Engine:
@@ -268,9 +267,7 @@ class Engine:
         try:
             while not self._stopping:
                 self._wakeup.clear()
-                idle = not self.core.has_work()
-                if self._process_inbox() and idle and self.config.burst_window_ms > 0:
-                    self._gather_burst()
+                self._process_inbox()
                 self._expire_sessions()
                 self._flush_outbox()
                 if not self.core.has_work():
@@ -306,40 +303,16 @@ class Engine:
             if kind == "barrier":
                 item.set()
 
-    def _gather_burst(self) -> None:
-        """Requests that arrive together after an idle spell (a client fanning out, a proxy's queue
-        draining) reach the inbox one by one as the HTTP side parses them, and the loop wakes at the
-        first. It waits for the rest while they keep coming, each within BURST_QUIET_S of the last, for
-        at most burst_window_ms in all, so that their prompts share one prefill step: started at the
-        first alone, the others would wait for it and then prefill beside its decodes, a step later
-        (on the 2-core CPU 16 prompts arriving within ~5 ms: the round's time to first token 200–215
-        ms when one step took them all, 260–290 when it took one or a few). A lone request pays one
-        quiet gap."""
-        deadline = time.monotonic() + self.config.burst_window_ms / 1e3
-        while not self._stopping:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._wakeup.clear()
-            if not self._inbox and not self._wakeup.wait(min(BURST_QUIET_S, left)):
-                return                                  # a quiet gap: the burst is over
-            if not self._process_inbox():
-                return                                  # (an abort, not an arrival)
-
-    def _process_inbox(self) -> int:
-        """Everything the inbox holds; returns how many requests it added."""
-        added = 0
+    def _process_inbox(self) -> None:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
                 self.core.add(item)
-                added += 1
             elif kind == "abort":
                 self.core.abort(*item)
             elif kind == "barrier":
                 self._flush_outbox()        # what came before the barrier is on its way first
                 item.set()
-        return added
 
     def _expire_sessions(self) -> None:
         now = time.monotonic()
