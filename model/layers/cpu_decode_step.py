@@ -82,8 +82,8 @@ def hold_in_dot_formats(model, linears: list, decode_tiers: bool = False) -> int
     changed = 0
     for name, linear in with_names(model, linears):
         small, large, prefill = linear.small_format, linear.large_format, linear.prefill_format
-        if decode_tiers:                # an int8-dot copy of int4 values is integer-dot already
-            small, large = (fmt if fmt in DOT_FORMATS.values() else DOT_FORMATS[linear.values] for fmt in (small, large))
+        if decode_tiers:
+            small, large = (DOT_FORMATS[linear.values],) * 2
         moved = tuple(DOT_FORMATS.get(fmt, fmt) for fmt in (small, large, prefill))
         if moved != (linear.small_format, linear.large_format, linear.prefill_format):
             replace_module(model, name, linear.with_formats(*moved))
