@@ -137,11 +137,16 @@ class CpuDecodeStep:
             if batch_copy_applies(linear) and id(linear) not in self.batch_copies:
                 weight = quantize(linear.quantized_weight().dequantize(), INT8)
                 self.batch_copies[id(linear)] = (linear, *integer_dot.pack_int8_dot(weight))
-        self.rebuild(off=[rows for rows, layers in self.tiers.items() if layers is None])
+        self._rebuild_tiers_on()
         return len(self.batch_copies)
 
     def drop_batch_copies(self) -> None:
+        """Batches multiply by the int4 weights again (the copies are let go)."""
         self.batch_copies = {}
+        self._rebuild_tiers_on()
+
+    def _rebuild_tiers_on(self) -> None:
+        """The descriptors of the tiers now on made again (after the weights they point at changed)."""
         self.rebuild(off=[rows for rows, layers in self.tiers.items() if layers is None])
 
     @property

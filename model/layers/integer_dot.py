@@ -1,7 +1,7 @@
 """Integer-dot products of int4 / int8 weights (model/layers/native/quant_matmul.c): activations
 quantized on the fly per group of 32 columns to two int8 digits (~15 bits; llama.cpp, which
 multiplies its Q4/Q8 blocks this way, uses one), multiplied with AVX512-VNNI byte dot products, or,
-for batches of AMX_MIN_ROWS rows or more where the CPU has them, with AMX tiles (the same integer
+for batches of `amx_min_rows()` rows or more where the CPU has them, with AMX tiles (the same integer
 sums); a portable C loop, far slower, where the CPU lacks both. One pass over the packed weights
 serves every row of a batch. int8 weights on the tiles take activations with one scale per row
 instead (two digits relative to the row's largest value): their integer sums then run over whole
@@ -39,6 +39,7 @@ def library():
         lib.q4_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
         lib.q8_matmul.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64]
         lib.quant_matmul_has_vnni.restype = lib.quant_matmul_has_amx.restype = ctypes.c_int
+        lib.quant_matmul_amx_min_rows.restype = ctypes.c_int
         lib.quant_matmul_force_path.restype = ctypes.c_int
         lib.quant_matmul_force_path.argtypes = [ctypes.c_int]
         _library = lib
@@ -62,7 +63,11 @@ def has_amx() -> bool:
 
 
 PATHS = ("portable", "vnni", "amx")     # the C side's paths, slowest first
-AMX_MIN_ROWS = 12                       # rows from which a product takes the tiles (quant_matmul.c)
+
+
+def amx_min_rows() -> int:
+    """Rows from which a product takes the AMX tiles where the CPU has them (the C side's AMX_MIN_ROWS)."""
+    return library().quant_matmul_amx_min_rows()
 
 
 def force_path(highest: str) -> str:

@@ -636,6 +636,9 @@ int quant_matmul_has_vnni(void) { return path() >= VNNI_PATH; }
 
 int quant_matmul_has_amx(void) { return path() >= AMX_PATH; }
 
+/* rows from which a product takes the tiles (AMX_MIN_ROWS, for callers that round as the tiles do) */
+int quant_matmul_amx_min_rows(void) { return AMX_MIN_ROWS; }
+
 /* tests: the best path this CPU allows, at most `highest` (0: portable, 1: AVX512-VNNI, 2: AMX); returns the one taken */
 int quant_matmul_force_path(int highest) {
     path();

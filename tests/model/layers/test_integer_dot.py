@@ -49,8 +49,8 @@ def reference_int4(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 def reference_int8(x: torch.Tensor, weight, path: str = "vnni") -> torch.Tensor:
-    """The int8 product as `path` rounds x: per group, or per row on the tiles (AMX_MIN_ROWS rows and more)."""
-    whole_row = path == "amx" and x.shape[0] >= integer_dot.AMX_MIN_ROWS
+    """The int8 product as `path` rounds x: per group, or per row on the tiles (`amx_min_rows()` rows and more)."""
+    whole_row = path == "amx" and x.shape[0] >= integer_dot.amx_min_rows()
     return int8_activations(x, whole_row)[0] @ weight.dequantize().double().t()
 
 
@@ -173,7 +173,7 @@ def test_int8_tiles_round_each_row_once():
     generator = torch.Generator().manual_seed(6)
     weight = quantize_int8(torch.randn(64, 96, generator=generator))
     packed = integer_dot.pack_int8_dot(weight)
-    x = torch.randn(integer_dot.AMX_MIN_ROWS, 96, generator=generator)
+    x = torch.randn(integer_dot.amx_min_rows(), 96, generator=generator)
     x[:, 32:64] *= 1e-3                                                 # a quiet middle group
     got = integer_dot.int8_dot_mm(x, *packed, 64)
     assert relative_error(got, reference_int8(x, weight, "amx")) < 2e-6
