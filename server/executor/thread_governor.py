@@ -12,6 +12,15 @@ took, and sets torch's thread count to the cores left (rounded, at least one, at
 count). A change needs two windows in a row that agree, so a short burst does not move it; each
 change is logged in one line. Where `/proc/stat` cannot be read it does nothing.
 
+Only the time the engine is at work counts: a window is measured from one step to a later one, and
+one that began before an idle spell (no step for IDLE_GAP_S) is dropped and begun again, with any
+change it was waiting to confirm. Measured across the spell, another program's work while this
+engine had none (a second server being benchmarked, a batch job between requests) would take a
+thread away from the steps that follow. Interrupt and softirq time is not counted as other
+processes' either: on a loopback it is mostly this server's own network traffic, which fewer
+threads would not avoid (on the 2-core machine, a second server's benchmark and the load
+generator's traffic once read as "0.8 of the 2 CPUs busy" and halved the threads of a c=16 run).
+
 `set_num_threads` applies to the thread that calls it: the engine calls `poll()` from the thread
 that runs the model, once per step (a clock read unless a window has passed).
 """
@@ -26,11 +35,12 @@ from typing import Callable
 log = logging.getLogger("customllm.threads")
 
 WINDOW_S = 1.0
+IDLE_GAP_S = 1.0        # no step for this long: the engine was idle, the window begins again
 
 
 def read_cpu_jiffies(cpus: set[int] | None, stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
     """(busy, total) jiffies summed over `cpus` (None: the whole machine), or None if unreadable.
-    Busy is everything but idle and iowait."""
+    Busy is user, nice, system and steal time: not idle, iowait, irq or softirq."""
     try:
         lines = stat.read_text().splitlines()
     except OSError:
@@ -46,7 +56,7 @@ def read_cpu_jiffies(cpus: set[int] | None, stat: Path = Path("/proc/stat")) -> 
             continue
         fields = [int(v) for v in rest.split()[:8]]       # user nice system idle iowait irq softirq steal
         total += sum(fields)
-        busy += sum(fields) - fields[3] - fields[4]
+        busy += fields[0] + fields[1] + fields[2] + fields[7]
     return (busy, total) if total else None
 
 
@@ -58,7 +68,7 @@ def threads_for(others_cores: float, num_cpus: int, max_threads: int) -> int:
 class ThreadGovernor:
     def __init__(self, max_threads: int, set_threads: Callable[[int], None], cpus: set[int] | None = None,
                  read_jiffies=read_cpu_jiffies, own_cpu_seconds=lambda: sum(os.times()[:2]),
-                 clock=time.monotonic, window_s: float = WINDOW_S):
+                 clock=time.monotonic, window_s: float = WINDOW_S, idle_gap_s: float = IDLE_GAP_S):
         """`cpus`: the CPUs of the affinity mask (None: all); `set_threads`: applies a thread count."""
         self.max_threads = max_threads
         self.threads = max_threads
@@ -66,19 +76,28 @@ class ThreadGovernor:
         self.cpus = cpus
         self.num_cpus = len(cpus) if cpus else (os.cpu_count() or 1)
         self.read_jiffies, self.own_cpu_seconds = read_jiffies, own_cpu_seconds
-        self.clock, self.window_s = clock, window_s
+        self.clock, self.window_s, self.idle_gap_s = clock, window_s, idle_gap_s
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.num_changes = 0
         self._pending: int | None = None
         self._start = self._sample()
+        self._last_poll = self.clock()
 
     def _sample(self):
         jiffies = self.read_jiffies(self.cpus)
         return None if jiffies is None else (self.clock(), jiffies, self.own_cpu_seconds())
 
     def poll(self) -> int | None:
-        """Measure when a window has passed; returns the new thread count when it changed."""
-        if self._start is None or self.clock() - self._start[0] < self.window_s:
+        """Measure when a window has passed; returns the new thread count when it changed. Called
+        once per engine step."""
+        now = self.clock()
+        idle, self._last_poll = now - self._last_poll >= self.idle_gap_s, now
+        if self._start is None:
+            return None
+        if idle:                                        # no step for a while: begin the window again
+            self._start, self._pending = self._sample(), None
+            return None
+        if now - self._start[0] < self.window_s:
             return None
         end = self._sample()
         if end is None:

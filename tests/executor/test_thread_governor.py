@@ -1,5 +1,6 @@
 """The thread governor (server/executor/thread_governor.py): torch's thread count follows the cores
-other processes leave free, after two windows that agree; /proc/stat is read per CPU of the mask."""
+other processes leave free while the engine works, after two windows that agree; /proc/stat is read
+per CPU of the mask, interrupt and softirq time not counted as other processes'."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +23,14 @@ def test_proc_stat_is_summed_over_the_mask_busy_without_idle_and_iowait(tmp_path
     assert read_cpu_jiffies({1}, stat) == (60, 500)
     assert read_cpu_jiffies({0, 1}, stat) == (150, 1000)
     assert read_cpu_jiffies(None, tmp_path / "missing") is None
+
+
+def test_interrupt_and_softirq_time_is_not_counted_busy(tmp_path: Path):
+    """A loopback's packets are processed in softirq time: mostly the server's own traffic, which
+    fewer threads would not avoid. Steal time (a hypervisor's other guests) is counted."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 50 30 70 5 0 0\ncpu0 100 0 50 800 50 30 70 5 0 0\n")
+    assert read_cpu_jiffies({0}, stat) == (155, 1105)
 
 
 def test_threads_fit_the_cores_left():
@@ -50,9 +59,10 @@ class FakeMachine:
         self.busy += int((own + others) * seconds * self.hz)
         self.own += own * seconds
 
-    def governor(self, applied: list[int]) -> ThreadGovernor:
+    def governor(self, applied: list[int], idle_gap_s: float = 1.5) -> ThreadGovernor:
+        """(These tests poll about once a second: a step a second is not an idle engine.)"""
         governor = ThreadGovernor(2, applied.append, {0, 1}, read_jiffies=lambda cpus: (self.busy, self.total),
-                                  own_cpu_seconds=lambda: self.own, clock=lambda: self.now)
+                                  own_cpu_seconds=lambda: self.own, clock=lambda: self.now, idle_gap_s=idle_gap_s)
         governor.hz = self.hz
         return governor
 
@@ -83,6 +93,31 @@ def test_a_burst_of_one_window_moves_nothing():
         machine.advance(1.0, own=1.0, others=others)
         governor.poll()
     assert applied == [] and governor.threads == 2
+
+
+def test_only_the_time_the_engine_works_is_measured():
+    """A window that began before an idle spell is begun again at the first step after it, and the
+    change it was waiting to confirm is dropped: another program busy while this engine had nothing
+    to do (a second server being benchmarked) takes no thread from the steps that follow."""
+    machine, applied = FakeMachine(), []
+    governor = machine.governor(applied, idle_gap_s=0.5)
+
+    def working(seconds: float, others: float) -> None:
+        """steps 0.125 s apart for `seconds`, each polling"""
+        for _ in range(round(seconds / 0.125)):
+            machine.advance(0.125, own=2.0 - others, others=others)
+            governor.poll()
+
+    working(1.5, others=0.0)
+    machine.advance(3.0, own=0.0, others=2.0)           # idle while another program runs
+    working(2.5, others=0.0)                            # the spell is not in any window
+    assert applied == []
+    working(1.0, others=1.0)                            # a hog beside the working engine: one window...
+    machine.advance(2.0, own=0.0, others=1.0)           # ...then idle
+    working(1.125, others=1.0)                          # the first window after it does not confirm it
+    assert applied == []
+    working(1.0, others=1.0)                            # two windows of work that agree
+    assert applied == [1]
 
 
 def test_an_unreadable_stat_disables_it():
