@@ -175,17 +175,16 @@ async def _decode_level(url: str, streams: int, requests: int, input_words: int,
     rng = random.Random(seed)
     semaphore = asyncio.Semaphore(streams)
     results = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=streams + 4)) \
-            as client:
-        async def one(i: int) -> None:
-            prompt = " ".join(rng.choice(WORDS) for _ in range(input_words))
-            body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}, "session_id": f"d{seed}-{i}"}
-            async with semaphore:
-                results.append(await stream_completion(client, f"{url}/v1/completions", body, HEADERS[0]))
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(requests)))
-        elapsed = time.perf_counter() - started
+
+    async def one(i: int) -> None:
+        prompt = " ".join(rng.choice(WORDS) for _ in range(input_words))
+        body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}, "session_id": f"d{seed}-{i}"}
+        async with semaphore:
+            results.append(await stream_completion(f"{url}/v1/completions", body, HEADERS[0]))
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    elapsed = time.perf_counter() - started
     ok = [r for r in results if r.ok]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft and r.output_tokens > 1]
     return {"errors": len(results) - len(ok), "output_tokens_per_s": sum(r.output_tokens for r in ok) / elapsed,

@@ -14,6 +14,7 @@ every server in turn (`compare_servers`), so that a drift of the machine touches
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -22,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from server.cli.bench.sse_client import HttpStatusError, sse_data
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
          "in distant mountain towns under pale winter light").split()
@@ -53,33 +56,37 @@ class RequestResult:
     error: str | None = None
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
-    """One streaming chat or completion request; token times from SSE chunk arrivals."""
+REQUEST_TIMEOUT_S = 600.0
+
+
+async def stream_completion(url: str, body: dict, headers: dict) -> RequestResult:
+    """One streaming chat or completion request; token times from SSE chunk arrivals (sse_client.py:
+    a load generator as light as can be, since it shares the CPUs with the server it measures)."""
+    try:
+        return await asyncio.wait_for(_stream_completion(url, body, headers), REQUEST_TIMEOUT_S)
+    except HttpStatusError as exc:
+        return RequestResult(False, error=f"HTTP {exc.status}: {exc.text[:200]}")
+    except (OSError, EOFError, ValueError, asyncio.TimeoutError) as exc:   # connection, protocol, JSON
+        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
+
+
+async def _stream_completion(url: str, body: dict, headers: dict) -> RequestResult:
     started = time.perf_counter()
     stamps: list[float] = []
     usage = None
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return RequestResult(False, error=f"HTTP {response.status_code}: {text[:200]}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    return RequestResult(False, error=str(chunk["error"])[:200])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices", []):
-                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
-                    if piece:
-                        stamps.append(time.perf_counter())
-    except httpx.HTTPError as exc:
-        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
+    async with contextlib.aclosing(sse_data(url, body, headers)) as events:
+        async for data in events:
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return RequestResult(False, error=str(chunk["error"])[:200])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if piece:
+                    stamps.append(time.perf_counter())
     end = time.perf_counter()
     output_tokens = usage["completion_tokens"] if usage else len(stamps)
     cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -100,24 +107,23 @@ async def run_level(url: str, model: str, concurrency: int, num_prompts: int, in
     results: list[RequestResult] = []
     semaphore = asyncio.Semaphore(concurrency)
     done = 0
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def one(prompt: str) -> None:
-            nonlocal done
-            async with semaphore:
-                results.append(await stream_completion(client, f"{url}/v1/completions",
-                                                       completion_body(model, prompt, output_len), headers))
-            done += 1
-            print(f"\r  concurrency {concurrency}: {done}/{num_prompts}", end="", file=sys.stderr, flush=True)
 
-        started = time.perf_counter()
-        tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(one(prompt)))
-            if request_rate:
-                await asyncio.sleep(rng.expovariate(request_rate))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
+    async def one(prompt: str) -> None:
+        nonlocal done
+        async with semaphore:
+            results.append(await stream_completion(f"{url}/v1/completions", completion_body(model, prompt, output_len),
+                                                   headers))
+        done += 1
+        print(f"\r  concurrency {concurrency}: {done}/{num_prompts}", end="", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    tasks = []
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(one(prompt)))
+        if request_rate:
+            await asyncio.sleep(rng.expovariate(request_rate))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
     print(file=sys.stderr)
     ok = [r for r in results if r.ok]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
@@ -147,10 +153,9 @@ async def run_ttft(url: str, model: str, prompt_tokens: int, repeats: int, heade
     (max_tokens 1); each prompt is new, so nothing of it can be cached."""
     rng = random.Random(seed)
     results = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        for _ in range(repeats):
-            body = completion_body(model, token_prompt(rng, prompt_tokens), 1)
-            results.append(await stream_completion(client, f"{url}/v1/completions", body, headers))
+    for _ in range(repeats):
+        body = completion_body(model, token_prompt(rng, prompt_tokens), 1)
+        results.append(await stream_completion(f"{url}/v1/completions", body, headers))
     ok = [r for r in results if r.ok and r.ttft is not None]
     return {"prompt_tokens": prompt_tokens, "repeats": repeats, "errors": len(results) - len(ok),
             "error_samples": [r.error for r in results if not r.ok][:3],
@@ -175,12 +180,12 @@ async def run_sessions(url: str, model: str, turns: int, output_len: int, header
                 messages.append({"role": "user", "content": synthetic_prompt(rng, 40)})
                 body = {"model": model, "messages": messages, "max_tokens": output_len, "temperature": 0.0,
                         "stream": True, "stream_options": {"include_usage": True}}
-                warm = await stream_completion(client, f"{url}/v1/chat/completions",
+                warm = await stream_completion(f"{url}/v1/chat/completions",
                                                {**body, "session_id": session_id}, headers)
                 # cold: same prompt, a tenant-salted prefix cache cannot help a fresh random prefix
                 cold_body = {**body, "messages": [{"role": "system", "content": f"[{rng.random():.12f}]"}]
                              + messages}
-                cold = await stream_completion(client, f"{url}/v1/chat/completions", cold_body, headers)
+                cold = await stream_completion(f"{url}/v1/chat/completions", cold_body, headers)
                 if not (warm.ok and cold.ok):
                     raise RuntimeError(f"session benchmark request failed: {warm.error or cold.error}")
                 warm_ttfts.setdefault(turn, []).append(warm.ttft)
