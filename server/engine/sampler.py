@@ -211,13 +211,13 @@ class Sampler:
         adjusted = raw if plain else apply_logits_processors(raw, rows, self.processors)     # [N, V]
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
-            tokens = row_argmax(adjusted)                                                     # [N]
+            tokens = self.only_valid(adjusted, row_argmax(adjusted), argmax=True)             # [N]
         else:
             weights = filtered_weights(adjusted, rows, self.candidates(device), table)        # [N, V]
             tokens = self.draw(weights, rows)                                                 # [N]
             if any(greedy):
                 tokens = torch.where(torch.tensor(greedy).to(device), row_argmax(adjusted), tokens)
-        tokens = self.only_valid(adjusted, tokens)                                            # [N]
+            tokens = self.only_valid(adjusted, tokens)                                        # [N]
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not wanted:
             return SamplerOutput(tokens.tolist(), [None] * len(rows))
@@ -236,21 +236,27 @@ class Sampler:
         return self._exponential_race(weights, rows)
 
     @staticmethod
-    def only_valid(adjusted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def only_valid(adjusted: torch.Tensor, tokens: torch.Tensor, argmax: bool = False) -> torch.Tensor:
         """tokens [N] with NO_TOKEN for the rows that had nothing to sample from: a NaN anywhere in
         the row, no finite logit, or a token that is not a finite-logit id of the vocabulary (what a
-        NaN or infinite weight makes of a draw). No host sync: one `where` on the device."""
+        NaN or infinite weight makes of a draw). No host sync: one `where` on the device.
+        `argmax`: the tokens are the rows' `row_argmax`, which takes a NaN for the largest value, so
+        a row holding one chose it and the chosen logit's test finds it without a pass over the row."""
         vocab = adjusted.shape[1]
         if adjusted.device.type == "cpu" and adjusted.dtype == torch.float32 and not adjusted.requires_grad:
             # the same test in numpy: a handful of small torch operations cost more than the work
             values, ids = adjusted.numpy(), tokens.numpy()                                    # [N, V], [N]
             in_range = (ids >= 0) & (ids < vocab)                                             # [N]
             chosen = values[np.arange(len(ids)), np.where(in_range, ids, 0)]                  # [N]
-            valid = in_range & ~np.isnan(values.max(-1)) & np.isfinite(chosen)
+            valid = in_range & np.isfinite(chosen)
+            if not argmax:
+                valid &= ~np.isnan(values.max(-1))
             return torch.from_numpy(np.where(valid, ids, NO_TOKEN))
         in_range = (tokens >= 0) & (tokens < vocab)                                           # [N]
         chosen = adjusted.gather(1, tokens.clamp(0, vocab - 1)[:, None])[:, 0]                # [N]
-        valid = in_range & ~rows_with_nan(adjusted) & torch.isfinite(chosen)
+        valid = in_range & torch.isfinite(chosen)
+        if not argmax:
+            valid &= ~rows_with_nan(adjusted)
         return torch.where(valid, tokens, torch.full_like(tokens, NO_TOKEN))
 
     @staticmethod

@@ -44,6 +44,20 @@ def test_rows_without_a_finite_logit_get_no_token_and_the_others_are_untouched()
             assert all(t == NO_TOKEN or 0 <= t < V for t in tokens)
 
 
+def test_an_all_greedy_batch_finds_bad_rows_through_the_chosen_logit():
+    """Greedy rows only: the argmax takes a NaN for the largest value, so checking the chosen logit
+    (no pass for the row maximum) still gives NO_TOKEN to a row with a NaN anywhere, a row without a
+    finite logit and a row whose largest is +inf, on numpy's float32 path and torch's (float64)."""
+    for dtype in (torch.float32, torch.float64):
+        logits = torch.randn(5, V, dtype=dtype)
+        logits[1, V - 1] = float("nan")                     # after the row's true maximum
+        logits[2] = float("-inf")
+        logits[3, 7] = float("inf")
+        logits[4, :3] = float("nan")
+        out = Sampler()(logits, [row(temperature=0.0) for _ in range(5)])
+        assert out.token_ids == [int(logits[0].argmax()), NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN]
+
+
 def test_a_bad_row_fails_its_request_alone():
     engine = tiny_engine()
     try:
