@@ -158,6 +158,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or (self.pipeline is not None and self.pipeline.in_flight is not None)
 
+    def on_idle(self) -> None:
+        """The loop is about to wait for work."""
+        if self.threads is not None:
+            self.threads.idle()
+
     def expire_sessions(self) -> None:
         with self.lock:
             self.kv.expire_sessions()

@@ -271,6 +271,7 @@ class Engine:
                 self._expire_sessions()
                 self._flush_outbox()
                 if not self.core.has_work():
+                    self.core.on_idle()
                     with self._idle:
                         self._idle.notify_all()
                     self._wakeup.wait(timeout=1.0)

@@ -13,8 +13,9 @@ count). A change needs two windows in a row that agree, so a short burst does no
 change is logged in one line. Where `/proc/stat` cannot be read it does nothing.
 
 Only the time the engine is at work counts: a window is measured from one step to a later one, and
-one that began before an idle spell (no step for IDLE_GAP_S) is dropped and begun again, with any
-change it was waiting to confirm. Measured across the spell, another program's work while this
+one that began before an idle spell (the engine without work for IDLE_GAP_S or more: `idle()`, from
+the engine loop) is dropped and begun again at the next step, with any change it was waiting to
+confirm. Long steps are not idle time, and short gaps between requests do not reset anything. Measured across the spell, another program's work while this
 engine had none (a second server being benchmarked, a batch job between requests) would take a
 thread away from the steps that follow. Interrupt and softirq time is not counted as other
 processes' either: on a loopback it is mostly this server's own network traffic, which fewer
@@ -35,7 +36,7 @@ from typing import Callable
 log = logging.getLogger("customllm.threads")
 
 WINDOW_S = 1.0
-IDLE_GAP_S = 1.0        # no step for this long: the engine was idle, the window begins again
+IDLE_GAP_S = 1.0        # the engine idle this long: the window begins again
 
 
 def read_cpu_jiffies(cpus: set[int] | None, stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
@@ -81,21 +82,26 @@ class ThreadGovernor:
         self.num_changes = 0
         self._pending: int | None = None
         self._start = self._sample()
-        self._last_poll = self.clock()
+        self._idle_since: float | None = None
 
     def _sample(self):
         jiffies = self.read_jiffies(self.cpus)
         return None if jiffies is None else (self.clock(), jiffies, self.own_cpu_seconds())
 
+    def idle(self) -> None:
+        """The engine has no work (called by its loop each time it waits for some)."""
+        if self._idle_since is None:
+            self._idle_since = self.clock()
+
     def poll(self) -> int | None:
         """Measure when a window has passed; returns the new thread count when it changed. Called
         once per engine step."""
         now = self.clock()
-        idle, self._last_poll = now - self._last_poll >= self.idle_gap_s, now
+        idle_since, self._idle_since = self._idle_since, None
         if self._start is None:
             return None
-        if idle:                                        # no step for a while: begin the window again
-            self._start, self._pending = self._sample(), None
+        if idle_since is not None and now - idle_since >= self.idle_gap_s:
+            self._start, self._pending = self._sample(), None        # idle a while: begin again
             return None
         if now - self._start[0] < self.window_s:
             return None

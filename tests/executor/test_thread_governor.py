@@ -3,6 +3,7 @@ other processes leave free while the engine works, after two windows that agree;
 per CPU of the mask, interrupt and softirq time not counted as other processes'."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from server.executor.thread_governor import ThreadGovernor, read_cpu_jiffies, threads_for
@@ -59,8 +60,7 @@ class FakeMachine:
         self.busy += int((own + others) * seconds * self.hz)
         self.own += own * seconds
 
-    def governor(self, applied: list[int], idle_gap_s: float = 1.5) -> ThreadGovernor:
-        """(These tests poll about once a second: a step a second is not an idle engine.)"""
+    def governor(self, applied: list[int], idle_gap_s: float = 0.5) -> ThreadGovernor:
         governor = ThreadGovernor(2, applied.append, {0, 1}, read_jiffies=lambda cpus: (self.busy, self.total),
                                   own_cpu_seconds=lambda: self.own, clock=lambda: self.now, idle_gap_s=idle_gap_s)
         governor.hz = self.hz
@@ -96,9 +96,10 @@ def test_a_burst_of_one_window_moves_nothing():
 
 
 def test_only_the_time_the_engine_works_is_measured():
-    """A window that began before an idle spell is begun again at the first step after it, and the
-    change it was waiting to confirm is dropped: another program busy while this engine had nothing
-    to do (a second server being benchmarked) takes no thread from the steps that follow."""
+    """A window that began before an idle spell of idle_gap_s or more (the engine loop's `idle()`) is
+    begun again at the next step, and the change it was waiting to confirm is dropped: another
+    program busy while this engine had nothing to do (a second server being benchmarked) takes no
+    thread from the steps that follow. Shorter gaps between requests, and long steps, reset nothing."""
     machine, applied = FakeMachine(), []
     governor = machine.governor(applied, idle_gap_s=0.5)
 
@@ -108,16 +109,28 @@ def test_only_the_time_the_engine_works_is_measured():
             machine.advance(0.125, own=2.0 - others, others=others)
             governor.poll()
 
+    def idle(seconds: float, others: float) -> None:
+        governor.idle()
+        machine.advance(seconds, own=0.0, others=others)
+
     working(1.5, others=0.0)
-    machine.advance(3.0, own=0.0, others=2.0)           # idle while another program runs
+    idle(3.0, others=2.0)                               # idle while another program runs
     working(2.5, others=0.0)                            # the spell is not in any window
     assert applied == []
     working(1.0, others=1.0)                            # a hog beside the working engine: one window...
-    machine.advance(2.0, own=0.0, others=1.0)           # ...then idle
+    idle(2.0, others=1.0)                               # ...then idle
     working(1.125, others=1.0)                          # the first window after it does not confirm it
     assert applied == []
     working(1.0, others=1.0)                            # two windows of work that agree
     assert applied == [1]
+
+    machine, applied = FakeMachine(), []
+    governor = machine.governor(applied, idle_gap_s=0.5)
+    working(1.0, others=1.0)                            # one window with a hog...
+    idle(0.25, others=1.0)                              # ...a short gap between requests...
+    assert governor.poll() is None                      # ...then a long step starts...
+    machine.advance(0.75, own=1.0, others=1.0)
+    assert governor.poll() == 1 and applied == [1]      # ...and the next one's window confirms it
 
 
 def test_an_unreadable_stat_disables_it():
@@ -142,11 +155,15 @@ def test_the_engine_polls_it_on_a_cpu_when_asked(monkeypatch):
     engine = tiny_engine(adaptive_threads=True, start=False)
     try:
         assert isinstance(engine.core.threads, ThreadGovernor)
-        polls = []
+        polls, idles, idled = [], [], threading.Semaphore(0)
         monkeypatch.setattr(engine.core.threads, "poll", lambda: polls.append(1))
+        monkeypatch.setattr(engine.core.threads, "idle", lambda: idles.append(len(polls)) or idled.release())
         engine.start()
+        assert idled.acquire(timeout=30) and idles[0] == 0          # waiting for work, before any step
         request = GenerationRequest("r", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
         _, _, tokens = asyncio.run(collect(engine, request))
         assert len(tokens) == 5 and len(polls) >= 5
+        while idles[-1] < len(polls):                               # and told so again after its steps
+            assert idled.acquire(timeout=30)
     finally:
         engine.stop()
