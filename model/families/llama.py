@@ -25,8 +25,12 @@ from model.layers.attention import (KernelAttention, gather_context, grouped_que
                                     paged_grouped_query_attention)
 from model.layers.linear import Linear
 from model.layers.norms import RMSNorm
+from model.layers.quantized_linear import PREFILL_ROWS
 from model.layers.rope import rope_cos_sin
 from model.registry import FamilyRecord
+
+# prompt steps' bfloat16 products run on their row count rounded up to this (`_prompt_layers_in_bfloat16`)
+PROMPT_ROW_BUCKET = 32
 
 
 @dataclass(frozen=True)
@@ -207,13 +211,16 @@ class LlamaAttention(KernelAttention, FusedProjections):
         model/layers/prompt_ops.py); prompts from position 0 attend to their own keys without gathering
         them back from the cache, in the tile-unit kernel where `prompt_tile_attention`.
         `out_rows` [N]: every row's keys and values are cached, but only these rows' output is made,
-        as float32 [N, d] (none: no attention at all)."""
+        as float32 [N, d] (none: no attention at all). x may carry padding rows after the step's
+        tokens (`PROMPT_ROW_BUCKET`): they go through the products only, their attention output zero."""
         cfg = self.cfg
         bf16 = torch.bfloat16
-        qkv = self.qkv_proj(x.to(bf16))                                                     # [T, (H+2KV)*hd] bf16
+        tokens = rope.cos.shape[0]              # the step's T tokens: x may end in padding rows (Tp ≥ T)
+        qkv = self.qkv_proj(x.to(bf16))                                                     # [Tp, (H+2KV)*hd] bf16
         # q [T, H, hd]; kv [T, 2*KV*hd] where every chunk is a prompt from position 0 (its own keys), else None
-        q, kv = prompt_ops.rope_qkv(qkv, rope.cos, rope.sin, batch.slot_mapping, cache_layer, cfg.num_heads,
-                                    cfg.num_kv_heads, cfg.head_dim, with_kv=batch.prompt_starts is not None)
+        q, kv = prompt_ops.rope_qkv(qkv[:tokens], rope.cos, rope.sin, batch.slot_mapping, cache_layer,
+                                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                    with_kv=batch.prompt_starts is not None)
         if out_rows is not None and not out_rows.numel():
             return x.new_zeros(0, x.shape[1], dtype=torch.float32)
         out = None
@@ -228,9 +235,11 @@ class LlamaAttention(KernelAttention, FusedProjections):
             keys = kv[..., :width].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)   # [B, KV, K, hd]
             values = kv[..., width:].unflatten(-1, (cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)  # [B, KV, K, hd]
             out = grouped_query_attention(q, keys, values, batch, 1.0)                      # [T, H, hd] bf16
-        out = out.reshape(x.shape[0], -1)                                                   # [T, H*hd] bf16
+        out = out.reshape(tokens, -1)                                                       # [T, H*hd] bf16
         if out_rows is None:
-            return self.o_proj(out)                                                         # [T, d] bf16
+            if x.shape[0] > tokens:                                                         # zero padding rows
+                out = torch.cat([out, out.new_zeros(x.shape[0] - tokens, out.shape[1])])    # [Tp, H*hd]
+            return self.o_proj(out)                                                         # [Tp, d] bf16
         return self.o_proj(out[out_rows].float())                                           # [N, d] float32
 
 
@@ -352,7 +361,11 @@ class LlamaForCausalLM(nn.Module):
         """A step with prompt chunks through layers whose products and attention all take bfloat16
         for its rows: the activations between the products stay bfloat16, each residual add and the
         norm after it one C pass (model/layers/prompt_ops.py); h [T, d] float32, the residual stream, is
-        updated in place up to the last layer. Returns the last layer's output at batch.logits_index [N, d] float32: that layer's keys and
+        updated in place up to the last layer. Past PREFILL_ROWS the products run on the row count
+        rounded up to PROMPT_ROW_BUCKET (zero rows after the tokens, rows of their own that nothing
+        reads: their attention output is zero and every other operation is row by row): oneDNN compiles a kernel for every new row count of a bfloat16
+        product, 2.5-5 ms a shape, so a prompt of a length not seen before took 10-16 ms longer
+        (docs/benchmarks.md, "oneDNN compiles a new kernel"); h is then a padded copy. Returns the last layer's output at batch.logits_index [N, d] float32: that layer's keys and
         values go to the cache for every row, but its attention output, o product and MLP go on for
         those rows only (the others' would feed nothing). None (h untouched) where this does not apply."""
         layers, rows = self.model.layers, h.shape[0]
@@ -361,7 +374,9 @@ class LlamaForCausalLM(nn.Module):
                 and layer.mlp.sixteen_bit_dtype(rows) == torch.bfloat16
                 for layer, cache_layer in zip(layers, cache)):
             return None
-        normed = layers[0].input_layernorm(h).to(torch.bfloat16)                            # [T, d] bf16
+        if rows > PREFILL_ROWS and rows % PROMPT_ROW_BUCKET:    # the products' row count rounded up
+            h = torch.cat([h, h.new_zeros(PROMPT_ROW_BUCKET - rows % PROMPT_ROW_BUCKET, h.shape[1])])   # [Tp, d]
+        normed = layers[0].input_layernorm(h).to(torch.bfloat16)                            # [Tp, d] bf16
         for layer, following, cache_layer in zip(layers[:-1], layers[1:], cache[:-1]):
             attention = layer.self_attn.prompt_in_bfloat16(normed, rope, batch, cache_layer)  # [T, d] bf16
             post = layer.post_attention_layernorm

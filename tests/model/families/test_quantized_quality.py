@@ -183,3 +183,44 @@ def test_perplexity_within_one_percent_of_float32(float32, kept, text_ids, refer
     assert 0.99 <= ratio <= 1.01
     assert forced >= 0.9
     assert equal[-1] >= 7                          # "The capital of France is Paris." (a wide margin)
+
+
+@pytest.mark.parametrize("length", [70, 200, None])
+def test_padding_a_prompts_rows_changes_no_real_row(kept, float32, text_ids, length, monkeypatch):
+    """Prompt steps through the bfloat16 path run their products on the row count rounded up to
+    PROMPT_ROW_BUCKET (llama.py: oneDNN compiles a kernel per new row count). The padding rows are
+    rows of their own: the real rows' logits and cache rows are those of the unpadded step, bit for
+    bit where oneDNN blocks both row counts alike (70 → 96, 200 → 224 rows), within its rounding
+    where it does not (the whole text, 464 → 480), and as close to float32 either way."""
+    from model.families import llama
+    model = variant_model("auto-bf16-prompts", kept, float32)
+    ids = text_ids[:, :length]
+    rows = ids.shape[1]
+    padded = []
+    original_cat = torch.cat
+
+    def run(bucket: int):
+        monkeypatch.setattr(llama, "PROMPT_ROW_BUCKET", bucket)
+        cache = make_cache(model.config, num_blocks=-(-rows // 16), block_size=16)
+        with torch.inference_mode():
+            batch = PagedBatch.build([SequenceChunk(ids[0].tolist(), 0, list(range(cache.num_blocks)))], 16)
+            logits = model.forward_paged(dataclasses.replace(batch, logits_index=torch.arange(rows)), cache.layers)
+        return logits.float(), [layer.float() for layer in cache.layers]
+
+    monkeypatch.setattr(torch, "cat", lambda tensors, *a, **k: padded.append([t.shape[0] for t in tensors])
+                        or original_cat(tensors, *a, **k))
+    got_logits, got_cache = run(32)
+    monkeypatch.setattr(torch, "cat", original_cat)
+    assert [rows, -rows % 32] in padded                                  # the residual stream was padded
+    want_logits, want_cache = run(1)
+    if length is not None:
+        assert torch.equal(got_logits, want_logits)
+        assert all(torch.equal(got, want) for got, want in zip(got_cache, want_cache))
+    _, top = text_nll(float32.model, ids)
+
+    def agreement_with_float32(logits):
+        return float((logits.argmax(-1) == top).float().mean())
+    assert agreement_with_float32(got_logits) >= agreement_with_float32(want_logits) - 0.01
+    assert float((got_logits - want_logits).abs().max()) <= 0.02 * float(want_logits.abs().max())
+    for got, want in zip(got_cache, want_cache):
+        assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max())
