@@ -361,13 +361,15 @@ class LlamaForCausalLM(nn.Module):
         """A step with prompt chunks through layers whose products and attention all take bfloat16
         for its rows: the activations between the products stay bfloat16, each residual add and the
         norm after it one C pass (model/layers/prompt_ops.py); h [T, d] float32, the residual stream, is
-        updated in place up to the last layer. Past PREFILL_ROWS the products run on the row count
-        rounded up to PROMPT_ROW_BUCKET (zero rows after the tokens, rows of their own that nothing
-        reads: their attention output is zero and every other operation is row by row): oneDNN compiles a kernel for every new row count of a bfloat16
-        product, 2.5-5 ms a shape, so a prompt of a length not seen before took 10-16 ms longer
-        (docs/benchmarks.md, "oneDNN compiles a new kernel"); h is then a padded copy. Returns the last layer's output at batch.logits_index [N, d] float32: that layer's keys and
-        values go to the cache for every row, but its attention output, o product and MLP go on for
-        those rows only (the others' would feed nothing). None (h untouched) where this does not apply."""
+        updated in place up to the last layer. Returns the last layer's output at batch.logits_index
+        [N, d] float32: that layer's keys and values go to the cache for every row, but its attention
+        output, o product and MLP go on for those rows only (the others' would feed nothing). None (h
+        untouched) where this does not apply.
+        Past PREFILL_ROWS the products run on the row count rounded up to PROMPT_ROW_BUCKET (zero rows
+        after the tokens, rows of their own that nothing reads: their attention output is zero and
+        every other operation is row by row; h is then a padded copy): oneDNN compiles a kernel for
+        every new row count of a bfloat16 product, 2.5-5 ms a shape, so a prompt of a length not seen
+        before took 10-16 ms longer (docs/benchmarks.md, "oneDNN compiles a new kernel")."""
         layers, rows = self.model.layers, h.shape[0]
         if batch.is_decode_only or not layers or not all(
                 layer.self_attn.takes_bfloat16_prompt(rows, cache_layer, rope)

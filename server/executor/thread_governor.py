@@ -15,9 +15,9 @@ change is logged in one line. Where `/proc/stat` cannot be read it does nothing.
 Only the time the engine is at work counts: a window is measured from one step to a later one, and
 one that began before an idle spell (the engine without work for IDLE_GAP_S or more: `idle()`, from
 the engine loop) is dropped and begun again at the next step, with any change it was waiting to
-confirm. Long steps are not idle time, and short gaps between requests do not reset anything. Measured across the spell, another program's work while this
-engine had none (a second server being benchmarked, a batch job between requests) would take a
-thread away from the steps that follow. Interrupt and softirq time is not counted as other
+confirm. Long steps are not idle time, and short gaps between requests reset nothing. Measured
+across the spell, another program's work while this engine had none (a second server being
+benchmarked, a batch job between requests) would take a thread away from the steps that follow. Interrupt and softirq time is not counted as other
 processes' either: on a loopback it is mostly this server's own network traffic, which fewer
 threads would not avoid (on the 2-core machine, a second server's benchmark and the load
 generator's traffic once read as "0.8 of the 2 CPUs busy" and halved the threads of a c=16 run).
