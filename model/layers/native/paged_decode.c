@@ -135,9 +135,12 @@ DEFINE_PORTABLE_PARTS(f16, _Float16)
 
 /* the next block's rows into the cache while this block's are scored, by a task of several heads (a
  * sequence's in a batch; a task of one head reads a small part of each row): the blocks of a
- * sequence lie anywhere in the cache, where the hardware's prefetcher does not follow */
-static inline void prefetch_block(const void *rows, int64_t bytes) {
-    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)rows + at, 0, 3);
+ * sequence lie anywhere in the cache, where the hardware's prefetcher does not follow. Each head
+ * asks for its share of the block's bytes (bytes from .. to) before its scores: asked all at once,
+ * the requests queue behind each other and the loads of the block being scored wait for them (16
+ * sequences × 400 keys, float16 cache, 2-core Xeon: 9.3-9.8 → 7.7-8.3 ms for 30 layers). */
+static inline void prefetch_part(const char *rows, int64_t from, int64_t to) {
+    for (int64_t at = from; at < to; at += 64) __builtin_prefetch(rows + at, 0, 3);
 }
 
 /* One task: sequence b's heads h0 .. h0 + count - 1 (offsets of those heads), each row read once per
@@ -155,10 +158,12 @@ static inline void prefetch_block(const void *rows, int64_t bytes) {
             int64_t block = table[k0 / block_size];                                           \
             int64_t lo = k0 > first ? k0 : first, hi = k0 + block_size < n ? k0 + block_size : n; \
             const T *r = cache + (block * block_size + lo - k0) * row;                       \
-            if (count > 1 && k0 + block_size < n && table[k0 / block_size + 1] >= 0)          \
-                prefetch_block(cache + table[k0 / block_size + 1] * block_size * row,         \
-                               block_size * row * (int64_t)sizeof(T));                        \
+            const char *next = count > 1 && k0 + block_size < n && table[k0 / block_size + 1] >= 0 \
+                ? (const char *)(cache + table[k0 / block_size + 1] * block_size * row) : NULL; \
+            const int64_t next_bytes = block_size * row * (int64_t)sizeof(T);                  \
+            const int64_t share = (next_bytes / 64 + count - 1) / count * 64;                  \
             for (int64_t c = 0; c < count; c++) {                                             \
+                if (next) prefetch_part(next, c * share, (c + 1) * share < next_bytes ? (c + 1) * share : next_bytes); \
                 float *sc = scores + c * keys - first;                                        \
                 if (block < 0)                                                                \
                     for (int64_t k = lo; k < hi; k++) sc[k] = -INFINITY;                      \
