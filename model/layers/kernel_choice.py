@@ -18,7 +18,11 @@ slower than for the pieces (o and down products on a 2-core Xeon), so those row 
 
 Timings are cached per CPU model, torch version, thread count and version of the C kernels in
 `~/.cache/customllm/kernel-timings.json` (`$CUSTOMLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/customllm`),
-so later loads on the same machine measure nothing. Delete the file to measure again.
+so later loads on the same machine measure nothing. Delete the file to measure again. Timings taken
+while other processes kept more than CONTENDED_CORES of this process's CPUs busy (model/layers/cpu_load.py,
+over the measuring when it lasted JUDGED_AFTER_S or more) serve the load that took them but are not
+cached: a second server loading beside the first once made bfloat16 prompt products time slower
+than float32 ones, and that choice, cached, would have halved every later load's prompt speed.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.layers.cpu_load import CpuLoad, LoadSample
 from model.layers.linear import Linear
 from model.layers.quantize import GROUP, INT4, INT8, QuantizedWeight
 from model.layers.quantized_linear import (BFLOAT16, DOT_FORMATS, FLOAT, FLOAT32, PROMPT_PIECE_ROWS, QuantizedLinear,
@@ -46,6 +51,8 @@ ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at 
 PIECE_AT = (768, 1024, 1280)    # prompt rows at which a dense product is timed whole and in pieces
 PIECE_GAIN = 1.10               # pieces must be this much faster to be taken
 TIMINGS_FILE = "kernel-timings.json"
+CONTENDED_CORES = 0.5           # other processes busier than this while timings were taken: not cached
+JUDGED_AFTER_S = 0.5            # measuring shorter than this is not judged (jiffies are 10 ms)
 
 # how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in one of their
 # kernels' formats only (one copy, no dense one: the faster of the two measured) and measures float32 / bfloat16 for the float ones; "measured" times
@@ -151,7 +158,7 @@ def _placeholder(values: str, out_features: int, in_features: int) -> torch.Tens
 class Timings:
     """The JSON cache: {machine key: {shape key: {format: [seconds at each of ROWS]}}}."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, load: CpuLoad | None = None):
         self.path = path or cache_dir() / TIMINGS_FILE
         try:
             self.data = json.loads(self.path.read_text())
@@ -159,6 +166,9 @@ class Timings:
             self.data = {}
         self.machine = self.data.setdefault(machine_key(), {})
         self.changed = False
+        self.load = load or CpuLoad.of_this_process()
+        self.measuring_since: LoadSample | None = None      # the first measurement not yet saved
+        self.contended: float | None = None                 # other processes' cores, once found too busy
 
     def get(self, values: str, out_features: int, in_features: int, fmt: str) -> list[float]:
         return self.measured(shape_key(values, out_features, in_features), fmt, len(ROWS),
@@ -174,13 +184,32 @@ class Timings:
         format's seconds at each of ROWS)."""
         entry = self.machine.setdefault(key, {})
         if len(entry.get(name, ())) != count:                             # not timed, or at other rows
+            if self.measuring_since is None:
+                self.measuring_since = self.load.sample()
             entry[name] = list(measure())
             self.changed = True
         return entry[name]
 
+    def others_while_measuring(self) -> float | None:
+        """The cores other processes kept busy since the first measurement not yet saved; None
+        where unknown or measured too briefly to judge."""
+        start, end = self.measuring_since, self.load.sample()
+        if start is None or end is None or end.at - start.at < JUDGED_AFTER_S:
+            return None
+        return self.load.others(start, end)
+
     def save(self) -> None:
+        """Write the timings, unless other processes competed with any measured in this process."""
         if not self.changed:
             return
+        others = self.others_while_measuring()
+        if self.contended is None and others is not None and others > CONTENDED_CORES:
+            self.contended = others
+            log.warning("kernel timings taken while other processes kept %.1f of the %d CPUs busy: used for "
+                        "this load, not cached (measured again at the next)", others, self.load.num_cpus)
+        if self.contended is not None:
+            return
+        self.changed, self.measuring_since = False, None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")

@@ -28,37 +28,15 @@ that runs the model, once per step (a clock read unless a window has passed).
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Callable
+
+from model.layers.cpu_load import CpuLoad, own_cpu_seconds, read_cpu_jiffies
 
 log = logging.getLogger("customllm.threads")
 
 WINDOW_S = 1.0
 IDLE_GAP_S = 1.0        # the engine idle this long: the window begins again
-
-
-def read_cpu_jiffies(cpus: set[int] | None, stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
-    """(busy, total) jiffies summed over `cpus` (None: the whole machine), or None if unreadable.
-    Busy is user, nice, system and steal time: not idle, iowait, irq or softirq."""
-    try:
-        lines = stat.read_text().splitlines()
-    except OSError:
-        return None
-    busy = total = 0
-    for line in lines:
-        name, _, rest = line.partition(" ")
-        if not name.startswith("cpu"):
-            break                               # the cpu lines come first
-        if name == "cpu" and cpus is not None:
-            continue                            # the machine's sum: only without a mask
-        if name != "cpu" and (cpus is None or int(name[3:]) not in cpus):
-            continue
-        fields = [int(v) for v in rest.split()[:8]]       # user nice system idle iowait irq softirq steal
-        total += sum(fields)
-        busy += fields[0] + fields[1] + fields[2] + fields[7]
-    return (busy, total) if total else None
 
 
 def threads_for(others_cores: float, num_cpus: int, max_threads: int) -> int:
@@ -68,25 +46,19 @@ def threads_for(others_cores: float, num_cpus: int, max_threads: int) -> int:
 
 class ThreadGovernor:
     def __init__(self, max_threads: int, set_threads: Callable[[int], None], cpus: set[int] | None = None,
-                 read_jiffies=read_cpu_jiffies, own_cpu_seconds=lambda: sum(os.times()[:2]),
+                 read_jiffies=read_cpu_jiffies, own_cpu_seconds=own_cpu_seconds,
                  clock=time.monotonic, window_s: float = WINDOW_S, idle_gap_s: float = IDLE_GAP_S):
         """`cpus`: the CPUs of the affinity mask (None: all); `set_threads`: applies a thread count."""
         self.max_threads = max_threads
         self.threads = max_threads
         self.set_threads = set_threads
-        self.cpus = cpus
-        self.num_cpus = len(cpus) if cpus else (os.cpu_count() or 1)
-        self.read_jiffies, self.own_cpu_seconds = read_jiffies, own_cpu_seconds
+        self.load = CpuLoad(cpus, read_jiffies, own_cpu_seconds, clock)
+        self.num_cpus = self.load.num_cpus
         self.clock, self.window_s, self.idle_gap_s = clock, window_s, idle_gap_s
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.num_changes = 0
         self._pending: int | None = None
-        self._start = self._sample()
+        self._start = self.load.sample()
         self._idle_since: float | None = None
-
-    def _sample(self):
-        jiffies = self.read_jiffies(self.cpus)
-        return None if jiffies is None else (self.clock(), jiffies, self.own_cpu_seconds())
 
     def idle(self) -> None:
         """The engine has no work (called by its loop each time it waits for some)."""
@@ -101,21 +73,18 @@ class ThreadGovernor:
         if self._start is None:
             return None
         if idle_since is not None and now - idle_since >= self.idle_gap_s:
-            self._start, self._pending = self._sample(), None        # idle a while: begin again
+            self._start, self._pending = self.load.sample(), None        # idle a while: begin again
             return None
-        if now - self._start[0] < self.window_s:
+        if now - self._start.at < self.window_s:
             return None
-        end = self._sample()
+        end = self.load.sample()
         if end is None:
             self._start = None
             return None
-        (_, (busy0, total0), own0), (_, (busy1, total1), own1) = self._start, end
-        self._start = end
-        if total1 <= total0:
+        start, self._start = self._start, end
+        others = self.load.others(start, end)       # cores busy over the window, less this process's own
+        if others is None:
             return None
-        # cores busy over the window (jiffies are per CPU), less this process's own CPU time
-        wall = (total1 - total0) / self.hz / self.num_cpus
-        others = max(0.0, (busy1 - busy0) / self.hz - (own1 - own0)) / wall if wall > 0 else 0.0
         wanted = threads_for(others, self.num_cpus, self.max_threads)
         if wanted == self.threads:
             self._pending = None
@@ -137,7 +106,7 @@ def governor_for_this_process(max_threads: int) -> ThreadGovernor | None:
     CPU load cannot be read."""
     import torch
 
-    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpus = CpuLoad.of_this_process().cpus
     if read_cpu_jiffies(cpus) is None:
         return None
     return ThreadGovernor(max_threads, torch.set_num_threads, cpus)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from server.executor.thread_governor import ThreadGovernor, read_cpu_jiffies, threads_for
+from model.layers.cpu_load import read_cpu_jiffies
+from server.executor.thread_governor import ThreadGovernor, threads_for
 
 HZ_STAT = """cpu  100 0 50 800 50 0 0 0 0 0
 cpu0 60 0 30 400 10 0 0 0 0 0
@@ -63,7 +64,7 @@ class FakeMachine:
     def governor(self, applied: list[int], idle_gap_s: float = 0.5) -> ThreadGovernor:
         governor = ThreadGovernor(2, applied.append, {0, 1}, read_jiffies=lambda cpus: (self.busy, self.total),
                                   own_cpu_seconds=lambda: self.own, clock=lambda: self.now, idle_gap_s=idle_gap_s)
-        governor.hz = self.hz
+        governor.load.hz = self.hz
         return governor
 
 

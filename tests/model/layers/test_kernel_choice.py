@@ -5,12 +5,14 @@ asserted: which format is fastest depends on the machine (no test asserts a spee
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 from model.config import preset
 from model.layers import kernel_choice
+from model.layers.cpu_load import CpuLoad
 from model.layers.kernel_choice import (ROWS, Timings, candidates, choose_formats, describe_formats, machine_key,
                                         pick, piece_ranges, time_format)
 from model.layers.linear import Linear
@@ -72,6 +74,70 @@ def test_timings_are_cached_per_machine(tmp_path, monkeypatch):
     assert Timings(path).get(INT4, 64, 128, INT4) == [1e-4, 2e-4, 3e-3] and calls == [INT4, INT4]
     path.write_text("not json")
     assert Timings(path).data == {machine_key(): {}}                                   # a damaged file: start over
+
+
+class ScriptedMachine:
+    """/proc/stat and this process's CPU time as a test sets them: 2 CPUs, 100 jiffies a second."""
+
+    def __init__(self):
+        self.now, self.busy, self.total, self.own = 0.0, 0, 0, 0.0
+
+    def load(self) -> CpuLoad:
+        load = CpuLoad({0, 1}, read_jiffies=lambda cpus: (self.busy, self.total), own=lambda: self.own,
+                       clock=lambda: self.now)
+        load.hz = 100
+        return load
+
+    def run(self, seconds: float, own_cores: float, other_cores: float) -> None:
+        """`seconds` pass with this process on `own_cores` and other processes on `other_cores`."""
+        self.now += seconds
+        self.total += round(2 * 100 * seconds)
+        self.busy += round(100 * seconds * (own_cores + other_cores))
+        self.own += seconds * own_cores
+
+
+@pytest.mark.parametrize("other_cores, cached", [(0.1, True), (0.9, False)])
+def test_timings_taken_beside_busy_processes_serve_but_are_not_cached(other_cores, cached, tmp_path, monkeypatch,
+                                                                      caplog):
+    machine = ScriptedMachine()
+    calls = []
+
+    def measure(fmt, values, n, k):
+        calls.append(fmt)
+        machine.run(2.0, own_cores=2 - other_cores, other_cores=other_cores)
+        return [1e-4, 2e-4, 3e-3]
+    monkeypatch.setattr(kernel_choice, "time_format", measure)
+    path = tmp_path / "timings.json"
+    timings = Timings(path, load=machine.load())
+    assert timings.get(INT4, 64, 128, INT4) == [1e-4, 2e-4, 3e-3]        # this load uses them either way
+    with caplog.at_level(logging.WARNING, logger="customllm.kernels"):
+        timings.save()
+        timings.save()
+    assert path.exists() == cached
+    assert ("not cached" in caplog.text) == (not cached) and caplog.text.count("not cached") <= 1
+    Timings(path, load=machine.load()).get(INT4, 64, 128, INT4)
+    assert len(calls) == (1 if cached else 2)                             # measured again at the next load
+
+
+def test_a_brief_measurement_is_cached_unjudged(tmp_path, monkeypatch):
+    """Under JUDGED_AFTER_S the jiffies (10 ms each) say too little: the timings are cached."""
+    machine = ScriptedMachine()
+    monkeypatch.setattr(kernel_choice, "time_format",
+                        lambda fmt, values, n, k: machine.run(0.1, 0.2, 1.8) or [1e-4, 2e-4, 3e-3])
+    path = tmp_path / "timings.json"
+    timings = Timings(path, load=machine.load())
+    timings.get(INT4, 64, 128, INT4)
+    timings.save()
+    assert path.exists()
+
+
+def test_other_processes_cores_are_the_busy_time_less_this_process():
+    machine = ScriptedMachine()
+    load = machine.load()
+    start = load.sample()
+    machine.run(4.0, own_cores=1.5, other_cores=0.5)
+    assert load.others(start, load.sample()) == pytest.approx(0.5)
+    assert load.others(load.sample(), load.sample()) is None               # no time passed
 
 
 def fake_timings(monkeypatch, tmp_path, table: dict[str, list[float]], pieces: list[float] | None = None) -> Timings:
