@@ -168,8 +168,32 @@ VNNI static float abs_max_avx512(const float *x, int64_t K) {
     return _mm512_reduce_max_ps(most);
 }
 
+/* a row of K floats (Kp with the zeros after them) as quantize_group_avx512 makes each group's digits
+ * relative to the row's largest |x|, `amax`; returns the sum of every group's code sum. Only for the
+ * tiles (one scale a row): none of the per-group reductions, nor the float sums only int4 reads. */
+VNNI static int64_t quantize_row_whole_avx512(const float *x, int64_t K, int64_t Kp, int8_t *hi, int8_t *lo,
+                                              float amax) {
+    const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), steps = _mm512_set1_ps(256.0f);
+    const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+    __m512i total = _mm512_setzero_si512();        /* a lane's sum stays under 2^31 for K < 2^20 */
+    for (int64_t first = 0; first < Kp; first += LANES) {
+        int64_t n = K - first;
+        __mmask16 lanes = (__mmask16)(n >= LANES ? 0xFFFF : (n > 0 ? (1u << n) - 1 : 0));
+        __m512 u = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + first), inverse);
+        __m512 h = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(u, h), steps),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        l = _mm512_min_ps(_mm512_max_ps(l, bottom), top);
+        __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
+        _mm_storeu_si128((__m128i *)(hi + first), _mm512_cvtepi32_epi8(hi32));
+        _mm_storeu_si128((__m128i *)(lo + first), _mm512_cvtepi32_epi8(lo32));
+        total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(hi32, 8), lo32));
+    }
+    return _mm512_reduce_add_epi32(total);
+}
+
 /* every row's groups; `whole_row`: digits relative to the row's largest |x| (one scale for the row,
- * repeated in each of its groups' entries), else to each group's */
+ * repeated in each of its groups' entries; the float sums left zero), else to each group's */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride, int64_t Kp, Activations *a,
                           int whole_row) {
     int64_t G = Kp / GROUP;
@@ -179,6 +203,15 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride
         double offset = 0.0;
         float row_amax = -1.0f;
         if (whole_row) row_amax = (vector ? abs_max_avx512 : abs_max)(x + m * x_stride, K);
+        if (whole_row && vector) {
+            /* the same offset as the loop below: each of its terms and their sum are exact in double */
+            int64_t total = quantize_row_whole_avx512(x + m * x_stride, K, Kp, a->q + m * Kp, a->lo + m * Kp,
+                                                      row_amax);
+            float scale = row_amax / (127.0f * 256.0f);
+            for (int64_t g = 0; g < G; g++) a->scale[m * G + g] = scale;
+            a->offset[m] = (float)(128.0 * scale * (double)total);
+            continue;
+        }
         for (int64_t g = 0; g < G; g++) {
             int64_t first = g * GROUP, n = K - first;
             n = n < 0 ? 0 : (n > GROUP ? GROUP : n);
