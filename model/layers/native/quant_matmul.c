@@ -45,6 +45,7 @@
  * sums differs between the AVX512 paths and the portable one (used where the CPU lacks AVX512-VNNI).
  * Every function returns 0, or 1 when scratch memory could not be allocated. */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -192,37 +193,41 @@ VNNI static int64_t quantize_row_whole_avx512(const float *x, int64_t K, int64_t
     return _mm512_reduce_add_epi32(total);
 }
 
-/* every row's groups; `whole_row`: digits relative to the row's largest |x| (one scale for the row,
+/* row m's groups; `whole_row`: digits relative to the row's largest |x| (one scale for the row,
  * repeated in each of its groups' entries; the float sums left zero), else to each group's */
+static void quantize_row(const float *x, int64_t m, int64_t K, int64_t x_stride, int64_t Kp, Activations *a,
+                         int whole_row, int vector) {
+    int64_t G = Kp / GROUP;
+    double offset = 0.0;
+    float row_amax = -1.0f;
+    if (whole_row) row_amax = (vector ? abs_max_avx512 : abs_max)(x + m * x_stride, K);
+    if (whole_row && vector) {
+        /* the same offset as the loop below: each of its terms and their sum are exact in double */
+        int64_t total = quantize_row_whole_avx512(x + m * x_stride, K, Kp, a->q + m * Kp, a->lo + m * Kp,
+                                                  row_amax);
+        float scale = row_amax / (127.0f * 256.0f);
+        for (int64_t g = 0; g < G; g++) a->scale[m * G + g] = scale;
+        a->offset[m] = (float)(128.0 * scale * (double)total);
+        return;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        int64_t first = g * GROUP, n = K - first;
+        n = n < 0 ? 0 : (n > GROUP ? GROUP : n);
+        int32_t qsum;
+        (vector ? quantize_group_avx512 : quantize_group)(x + m * x_stride + first, n, a->q + m * Kp + first,
+                                                          a->lo + m * Kp + first, &a->scale[m * G + g],
+                                                          &a->sum[m * G + g], &qsum, row_amax);
+        offset += 128.0 * a->scale[m * G + g] * qsum;
+    }
+    a->offset[m] = (float)offset;
+}
+
+/* every row's groups (quantize_row) */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t x_stride, int64_t Kp, Activations *a,
                           int whole_row) {
-    int64_t G = Kp / GROUP;
     int vector = path() >= VNNI_PATH;
 #pragma omp parallel for schedule(static) if (M * K >= 16384)
-    for (int64_t m = 0; m < M; m++) {
-        double offset = 0.0;
-        float row_amax = -1.0f;
-        if (whole_row) row_amax = (vector ? abs_max_avx512 : abs_max)(x + m * x_stride, K);
-        if (whole_row && vector) {
-            /* the same offset as the loop below: each of its terms and their sum are exact in double */
-            int64_t total = quantize_row_whole_avx512(x + m * x_stride, K, Kp, a->q + m * Kp, a->lo + m * Kp,
-                                                      row_amax);
-            float scale = row_amax / (127.0f * 256.0f);
-            for (int64_t g = 0; g < G; g++) a->scale[m * G + g] = scale;
-            a->offset[m] = (float)(128.0 * scale * (double)total);
-            continue;
-        }
-        for (int64_t g = 0; g < G; g++) {
-            int64_t first = g * GROUP, n = K - first;
-            n = n < 0 ? 0 : (n > GROUP ? GROUP : n);
-            int32_t qsum;
-            (vector ? quantize_group_avx512 : quantize_group)(x + m * x_stride + first, n, a->q + m * Kp + first,
-                                                              a->lo + m * Kp + first, &a->scale[m * G + g],
-                                                              &a->sum[m * G + g], &qsum, row_amax);
-            offset += 128.0 * a->scale[m * G + g] * qsum;
-        }
-        a->offset[m] = (float)offset;
-    }
+    for (int64_t m = 0; m < M; m++) quantize_row(x, m, K, x_stride, Kp, a, whole_row, vector);
 }
 
 /* ---- portable path ---------------------------------------------------------------------------- */
@@ -702,16 +707,37 @@ AMX static inline void q8_amx_pair(const Activations *a, int64_t m0, int64_t t, 
 
 AMX static void q8_amx(const Activations *a, int64_t M, int64_t Kp, const uint8_t *w, const float *scale,
                        int64_t N, float *out, int64_t out_stride) {
-    if (Kp / GROUP % 2) {
-        BLOCKED(q8_amx_block, Kp, w, scale, N, out, out_stride);
-        return;
-    }
-    int64_t pairs = (N + 2 * LANES - 1) / (2 * LANES), row_tiles = (M + TILE_ROWS - 1) / TILE_ROWS;
+    BLOCKED(q8_amx_block, Kp, w, scale, N, out, out_stride);
+}
+
+/* q8_amx_pair's products (an even number of groups) with the rows' quantizing in the same parallel
+ * region: one fork and join a product, not two (one of them idle: a 16 × 576 quantizing runs alone
+ * on one thread), and each thread asks for the first records of its share of the weights before it
+ * quantizes its rows, so that they stream in meanwhile instead of missing when its products start
+ * (a product paid ~14 µs before it streamed, 120 products a 16-row step). Tasks are split between
+ * the threads in contiguous shares, as a static schedule would. */
+#define STARTING_RECORDS 8
+AMX static void q8_amx_pairs_quantizing(const float *x, int64_t M, int64_t K, int64_t x_stride, int64_t Kp,
+                                        Activations *a, const uint8_t *w, const float *scale, int64_t N,
+                                        float *out, int64_t out_stride) {
+    const int64_t G = Kp / GROUP;
+    const int64_t pairs = (N + 2 * LANES - 1) / (2 * LANES), row_tiles = (M + TILE_ROWS - 1) / TILE_ROWS;
+    const int64_t tasks = pairs * row_tiles;
 #pragma omp parallel
     {
-        load_wide_tile_config();
+        int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+        int64_t per = tasks / threads, extra = tasks % threads;
+        int64_t first = me * per + (me < extra ? me : extra), last = first + per + (me < extra ? 1 : 0);
+        if (first < last) {
+            int64_t t = first / row_tiles / 2;
+            int64_t records = G < STARTING_RECORDS ? G : STARTING_RECORDS;
+            const char *start = (const char *)(w + t * G * Q8_RECORD);
+            for (int64_t line = 0; line < records * Q8_RECORD; line += 64) _mm_prefetch(start + line, _MM_HINT_T0);
+        }
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < pairs * row_tiles; task++) {
+        for (int64_t m = 0; m < M; m++) quantize_row(x, m, K, x_stride, Kp, a, 1, 1);
+        load_wide_tile_config();
+        for (int64_t task = first; task < last; task++) {
             int64_t pair = task / row_tiles, m0 = task % row_tiles * TILE_ROWS;
             q8_amx_pair(a, m0, pair / 2, (int)(pair % 2) * 2, Kp, w, scale, N, out, out_stride, M);
         }
@@ -797,6 +823,13 @@ int q8_matmul(const float *x, int64_t M, int64_t K, int64_t x_stride, const uint
     Activations a;
     int tiles = tiles_for(M);
     if (alloc_activations(&a, M, tiles ? (M + 15) / 16 * 16 : M, Kp)) return 1;
+#ifdef HAVE_AMX_COMPILER
+    if (tiles && Kp / GROUP % 2 == 0) {                       /* the tiles in pairs, quantizing alongside */
+        q8_amx_pairs_quantizing(x, M, K, x_stride, Kp, &a, w, scale, N, out, out_stride);
+        free_activations(&a);
+        return 0;
+    }
+#endif
     quantize_rows(x, M, K, x_stride, Kp, &a, tiles);          /* the tiles sum whole rows: one scale a row */
 #ifdef HAVE_AMX_COMPILER
     if (tiles) q8_amx(&a, M, Kp, w, scale, N, out, out_stride);
