@@ -38,17 +38,6 @@ int prompt_attention_has_amx_bf16(void);
 #define T_OUT2 6
 #define T_OUT3 7
 
-AMX_BF16 static void load_attention_tiles(void) {
-    TileConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = T_SCORES; t <= T_OUT3; t++) {
-        config.rows[t] = 16;
-        config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
-}
-
 /* keys 32·kb .. 32·kb + 31 and their values, of kv head g, as B operands: K^T tiles
  * [T32 / 16][hd / 32][16][32], V tiles [T32 / 32][hd / 16][16][32] of the head (T32: T rounded up to 32,
  * the keys past T zero) */
@@ -286,7 +275,7 @@ AMX_BF16 static void attend(const Prompts *p, float scale) {
     const int64_t H = p->H, hd = p->hd, group = p->H / p->KV, row = H * hd;
     int64_t count = 0;
     for (int64_t s = 0; s < p->prompts; s++) count += (length_of(p, s) + 15) / 16;
-    load_attention_tiles();
+    load_full_tiles();                  /* every tile 16 rows × 64 bytes (quant_matmul.c) */
     /* the longest blocks (the last queries) first, so that the short ones even out the threads */
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < H * count; task++) {

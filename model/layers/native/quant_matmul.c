@@ -639,7 +639,7 @@ AMX static void q4_amx(const Activations *a, int64_t M, int64_t Kp, const uint8_
  * serve both blocks. Against q8_amx_block: a quarter of the activation tile loads and half of the
  * products per weight byte, and four independent sums in flight instead of two (on a 2-core Xeon
  * a 16-row product ran at 13 GB/s per core, bound by the tile unit's loads and the chain of
- * products into one sum tile, not by memory). Tile registers: Q8W_* (all 16 rows × 64 bytes). */
+ * products into one sum tile, not by memory). Tile registers: Q8W_* (load_full_tiles). */
 #define Q8W_HI 0
 #define Q8W_LO 1
 #define Q8W_CODES0 2
@@ -649,12 +649,13 @@ AMX static void q4_amx(const Activations *a, int64_t M, int64_t Kp, const uint8_
 #define Q8W_SUM_HI1 6
 #define Q8W_SUM_LO1 7
 
-AMX static void load_wide_tile_config(void) {
+/* all eight tile registers 16 rows × 64 bytes: the products in pairs here, prompt_attention.c's tiles */
+__attribute__((target("amx-tile"))) static void load_full_tiles(void) {
     TileConfig config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
-    for (int t = Q8W_HI; t <= Q8W_SUM_LO1; t++) {
-        config.rows[t] = TILE_ROWS;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
@@ -736,7 +737,7 @@ AMX static void q8_amx_pairs_quantizing(const float *x, int64_t M, int64_t K, in
         }
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) quantize_row(x, m, K, x_stride, Kp, a, 1, 1);
-        load_wide_tile_config();
+        load_full_tiles();
         for (int64_t task = first; task < last; task++) {
             int64_t pair = task / row_tiles, m0 = task % row_tiles * TILE_ROWS;
             q8_amx_pair(a, m0, pair / 2, (int)(pair % 2) * 2, Kp, w, scale, N, out, out_stride, M);
