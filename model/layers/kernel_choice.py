@@ -20,9 +20,11 @@ Timings are cached per CPU model, torch version, thread count and version of the
 `~/.cache/customllm/kernel-timings.json` (`$CUSTOMLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/customllm`),
 so later loads on the same machine measure nothing. Delete the file to measure again. Timings taken
 while other processes kept more than CONTENDED_CORES of this process's CPUs busy (model/layers/cpu_load.py,
-over the measuring when it lasted JUDGED_AFTER_S or more) serve the load that took them but are not
-cached: a second server loading beside the first once made bfloat16 prompt products time slower
-than float32 ones, and that choice, cached, would have halved every later load's prompt speed.
+over the measuring when it lasted JUDGED_AFTER_S or more) are cached all the same, with a warning
+that names the file: a second server loading beside the first once made bfloat16 prompt products
+time slower than float32 ones, and that choice, cached, slows every later load's prompts; but a
+restart must make the same choices, or the blocks its disk cache holds (whose fingerprint covers the
+packed weights) no longer match.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ ONE_COPY_SLACK = 1.10           # a single format within this of the fastest at 
 PIECE_AT = (768, 1024, 1280)    # prompt rows at which a dense product is timed whole and in pieces
 PIECE_GAIN = 1.10               # pieces must be this much faster to be taken
 TIMINGS_FILE = "kernel-timings.json"
-CONTENDED_CORES = 0.5           # other processes busier than this while timings were taken: not cached
+CONTENDED_CORES = 0.5           # other processes busier than this while timings were taken: a warning
 JUDGED_AFTER_S = 0.5            # measuring shorter than this is not judged (jiffies are 10 ms)
 
 # how formats are chosen: "exact" changes nothing; "lean" keeps quantized weights in one of their
@@ -168,7 +170,6 @@ class Timings:
         self.changed = False
         self.load = load or CpuLoad.of_this_process()
         self.measuring_since: LoadSample | None = None      # the first measurement not yet saved
-        self.contended: float | None = None                 # other processes' cores, once found too busy
 
     def get(self, values: str, out_features: int, in_features: int, fmt: str) -> list[float]:
         return self.measured(shape_key(values, out_features, in_features), fmt, len(ROWS),
@@ -199,16 +200,14 @@ class Timings:
         return self.load.others(start, end)
 
     def save(self) -> None:
-        """Write the timings, unless other processes competed with any measured in this process."""
+        """Write the timings; a warning when other processes competed with them."""
         if not self.changed:
             return
         others = self.others_while_measuring()
-        if self.contended is None and others is not None and others > CONTENDED_CORES:
-            self.contended = others
-            log.warning("kernel timings taken while other processes kept %.1f of the %d CPUs busy: used for "
-                        "this load, not cached (measured again at the next)", others, self.load.num_cpus)
-        if self.contended is not None:
-            return
+        if others is not None and others > CONTENDED_CORES:
+            log.warning("kernel timings taken while other processes kept %.1f of the %d CPUs busy may pick "
+                        "slower formats; cached all the same (restarts must choose alike): delete %s to "
+                        "measure again on a quiet machine", others, self.load.num_cpus, self.path)
         self.changed, self.measuring_since = False, None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
