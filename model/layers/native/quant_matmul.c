@@ -576,6 +576,21 @@ AMX static inline void q4_amx_block(const Activations *a, int64_t m0, int64_t t,
         store_lanes(out + (m0 + r) * out_stride, t * 64 + b * LANES, N, acc[r]);
 }
 
+/* the output of block b's sums (hi, lo: [16 rows][16 features] int32) for rows m0 .. m0 + 15 */
+AMX static inline void q8_amx_store(const Activations *a, int64_t m0, int64_t n0, int64_t G, const int32_t *hi,
+                                    const int32_t *lo, const float *scale, int64_t N, float *out, int64_t out_stride,
+                                    int64_t M) {
+    __m512 ws = _mm512_loadu_ps(scale + n0);
+    for (int r = 0; r < TILE_ROWS && m0 + r < M; r++) {
+        /* 256 · Σhi in float: Σhi may pass int32's range once multiplied */
+        __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(hi + r * LANES))),
+                                     _mm512_set1_ps(256.0f),
+                                     _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(lo + r * LANES))));
+        __m512 acc = _mm512_mul_ps(dot, _mm512_set1_ps(a->scale[(m0 + r) * G]));
+        store_lanes(out + (m0 + r) * out_stride, n0, N, _mm512_mul_ps(ws, _mm512_sub_ps(acc, _mm512_set1_ps(a->offset[m0 + r]))));
+    }
+}
+
 /* int8: the record's quads of block b are the B tile as they lie (rows 4 blocks · 64 bytes apart).
  * The activations carry one scale per row (quantize_rows' whole_row), so no group needs scaling of
  * its own: every group's products accumulate in the same two sum tiles (high digits, low digits),
@@ -598,16 +613,7 @@ AMX static inline void q8_amx_block(const Activations *a, int64_t m0, int64_t t,
     }
     _tile_stored(T_SUM_HI_EVEN, sums[0], 64);
     _tile_stored(T_SUM_LO_EVEN, sums[1], 64);
-    int64_t n0 = t * 64 + b * LANES;
-    __m512 ws = _mm512_loadu_ps(scale + n0);
-    for (int r = 0; r < TILE_ROWS && m0 + r < M; r++) {
-        /* 256 · Σhi in float: Σhi may pass int32's range once multiplied */
-        __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[0][r])),
-                                     _mm512_set1_ps(256.0f),
-                                     _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[1][r])));
-        __m512 acc = _mm512_mul_ps(dot, _mm512_set1_ps(a->scale[(m0 + r) * G]));
-        store_lanes(out + (m0 + r) * out_stride, n0, N, _mm512_mul_ps(ws, _mm512_sub_ps(acc, _mm512_set1_ps(a->offset[m0 + r]))));
-    }
+    q8_amx_store(a, m0, t * 64 + b * LANES, G, &sums[0][0][0], &sums[1][0][0], scale, N, out, out_stride, M);
 }
 
 /* every (block of 16 features, 16 rows) is one task; a thread loads the tile configuration once */
@@ -659,21 +665,6 @@ __attribute__((target("amx-tile"))) static void load_full_tiles(void) {
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
-}
-
-/* the output of block b's sums (hi, lo: [16 rows][16 features] int32) for rows m0 .. m0 + 15 */
-AMX static inline void q8_amx_store(const Activations *a, int64_t m0, int64_t n0, int64_t G, const int32_t *hi,
-                                    const int32_t *lo, const float *scale, int64_t N, float *out, int64_t out_stride,
-                                    int64_t M) {
-    __m512 ws = _mm512_loadu_ps(scale + n0);
-    for (int r = 0; r < TILE_ROWS && m0 + r < M; r++) {
-        /* 256 · Σhi in float: Σhi may pass int32's range once multiplied */
-        __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(hi + r * LANES))),
-                                     _mm512_set1_ps(256.0f),
-                                     _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(lo + r * LANES))));
-        __m512 acc = _mm512_mul_ps(dot, _mm512_set1_ps(a->scale[(m0 + r) * G]));
-        store_lanes(out + (m0 + r) * out_stride, n0, N, _mm512_mul_ps(ws, _mm512_sub_ps(acc, _mm512_set1_ps(a->offset[m0 + r]))));
-    }
 }
 
 AMX static inline void q8_amx_pair(const Activations *a, int64_t m0, int64_t t, int b0, int64_t Kp,
